@@ -1,0 +1,97 @@
+//! Command-line flags and their defaults, in one place.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "carousel",
+    version,
+    about = "A node-local L4 proxy for Kubernetes Services with pluggable balancers"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Proxy the Services of a state file (or, later, of a cluster).
+    Run(Box<RunArgs>),
+    /// The whole thing on one machine: pods, a Service and traffic, no cluster needed.
+    Demo(DemoArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProxyMode {
+    /// Listen on each Service address directly.
+    Bind,
+    /// Redirect Service traffic to one listener with nftables.
+    Nftables,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Kubeconfig for the cluster (default: in-cluster, then $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, conflicts_with = "from_file")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Proxy the Services of this file of Kubernetes objects instead of a cluster's; reloaded on change.
+    #[arg(long, value_name = "STATE.yaml")]
+    pub from_file: Option<PathBuf>,
+
+    /// How Service traffic reaches carousel (default: nftables in a cluster, bind with --from-file).
+    #[arg(long, value_enum)]
+    pub proxy_mode: Option<ProxyMode>,
+
+    /// Own only Services labelled service.kubernetes.io/service-proxy-name=NAME.
+    #[arg(long, value_name = "NAME")]
+    pub service_proxy_name: Option<String>,
+
+    /// Further restrict the Services handled (a label selector).
+    #[arg(long, value_name = "LABEL_SELECTOR")]
+    pub service_selector: Option<String>,
+
+    /// This node's name, for node-local traffic policies.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// This node's zone, for topology-aware routing.
+    #[arg(long)]
+    pub zone: Option<String>,
+
+    /// Where /metrics is served.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: SocketAddr,
+
+    /// Where /healthz and /readyz are served.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: SocketAddr,
+
+    /// Addresses that serve node ports (default 127.0.0.1/32 with --from-file).
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+    pub nodeport_addresses: Vec<IpNet>,
+
+    /// Give up on an endpoint that has not accepted within this time and try the next.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Endpoints tried for one connection before the client is closed.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub connect_attempts: u8,
+
+    /// Seed for the balancers that draw random numbers (reproducible runs).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Connections per phase.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(10..=100_000))]
+    pub connections: u32,
+}

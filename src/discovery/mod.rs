@@ -1,0 +1,6 @@
+//! Where the service table comes from: a state file of Kubernetes objects (and, later,
+//! the Kubernetes API). Both convert objects with the same pure functions in `convert`
+//! and publish whole `ServiceTable` snapshots on a watch channel.
+
+pub mod convert;
+pub mod file;

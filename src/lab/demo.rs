@@ -1,0 +1,295 @@
+//! `carousel demo`: the kubechaos example on one machine. Four in-process pods, the
+//! real proxy in bind mode on 127.77.0.1:3000, and traffic through it, phase by phase:
+//! round-robin, the 3:1 canary, and ClientIP affinity.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_yaml::Value;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::balance;
+use crate::discovery::convert::Scope;
+use crate::discovery::file;
+use crate::lab::backend::{self, Pod};
+use crate::proxy::{self, ProxyConfig};
+use crate::telemetry::{self, Endpoints, Telemetry};
+
+/// The state the demo runs: the same file as `deploy/examples/kubechaos-state.yaml`.
+pub const STATE: &str = include_str!("../../deploy/examples/kubechaos-state.yaml");
+
+const SERVICE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 77, 0, 1)), 3000);
+const CONCURRENCY: usize = 16;
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("cannot start pod {pod} on {addr}: {source}")]
+    Pod {
+        pod: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the embedded state does not load: {0}")]
+    State(#[from] file::StateFileError),
+    #[error("cannot bind the metrics listener: {0}")]
+    Metrics(#[source] std::io::Error),
+    #[error("phase {phase}: {failed} of {total} connections failed (last error: {last})")]
+    Failed {
+        phase: &'static str,
+        failed: usize,
+        total: usize,
+        last: String,
+    },
+}
+
+/// One step of the demo: how the Service is annotated and who the clients are.
+struct Phase {
+    name: &'static str,
+    explain: &'static str,
+    annotations: &'static [(&'static str, &'static str)],
+    affinity: bool,
+    clients: u8,
+    /// The balancer this phase needs, when it is not always there.
+    needs: Option<&'static str>,
+}
+
+const PHASES: &[Phase] = &[
+    Phase {
+        name: "round-robin",
+        explain: "the default: each pod gets the same share",
+        annotations: &[],
+        affinity: false,
+        clients: 1,
+        needs: None,
+    },
+    Phase {
+        name: "canary 3:1",
+        explain: "carousel.dev/weights: version=custom:3,version=original:1 — three quarters to custom, no replica change",
+        annotations: &[
+            ("carousel.dev/load-balancer", "weighted-round-robin"),
+            ("carousel.dev/weights", "version=custom:3,version=original:1"),
+        ],
+        affinity: false,
+        clients: 1,
+        needs: Some("weighted-round-robin"),
+    },
+    Phase {
+        name: "ClientIP affinity",
+        explain: "spec.sessionAffinity: ClientIP — eight clients, each stays on one pod",
+        annotations: &[],
+        affinity: true,
+        clients: 8,
+        needs: Some("session-affinity"),
+    },
+];
+
+/// Runs the demo and prints what it saw.
+pub async fn run(connections: u32) -> Result<(), DemoError> {
+    let mut pods = Vec::new();
+    for (i, name) in pod_names().iter().enumerate() {
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 77, 1, i as u8 + 1)), 3000);
+        let pod = Pod::start(name, addr)
+            .await
+            .map_err(|source| DemoError::Pod {
+                pod: name.clone(),
+                addr,
+                source,
+            })?;
+        pods.push(pod);
+    }
+    let telemetry = Telemetry::new();
+    let metrics = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(DemoError::Metrics)?;
+    let metrics_addr = metrics.local_addr().map_err(DemoError::Metrics)?;
+    let stop = CancellationToken::new();
+    tokio::spawn(telemetry::serve(
+        metrics,
+        telemetry.clone(),
+        Endpoints::Metrics,
+        stop.clone().cancelled_owned(),
+    ));
+    let (tables, updates) = watch::channel(Arc::new(state(&PHASES[0])?));
+    let proxy = tokio::spawn(proxy::run_bind(
+        ProxyConfig::default(),
+        updates,
+        telemetry.clone(),
+        stop.clone().cancelled_owned(),
+    ));
+
+    println!(
+        "carousel demo: Service default/kubechaos-svc at {SERVICE}, four pods on 127.77.1.1-4:3000"
+    );
+    println!("metrics: http://{metrics_addr}/metrics (while the demo runs)\n");
+    let mut result = Ok(());
+    for phase in PHASES {
+        if let Some(needed) = phase.needs {
+            if !available(needed) {
+                println!(
+                    "== {}: skipped — the {needed} balancer is not built yet\n",
+                    phase.name
+                );
+                continue;
+            }
+        }
+        tables.send_replace(Arc::new(state(phase)?));
+        // Let the proxy apply the table before the first connection of the phase.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        println!("== {}: {}", phase.name, phase.explain);
+        if let Err(e) = run_phase(phase, connections as usize, &pods).await {
+            result = Err(e);
+            break;
+        }
+    }
+    println!(
+        "The shares above were counted from the pods' answers; carousel's own count is in\n\
+         carousel_connections_total at http://{metrics_addr}/metrics:"
+    );
+    for line in telemetry.render().lines() {
+        if line.starts_with("carousel_connections_total{") && line.contains("outcome=\"ok\"") {
+            println!("  {line}");
+        }
+    }
+    stop.cancel();
+    let _ = proxy.await;
+    result
+}
+
+fn pod_names() -> Vec<String> {
+    [
+        "kubechaos-original-7d4b9-a1",
+        "kubechaos-original-7d4b9-b2",
+        "kubechaos-custom-5f6c8-c3",
+        "kubechaos-custom-5f6c8-d4",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn available(needed: &str) -> bool {
+    match needed {
+        "session-affinity" => balance::AFFINITY_AVAILABLE,
+        name => balance::is_known(name),
+    }
+}
+
+/// The embedded state with this phase's annotations and affinity.
+fn state(phase: &Phase) -> Result<crate::model::ServiceTable, DemoError> {
+    let mut text = String::new();
+    for doc in serde_yaml::Deserializer::from_str(STATE) {
+        let mut value: Value =
+            serde::Deserialize::deserialize(doc).expect("the embedded state is YAML");
+        if value["kind"] == "Service" {
+            let annotations: serde_yaml::Mapping = phase
+                .annotations
+                .iter()
+                .map(|(k, v)| (Value::from(*k), Value::from(*v)))
+                .collect();
+            value["metadata"]["annotations"] = Value::Mapping(annotations);
+            if phase.affinity {
+                value["spec"]["sessionAffinity"] = Value::from("ClientIP");
+            }
+        }
+        text.push_str("---\n");
+        text.push_str(&serde_yaml::to_string(&value).expect("a YAML value serializes"));
+    }
+    Ok(file::parse(&text, &Scope::default())?.table)
+}
+
+/// Sends `total` connections through the Service and shows where they went.
+async fn run_phase(phase: &Phase, total: usize, pods: &[Pod]) -> Result<(), DemoError> {
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template("  {prefix:30} {bar:40.cyan/blue} {pos:>6} {msg}")
+        .expect("the template is valid")
+        .progress_chars("█▉▊▋▌▍▎▏ ");
+    let per_pod: BTreeMap<String, ProgressBar> = pods
+        .iter()
+        .map(|p| {
+            let bar = bars.add(ProgressBar::new(total as u64).with_style(style.clone()));
+            bar.set_prefix(p.name.clone());
+            (p.name.clone(), bar)
+        })
+        .collect();
+    let clients: Vec<IpAddr> = (1..=phase.clients)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 77, 2, i)))
+        .collect();
+    let per_worker = total.div_ceil(CONCURRENCY);
+    let mut workers = Vec::new();
+    for w in 0..CONCURRENCY {
+        let clients = clients.clone();
+        let count = per_worker.min(total.saturating_sub(w * per_worker));
+        workers.push(tokio::spawn(async move {
+            let mut seen = Vec::with_capacity(count);
+            for i in 0..count {
+                let client = clients[(w * per_worker + i) % clients.len()];
+                seen.push((client, backend::ask(client, SERVICE, ASK_TIMEOUT).await));
+            }
+            seen
+        }));
+    }
+    let mut by_client: BTreeMap<IpAddr, BTreeMap<String, usize>> = BTreeMap::new();
+    let mut failed = 0;
+    let mut last_error = String::new();
+    for worker in workers {
+        for (client, answer) in worker.await.expect("a demo worker panicked") {
+            match answer {
+                Ok(pod) => {
+                    if let Some(bar) = per_pod.get(&pod) {
+                        bar.inc(1);
+                    }
+                    *by_client.entry(client).or_default().entry(pod).or_default() += 1;
+                }
+                Err(e) => {
+                    failed += 1;
+                    last_error = e.to_string();
+                }
+            }
+        }
+    }
+    for bar in per_pod.values() {
+        bar.finish_and_clear();
+    }
+    print_shares(&by_client, pods, total);
+    if phase.clients > 1 {
+        print_clients(&by_client);
+    }
+    if failed > 0 {
+        return Err(DemoError::Failed {
+            phase: phase.name,
+            failed,
+            total,
+            last: last_error,
+        });
+    }
+    Ok(())
+}
+
+fn print_shares(by_client: &BTreeMap<IpAddr, BTreeMap<String, usize>>, pods: &[Pod], total: usize) {
+    println!("  {:<30} {:>11} {:>7}", "pod", "connections", "share");
+    for pod in pods {
+        let n: usize = by_client.values().filter_map(|m| m.get(&pod.name)).sum();
+        let share = 100.0 * n as f64 / total as f64;
+        println!(
+            "  {:<30} {n:>11} {share:>6.1}% {}",
+            pod.name,
+            "#".repeat((share / 2.0).round() as usize)
+        );
+    }
+    println!();
+}
+
+fn print_clients(by_client: &BTreeMap<IpAddr, BTreeMap<String, usize>>) {
+    println!("  {:<12} pods reached (connections)", "client");
+    for (client, pods) in by_client {
+        let list: Vec<String> = pods.iter().map(|(p, n)| format!("{p} ({n})")).collect();
+        println!("  {:<12} {}", client, list.join(", "));
+    }
+    println!();
+}

@@ -1,0 +1,260 @@
+//! The data path's lookup table: from the address a client dialed to the Service port
+//! behind it, with its balancer and the metric handles of each endpoint. Built from a
+//! `ServiceTable` and the previous route table, so that balancer state, open-connection
+//! counts and metric handles carry over for the endpoints that persist.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+
+use metrics::{Counter, Gauge, Histogram, Label};
+
+use crate::addr::{ClientAddr, PodAddr, ServiceAddr};
+use crate::balance::{self, Backend, Backends, Balancer, BuildOptions};
+use crate::model::{ServiceKey, ServicePort, ServiceTable};
+use crate::telemetry::{names, Telemetry};
+
+/// Metric handles of one endpoint of one Service port, resolved once when the endpoint
+/// first appears: a connection only increments them.
+#[derive(Debug)]
+pub struct EndpointStats {
+    pub ok: Counter,
+    pub connect_errors: Counter,
+    pub active: Gauge,
+    pub bytes_to_endpoint: Counter,
+    pub bytes_to_client: Counter,
+    pub connect_duration: Histogram,
+    pub connection_duration: Histogram,
+}
+
+impl EndpointStats {
+    fn new(telemetry: &Telemetry, base: &[Label], addr: PodAddr, pod: &str) -> Self {
+        let labels = |extra: &[(&'static str, &'static str)]| {
+            let mut l = base.to_vec();
+            l.push(Label::new("endpoint", addr.to_string()));
+            l.push(Label::new("pod", pod.to_string()));
+            l.extend(extra.iter().map(|(k, v)| Label::new(*k, *v)));
+            l
+        };
+        Self {
+            ok: telemetry.counter(names::CONNECTIONS_TOTAL, labels(&[("outcome", "ok")])),
+            connect_errors: telemetry.counter(
+                names::CONNECTIONS_TOTAL,
+                labels(&[("outcome", "connect_error")]),
+            ),
+            active: telemetry.gauge(names::CONNECTIONS_ACTIVE, labels(&[])),
+            bytes_to_endpoint: telemetry
+                .counter(names::BYTES_TOTAL, labels(&[("direction", "to_endpoint")])),
+            bytes_to_client: telemetry
+                .counter(names::BYTES_TOTAL, labels(&[("direction", "to_client")])),
+            connect_duration: telemetry.histogram(names::CONNECT_DURATION, labels(&[])),
+            connection_duration: telemetry.histogram(names::CONNECTION_DURATION, labels(&[])),
+        }
+    }
+}
+
+/// One endpoint as the data path sees it.
+#[derive(Debug, Clone)]
+pub struct RouteEndpoint {
+    pub addr: PodAddr,
+    pub pod: Arc<str>,
+    /// Open connections; the same counter the balancer reads.
+    pub active: Arc<AtomicU32>,
+    pub stats: Arc<EndpointStats>,
+}
+
+/// One Service port: where its connections may go and how the next one is chosen.
+#[derive(Debug)]
+pub struct Route {
+    pub service: ServiceKey,
+    /// The port's metric label: its name, or its number when unnamed.
+    pub port: String,
+    /// Parallel to the balancer's backends: index `i` of a pick is `endpoints[i]`.
+    pub endpoints: Vec<RouteEndpoint>,
+    balancer: Box<dyn Balancer>,
+    /// `carousel_connections_total{outcome="no_endpoint"}`.
+    pub no_endpoint: Counter,
+}
+
+impl Route {
+    /// The index of the endpoint for a new connection from `client`.
+    pub fn pick(&self, client: ClientAddr) -> Option<usize> {
+        self.balancer.pick(client.ip())
+    }
+
+    pub fn algorithm(&self) -> &'static str {
+        self.balancer.name()
+    }
+}
+
+/// The whole lookup table, swapped atomically on every change.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    by_addr: HashMap<ServiceAddr, Arc<Route>>,
+    by_node_port: HashMap<u16, Arc<Route>>,
+    by_port: HashMap<(ServiceKey, String), Arc<Route>>,
+}
+
+impl RouteTable {
+    /// The Service port a client reached by dialing `dialed`: its Service address, or
+    /// else any local address at one of its node ports.
+    pub fn lookup(&self, dialed: ServiceAddr) -> Option<&Arc<Route>> {
+        self.by_addr
+            .get(&dialed)
+            .or_else(|| self.by_node_port.get(&dialed.port()))
+    }
+
+    /// Every Service address (ClusterIPs, external and load-balancer IPs) with its port.
+    pub fn service_addrs(&self) -> impl Iterator<Item = (&ServiceAddr, &Arc<Route>)> {
+        self.by_addr.iter()
+    }
+
+    /// Every node port with its Service port.
+    pub fn node_ports(&self) -> impl Iterator<Item = (u16, &Arc<Route>)> {
+        self.by_node_port.iter().map(|(p, r)| (*p, r))
+    }
+
+    /// Every Service port.
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.by_port.values()
+    }
+
+    /// Builds the table for `table`, reusing what `previous` knew.
+    pub fn build(
+        table: &ServiceTable,
+        previous: &RouteTable,
+        telemetry: &Telemetry,
+        options: &BuildOptions,
+    ) -> RouteTable {
+        let mut routes = RouteTable::default();
+        for service in table.services.values() {
+            for port in &service.ports {
+                let key = (service.key.clone(), port.label());
+                let route = Arc::new(build_route(
+                    &service.key,
+                    &service.balancing.algorithm,
+                    port,
+                    previous.by_port.get(&key).map(Arc::as_ref),
+                    telemetry,
+                    options,
+                ));
+                let ips = service
+                    .cluster_ips
+                    .iter()
+                    .chain(&service.external_ips)
+                    .chain(&service.load_balancer_ips);
+                for ip in ips {
+                    let addr = ServiceAddr(SocketAddr::new(*ip, port.port));
+                    routes.by_addr.insert(addr, route.clone());
+                }
+                if let Some(node_port) = port.node_port {
+                    routes.by_node_port.insert(node_port, route.clone());
+                }
+                routes.by_port.insert(key, route);
+            }
+        }
+        routes
+    }
+}
+
+fn build_route(
+    service: &ServiceKey,
+    algorithm: &str,
+    port: &ServicePort,
+    previous: Option<&Route>,
+    telemetry: &Telemetry,
+    options: &BuildOptions,
+) -> Route {
+    let base = vec![
+        Label::new("namespace", service.namespace.to_string()),
+        Label::new("service", service.name.to_string()),
+        Label::new("port", port.label()),
+    ];
+    let known: HashMap<PodAddr, &RouteEndpoint> = previous
+        .map(|p| p.endpoints.iter().map(|e| (e.addr, e)).collect())
+        .unwrap_or_default();
+    let eligible = port.eligible();
+    let endpoints: Vec<RouteEndpoint> = eligible
+        .iter()
+        .map(|e| match known.get(&e.addr) {
+            Some(prev) if prev.pod == e.pod => (*prev).clone(),
+            _ => RouteEndpoint {
+                addr: e.addr,
+                pod: e.pod.clone(),
+                active: Arc::default(),
+                stats: Arc::new(EndpointStats::new(telemetry, &base, e.addr, &e.pod)),
+            },
+        })
+        .collect();
+    let backends: Backends = eligible
+        .iter()
+        .zip(&endpoints)
+        .map(|(e, r)| Backend {
+            addr: e.addr,
+            weight: e.weight,
+            active: r.active.clone(),
+        })
+        .collect();
+    let balancer = balance::rebuild_or_build(
+        previous.map(|p| p.balancer.as_ref()),
+        algorithm,
+        backends,
+        options,
+    );
+    set_endpoint_gauges(telemetry, &base, port);
+    let mut no_endpoint_labels = base;
+    no_endpoint_labels.extend([
+        Label::new("endpoint", ""),
+        Label::new("pod", ""),
+        Label::new("outcome", "no_endpoint"),
+    ]);
+    Route {
+        service: service.clone(),
+        port: port.label(),
+        endpoints,
+        balancer,
+        no_endpoint: telemetry.counter(names::CONNECTIONS_TOTAL, no_endpoint_labels),
+    }
+}
+
+/// `carousel_endpoints{state}`: how many endpoints are ready, serving and terminating.
+fn set_endpoint_gauges(telemetry: &Telemetry, base: &[Label], port: &ServicePort) {
+    let mut counts: BTreeMap<&'static str, usize> =
+        [("ready", 0), ("serving", 0), ("terminating", 0)].into();
+    for e in &port.endpoints {
+        for (state, on) in [
+            ("ready", e.ready),
+            ("serving", e.serving),
+            ("terminating", e.terminating),
+        ] {
+            if on {
+                *counts.get_mut(state).expect("state is listed") += 1;
+            }
+        }
+    }
+    for (state, n) in counts {
+        let mut labels = base.to_vec();
+        labels.push(Label::new("state", state));
+        telemetry.gauge(names::ENDPOINTS, labels).set(n as f64);
+    }
+}
+
+/// Zeroes the endpoint gauges of Service ports that left the table.
+pub fn clear_removed(telemetry: &Telemetry, previous: &RouteTable, current: &RouteTable) {
+    for (key, _) in previous
+        .by_port
+        .iter()
+        .filter(|(k, _)| !current.by_port.contains_key(*k))
+    {
+        for state in ["ready", "serving", "terminating"] {
+            let labels = vec![
+                Label::new("namespace", key.0.namespace.to_string()),
+                Label::new("service", key.0.name.to_string()),
+                Label::new("port", key.1.clone()),
+                Label::new("state", state),
+            ];
+            telemetry.gauge(names::ENDPOINTS, labels).set(0.0);
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Metrics and health: the stable metric names, a Prometheus recorder owned by each
+//! proxy instance (so that tests running several proxies see only their own series),
+//! and the small HTTP server behind `/metrics`, `/healthz` and `/readyz`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use tokio::net::TcpListener;
+
+/// Metric names: part of carousel's contract, never renamed.
+pub mod names {
+    pub const CONNECTIONS_TOTAL: &str = "carousel_connections_total";
+    pub const CONNECTIONS_ACTIVE: &str = "carousel_connections_active";
+    pub const BYTES_TOTAL: &str = "carousel_bytes_total";
+    pub const CONNECT_DURATION: &str = "carousel_connect_duration_seconds";
+    pub const CONNECTION_DURATION: &str = "carousel_connection_duration_seconds";
+    pub const ENDPOINTS: &str = "carousel_endpoints";
+    pub const CONFIG_ERRORS_TOTAL: &str = "carousel_config_errors_total";
+    pub const SYNC_DURATION: &str = "carousel_sync_duration_seconds";
+}
+
+/// Histogram buckets for everything measured in seconds: 100 µs to 5 min.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+const METADATA: Metadata<'static> = Metadata::new("carousel", metrics::Level::INFO, None);
+
+/// One proxy's metrics registry and health state.
+pub struct Telemetry {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    health: Health,
+    config_errors: Counter,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry").finish_non_exhaustive()
+    }
+}
+
+impl Telemetry {
+    pub fn new() -> Arc<Self> {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+            .expect("bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let config_errors =
+            recorder.register_counter(&Key::from_name(names::CONFIG_ERRORS_TOTAL), &METADATA);
+        // A counter that was never incremented is still worth a line: zero errors is news.
+        config_errors.absolute(0);
+        Arc::new(Self {
+            recorder,
+            handle,
+            health: Health::default(),
+            config_errors,
+        })
+    }
+
+    pub fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    pub fn gauge(&self, name: &'static str, labels: Vec<Label>) -> Gauge {
+        self.recorder
+            .register_gauge(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    pub fn histogram(&self, name: &'static str, labels: Vec<Label>) -> Histogram {
+        self.recorder
+            .register_histogram(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    /// `carousel_config_errors_total`.
+    pub fn config_errors(&self) -> &Counter {
+        &self.config_errors
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Drains histogram samples into their buckets now and then, so that memory stays
+    /// bounded when nobody scrapes.
+    pub async fn upkeep(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            self.handle.run_upkeep();
+        }
+    }
+}
+
+/// Whether the proxy has applied a table yet, and when it last did.
+#[derive(Debug, Default)]
+pub struct Health {
+    last_sync: Mutex<Option<SystemTime>>,
+}
+
+impl Health {
+    pub fn synced(&self) {
+        *self.last_sync.lock().expect("health lock poisoned") = Some(SystemTime::now());
+    }
+
+    pub fn last_sync(&self) -> Option<SystemTime> {
+        *self.last_sync.lock().expect("health lock poisoned")
+    }
+}
+
+/// What an HTTP listener of carousel's answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoints {
+    /// `/metrics` only (`--metrics-bind-address`).
+    Metrics,
+    /// `/healthz` and `/readyz` only (`--healthz-bind-address`): health answers only health.
+    Health,
+}
+
+/// Serves `which` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    telemetry: Arc<Telemetry>,
+    which: Endpoints,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::debug!(error = %e, "telemetry accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let telemetry = telemetry.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let telemetry = telemetry.clone();
+                async move { Ok::<_, Infallible>(respond(&telemetry, which, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "telemetry connection ended");
+            }
+        });
+    }
+}
+
+fn respond<B>(telemetry: &Telemetry, which: Endpoints, req: &Request<B>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts are valid")
+    };
+    match (which, req.uri().path()) {
+        (Endpoints::Metrics, "/metrics") => reply(StatusCode::OK, telemetry.render()),
+        (Endpoints::Health, "/healthz" | "/readyz") => match telemetry.health.last_sync() {
+            Some(at) => {
+                let secs = at
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                reply(
+                    StatusCode::OK,
+                    format!("ok: last sync at {secs:.3} (unix seconds)\n"),
+                )
+            }
+            None => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: no table applied yet\n".to_string(),
+            ),
+        },
+        _ => reply(StatusCode::NOT_FOUND, "not found\n".to_string()),
+    }
+}
