@@ -1,0 +1,303 @@
+//! Test harness: a carousel running in-process from a state file in a temp dir, with
+//! its telemetry on port 0, and the pods, echo servers and clients the tests drive.
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use carousel::balance::BuildOptions;
+use carousel::discovery::convert::Scope;
+use carousel::proxy::{ForwardConfig, ProxyConfig};
+use carousel::run::{self, FileRun};
+use carousel::telemetry::Telemetry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long a test waits for something that should happen at once.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// An endpoint of a state file.
+#[derive(Clone, Debug)]
+pub struct Ep {
+    pub addr: SocketAddr,
+    pub pod: String,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Ep {
+    pub fn ready(addr: SocketAddr, pod: &str) -> Self {
+        Self {
+            addr,
+            pod: pod.into(),
+            ready: true,
+            serving: true,
+            terminating: false,
+        }
+    }
+    /// Terminating but still serving (KEP-1669).
+    pub fn terminating(addr: SocketAddr, pod: &str, serving: bool) -> Self {
+        Self {
+            addr,
+            pod: pod.into(),
+            ready: false,
+            serving,
+            terminating: true,
+        }
+    }
+}
+
+/// A Service with one TCP port named `web`, and one EndpointSlice per endpoint port.
+#[derive(Clone, Debug)]
+pub struct Svc {
+    pub name: String,
+    pub cluster_ip: IpAddr,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub endpoints: Vec<Ep>,
+}
+
+impl Svc {
+    pub fn new(name: &str, cluster_ip: &str, port: u16, endpoints: Vec<Ep>) -> Self {
+        Self {
+            name: name.into(),
+            cluster_ip: cluster_ip.parse().expect("test cluster IP"),
+            port,
+            node_port: None,
+            endpoints,
+        }
+    }
+
+    /// A state file holding just this Service.
+    pub fn state(&self) -> String {
+        state_yaml(std::slice::from_ref(self))
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.cluster_ip, self.port)
+    }
+}
+
+/// Renders Services as a state file: Services first, then their slices.
+pub fn state_yaml(services: &[Svc]) -> String {
+    let mut y = String::new();
+    for s in services {
+        let kind = if s.node_port.is_some() {
+            "NodePort"
+        } else {
+            "ClusterIP"
+        };
+        let node_port = s
+            .node_port
+            .map(|p| format!("\n      nodePort: {p}"))
+            .unwrap_or_default();
+        write!(
+            y,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test}}\n\
+             spec:\n  type: {kind}\n  clusterIP: {ip}\n  ports:\n    - name: web\n      port: {port}\n      targetPort: web{node_port}\n",
+            name = s.name,
+            ip = s.cluster_ip,
+            port = s.port,
+        )
+        .unwrap();
+        // One slice per distinct endpoint port: slices carry one port list each.
+        let mut ports: Vec<u16> = s.endpoints.iter().map(|e| e.addr.port()).collect();
+        ports.sort();
+        ports.dedup();
+        for (i, port) in ports.iter().enumerate() {
+            write!(
+                y,
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata:\n  name: {name}-{i}\n  namespace: test\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+                 addressType: {family}\nports: [{{name: web, port: {port}, protocol: TCP}}]\nendpoints:\n",
+                name = s.name,
+                family = if s.cluster_ip.is_ipv6() { "IPv6" } else { "IPv4" },
+            )
+            .unwrap();
+            for e in s.endpoints.iter().filter(|e| e.addr.port() == *port) {
+                write!(
+                    y,
+                    "  - addresses: [\"{ip}\"]\n    conditions: {{ready: {r}, serving: {s}, terminating: {t}}}\n    targetRef: {{kind: Pod, name: {pod}, namespace: test}}\n",
+                    ip = e.addr.ip(),
+                    r = e.ready,
+                    s = e.serving,
+                    t = e.terminating,
+                    pod = e.pod,
+                )
+                .unwrap();
+            }
+        }
+    }
+    y
+}
+
+/// A carousel running in this process.
+pub struct Carousel {
+    _dir: tempfile::TempDir,
+    pub state: PathBuf,
+    pub telemetry: Arc<Telemetry>,
+    pub metrics: SocketAddr,
+    pub health: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), run::RunError>>,
+}
+
+impl Carousel {
+    pub async fn start(yaml: &str) -> Self {
+        Self::start_with(yaml, Vec::new()).await
+    }
+
+    pub async fn start_with(yaml: &str, nodeport_addresses: Vec<IpAddr>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = dir.path().join("state.yaml");
+        std::fs::write(&state, yaml).expect("write state");
+        let telemetry = Telemetry::new();
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let health = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (metrics_addr, health_addr) =
+            (metrics.local_addr().unwrap(), health.local_addr().unwrap());
+        let config = FileRun {
+            path: state.clone(),
+            scope: Scope::default(),
+            proxy: ProxyConfig {
+                forward: ForwardConfig {
+                    connect_timeout: Duration::from_secs(1),
+                    connect_attempts: 3,
+                },
+                nodeport_addresses,
+                balance: BuildOptions { seed: Some(7) },
+            },
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run::run_from_file(
+            config,
+            telemetry.clone(),
+            metrics,
+            health,
+            stop.clone().cancelled_owned(),
+        ));
+        let c = Carousel {
+            _dir: dir,
+            state,
+            telemetry,
+            metrics: metrics_addr,
+            health: health_addr,
+            stop,
+            task,
+        };
+        eventually("the first table is applied", || async {
+            c.telemetry.health().last_sync().is_some()
+        })
+        .await;
+        c
+    }
+
+    /// Replaces the state file (written in place, as an editor would).
+    pub fn write_state(&self, yaml: &str) {
+        std::fs::write(&self.state, yaml).expect("write state");
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task
+            .await
+            .expect("carousel task")
+            .expect("carousel run");
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        http_get(self.metrics, "/metrics")
+            .await
+            .expect("GET /metrics")
+            .1
+    }
+}
+
+/// Waits until `check` holds, up to `PATIENCE`; panics naming `what` otherwise.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A minimal HTTP/1.0 GET: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nhost: test\r\n\r\n").as_bytes())
+        .await?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await?;
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of the one series of `name` whose labels include every `label="value"` given.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+/// An echo server on `ip` (port from the OS): echoes until the client half-closes,
+/// then half-closes too.
+pub async fn echo_server(ip: &str) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A port on `ip` that nothing listens on: connecting there is refused.
+pub async fn refusing_addr(ip: &str) -> SocketAddr {
+    let listener = TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0))
+        .await
+        .unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// Deterministic test data: byte `i` of stream `seed`.
+pub fn pattern(seed: u64, i: u64) -> u8 {
+    let x = (i ^ seed.rotate_left(17)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (x >> 56) as u8
+}
