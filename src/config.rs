@@ -24,6 +24,8 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// The whole thing on one machine: pods, a Service and traffic, no cluster needed.
     Demo(DemoArgs),
+    /// Remove every rule carousel installed (its nftables table), and nothing else.
+    Cleanup,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -71,6 +73,10 @@ pub struct RunArgs {
     /// Where /healthz and /readyz are served.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: SocketAddr,
+
+    /// nftables mode: the port of the listener that Service traffic is redirected to.
+    #[arg(long, default_value_t = 10262)]
+    pub redirect_port: u16,
 
     /// Addresses that serve node ports (default 127.0.0.1/32 with --from-file).
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]

@@ -7,6 +7,7 @@
 pub mod addr;
 pub mod balance;
 pub mod config;
+pub mod dataplane;
 pub mod discovery;
 pub mod lab;
 pub mod model;

@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use carousel::config::{Cli, Command, ProxyMode, RunArgs};
+use carousel::dataplane::nftables;
 use carousel::discovery::convert::Scope;
-use carousel::proxy::{ForwardConfig, ProxyConfig};
+use carousel::proxy::{ForwardConfig, Mode, ProxyConfig};
 use carousel::run::{self, FileRun};
 use carousel::telemetry::Telemetry;
 use carousel::{balance, lab};
@@ -34,6 +35,16 @@ async fn main() -> anyhow::Result<()> {
                 .context("the demo did not finish in 60 s")?
                 .context("the demo failed")
         }
+        Command::Cleanup => {
+            nftables::apply(&nftables::render_cleanup())
+                .await
+                .context("cannot remove carousel's nftables table")?;
+            println!(
+                "carousel's nftables table (inet {}) is gone",
+                nftables::TABLE
+            );
+            Ok(())
+        }
     }
 }
 
@@ -41,9 +52,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let Some(path) = args.from_file.clone() else {
         bail!("the Kubernetes API source is not built yet: pass --from-file STATE.yaml");
     };
-    if args.proxy_mode == Some(ProxyMode::Nftables) {
-        bail!("--proxy-mode nftables is not built yet; --from-file runs in bind mode");
-    }
     if args.service_selector.is_some() {
         bail!("--service-selector applies to the Kubernetes API source, which is not built yet");
     }
@@ -54,8 +62,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         args.nodeport_addresses.clone()
     };
-    let nodeport_addresses =
-        run::nodeport_ips(&cidrs).context("cannot list this host's addresses")?;
+    let mode = match args.proxy_mode.unwrap_or(ProxyMode::Bind) {
+        ProxyMode::Bind => Mode::Bind {
+            nodeport_addresses: run::nodeport_ips(&cidrs)
+                .context("cannot list this host's addresses")?,
+        },
+        ProxyMode::Nftables => Mode::Nftables {
+            redirect_port: args.redirect_port,
+        },
+    };
     let config = FileRun {
         path,
         scope: Scope {
@@ -65,8 +80,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             forward: ForwardConfig {
                 connect_timeout: args.connect_timeout,
                 connect_attempts: args.connect_attempts.into(),
+                mark: None,
             },
-            nodeport_addresses,
+            mode,
             balance: balance::BuildOptions { seed: args.seed },
         },
     };

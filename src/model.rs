@@ -89,21 +89,21 @@ impl ServicePort {
     }
 
     /// The endpoints that take new connections, by kube-proxy's rule: the ready ones;
-    /// if there are none, those still serving while terminating (KEP-1669). Endpoints
-    /// with weight 0 are being drained and take none.
+    /// if none is ready, those still serving while terminating (KEP-1669). Endpoints
+    /// with weight 0 are being drained and take none, but a drained ready endpoint still
+    /// keeps the terminating ones out.
     pub fn eligible(&self) -> Vec<Endpoint> {
-        let ready: Vec<Endpoint> = self
-            .endpoints
-            .iter()
-            .filter(|e| e.ready && e.weight > 0)
-            .cloned()
-            .collect();
-        if !ready.is_empty() {
-            return ready;
-        }
+        let any_ready = self.endpoints.iter().any(|e| e.ready);
         self.endpoints
             .iter()
-            .filter(|e| e.serving && e.terminating && e.weight > 0)
+            .filter(|e| e.weight > 0)
+            .filter(|e| {
+                if any_ready {
+                    e.ready
+                } else {
+                    e.serving && e.terminating
+                }
+            })
             .cloned()
             .collect()
     }

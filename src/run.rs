@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::discovery::convert::Scope;
 use crate::discovery::file::{self, StateFileError};
-use crate::proxy::{self, ProxyConfig};
+use crate::proxy::{self, ProxyConfig, ProxyError};
 use crate::telemetry::{self, Endpoints, Telemetry};
 
 /// What `carousel run --from-file` needs.
@@ -29,6 +29,8 @@ pub struct FileRun {
 pub enum RunError {
     #[error(transparent)]
     StateFile(#[from] StateFileError),
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
 }
 
 /// Proxies the Services of a state file until `shutdown` resolves.
@@ -49,7 +51,7 @@ pub async fn run_from_file(
     );
     let (tables, updates) = watch::channel(Arc::new(initial.table.clone()));
     let stop = CancellationToken::new();
-    let tasks = [
+    let servers = [
         tokio::spawn(telemetry::serve(
             metrics,
             telemetry.clone(),
@@ -62,13 +64,13 @@ pub async fn run_from_file(
             Endpoints::Health,
             stop.clone().cancelled_owned(),
         )),
-        tokio::spawn(proxy::run_bind(
-            run.proxy,
-            updates,
-            telemetry.clone(),
-            stop.clone().cancelled_owned(),
-        )),
     ];
+    let mut proxy = tokio::spawn(proxy::run(
+        run.proxy,
+        updates,
+        telemetry.clone(),
+        stop.clone().cancelled_owned(),
+    ));
     let watcher = tokio::spawn(file::watch(
         run.path,
         run.scope,
@@ -77,13 +79,21 @@ pub async fn run_from_file(
         initial,
     ));
     let upkeep = tokio::spawn(telemetry.upkeep());
-    shutdown.await;
+    let result = tokio::select! {
+        _ = shutdown => {
+            stop.cancel();
+            proxy.await
+        }
+        // The proxy only ends early when it cannot start.
+        ended = &mut proxy => ended,
+    };
     stop.cancel();
     watcher.abort();
     upkeep.abort();
-    for task in tasks {
+    for task in servers {
         let _ = task.await;
     }
+    result.expect("the proxy task does not panic")?;
     Ok(())
 }
 

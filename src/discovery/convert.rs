@@ -192,23 +192,23 @@ pub fn service(svc: &core::Service) -> Result<Option<ServiceFront>, FieldError> 
     if spec.type_.as_deref() == Some("ExternalName") {
         return Ok(None);
     }
-    let cluster_ip_texts: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
-        (_, Some(ip)) => vec![ip.as_str()],
+    // `(field, text)` of each ClusterIP; `spec.clusterIP` is a single string, not a list.
+    let cluster_ip_texts: Vec<(String, &str)> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip.as_str()))
+            .collect(),
+        // An empty clusterIP is "not allocated yet": the Service has no ClusterIP.
+        (_, Some(ip)) if !ip.is_empty() => vec![("spec.clusterIP".to_string(), ip.as_str())],
         _ => Vec::new(),
     };
-    if cluster_ip_texts.contains(&"None") {
+    if cluster_ip_texts.iter().any(|(_, ip)| *ip == "None") {
         return Ok(None);
     }
-    let field = if spec.cluster_ips.is_some() {
-        "spec.clusterIPs"
-    } else {
-        "spec.clusterIP"
-    };
     let cluster_ips = cluster_ip_texts
-        .iter()
-        .enumerate()
-        .map(|(i, ip)| parse_ip(format!("{field}[{i}]"), ip))
+        .into_iter()
+        .map(|(field, ip)| parse_ip(field, ip))
         .collect::<Result<Vec<_>, _>>()?;
     let external_ips = spec
         .external_ips
@@ -417,9 +417,10 @@ pub fn slice(slice: &discovery::EndpointSlice) -> Result<Option<SliceView>, Fiel
             ));
         }
         let conditions = e.conditions.as_ref();
-        // Unknown readiness counts as ready, and serving defaults to ready, as the API documents.
+        // Unknown conditions count as ready and serving, as the API documents and
+        // kube-proxy reads them.
         let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-        let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+        let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
         let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
         let pod = e
             .target_ref
@@ -563,4 +564,1078 @@ fn weight(pod: Option<&(String, String)>, rules: &[WeightRule], pods: &PodLabels
         .iter()
         .find(|r| labels.and_then(|l| l.get(&r.label)) == Some(&r.value))
         .map_or(1, |r| r.weight)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Objects are written as YAML, the way a state file or `kubectl get -o yaml` has
+    // them; flow style keeps each one on a few lines.
+
+    fn service_yaml(metadata: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop{metadata}}}\nspec: {{{spec}}}\n"
+        )
+    }
+
+    fn convert_service(yaml: &str) -> Result<Option<ServiceFront>, FieldError> {
+        let svc: core::Service = serde_yaml::from_str(yaml).expect("test Service YAML");
+        service(&svc)
+    }
+
+    /// A Service in namespace `shop` named `web`, with extra metadata and its spec.
+    fn front_with(metadata: &str, spec: &str) -> ServiceFront {
+        convert_service(&service_yaml(metadata, spec))
+            .expect("a valid Service")
+            .expect("a proxied Service")
+    }
+
+    fn front(spec: &str) -> ServiceFront {
+        front_with("", spec)
+    }
+
+    fn service_error(spec: &str) -> FieldError {
+        convert_service(&service_yaml("", spec)).expect_err("an invalid Service")
+    }
+
+    fn convert_slice(yaml: &str) -> Result<Option<SliceView>, FieldError> {
+        let s: discovery::EndpointSlice = serde_yaml::from_str(yaml).expect("test slice YAML");
+        slice(&s)
+    }
+
+    /// An EndpointSlice named `name` in `namespace`, labelled for Service `web`.
+    fn slice_yaml(
+        namespace: &str,
+        name: &str,
+        address_type: &str,
+        ports: &str,
+        endpoints: &str,
+    ) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}, namespace: {namespace}, labels: {{kubernetes.io/service-name: web}}}}\n\
+             addressType: {address_type}\nports: {ports}\nendpoints: {endpoints}\n"
+        )
+    }
+
+    fn view(ports: &str, endpoints: &str) -> SliceView {
+        view_in("shop", "web-1", ports, endpoints)
+    }
+
+    fn view_in(namespace: &str, name: &str, ports: &str, endpoints: &str) -> SliceView {
+        convert_slice(&slice_yaml(namespace, name, "IPv4", ports, endpoints))
+            .expect("a valid slice")
+            .expect("a used slice")
+    }
+
+    fn slice_error(address_type: &str, ports: &str, endpoints: &str) -> FieldError {
+        convert_slice(&slice_yaml("shop", "web-1", address_type, ports, endpoints))
+            .expect_err("an invalid slice")
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn key() -> ServiceKey {
+        ServiceKey::new("shop", "web")
+    }
+
+    /// Joins with no pods and the default scope; returns the one port of `shop/web`.
+    fn join_one(front: ServiceFront, slices: &[SliceView]) -> ServicePort {
+        let (table, _) = join(&[front], slices, &PodLabels::new(), &Scope::default());
+        let svc = table.get(&key()).expect("shop/web in the table");
+        assert_eq!(svc.ports.len(), 1, "{svc:?}");
+        svc.ports[0].clone()
+    }
+
+    /// `(ip:port, pod)` of each endpoint, in table order.
+    fn addrs(port: &ServicePort) -> Vec<(String, String)> {
+        port.endpoints
+            .iter()
+            .map(|e| (e.addr.to_string(), e.pod.to_string()))
+            .collect()
+    }
+
+    // ---- Services ----
+
+    #[test]
+    fn cluster_ip_service_with_named_ports() {
+        let f = front(
+            "type: ClusterIP, clusterIP: 10.96.0.10, ports: [\
+             {name: http, port: 80, targetPort: 8080, protocol: TCP}, \
+             {name: metrics, port: 9090, targetPort: prom}]",
+        );
+        assert_eq!(f.key, key());
+        assert_eq!(f.cluster_ips, vec![ip("10.96.0.10")]);
+        assert!(f.external_ips.is_empty() && f.load_balancer_ips.is_empty());
+        assert_eq!(
+            f.ports,
+            vec![
+                PortFront {
+                    name: "http".into(),
+                    port: 80,
+                    node_port: None,
+                    target: IntOrString::Int(8080),
+                },
+                PortFront {
+                    name: "metrics".into(),
+                    port: 9090,
+                    node_port: None,
+                    target: IntOrString::String("prom".into()),
+                },
+            ]
+        );
+        assert_eq!(f.balancing, Balancing::default());
+        assert_eq!(f.balancing.algorithm, "round-robin");
+        assert_eq!(f.balancing.affinity, None);
+        assert!(f.weights.is_empty());
+        assert!(f.warnings.is_empty());
+        assert_eq!(f.proxy_name, None);
+        assert!(!f.external_traffic_local);
+    }
+
+    #[test]
+    fn unnamed_port_targets_its_own_number_by_default() {
+        let f = front("clusterIP: 10.96.0.10, ports: [{port: 80}]");
+        assert_eq!(
+            f.ports,
+            vec![PortFront {
+                name: String::new(),
+                port: 80,
+                node_port: None,
+                target: IntOrString::Int(80),
+            }]
+        );
+    }
+
+    #[test]
+    fn port_label_is_the_name_or_the_number() {
+        let named = join_one(
+            front("clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]"),
+            &[],
+        );
+        assert_eq!(named.label(), "http");
+        let unnamed = join_one(front("clusterIP: 10.96.0.10, ports: [{port: 8443}]"), &[]);
+        assert_eq!(unnamed.name, "");
+        assert_eq!(unnamed.label(), "8443");
+    }
+
+    #[test]
+    fn headless_and_external_name_services_are_not_proxied() {
+        for spec in [
+            "clusterIP: None, ports: [{port: 80}]",
+            "clusterIP: None, clusterIPs: [None], ports: [{port: 80}]",
+            "type: ExternalName, externalName: db.example.com",
+            "type: ExternalName, externalName: db.example.com, ports: [{port: 5432}]",
+        ] {
+            assert_eq!(convert_service(&service_yaml("", spec)), Ok(None), "{spec}");
+        }
+    }
+
+    #[test]
+    fn udp_and_sctp_ports_are_skipped_with_a_warning() {
+        let f = front(
+            "clusterIP: 10.96.0.10, ports: [\
+             {name: dns, port: 53, protocol: UDP}, \
+             {name: dns-tcp, port: 53, protocol: TCP}, \
+             {port: 9899, protocol: SCTP}]",
+        );
+        assert_eq!(f.ports.len(), 1);
+        assert_eq!(f.ports[0].name, "dns-tcp");
+        assert_eq!(
+            f.warnings,
+            vec![
+                Warning::SkippedPort {
+                    service: key(),
+                    port: "dns".into(),
+                    protocol: "UDP".into(),
+                },
+                Warning::SkippedPort {
+                    service: key(),
+                    port: "9899".into(),
+                    protocol: "SCTP".into(),
+                },
+            ]
+        );
+        assert!(f.warnings.iter().all(|w| !w.is_config_error()));
+        assert_eq!(
+            f.warnings[0].to_string(),
+            "service shop/web: port dns is UDP; carousel proxies TCP only, skipped"
+        );
+    }
+
+    #[test]
+    fn dual_stack_service_keeps_both_cluster_ips() {
+        let f = front(
+            "clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00:10:96::a'], \
+             ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack, ports: [{port: 80}]",
+        );
+        assert_eq!(f.cluster_ips, vec![ip("10.96.0.10"), ip("fd00:10:96::a")]);
+    }
+
+    #[test]
+    fn external_and_load_balancer_ips() {
+        let yaml = service_yaml(
+            "",
+            "type: LoadBalancer, clusterIP: 10.96.0.10, externalIPs: [192.0.2.10, 192.0.2.11], \
+             externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]",
+        ) + "status: {loadBalancer: {ingress: [{ip: 198.51.100.7}, {hostname: lb.example.com}, {ip: '2001:db8::7'}]}}\n";
+        let f = convert_service(&yaml).unwrap().unwrap();
+        assert_eq!(f.external_ips, vec![ip("192.0.2.10"), ip("192.0.2.11")]);
+        assert_eq!(
+            f.load_balancer_ips,
+            vec![ip("198.51.100.7"), ip("2001:db8::7")]
+        );
+        assert!(f.external_traffic_local);
+        assert_eq!(f.ports[0].node_port, Some(30080));
+    }
+
+    #[test]
+    fn node_port_service() {
+        let f = front(
+            "type: NodePort, clusterIP: 10.96.0.10, \
+             ports: [{name: http, port: 80, nodePort: 30080}, {name: admin, port: 81}]",
+        );
+        assert_eq!(f.ports[0].node_port, Some(30080));
+        assert_eq!(f.ports[1].node_port, None);
+        let (table, _) = join(&[f], &[], &PodLabels::new(), &Scope::default());
+        assert_eq!(table.get(&key()).unwrap().ports[0].node_port, Some(30080));
+        let err = service_error(
+            "type: NodePort, clusterIP: 10.96.0.10, ports: [{port: 80, nodePort: 70000}]",
+        );
+        assert_eq!(err.field, "spec.ports[0].nodePort");
+    }
+
+    #[test]
+    fn invalid_addresses_are_refused_naming_the_field() {
+        let cases = [
+            (
+                "clusterIP: 10.96.0.300, ports: [{port: 80}]",
+                "spec.clusterIP",
+            ),
+            (
+                "clusterIP: 10.96.0.10, clusterIPs: [bogus], ports: [{port: 80}]",
+                "spec.clusterIPs[0]",
+            ),
+            (
+                "clusterIPs: [10.96.0.10, 'fd00::zz'], ports: [{port: 80}]",
+                "spec.clusterIPs[1]",
+            ),
+            (
+                "clusterIPs: [], clusterIP: nope, ports: [{port: 80}]",
+                "spec.clusterIP",
+            ),
+            (
+                "clusterIP: 10.96.0.10, externalIPs: [1.2.3.4, example.com], ports: [{port: 80}]",
+                "spec.externalIPs[1]",
+            ),
+        ];
+        for (spec, field) in cases {
+            let err = service_error(spec);
+            assert_eq!(err.field, field, "{spec}");
+            assert!(err.message.contains("is not an IP address"), "{err}");
+        }
+        let yaml = service_yaml("", "clusterIP: 10.96.0.10, ports: [{port: 80}]")
+            + "status: {loadBalancer: {ingress: [{ip: 'lb!'}]}}\n";
+        let err = convert_service(&yaml).unwrap_err();
+        assert_eq!(err.field, "status.loadBalancer.ingress[0].ip");
+    }
+
+    #[test]
+    fn ports_out_of_range_are_refused() {
+        let err = service_error("clusterIP: 10.96.0.10, ports: [{port: 0}]");
+        assert_eq!(err.field, "spec.ports[0].port");
+        assert_eq!(
+            err.to_string(),
+            "spec.ports[0].port: 0 is not a port (1-65535)"
+        );
+        let err = service_error("clusterIP: 10.96.0.10, ports: [{port: 70000}]");
+        assert_eq!(err.field, "spec.ports[0].port");
+        assert!(err.message.contains("70000"), "{err}");
+        let err = service_error(
+            "clusterIP: 10.96.0.10, ports: [{name: a, port: 80}, {name: b, port: -1}]",
+        );
+        assert_eq!(err.field, "spec.ports[1].port");
+        let err = service_error("clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 0}]");
+        assert_eq!(err.field, "spec.ports[0].targetPort");
+        let err = service_error("clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: ''}]");
+        assert_eq!(err.field, "spec.ports[0].targetPort");
+    }
+
+    #[test]
+    fn missing_name_or_spec_is_refused() {
+        let svc: core::Service = serde_yaml::from_str(
+            "apiVersion: v1\nkind: Service\nmetadata: {namespace: shop}\nspec: {}\n",
+        )
+        .unwrap();
+        assert_eq!(service(&svc).unwrap_err().field, "metadata.name");
+        let svc: core::Service =
+            serde_yaml::from_str("apiVersion: v1\nkind: Service\nmetadata: {name: web}\n").unwrap();
+        assert_eq!(service(&svc).unwrap_err().field, "spec");
+    }
+
+    #[test]
+    fn namespace_defaults_to_default() {
+        let svc: core::Service = serde_yaml::from_str(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.10}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            service(&svc).unwrap().unwrap().key,
+            ServiceKey::new("default", "web")
+        );
+    }
+
+    #[test]
+    fn client_ip_affinity_default_and_explicit_timeout() {
+        let f = front("clusterIP: 10.96.0.10, sessionAffinity: ClientIP, ports: [{port: 80}]");
+        assert_eq!(f.balancing.affinity, Some(Duration::from_secs(10800)));
+        assert_eq!(f.balancing.affinity, Some(DEFAULT_AFFINITY_TIMEOUT));
+        let f = front(
+            "clusterIP: 10.96.0.10, sessionAffinity: ClientIP, \
+             sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}, ports: [{port: 80}]",
+        );
+        assert_eq!(f.balancing.affinity, Some(Duration::from_secs(600)));
+        assert_eq!(f.balancing.algorithm, "round-robin");
+        let f = front(
+            "clusterIP: 10.96.0.10, sessionAffinity: None, \
+             sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}, ports: [{port: 80}]",
+        );
+        assert_eq!(f.balancing.affinity, None);
+    }
+
+    #[test]
+    fn affinity_timeout_out_of_range_is_refused() {
+        for (timeout, ok) in [
+            (0, false),
+            (1, true),
+            (86400, true),
+            (86401, false),
+            (-5, false),
+        ] {
+            let result = convert_service(&service_yaml(
+                "",
+                &format!(
+                    "clusterIP: 10.96.0.10, sessionAffinity: ClientIP, \
+                     sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout}}}}}"
+                ),
+            ));
+            match result {
+                Ok(Some(f)) if ok => {
+                    assert_eq!(
+                        f.balancing.affinity,
+                        Some(Duration::from_secs(timeout as u64))
+                    )
+                }
+                Err(e) if !ok => {
+                    assert_eq!(
+                        e.field,
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+                    );
+                    assert!(e.message.contains(&timeout.to_string()), "{e}");
+                }
+                other => panic!("timeoutSeconds {timeout}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_load_balancer_falls_back_with_a_config_error() {
+        let f = front_with(
+            ", annotations: {carousel.dev/load-balancer: magic-hat}",
+            "clusterIP: 10.96.0.10, ports: [{port: 80}]",
+        );
+        assert_eq!(f.balancing.algorithm, "round-robin");
+        assert_eq!(f.warnings.len(), 1, "{:?}", f.warnings);
+        let w = &f.warnings[0];
+        assert!(w.is_config_error());
+        match w {
+            Warning::BadAnnotation {
+                service,
+                annotation,
+                value,
+                reason,
+            } => {
+                assert_eq!(service, &key());
+                assert_eq!(*annotation, ANNOTATION_LOAD_BALANCER);
+                assert_eq!(value, "magic-hat");
+                assert!(reason.contains("round-robin"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(w.to_string().starts_with(
+            "service shop/web: annotation carousel.dev/load-balancer=\"magic-hat\" ignored"
+        ));
+    }
+
+    #[test]
+    fn known_load_balancer_is_taken_trimmed() {
+        let f = front_with(
+            ", annotations: {carousel.dev/load-balancer: ' round-robin '}",
+            "clusterIP: 10.96.0.10, ports: [{port: 80}]",
+        );
+        assert_eq!(f.balancing.algorithm, "round-robin");
+        assert!(f.warnings.is_empty(), "{:?}", f.warnings);
+    }
+
+    fn rule(label: &str, value: &str, weight: u32) -> WeightRule {
+        WeightRule {
+            label: label.into(),
+            value: value.into(),
+            weight,
+        }
+    }
+
+    #[test]
+    fn parse_weights_good_entries() {
+        assert_eq!(
+            parse_weights("version=custom:3,version=original:1"),
+            (
+                vec![rule("version", "custom", 3), rule("version", "original", 1)],
+                vec![]
+            )
+        );
+        assert_eq!(
+            parse_weights(" version = custom : 3 , track=canary:0,"),
+            (
+                vec![rule("version", "custom", 3), rule("track", "canary", 0)],
+                vec![]
+            )
+        );
+        assert_eq!(
+            parse_weights("a=:1000000"),
+            (vec![rule("a", "", 1_000_000)], vec![])
+        );
+        assert_eq!(parse_weights(""), (vec![], vec![]));
+        assert_eq!(parse_weights("  , ,"), (vec![], vec![]));
+    }
+
+    #[test]
+    fn parse_weights_malformed_entries_are_reported_and_skipped() {
+        for bad in [
+            "version=custom",
+            "=x:1",
+            "a=b:-1",
+            "a=b:x",
+            "a:1",
+            "a=b:",
+            "a=b:1000001",
+            " = :2",
+        ] {
+            let (rules, errors) = parse_weights(bad);
+            assert!(rules.is_empty(), "{bad:?} gave {rules:?}");
+            assert_eq!(errors.len(), 1, "{bad:?} gave {errors:?}");
+            assert!(errors[0].contains(bad.trim()), "{}", errors[0]);
+        }
+        let (rules, errors) = parse_weights("version=custom:3,oops,version=original:1,a=b:x");
+        assert_eq!(
+            rules,
+            vec![rule("version", "custom", 3), rule("version", "original", 1)]
+        );
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].contains("\"oops\""), "{}", errors[0]);
+        assert!(errors[1].contains("\"a=b:x\""), "{}", errors[1]);
+    }
+
+    #[test]
+    fn bad_weights_annotation_warns_and_keeps_the_good_rules() {
+        let f = front_with(
+            ", annotations: {carousel.dev/weights: 'version=custom:3,version=custom'}",
+            "clusterIP: 10.96.0.10, ports: [{port: 80}]",
+        );
+        assert_eq!(f.weights, vec![rule("version", "custom", 3)]);
+        assert_eq!(f.warnings.len(), 1, "{:?}", f.warnings);
+        assert!(f.warnings[0].is_config_error());
+        assert!(matches!(
+            &f.warnings[0],
+            Warning::BadAnnotation { annotation, value, .. }
+                if *annotation == ANNOTATION_WEIGHTS && value == "version=custom:3,version=custom"
+        ));
+    }
+
+    fn pod_labels(pods: &[(&str, &str, &str)]) -> PodLabels {
+        let mut labels = PodLabels::new();
+        for (namespace, name, pod_labels) in pods {
+            let meta: ObjectMeta = serde_yaml::from_str(&format!(
+                "{{name: {name}, namespace: {namespace}, labels: {{{pod_labels}}}}}"
+            ))
+            .unwrap();
+            add_pod(&mut labels, &meta).unwrap();
+        }
+        labels
+    }
+
+    #[test]
+    fn weights_apply_through_pod_labels() {
+        let f = front_with(
+            ", annotations: {carousel.dev/weights: 'version=custom:3,track=canary:5,version=original:1,version=old:0'}",
+            "clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]",
+        );
+        let pods = pod_labels(&[
+            ("shop", "custom", "version: custom, track: canary"),
+            ("shop", "canary", "track: canary, version: original"),
+            ("shop", "original", "version: original"),
+            ("shop", "old", "version: old"),
+            ("shop", "plain", "app: web"),
+            // Same name, other namespace: its labels must not apply to shop/plain.
+            ("other", "plain", "version: custom"),
+        ]);
+        let s = view(
+            "[{name: http, port: 8080}]",
+            "[{addresses: [10.1.0.1], targetRef: {kind: Pod, name: custom}}, \
+              {addresses: [10.1.0.2], targetRef: {kind: Pod, name: canary}}, \
+              {addresses: [10.1.0.3], targetRef: {kind: Pod, name: original}}, \
+              {addresses: [10.1.0.4], targetRef: {kind: Pod, name: old}}, \
+              {addresses: [10.1.0.5], targetRef: {kind: Pod, name: plain}}, \
+              {addresses: [10.1.0.6], targetRef: {kind: Pod, name: unknown}}, \
+              {addresses: [10.1.0.7]}]",
+        );
+        let (table, warnings) = join(&[f], &[s], &pods, &Scope::default());
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let weights: Vec<(String, u32)> = table.get(&key()).unwrap().ports[0]
+            .endpoints
+            .iter()
+            .map(|e| (e.pod.to_string(), e.weight))
+            .collect();
+        let expected = [
+            ("custom", 3),
+            ("canary", 5),
+            ("original", 1),
+            ("old", 0),
+            ("plain", 1),
+            ("unknown", 1),
+            ("", 1),
+        ];
+        assert_eq!(weights, expected.map(|(p, w)| (p.to_string(), w)).to_vec());
+        // Weight 0 drains: the pod stays in the table but takes no new connection.
+        let eligible = table.get(&key()).unwrap().ports[0].eligible();
+        assert_eq!(eligible.len(), 6);
+        assert!(eligible.iter().all(|e| &*e.pod != "old"));
+    }
+
+    #[test]
+    fn without_weights_every_endpoint_weighs_one() {
+        let pods = pod_labels(&[("shop", "custom", "version: custom")]);
+        let s = view(
+            "[{port: 80}]",
+            "[{addresses: [10.1.0.1], targetRef: {kind: Pod, name: custom}}]",
+        );
+        let (table, _) = join(
+            &[front("clusterIP: 10.96.0.10, ports: [{port: 80}]")],
+            &[s],
+            &pods,
+            &Scope::default(),
+        );
+        assert_eq!(table.get(&key()).unwrap().ports[0].endpoints[0].weight, 1);
+    }
+
+    // ---- EndpointSlices ----
+
+    #[test]
+    fn slice_conversion() {
+        let s = view(
+            "[{name: http, port: 8080, protocol: TCP}, {name: dns, port: 53, protocol: UDP}, {name: any}]",
+            "[{addresses: [10.1.0.1, 10.1.0.99], nodeName: node-a, zone: zone-1, \
+               conditions: {ready: true, serving: true, terminating: false}, \
+               targetRef: {kind: Pod, name: web-a}}, \
+              {addresses: [10.1.0.2], targetRef: {kind: Pod, name: web-b, namespace: elsewhere}}, \
+              {addresses: [10.1.0.3], targetRef: {kind: Node, name: node-c}}]",
+        );
+        assert_eq!(s.service, key());
+        assert_eq!(s.ports, vec![("http".to_string(), 8080)]);
+        assert_eq!(
+            s.endpoints,
+            vec![
+                SliceEndpoint {
+                    ip: ip("10.1.0.1"),
+                    pod: Some(("shop".into(), "web-a".into())),
+                    node: Some("node-a".into()),
+                    zone: Some("zone-1".into()),
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                },
+                SliceEndpoint {
+                    ip: ip("10.1.0.2"),
+                    pod: Some(("elsewhere".into(), "web-b".into())),
+                    node: None,
+                    zone: None,
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                },
+                SliceEndpoint {
+                    ip: ip("10.1.0.3"),
+                    pod: None,
+                    node: None,
+                    zone: None,
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn ipv6_slice() {
+        let s = convert_slice(&slice_yaml(
+            "shop",
+            "web-v6",
+            "IPv6",
+            "[{port: 80}]",
+            "[{addresses: ['fd00::1']}]",
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.endpoints[0].ip, ip("fd00::1"));
+        let (table, _) = join(
+            &[front("clusterIP: 10.96.0.10, ports: [{port: 80}]")],
+            &[s],
+            &PodLabels::new(),
+            &Scope::default(),
+        );
+        assert_eq!(
+            table.get(&key()).unwrap().ports[0].endpoints[0]
+                .addr
+                .to_string(),
+            "[fd00::1]:80"
+        );
+    }
+
+    #[test]
+    fn slices_carousel_does_not_use() {
+        let fqdn = slice_yaml(
+            "shop",
+            "web-1",
+            "FQDN",
+            "[{port: 80}]",
+            "[{addresses: [db.example.com]}]",
+        );
+        assert_eq!(convert_slice(&fqdn), Ok(None));
+        let unlabelled = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                          metadata: {name: orphan, namespace: shop}\naddressType: IPv4\n\
+                          endpoints: [{addresses: [10.1.0.1]}]\n";
+        assert_eq!(convert_slice(unlabelled), Ok(None));
+    }
+
+    #[test]
+    fn invalid_slices_are_refused_naming_the_field() {
+        let e = slice_error("IPX", "[{port: 80}]", "[]");
+        assert_eq!(e.field, "addressType");
+        assert!(e.message.contains("\"IPX\""), "{e}");
+        let e = slice_error("IPv4", "[{port: 80}]", "[{addresses: ['fd00::1']}]");
+        assert_eq!(e.field, "endpoints[0].addresses[0]");
+        assert!(e.message.contains("IPv4"), "{e}");
+        let e = slice_error(
+            "IPv6",
+            "[{port: 80}]",
+            "[{addresses: ['fd00::1']}, {addresses: [10.1.0.1]}]",
+        );
+        assert_eq!(e.field, "endpoints[1].addresses[0]");
+        let e = slice_error("IPv4", "[{port: 80}]", "[{addresses: [10.1.0.999]}]");
+        assert_eq!(e.field, "endpoints[0].addresses[0]");
+        let e = slice_error("IPv4", "[{port: 80}]", "[{addresses: []}]");
+        assert_eq!(e.field, "endpoints[0].addresses");
+        let e = slice_error("IPv4", "[{name: a, port: 80}, {name: b, port: 0}]", "[]");
+        assert_eq!(e.field, "ports[1].port");
+        let unnamed = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                       metadata: {namespace: shop, labels: {kubernetes.io/service-name: web}}\n\
+                       addressType: IPv4\nendpoints: []\n";
+        assert_eq!(convert_slice(unnamed).unwrap_err().field, "metadata.name");
+    }
+
+    #[test]
+    fn endpoint_condition_defaults() {
+        // (conditions, ready, serving, terminating)
+        let cases = [
+            ("{}", true, true, false),
+            // An unset `serving` is true whatever `ready` says, as kube-proxy reads it.
+            ("{ready: false}", false, true, false),
+            ("{ready: false, terminating: true}", false, true, true),
+            ("{ready: true}", true, true, false),
+            ("{serving: true}", true, true, false),
+            (
+                "{ready: false, serving: true, terminating: true}",
+                false,
+                true,
+                true,
+            ),
+            (
+                "{ready: null, serving: false, terminating: true}",
+                true,
+                false,
+                true,
+            ),
+        ];
+        for (conditions, ready, serving, terminating) in cases {
+            let s = view(
+                "[{port: 80}]",
+                &format!("[{{addresses: [10.1.0.1], conditions: {conditions}}}]"),
+            );
+            let e = &s.endpoints[0];
+            assert_eq!(
+                (e.ready, e.serving, e.terminating),
+                (ready, serving, terminating),
+                "{conditions}"
+            );
+        }
+        let s = view("[{port: 80}]", "[{addresses: [10.1.0.1]}]");
+        let e = &s.endpoints[0];
+        assert_eq!(
+            (e.ready, e.serving, e.terminating),
+            (true, true, false),
+            "no conditions at all"
+        );
+    }
+
+    #[test]
+    fn slices_join_by_service_label_and_namespace() {
+        let f = front("clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]");
+        let ours = view_in(
+            "shop",
+            "web-1",
+            "[{name: http, port: 8080}]",
+            "[{addresses: [10.1.0.1]}]",
+        );
+        let other_namespace = view_in(
+            "lab",
+            "web-1",
+            "[{name: http, port: 8080}]",
+            "[{addresses: [10.2.0.1]}]",
+        );
+        let mut other_service = view("[{name: http, port: 8080}]", "[{addresses: [10.3.0.1]}]");
+        other_service.service = ServiceKey::new("shop", "api");
+        let port = join_one(f, &[other_namespace, ours, other_service]);
+        assert_eq!(addrs(&port), vec![("10.1.0.1:8080".into(), String::new())]);
+    }
+
+    #[test]
+    fn slices_of_one_service_merge_sorted_by_address() {
+        let f = front("clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]");
+        let a = view_in(
+            "shop",
+            "web-a",
+            "[{name: http, port: 8080}]",
+            "[{addresses: [10.1.0.10], targetRef: {name: p10}}, {addresses: [10.1.0.2], targetRef: {name: p2}}]",
+        );
+        let b = view_in(
+            "shop",
+            "web-b",
+            "[{name: http, port: 8080}]",
+            "[{addresses: [10.1.0.9], targetRef: {name: p9}}, {addresses: [9.9.9.9], targetRef: {name: p99}}]",
+        );
+        let port = join_one(f, &[a, b]);
+        assert_eq!(
+            addrs(&port),
+            [
+                ("9.9.9.9:8080", "p99"),
+                ("10.1.0.2:8080", "p2"),
+                ("10.1.0.9:8080", "p9"),
+                ("10.1.0.10:8080", "p10")
+            ]
+            .map(|(a, p)| (a.to_string(), p.to_string()))
+            .to_vec()
+        );
+    }
+
+    #[test]
+    fn duplicate_endpoints_count_once_and_the_ready_copy_wins() {
+        let f = front("clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]");
+        let ready = view_in(
+            "shop",
+            "web-new",
+            "[{name: http, port: 8080}]",
+            "[{addresses: [10.1.0.1], conditions: {ready: true}, targetRef: {name: new}}, \
+              {addresses: [10.1.0.2], conditions: {ready: true}, targetRef: {name: both}}]",
+        );
+        let not_ready = view_in(
+            "shop",
+            "web-old",
+            "[{name: http, port: 8080}]",
+            "[{addresses: [10.1.0.1], conditions: {ready: false, serving: false}, targetRef: {name: old}}, \
+              {addresses: [10.1.0.2], conditions: {ready: true}, targetRef: {name: both}}]",
+        );
+        for slices in [[ready.clone(), not_ready.clone()], [not_ready, ready]] {
+            let port = join_one(f.clone(), &slices);
+            assert_eq!(port.endpoints.len(), 2, "{:?}", port.endpoints);
+            assert_eq!(&*port.endpoints[0].pod, "new");
+            assert!(port.endpoints[0].ready && port.endpoints[0].serving);
+            assert_eq!(&*port.endpoints[1].pod, "both");
+        }
+    }
+
+    #[test]
+    fn target_port_resolution() {
+        // (service port, slice ports, expected endpoint port)
+        let cases = [
+            // The controller names slice ports after the Service port.
+            (
+                "{name: http, port: 80, targetPort: 8080}",
+                "[{name: metrics, port: 9090}, {name: http, port: 8080}]",
+                Some(8080),
+            ),
+            (
+                "{name: http, port: 80, targetPort: web}",
+                "[{name: http, port: 3000}]",
+                Some(3000),
+            ),
+            // Unnamed Service port, unnamed slice port.
+            ("{port: 80, targetPort: 8080}", "[{port: 8080}]", Some(8080)),
+            // A named targetPort matching a slice port's name.
+            (
+                "{name: http, port: 80, targetPort: web}",
+                "[{name: other, port: 1}, {name: web, port: 3000}]",
+                Some(3000),
+            ),
+            // A numeric targetPort matching a slice port's number.
+            (
+                "{name: http, port: 80, targetPort: 8080}",
+                "[{name: other, port: 1}, {name: x, port: 8080}]",
+                Some(8080),
+            ),
+            // No targetPort: the Service port's own number.
+            ("{name: http, port: 80}", "[{name: x, port: 80}]", Some(80)),
+            // Nothing matches: no endpoints.
+            (
+                "{name: http, port: 80, targetPort: 8080}",
+                "[{name: admin, port: 9000}]",
+                None,
+            ),
+            (
+                "{name: http, port: 80, targetPort: web}",
+                "[{name: admin, port: 3000}]",
+                None,
+            ),
+            ("{name: http, port: 80}", "[]", None),
+            // A UDP slice port of the same name does not serve a TCP Service port.
+            (
+                "{name: http, port: 80, targetPort: 8080}",
+                "[{name: http, port: 8080, protocol: UDP}]",
+                None,
+            ),
+        ];
+        for (service_port, slice_ports, expected) in cases {
+            let f = front(&format!("clusterIP: 10.96.0.10, ports: [{service_port}]"));
+            let s = view(slice_ports, "[{addresses: [10.1.0.1]}]");
+            let port = join_one(f, &[s]);
+            let got: Vec<u16> = port.endpoints.iter().map(|e| e.addr.port()).collect();
+            assert_eq!(
+                got,
+                expected.into_iter().collect::<Vec<_>>(),
+                "{service_port} / {slice_ports}"
+            );
+        }
+    }
+
+    #[test]
+    fn each_service_port_finds_its_own_slice_port() {
+        let f = front(
+            "clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}, {name: metrics, port: 9090}]",
+        );
+        let s = view(
+            "[{name: metrics, port: 9100}, {name: http, port: 8080}]",
+            "[{addresses: [10.1.0.1]}]",
+        );
+        let (table, _) = join(&[f], &[s], &PodLabels::new(), &Scope::default());
+        let ports = &table.get(&key()).unwrap().ports;
+        assert_eq!(ports[0].endpoints[0].addr.to_string(), "10.1.0.1:8080");
+        assert_eq!(ports[1].endpoints[0].addr.to_string(), "10.1.0.1:9100");
+    }
+
+    #[test]
+    fn joined_service_carries_the_front() {
+        let f = front_with(
+            "",
+            "type: LoadBalancer, clusterIP: 10.96.0.10, externalIPs: [192.0.2.1], externalTrafficPolicy: Local, \
+             sessionAffinity: ClientIP, ports: [{name: http, port: 80, nodePort: 30080}]",
+        );
+        let s = view(
+            "[{name: http, port: 8080}]",
+            "[{addresses: [10.1.0.1], nodeName: n1, zone: z1, targetRef: {name: web-a}}]",
+        );
+        let (table, _) = join(&[f], &[s], &PodLabels::new(), &Scope::default());
+        let svc = table.get(&key()).unwrap();
+        assert_eq!(
+            svc,
+            &Service {
+                key: key(),
+                cluster_ips: vec![ip("10.96.0.10")],
+                external_ips: vec![ip("192.0.2.1")],
+                load_balancer_ips: vec![],
+                ports: vec![ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    node_port: Some(30080),
+                    endpoints: vec![Endpoint {
+                        addr: PodAddr("10.1.0.1:8080".parse().unwrap()),
+                        pod: "web-a".into(),
+                        node: Some("n1".into()),
+                        zone: Some("z1".into()),
+                        ready: true,
+                        serving: true,
+                        terminating: false,
+                        weight: 1,
+                    }],
+                }],
+                balancing: Balancing {
+                    algorithm: "round-robin".into(),
+                    affinity: Some(DEFAULT_AFFINITY_TIMEOUT),
+                },
+                external_traffic_local: true,
+            }
+        );
+    }
+
+    // ---- ServicePort::eligible ----
+
+    fn endpoint(last: u8, ready: bool, serving: bool, terminating: bool, weight: u32) -> Endpoint {
+        Endpoint {
+            addr: PodAddr(SocketAddr::new(IpAddr::from([10, 1, 0, last]), 8080)),
+            pod: format!("p{last}").into(),
+            node: None,
+            zone: None,
+            ready,
+            serving,
+            terminating,
+            weight,
+        }
+    }
+
+    fn eligible(endpoints: Vec<Endpoint>) -> Vec<String> {
+        let port = ServicePort {
+            name: "http".into(),
+            port: 80,
+            node_port: None,
+            endpoints,
+        };
+        port.eligible().iter().map(|e| e.pod.to_string()).collect()
+    }
+
+    #[test]
+    fn eligible_endpoints() {
+        // Ready ones only, when there are any.
+        assert_eq!(
+            eligible(vec![
+                endpoint(1, true, true, false, 1),
+                endpoint(2, false, true, true, 1),
+                endpoint(3, false, false, false, 1),
+                endpoint(4, true, true, false, 2),
+            ]),
+            ["p1", "p4"]
+        );
+        // No ready one: those serving while terminating.
+        assert_eq!(
+            eligible(vec![
+                endpoint(1, false, true, true, 1),
+                endpoint(2, false, false, true, 1),
+                endpoint(3, false, true, false, 1),
+                endpoint(4, false, false, false, 1),
+            ]),
+            ["p1"]
+        );
+        // A terminating endpoint that no longer serves never takes a connection.
+        assert!(eligible(vec![endpoint(1, false, false, true, 1)]).is_empty());
+        // Weight 0 drains, in both tiers.
+        assert_eq!(
+            eligible(vec![
+                endpoint(1, true, true, false, 0),
+                endpoint(2, true, true, false, 1)
+            ]),
+            ["p2"]
+        );
+        assert_eq!(
+            eligible(vec![
+                endpoint(1, false, true, true, 0),
+                endpoint(2, false, true, true, 3)
+            ]),
+            ["p2"]
+        );
+        assert!(eligible(vec![]).is_empty());
+    }
+
+    // ---- Ownership ----
+
+    #[test]
+    fn service_proxy_name_label_decides_ownership() {
+        let plain = front("clusterIP: 10.96.0.10, ports: [{port: 80}]");
+        let mut ours = front_with(
+            ", labels: {service.kubernetes.io/service-proxy-name: carousel}",
+            "clusterIP: 10.96.0.11, ports: [{port: 80}]",
+        );
+        assert_eq!(ours.proxy_name.as_deref(), Some("carousel"));
+        ours.key = ServiceKey::new("shop", "ours");
+        let mut theirs = front_with(
+            ", labels: {service.kubernetes.io/service-proxy-name: other-proxy}",
+            "clusterIP: 10.96.0.12, ports: [{port: 80}]",
+        );
+        theirs.key = ServiceKey::new("shop", "theirs");
+        let services = [plain, ours, theirs];
+        let names = |scope: Scope| -> Vec<String> {
+            let (table, _) = join(&services, &[], &PodLabels::new(), &scope);
+            table.services.keys().map(|k| k.name.to_string()).collect()
+        };
+        assert_eq!(names(Scope::default()), ["web"]);
+        assert_eq!(
+            names(Scope {
+                proxy_name: Some("carousel".into())
+            }),
+            ["ours"]
+        );
+        assert_eq!(
+            names(Scope {
+                proxy_name: Some("other-proxy".into())
+            }),
+            ["theirs"]
+        );
+        assert!(names(Scope {
+            proxy_name: Some("nobody".into())
+        })
+        .is_empty());
+    }
+
+    #[test]
+    fn warnings_come_only_from_services_in_scope() {
+        let bad = ", annotations: {carousel.dev/load-balancer: nope}";
+        let plain = front_with(bad, "clusterIP: 10.96.0.10, ports: [{port: 80}]");
+        let mut foreign = front_with(
+            &format!("{bad}, labels: {{service.kubernetes.io/service-proxy-name: other}}"),
+            "clusterIP: 10.96.0.11, ports: [{port: 80}]",
+        );
+        foreign.key = ServiceKey::new("shop", "foreign");
+        let (table, warnings) = join(&[plain, foreign], &[], &PodLabels::new(), &Scope::default());
+        assert_eq!(table.len(), 1);
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            matches!(&warnings[0], Warning::BadAnnotation { service, .. } if service == &key())
+        );
+    }
+
+    #[test]
+    fn add_pod_records_labels_by_namespace_and_name() {
+        let mut pods = PodLabels::new();
+        let meta: ObjectMeta =
+            serde_yaml::from_str("{name: web-a, labels: {version: custom}}").unwrap();
+        add_pod(&mut pods, &meta).unwrap();
+        let meta: ObjectMeta = serde_yaml::from_str("{name: web-b, namespace: shop}").unwrap();
+        add_pod(&mut pods, &meta).unwrap();
+        assert_eq!(
+            pods.get(&("default".to_string(), "web-a".to_string())),
+            Some(&BTreeMap::from([(
+                "version".to_string(),
+                "custom".to_string()
+            )]))
+        );
+        assert_eq!(
+            pods.get(&("shop".to_string(), "web-b".to_string())),
+            Some(&BTreeMap::new())
+        );
+        let meta: ObjectMeta = serde_yaml::from_str("{namespace: shop}").unwrap();
+        assert_eq!(
+            add_pod(&mut pods, &meta).unwrap_err().field,
+            "metadata.name"
+        );
+    }
 }

@@ -211,8 +211,11 @@ pub async fn watch(
 ) {
     let mut reporter = Reporter::default();
     reporter.report_loaded(&initial, &telemetry);
-    let mut applied: Option<Vec<u8>> = std::fs::read(&path).ok();
-    let mut last_seen = applied.clone();
+    // `initial` was parsed from bytes this function never saw: the file may have changed
+    // since. Start as if nothing were applied; the first stable look re-parses the file,
+    // and publishes only if the table differs from `initial`'s.
+    let mut applied: Option<Vec<u8>> = None;
+    let mut last_seen: Option<Vec<u8>> = None;
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -276,7 +279,7 @@ impl Reporter {
         }
         self.warnings = current;
         for kind in &loaded.ignored_kinds {
-            tracing::debug!(kind, "objects of this kind are ignored");
+            tracing::warn!(kind, "objects of this kind are ignored");
         }
     }
 
@@ -286,5 +289,540 @@ impl Reporter {
             telemetry.config_errors().increment(1);
             self.refusal = Some(message.to_string());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::model::ServiceKey;
+
+    /// Service `name` in namespace `shop` with one port `http` 80 → `targetPort: http`.
+    fn service_doc(name: &str, cluster_ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec: {{clusterIP: {cluster_ip}, ports: [{{name: http, port: 80, targetPort: http}}]}}\n"
+        )
+    }
+
+    /// A slice of Service `service` whose `http` port is 8080, one endpoint per address.
+    fn slice_doc(service: &str, name: &str, addresses: &[&str]) -> String {
+        let endpoints: Vec<String> = addresses
+            .iter()
+            .map(|a| format!("{{addresses: [{a}], targetRef: {{kind: Pod, name: pod-{a}}}}}"))
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}, namespace: shop, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
+            endpoints.join(", ")
+        )
+    }
+
+    /// Prefixes every line with two spaces, then the first with `- `, for a List item.
+    fn item(doc: &str) -> String {
+        let mut lines = doc.lines();
+        let first = format!("  - {}\n", lines.next().unwrap_or_default());
+        first + &lines.map(|l| format!("    {l}\n")).collect::<String>()
+    }
+
+    fn list_doc(items: &[String]) -> String {
+        let items: String = items.iter().map(|d| item(d)).collect();
+        format!("apiVersion: v1\nkind: List\nitems:\n{items}")
+    }
+
+    fn key(name: &str) -> ServiceKey {
+        ServiceKey::new("shop", name)
+    }
+
+    /// `ip:port` of every endpoint of the first port of `shop/name`.
+    fn endpoints(table: &ServiceTable, name: &str) -> Vec<String> {
+        table.get(&key(name)).expect("service in the table").ports[0]
+            .endpoints
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect()
+    }
+
+    fn parse_ok(text: &str) -> Loaded {
+        parse(text, &Scope::default()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn parse_err(text: &str) -> StateFileError {
+        parse(text, &Scope::default()).expect_err("a refused state file")
+    }
+
+    #[test]
+    fn multi_document_yaml() {
+        let text = format!(
+            "---\n{}---\n{}---\n{}---\n",
+            service_doc("web", "10.96.0.10"),
+            slice_doc("web", "web-1", &["10.1.0.2", "10.1.0.1"]),
+            slice_doc("web", "web-2", &["10.1.0.3"]),
+        );
+        let loaded = parse_ok(&text);
+        assert_eq!(loaded.table.len(), 1);
+        assert_eq!(
+            endpoints(&loaded.table, "web"),
+            ["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"]
+        );
+        let svc = loaded.table.get(&key("web")).unwrap();
+        assert_eq!(
+            svc.cluster_ips,
+            vec!["10.96.0.10".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(&*svc.ports[0].endpoints[0].pod, "pod-10.1.0.1");
+        assert!(loaded.warnings.is_empty());
+        assert!(loaded.ignored_kinds.is_empty());
+    }
+
+    #[test]
+    fn empty_and_comment_only_files_give_an_empty_table() {
+        for text in ["", "\n", "# nothing yet\n", "---\n", "---\n---\n"] {
+            let loaded = parse_ok(text);
+            assert!(loaded.table.is_empty(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn kind_list() {
+        let text = list_doc(&[
+            service_doc("web", "10.96.0.10"),
+            slice_doc("web", "web-1", &["10.1.0.1"]),
+            service_doc("api", "10.96.0.11"),
+        ]);
+        let loaded = parse_ok(&text);
+        assert_eq!(
+            loaded.table.services.keys().cloned().collect::<Vec<_>>(),
+            [key("api"), key("web")]
+        );
+        assert_eq!(endpoints(&loaded.table, "web"), ["10.1.0.1:8080"]);
+        assert!(endpoints(&loaded.table, "api").is_empty());
+        // Lists and plain documents mix.
+        let text = format!(
+            "{}---\n{}",
+            service_doc("web", "10.96.0.10"),
+            list_doc(&[slice_doc("web", "web-1", &["10.1.0.1"])])
+        );
+        assert_eq!(endpoints(&parse_ok(&text).table, "web"), ["10.1.0.1:8080"]);
+        assert!(parse_ok("apiVersion: v1\nkind: List\nitems: []\n")
+            .table
+            .is_empty());
+        assert!(parse_ok("apiVersion: v1\nkind: List\n").table.is_empty());
+    }
+
+    #[test]
+    fn errors_in_a_list_name_document_and_item() {
+        let text = format!(
+            "{}---\n{}",
+            service_doc("web", "10.96.0.10"),
+            list_doc(&[
+                slice_doc("web", "web-1", &["10.1.0.1"]),
+                slice_doc("web", "web-2", &["10.1.0.999"]),
+            ])
+        );
+        let err = parse_err(&text);
+        match &err {
+            StateFileError::Invalid {
+                at,
+                kind,
+                name,
+                error,
+            } => {
+                assert_eq!(
+                    at,
+                    &Location {
+                        document: 2,
+                        item: Some(2)
+                    }
+                );
+                assert_eq!(kind, "EndpointSlice");
+                assert_eq!(name, "web-2");
+                assert_eq!(error.field, "endpoints[0].addresses[0]");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            err.to_string().starts_with(
+                "document 2, item 2 (EndpointSlice web-2): endpoints[0].addresses[0]: "
+            ),
+            "{err}"
+        );
+        let err = parse_err("apiVersion: v1\nkind: List\nitems: {a: 1}\n");
+        assert!(
+            matches!(&err, StateFileError::Invalid { error, .. } if error.field == "items"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_are_ignored() {
+        let text = format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec: {{replicas: 2}}\n---\n\
+             apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cfg}}\ndata: {{a: b}}\n---\n\
+             apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {{name: old}}\n---\n{}",
+            service_doc("web", "10.96.0.10")
+        );
+        let loaded = parse_ok(&text);
+        assert_eq!(loaded.table.len(), 1);
+        assert_eq!(
+            loaded
+                .ignored_kinds
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            [
+                "apps/v1 Deployment",
+                "discovery.k8s.io/v1beta1 EndpointSlice",
+                "v1 ConfigMap"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_document_that_is_not_yaml_is_refused_with_its_number() {
+        let text = format!("{}---\nspec: [unclosed\n", service_doc("web", "10.96.0.10"));
+        let err = parse_err(&text);
+        assert!(
+            matches!(err, StateFileError::Yaml { document: 2, .. }),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("document 2 is not valid YAML: "),
+            "{err}"
+        );
+        let err = parse_err("a: 1\na: 2\n");
+        assert!(
+            matches!(err, StateFileError::Yaml { document: 1, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_document_without_api_version_or_kind_is_not_an_object() {
+        for (text, document) in [
+            ("kind: Service\nmetadata: {name: web}\n".to_string(), 1),
+            ("apiVersion: v1\nmetadata: {name: web}\n".to_string(), 1),
+            (
+                format!("{}---\njust a string\n", service_doc("web", "10.96.0.10")),
+                2,
+            ),
+            ("- apiVersion: v1\n  kind: Service\n".to_string(), 1),
+            ("apiVersion: 1\nkind: Service\n".to_string(), 1),
+        ] {
+            let err = parse_err(&text);
+            match &err {
+                StateFileError::NotAnObject { at, .. } => {
+                    assert_eq!(
+                        at,
+                        &Location {
+                            document,
+                            item: None
+                        },
+                        "{text}"
+                    )
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("document {document}: not a Kubernetes object")),
+                "{err}"
+            );
+        }
+        let err = parse_err("apiVersion: v1\nkind: List\nitems: [{name: x}]\n");
+        assert!(
+            matches!(&err, StateFileError::NotAnObject { at, .. } if *at == Location { document: 1, item: Some(1) }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_wrong_typed_field_is_refused_naming_its_path() {
+        let text = format!(
+            "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: shop}}\n\
+             spec: {{clusterIP: 10.96.0.11, ports: [{{name: http, port: eighty}}]}}\n",
+            service_doc("web", "10.96.0.10")
+        );
+        let err = parse_err(&text);
+        match &err {
+            StateFileError::Invalid {
+                at,
+                kind,
+                name,
+                error,
+            } => {
+                assert_eq!(
+                    at,
+                    &Location {
+                        document: 2,
+                        item: None
+                    }
+                );
+                assert_eq!((kind.as_str(), name.as_str()), ("Service", "api"));
+                assert_eq!(error.field, "spec.ports[0].port");
+            }
+            other => panic!("{other:?}"),
+        }
+        let message = err.to_string();
+        assert!(
+            message.starts_with("document 2 (Service api): spec.ports[0].port: "),
+            "{message}"
+        );
+        assert!(message.contains("eighty"), "{message}");
+
+        let err = parse_err(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1}\n\
+             addressType: IPv4\nendpoints: [{addresses: [10.1.0.1], conditions: {ready: maybe}}]\n",
+        );
+        assert!(
+            err.to_string()
+                .starts_with("document 1 (EndpointSlice web-1): endpoints[0].conditions.ready: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn conversion_errors_name_kind_and_object() {
+        let err = parse_err(&service_doc("web", "10.96.0.300"));
+        assert!(
+            err.to_string()
+                .starts_with("document 1 (Service web): spec.clusterIP: "),
+            "{err}"
+        );
+        let err = parse_err("apiVersion: v1\nkind: Pod\nmetadata: {labels: {a: b}}\n");
+        assert_eq!(
+            err.to_string(),
+            "document 1 (Pod (unnamed)): metadata.name: missing"
+        );
+        let err = parse_err("apiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: [oops]}\n");
+        assert!(
+            err.to_string()
+                .starts_with("document 1 (Node n1): metadata.labels: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pods_in_the_file_give_weights_and_scope_applies() {
+        let text = format!(
+            "apiVersion: v1\nkind: Service\n\
+             metadata: {{name: web, namespace: shop, annotations: {{carousel.dev/weights: 'version=custom:3', carousel.dev/load-balancer: nope}}}}\n\
+             spec: {{clusterIP: 10.96.0.10, ports: [{{name: http, port: 80}}]}}\n---\n\
+             {}---\n{}---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: pod-10.1.0.1, namespace: shop, labels: {{version: custom}}}}\n",
+            slice_doc("web", "web-1", &["10.1.0.1", "10.1.0.2"]),
+            service_doc("mine", "10.96.0.12").replace(
+                "namespace: shop}",
+                "namespace: shop, labels: {service.kubernetes.io/service-proxy-name: carousel}}"
+            ),
+        );
+        let loaded = parse_ok(&text);
+        let weights: Vec<u32> = loaded.table.get(&key("web")).unwrap().ports[0]
+            .endpoints
+            .iter()
+            .map(|e| e.weight)
+            .collect();
+        assert_eq!(weights, [3, 1]);
+        assert_eq!(
+            loaded.table.len(),
+            1,
+            "shop/mine belongs to another proxy name"
+        );
+        assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+        assert!(loaded.warnings[0].is_config_error());
+
+        let scoped = parse(
+            &text,
+            &Scope {
+                proxy_name: Some("carousel".into()),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            scoped.table.services.keys().cloned().collect::<Vec<_>>(),
+            [key("mine")]
+        );
+        assert!(scoped.warnings.is_empty());
+    }
+
+    #[test]
+    fn the_kubechaos_example_parses() {
+        let text = include_str!("../../deploy/examples/kubechaos-state.yaml");
+        let loaded = parse_ok(text);
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        assert!(
+            loaded.ignored_kinds.is_empty(),
+            "{:?}",
+            loaded.ignored_kinds
+        );
+        assert_eq!(loaded.table.len(), 1);
+        let svc = loaded
+            .table
+            .get(&ServiceKey::new("default", "kubechaos-svc"))
+            .unwrap();
+        assert_eq!(
+            svc.cluster_ips,
+            vec!["127.77.0.1".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(svc.balancing.algorithm, "round-robin");
+        assert_eq!(svc.ports.len(), 1);
+        let port = &svc.ports[0];
+        assert_eq!((port.name.as_str(), port.port), ("http", 3000));
+        let got: Vec<(String, String)> = port
+            .endpoints
+            .iter()
+            .map(|e| (e.addr.to_string(), e.pod.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("127.77.1.1:3000", "kubechaos-original-7d4b9-a1"),
+                ("127.77.1.2:3000", "kubechaos-original-7d4b9-b2"),
+                ("127.77.1.3:3000", "kubechaos-custom-5f6c8-c3"),
+                ("127.77.1.4:3000", "kubechaos-custom-5f6c8-d4"),
+            ]
+            .map(|(a, p)| (a.to_string(), p.to_string()))
+        );
+        assert!(port
+            .endpoints
+            .iter()
+            .all(|e| e.ready && e.serving && !e.terminating && e.weight == 1));
+        assert_eq!(port.eligible().len(), 4);
+    }
+
+    #[test]
+    fn load_reads_the_file_or_says_which() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.yaml");
+        std::fs::write(&path, service_doc("web", "10.96.0.10")).unwrap();
+        assert_eq!(load(&path, &Scope::default()).unwrap().table.len(), 1);
+        let missing = dir.path().join("missing.yaml");
+        let err = load(&missing, &Scope::default()).unwrap_err();
+        assert!(
+            matches!(&err, StateFileError::Read { path, .. } if *path == missing),
+            "{err:?}"
+        );
+    }
+
+    // ---- watch ----
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn table_of(text: &str) -> ServiceTable {
+        parse_ok(text).table
+    }
+
+    fn state(addresses: &[&str]) -> String {
+        format!(
+            "{}---\n{}",
+            service_doc("web", "10.96.0.10"),
+            slice_doc("web", "web-1", addresses)
+        )
+    }
+
+    /// Waits until the channel publishes a new table.
+    async fn next_table(updates: &mut watch::Receiver<Arc<ServiceTable>>) -> Arc<ServiceTable> {
+        tokio::time::timeout(WAIT, updates.changed())
+            .await
+            .expect("no new table within the wait")
+            .expect("watcher gone");
+        updates.borrow_and_update().clone()
+    }
+
+    /// Waits until the metrics show `line`; the watcher polls, so there is no event to await.
+    async fn wait_for_metric(telemetry: &Telemetry, line: &str) {
+        let seen = tokio::time::timeout(WAIT, async {
+            while !telemetry.render().lines().any(|l| l == line) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(seen.is_ok(), "no {line:?} in:\n{}", telemetry.render());
+    }
+
+    #[tokio::test]
+    async fn watch_applies_good_versions_and_keeps_the_last_good_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.yaml");
+        let first = state(&["10.1.0.1"]);
+        std::fs::write(&path, &first).unwrap();
+        let initial = load(&path, &Scope::default()).unwrap();
+        let (tables, mut updates) = watch::channel(Arc::new(initial.table.clone()));
+        updates.borrow_and_update();
+        let telemetry = Telemetry::new();
+        let watcher = tokio::spawn(watch(
+            path.clone(),
+            Scope::default(),
+            tables,
+            telemetry.clone(),
+            initial,
+        ));
+
+        // Give the watcher time to settle on the first version (not an assertion: the
+        // test passes whichever version it sees first).
+        tokio::time::sleep(POLL_INTERVAL * 3).await;
+        assert!(
+            !updates.has_changed().unwrap(),
+            "an unchanged table is not republished"
+        );
+        let second = state(&["10.1.0.1", "10.1.0.2"]);
+        std::fs::write(&path, &second).unwrap();
+        let table = next_table(&mut updates).await;
+        assert_eq!(*table, table_of(&second));
+        assert_eq!(endpoints(&table, "web"), ["10.1.0.1:8080", "10.1.0.2:8080"]);
+        wait_for_metric(&telemetry, "carousel_config_errors_total 0").await;
+
+        // A refused version: counted once, the table stays.
+        std::fs::write(&path, second.replace("port: 8080", "port: eighty")).unwrap();
+        wait_for_metric(&telemetry, "carousel_config_errors_total 1").await;
+        assert_eq!(**updates.borrow(), table_of(&second));
+        assert!(!updates.has_changed().unwrap());
+
+        // A missing file: the table still stays.
+        std::fs::remove_file(&path).unwrap();
+        wait_for_metric(&telemetry, "carousel_config_errors_total 2").await;
+        assert_eq!(**updates.borrow(), table_of(&second));
+        assert!(!updates.has_changed().unwrap());
+
+        // A good version again is applied.
+        let third = state(&["10.1.0.3"]);
+        std::fs::write(&path, &third).unwrap();
+        let table = next_table(&mut updates).await;
+        assert_eq!(endpoints(&table, "web"), ["10.1.0.3:8080"]);
+        assert_eq!(*table, table_of(&third));
+
+        // The watcher stops once nobody listens.
+        drop(updates);
+        tokio::time::timeout(WAIT, watcher)
+            .await
+            .expect("watcher did not stop")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn watch_applies_a_change_made_between_load_and_watch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.yaml");
+        std::fs::write(&path, state(&["10.1.0.1"])).unwrap();
+        let initial = load(&path, &Scope::default()).unwrap();
+        let (tables, mut updates) = watch::channel(Arc::new(initial.table.clone()));
+        updates.borrow_and_update();
+        // The file changes after it was loaded but before the watcher first looks at it.
+        let second = state(&["10.1.0.2"]);
+        std::fs::write(&path, &second).unwrap();
+        let watcher = tokio::spawn(watch(
+            path.clone(),
+            Scope::default(),
+            tables,
+            Telemetry::new(),
+            initial,
+        ));
+        let table = next_table(&mut updates).await;
+        assert_eq!(endpoints(&table, "web"), ["10.1.0.2:8080"]);
+        watcher.abort();
     }
 }

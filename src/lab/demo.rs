@@ -117,7 +117,7 @@ pub async fn run(connections: u32) -> Result<(), DemoError> {
         stop.clone().cancelled_owned(),
     ));
     let (tables, updates) = watch::channel(Arc::new(state(&PHASES[0])?));
-    let proxy = tokio::spawn(proxy::run_bind(
+    let proxy = tokio::spawn(proxy::run(
         ProxyConfig::default(),
         updates,
         telemetry.clone(),

@@ -3,6 +3,7 @@
 //! carrying a half-close from each side to the other.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -10,9 +11,9 @@ use metrics::Counter;
 use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
-use crate::addr::ClientAddr;
+use crate::addr::{ClientAddr, PodAddr};
 use crate::proxy::routes::{Route, RouteEndpoint};
 
 /// Bytes buffered per direction of a connection.
@@ -24,6 +25,8 @@ pub struct ForwardConfig {
     pub connect_timeout: Duration,
     /// Endpoints tried for one connection before the client is closed.
     pub connect_attempts: usize,
+    /// Socket mark of connections to pods, so that the redirect rules skip them.
+    pub mark: Option<u32>,
 }
 
 impl Default for ForwardConfig {
@@ -31,6 +34,7 @@ impl Default for ForwardConfig {
         Self {
             connect_timeout: Duration::from_secs(2),
             connect_attempts: 3,
+            mark: None,
         }
     }
 }
@@ -101,7 +105,7 @@ async fn connect(
         let endpoint = &route.endpoints[(first + i) % n];
         let started = Instant::now();
         let result =
-            tokio::time::timeout(config.connect_timeout, TcpStream::connect(endpoint.addr.0)).await;
+            tokio::time::timeout(config.connect_timeout, dial(endpoint.addr, config.mark)).await;
         let error = match result {
             Ok(Ok(stream)) => {
                 endpoint
@@ -109,7 +113,6 @@ async fn connect(
                     .connect_duration
                     .record(started.elapsed().as_secs_f64());
                 endpoint.stats.ok.increment(1);
-                let _ = stream.set_nodelay(true);
                 return Ok((stream, endpoint));
             }
             Ok(Err(e)) => e,
@@ -123,6 +126,18 @@ async fn connect(
         attempts,
         last: last.expect("at least one attempt was made"),
     })
+}
+
+async fn dial(addr: PodAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    let socket = match addr.0 {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if let Some(mark) = mark {
+        SockRef::from(&socket).set_mark(mark)?;
+    }
+    socket.set_nodelay(true)?;
+    socket.connect(addr.0).await
 }
 
 async fn copy_both_ways(

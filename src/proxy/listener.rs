@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::addr::{ClientAddr, ServiceAddr};
 use crate::proxy::forward::{self, ForwardConfig, ForwardError};
+use crate::proxy::original_dst::original_dst;
 use crate::proxy::routes::RouteTable;
 
 /// Opens a listening TCP socket with the options a proxy wants.
@@ -82,7 +83,12 @@ impl Listeners {
                 Ok(listener) => {
                     tracing::info!(%addr, service = %owner, "listening");
                     self.failed.remove(addr);
-                    let task = tokio::spawn(accept_loop(listener, *addr, routes.clone(), config));
+                    let task = tokio::spawn(accept_loop(
+                        listener,
+                        Dialed::Listener(*addr),
+                        routes.clone(),
+                        config,
+                    ));
                     self.open.insert(*addr, task);
                 }
                 Err(e) => {
@@ -118,10 +124,19 @@ impl Drop for Listeners {
     }
 }
 
-/// Accepts connections to `local` and hands each to its own task.
+/// How a listener learns which Service address a client dialed.
+#[derive(Clone, Copy, Debug)]
+pub enum Dialed {
+    /// Bind mode: the listener's own address is the Service address.
+    Listener(ServiceAddr),
+    /// nftables mode: the connection was redirected; conntrack knows where it was going.
+    OriginalDst,
+}
+
+/// Accepts connections and hands each to its own task.
 pub async fn accept_loop(
     listener: TcpListener,
-    local: ServiceAddr,
+    dialed: Dialed,
     routes: Arc<ArcSwap<RouteTable>>,
     config: ForwardConfig,
 ) {
@@ -130,18 +145,28 @@ pub async fn accept_loop(
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning.
-                tracing::warn!(%local, error = %e, "accept failed; backing off");
+                tracing::warn!(?dialed, error = %e, "accept failed; backing off");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let peer = ClientAddr(peer);
+        let target = match dialed {
+            Dialed::Listener(addr) => addr,
+            Dialed::OriginalDst => match original_dst(&stream) {
+                Ok(addr) => addr,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "no original destination; not a redirected connection");
+                    continue;
+                }
+            },
+        };
         // The route is looked up per connection, so that a table change applies to the
         // very next connection without touching the listener.
-        let route = routes.load().lookup(local).cloned();
+        let route = routes.load().lookup(target).cloned();
         tokio::spawn(async move {
-            let peer = ClientAddr(peer);
             let Some(route) = route else {
-                tracing::debug!(%peer, %local, "no service at this address any more");
+                tracing::debug!(%peer, %target, "no service at this address");
                 return;
             };
             match forward::forward(stream, peer, &route, config).await {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use carousel::balance::BuildOptions;
 use carousel::discovery::convert::Scope;
-use carousel::proxy::{ForwardConfig, ProxyConfig};
+use carousel::proxy::{ForwardConfig, Mode, ProxyConfig};
 use carousel::run::{self, FileRun};
 use carousel::telemetry::Telemetry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -171,8 +171,9 @@ impl Carousel {
                 forward: ForwardConfig {
                     connect_timeout: Duration::from_secs(1),
                     connect_attempts: 3,
+                    mark: None,
                 },
-                nodeport_addresses,
+                mode: Mode::Bind { nodeport_addresses },
                 balance: BuildOptions { seed: Some(7) },
             },
         };

@@ -1,0 +1,434 @@
+//! nftables mode end to end, in network namespaces this test creates and removes: a
+//! client namespace, a node namespace running the carousel binary in nftables mode, and
+//! pod namespaces with backends on pod-like addresses (10.244.x.y). Needs root, `ip` and
+//! `nft` (CI installs them).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use common::{state_yaml, Ep, Svc};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_carousel");
+const AGENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/netns/agent.py");
+const POD_PORT: u16 = 8080;
+const CLIENTS: usize = 8;
+
+/// Namespaces, processes and files of one test; all removed on drop, pass or fail.
+struct Lab {
+    prefix: String,
+    namespaces: Vec<String>,
+    children: Vec<Child>,
+    carousel: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn ip(args: &str) {
+    run(Command::new("ip").args(args.split_whitespace()));
+}
+
+impl Lab {
+    /// A node with a client, and one pod namespace per name, each pod serving its name
+    /// on port 8080 at 10.244.i.2 and fd00:244:i::2.
+    fn new(pods: &[&str]) -> Lab {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let prefix = format!(
+            "cx{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut lab = Lab {
+            prefix,
+            namespaces: Vec::new(),
+            children: Vec::new(),
+            carousel: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let node = lab.add_ns("node");
+        let client = lab.add_ns("client");
+        ip(&format!(
+            "-n {node} link add n0 type veth peer name c0 netns {client}"
+        ));
+        ip(&format!("-n {node} addr add 10.0.0.1/24 dev n0"));
+        ip(&format!("-n {node} addr add fd00:c::1/64 dev n0 nodad"));
+        ip(&format!("-n {node} link set n0 up"));
+        // Like any node, this one routes the Service ranges somewhere, so that its own
+        // processes can dial a ClusterIP before the output hook redirects the connection.
+        ip(&format!("-n {node} route add 10.96.0.0/12 dev n0"));
+        ip(&format!("-n {node} -6 route add fd00:96::/64 dev n0"));
+        for i in 0..CLIENTS {
+            ip(&format!("-n {client} addr add 10.0.0.{}/24 dev c0", i + 2));
+        }
+        ip(&format!("-n {client} addr add fd00:c::2/64 dev c0 nodad"));
+        ip(&format!("-n {client} link set c0 up"));
+        ip(&format!("-n {client} route add default via 10.0.0.1"));
+        ip(&format!("-n {client} -6 route add default via fd00:c::1"));
+        for (i, name) in pods.iter().enumerate() {
+            let i = i + 1;
+            let pod = lab.add_ns(&format!("pod{i}"));
+            ip(&format!(
+                "-n {node} link add p{i} type veth peer name eth0 netns {pod}"
+            ));
+            ip(&format!("-n {node} addr add 10.244.{i}.1/24 dev p{i}"));
+            ip(&format!(
+                "-n {node} addr add fd00:244:{i}::1/64 dev p{i} nodad"
+            ));
+            ip(&format!("-n {node} link set p{i} up"));
+            ip(&format!("-n {pod} addr add 10.244.{i}.2/24 dev eth0"));
+            ip(&format!(
+                "-n {pod} addr add fd00:244:{i}::2/64 dev eth0 nodad"
+            ));
+            ip(&format!("-n {pod} link set eth0 up"));
+            ip(&format!("-n {pod} route add default via 10.244.{i}.1"));
+            ip(&format!(
+                "-n {pod} -6 route add default via fd00:244:{i}::1"
+            ));
+            let mut child = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &pod,
+                    "python3",
+                    AGENT,
+                    "serve",
+                    name,
+                    &POD_PORT.to_string(),
+                ])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line.trim(), "ready", "pod {name} did not start");
+            lab.children.push(child);
+        }
+        lab
+    }
+
+    fn add_ns(&mut self, role: &str) -> String {
+        let name = format!("{}-{role}", self.prefix);
+        ip(&format!("netns add {name}"));
+        self.namespaces.push(name.clone());
+        ip(&format!("-n {name} link set lo up"));
+        name
+    }
+
+    fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.prefix)
+    }
+
+    fn in_ns(&self, role: &str, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(role), program]);
+        cmd
+    }
+
+    /// The IPv4 and IPv6 endpoint of pod `i` (from 1).
+    fn pod_v4(i: usize) -> SocketAddr {
+        format!("10.244.{i}.2:{POD_PORT}").parse().unwrap()
+    }
+    fn pod_v6(i: usize) -> SocketAddr {
+        format!("[fd00:244:{i}::2]:{POD_PORT}").parse().unwrap()
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.dir.path().join("state.yaml")
+    }
+
+    fn write_state(&self, yaml: &str) {
+        std::fs::write(self.state_path(), yaml).unwrap();
+    }
+
+    /// Starts carousel in the node namespace and waits until it reports healthy.
+    fn start_carousel(&mut self) {
+        let child = self
+            .in_ns("node", BIN)
+            .args(["run", "--proxy-mode", "nftables", "--from-file"])
+            .arg(self.state_path())
+            .args([
+                "--metrics-bind-address",
+                "127.0.0.1:10249",
+                "--healthz-bind-address",
+                "127.0.0.1:10256",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("carousel.log")).unwrap())
+            .spawn()
+            .unwrap();
+        self.carousel = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self
+            .get("http://127.0.0.1:10256/healthz")
+            .starts_with("200")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "carousel did not become healthy:\n{}",
+                self.log()
+            );
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("carousel.log")).unwrap_or_default()
+    }
+
+    /// Sends a signal to carousel and waits for it to exit; returns whether it exited 0.
+    fn signal_carousel(&mut self, signal: &str) -> bool {
+        let mut child = self.carousel.take().expect("carousel runs");
+        run(Command::new("kill").args([signal, &child.id().to_string()]));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "carousel did not exit after {signal}"
+            );
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A GET from inside the node namespace: "STATUS\nBODY".
+    fn get(&self, url: &str) -> String {
+        let out = self
+            .in_ns("node", "python3")
+            .args([AGENT, "get", url])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `count` connections from namespace `role` to `host:port`, from `sources` in turn.
+    fn ask(&self, role: &str, host: &str, port: u16, count: usize, sources: &[&str]) -> Value {
+        let out = run(self
+            .in_ns(role, "python3")
+            .args([AGENT, "ask", host, &port.to_string(), &count.to_string()])
+            .args(sources));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Connections per pod over all sources; asserts that none failed.
+    fn spread(&self, role: &str, host: &str, port: u16, count: usize) -> Vec<(String, u64)> {
+        let answer = self.ask(role, host, port, count, &[]);
+        assert_eq!(
+            answer["errors"],
+            0,
+            "{answer}\ncarousel log:\n{}",
+            self.log()
+        );
+        let mut pods: Vec<(String, u64)> = answer["seen"]["-"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+            .collect();
+        pods.sort();
+        pods
+    }
+
+    fn nft(&self, args: &str) -> String {
+        let out = run(self.in_ns("node", "nft").args(args.split_whitespace()));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().chain(self.carousel.as_mut()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Removing a namespace removes its interfaces and its nftables tables with it.
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn pods_named(names: &[&str], addr: impl Fn(usize) -> SocketAddr) -> Vec<Ep> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Ep::ready(addr(i + 1), n))
+        .collect()
+}
+
+fn counts(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
+    pairs.iter().map(|(p, n)| (p.to_string(), *n)).collect()
+}
+
+#[test]
+fn cluster_ips_and_node_ports_reach_every_pod_in_turn() {
+    let names = ["pod-a", "pod-b", "pod-c"];
+    let mut lab = Lab::new(&names);
+    let mut svc = Svc::new("web", "10.96.0.10", 80, pods_named(&names, Lab::pod_v4));
+    svc.node_port = Some(30080);
+    lab.write_state(&svc.state());
+    lab.start_carousel();
+
+    let want = counts(&[("pod-a", 40), ("pod-b", 40), ("pod-c", 40)]);
+    assert_eq!(
+        lab.spread("client", "10.96.0.10", 80, 120),
+        want,
+        "ClusterIP from a client"
+    );
+    let want = counts(&[("pod-a", 10), ("pod-b", 10), ("pod-c", 10)]);
+    assert_eq!(
+        lab.spread("client", "10.0.0.1", 30080, 30),
+        want,
+        "NodePort on the node's address"
+    );
+    assert_eq!(
+        lab.spread("node", "10.96.0.10", 80, 30),
+        want,
+        "ClusterIP from the node itself"
+    );
+    let metrics = lab.get("http://127.0.0.1:10249/metrics");
+    assert!(
+        metrics.contains(r#"pod="pod-a",outcome="ok"} 60"#),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn ipv6_services_are_redirected_too() {
+    let names = ["six-a", "six-b"];
+    let mut lab = Lab::new(&names);
+    let svc = Svc::new("six", "fd00:96::a", 80, pods_named(&names, Lab::pod_v6));
+    lab.write_state(&svc.state());
+    lab.start_carousel();
+
+    let want = counts(&[("six-a", 10), ("six-b", 10)]);
+    assert_eq!(lab.spread("client", "fd00:96::a", 80, 20), want);
+}
+
+#[test]
+fn carousels_own_connections_skip_the_redirect_even_to_a_service_address() {
+    // The Service address *is* the pod's address: without the socket mark, carousel's
+    // connection to the pod would be redirected back to carousel, forever.
+    let mut lab = Lab::new(&["loop-a"]);
+    let svc = Svc::new(
+        "loop",
+        "10.244.1.2",
+        POD_PORT,
+        vec![Ep::ready(Lab::pod_v4(1), "loop-a")],
+    );
+    lab.write_state(&svc.state());
+    lab.start_carousel();
+
+    assert_eq!(
+        lab.spread("client", "10.244.1.2", POD_PORT, 5),
+        counts(&[("loop-a", 5)])
+    );
+    let metrics = lab.get("http://127.0.0.1:10249/metrics");
+    assert!(
+        metrics.contains(r#"pod="loop-a",outcome="ok"} 5"#),
+        "the connections went through carousel:\n{metrics}"
+    );
+}
+
+#[test]
+fn a_reload_changes_the_rules_and_the_table_holds_nothing_stale() {
+    let names = ["r-a", "r-b"];
+    let mut lab = Lab::new(&names);
+    let first = Svc::new("first", "10.96.0.20", 80, pods_named(&names, Lab::pod_v4));
+    lab.write_state(&first.state());
+    lab.start_carousel();
+    assert_eq!(lab.spread("client", "10.96.0.20", 80, 4).len(), 2);
+
+    let second = Svc::new("second", "10.96.0.21", 81, pods_named(&names, Lab::pod_v4));
+    lab.write_state(&second.state());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab
+        .nft("list set inet carousel services4")
+        .contains("10.96.0.21 . 81")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the new Service never reached the rules"
+        );
+        sleep(Duration::from_millis(50));
+    }
+    assert!(!lab
+        .nft("list set inet carousel services4")
+        .contains("10.96.0.20"));
+    assert_eq!(lab.spread("client", "10.96.0.21", 81, 4).len(), 2);
+}
+
+#[test]
+fn restarts_converge_and_cleanup_removes_only_carousels_table() {
+    let mut lab = Lab::new(&["c-a"]);
+    // Someone else's table, which carousel must never touch.
+    let bystander = "table inet bystander {\n\tchain input {\n\t\ttype filter hook input priority filter; policy accept;\n\t\ttcp dport 9999 counter packets 0 bytes 0 accept\n\t}\n}\n";
+    let mut nft = lab.in_ns("node", "nft");
+    nft.args(["-f", "-"]).stdin(Stdio::piped());
+    let mut child = nft.spawn().unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), bystander.as_bytes()).unwrap();
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    let svc = Svc::new(
+        "keep",
+        "10.96.0.30",
+        80,
+        vec![Ep::ready(Lab::pod_v4(1), "c-a")],
+    );
+    lab.write_state(&state_yaml(&[svc]));
+
+    lab.start_carousel();
+    let ruleset = lab.nft("list ruleset");
+    // A crash leaves the rules behind; the next start converges to the same table.
+    assert!(!lab.signal_carousel("-KILL"));
+    lab.start_carousel();
+    assert_eq!(
+        lab.nft("list ruleset"),
+        ruleset,
+        "restart after a crash: no duplicates"
+    );
+    assert_eq!(lab.nft("list tables").matches("carousel").count(), 1);
+    assert_eq!(
+        lab.spread("client", "10.96.0.30", 80, 3),
+        counts(&[("c-a", 3)])
+    );
+
+    // SIGTERM removes carousel's table and exits 0.
+    assert!(
+        lab.signal_carousel("-TERM"),
+        "exit status after SIGTERM:\n{}",
+        lab.log()
+    );
+    assert_eq!(lab.nft("list tables"), "table inet bystander\n");
+    assert_eq!(lab.nft("list table inet bystander"), bystander);
+
+    // `carousel cleanup` after a crash does the same.
+    lab.start_carousel();
+    assert!(!lab.signal_carousel("-KILL"));
+    assert!(lab.nft("list tables").contains("table inet carousel"));
+    run(lab.in_ns("node", BIN).arg("cleanup"));
+    assert_eq!(lab.nft("list tables"), "table inet bystander\n");
+    assert_eq!(lab.nft("list table inet bystander"), bystander);
+}
