@@ -2,12 +2,13 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use carousel::config::{Cli, Command, ProxyMode, RunArgs};
 use carousel::dataplane::nftables;
 use carousel::discovery::convert::Scope;
+use carousel::discovery::kube::SourceConfig;
 use carousel::proxy::{ForwardConfig, Mode, ProxyConfig};
-use carousel::run::{self, FileRun};
+use carousel::run::{self, ClusterRun, FileRun};
 use carousel::telemetry::Telemetry;
 use carousel::{balance, lab};
 use clap::Parser;
@@ -49,20 +50,26 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let Some(path) = args.from_file.clone() else {
-        bail!("the Kubernetes API source is not built yet: pass --from-file STATE.yaml");
-    };
-    if args.service_selector.is_some() {
-        bail!("--service-selector applies to the Kubernetes API source, which is not built yet");
-    }
-    let cidrs = if args.nodeport_addresses.is_empty() {
+    let in_cluster = args.from_file.is_none();
+    let cidrs = if !args.nodeport_addresses.is_empty() {
+        args.nodeport_addresses.clone()
+    } else if in_cluster {
+        // kube-proxy's default: node ports on every address of the node.
+        vec![
+            "0.0.0.0/0".parse().expect("valid CIDR"),
+            "::/0".parse().expect("valid CIDR"),
+        ]
+    } else {
         vec![IpNet::from(std::net::IpAddr::from(
             std::net::Ipv4Addr::LOCALHOST,
         ))]
-    } else {
-        args.nodeport_addresses.clone()
     };
-    let mode = match args.proxy_mode.unwrap_or(ProxyMode::Bind) {
+    let default_mode = if in_cluster {
+        ProxyMode::Nftables
+    } else {
+        ProxyMode::Bind
+    };
+    let mode = match args.proxy_mode.unwrap_or(default_mode) {
         ProxyMode::Bind => Mode::Bind {
             nodeport_addresses: run::nodeport_ips(&cidrs)
                 .context("cannot list this host's addresses")?,
@@ -71,20 +78,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             redirect_port: args.redirect_port,
         },
     };
-    let config = FileRun {
-        path,
-        scope: Scope {
-            proxy_name: args.service_proxy_name.clone(),
+    let scope = Scope {
+        proxy_name: args.service_proxy_name.clone(),
+    };
+    let proxy = ProxyConfig {
+        forward: ForwardConfig {
+            connect_timeout: args.connect_timeout,
+            connect_attempts: args.connect_attempts.into(),
+            mark: None,
         },
-        proxy: ProxyConfig {
-            forward: ForwardConfig {
-                connect_timeout: args.connect_timeout,
-                connect_attempts: args.connect_attempts.into(),
-                mark: None,
-            },
-            mode,
-            balance: balance::BuildOptions { seed: args.seed },
-        },
+        mode,
+        balance: balance::BuildOptions { seed: args.seed },
     };
     let metrics = tokio::net::TcpListener::bind(args.metrics_bind_address)
         .await
@@ -93,7 +97,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot serve health on {}", args.healthz_bind_address))?;
     tracing::info!(metrics = %args.metrics_bind_address, health = %args.healthz_bind_address, "serving telemetry");
-    run::run_from_file(config, Telemetry::new(), metrics, health, shutdown_signal()).await?;
+    match args.from_file {
+        Some(path) => {
+            let config = FileRun { path, scope, proxy };
+            run::run_from_file(config, Telemetry::new(), metrics, health, shutdown_signal())
+                .await?;
+        }
+        None => {
+            let config = ClusterRun {
+                kubeconfig: args.kubeconfig,
+                scope,
+                source: SourceConfig {
+                    proxy_name: args.service_proxy_name,
+                    service_selector: args.service_selector,
+                    node_name: args.node_name,
+                    zone: args.zone,
+                },
+                proxy,
+            };
+            run::run_from_cluster(config, Telemetry::new(), metrics, health, shutdown_signal())
+                .await?;
+        }
+    }
     Ok(())
 }
 

@@ -10,10 +10,14 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::discovery::convert::Scope;
 use crate::discovery::file::{self, StateFileError};
+use crate::discovery::kube::{self, KubeError, SourceConfig};
+use crate::discovery::store::Store;
+use crate::model::ServiceTable;
 use crate::proxy::{self, ProxyConfig, ProxyError};
 use crate::telemetry::{self, Endpoints, Telemetry};
 
@@ -31,6 +35,11 @@ pub enum RunError {
     StateFile(#[from] StateFileError),
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
+    /// The discovery source stopped before it produced a first table.
+    #[error("the discovery source stopped before its first sync")]
+    SourceEnded,
 }
 
 /// Proxies the Services of a state file until `shutdown` resolves.
@@ -50,6 +59,91 @@ pub async fn run_from_file(
         "state file loaded"
     );
     let (tables, updates) = watch::channel(Arc::new(initial.table.clone()));
+    let source = tokio::spawn(file::watch(
+        run.path,
+        run.scope,
+        tables,
+        telemetry.clone(),
+        initial,
+    ));
+    let start = Start {
+        updates,
+        wait_for_first: false,
+        source,
+    };
+    serve(run.proxy, start, telemetry, metrics, health, shutdown).await
+}
+
+/// What `carousel run` needs to proxy a cluster's Services.
+#[derive(Clone, Debug)]
+pub struct ClusterRun {
+    /// `--kubeconfig`; without it, in-cluster, then `$KUBECONFIG`, then `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    pub scope: Scope,
+    pub source: SourceConfig,
+    pub proxy: ProxyConfig,
+}
+
+/// Proxies the Services of a cluster until `shutdown` resolves.
+///
+/// Health stays 503 until every watch has listed once and the first table is applied;
+/// when the API server goes away, the last table keeps serving while the watches
+/// reconnect with backoff.
+pub async fn run_from_cluster(
+    run: ClusterRun,
+    telemetry: Arc<Telemetry>,
+    metrics: TcpListener,
+    health: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let client = kube::connect(run.kubeconfig.as_deref()).await?;
+    let store = Store::new(
+        run.scope,
+        run.source.node_name.as_deref(),
+        run.source.zone.clone(),
+    );
+    // The proxy is only handed the channel once the first real table is on it: until
+    // then the empty placeholder must not count as a sync.
+    let (tables, updates) = watch::channel(Arc::new(ServiceTable::default()));
+    let source = tokio::spawn(kube::run(
+        client,
+        run.source,
+        store,
+        tables,
+        telemetry.clone(),
+    ));
+    let start = Start {
+        updates,
+        wait_for_first: true,
+        source,
+    };
+    serve(run.proxy, start, telemetry, metrics, health, shutdown).await
+}
+
+/// A running discovery source, as `serve` takes it.
+struct Start {
+    updates: watch::Receiver<Arc<ServiceTable>>,
+    /// The channel holds a placeholder until the source's first sync publishes.
+    wait_for_first: bool,
+    source: JoinHandle<()>,
+}
+
+/// The part every source shares: telemetry servers at once, the proxy from the first
+/// table on, and an orderly stop.
+async fn serve(
+    proxy_config: ProxyConfig,
+    start: Start,
+    telemetry: Arc<Telemetry>,
+    metrics: TcpListener,
+    health: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    tokio::pin!(shutdown);
+    let Start {
+        mut updates,
+        wait_for_first,
+        source,
+    } = start;
     let stop = CancellationToken::new();
     let servers = [
         tokio::spawn(telemetry::serve(
@@ -65,34 +159,42 @@ pub async fn run_from_file(
             stop.clone().cancelled_owned(),
         )),
     ];
+    let upkeep = tokio::spawn(telemetry.clone().upkeep());
+    let finish = |servers: [JoinHandle<()>; 2]| async {
+        stop.cancel();
+        source.abort();
+        upkeep.abort();
+        for task in servers {
+            let _ = task.await;
+        }
+    };
+    if wait_for_first {
+        tokio::select! {
+            _ = &mut shutdown => {
+                finish(servers).await;
+                return Ok(());
+            }
+            changed = updates.changed() => if changed.is_err() {
+                finish(servers).await;
+                return Err(RunError::SourceEnded);
+            },
+        }
+    }
     let mut proxy = tokio::spawn(proxy::run(
-        run.proxy,
+        proxy_config,
         updates,
         telemetry.clone(),
         stop.clone().cancelled_owned(),
     ));
-    let watcher = tokio::spawn(file::watch(
-        run.path,
-        run.scope,
-        tables,
-        telemetry.clone(),
-        initial,
-    ));
-    let upkeep = tokio::spawn(telemetry.upkeep());
     let result = tokio::select! {
-        _ = shutdown => {
+        _ = &mut shutdown => {
             stop.cancel();
             proxy.await
         }
         // The proxy only ends early when it cannot start.
         ended = &mut proxy => ended,
     };
-    stop.cancel();
-    watcher.abort();
-    upkeep.abort();
-    for task in servers {
-        let _ = task.await;
-    }
+    finish(servers).await;
     result.expect("the proxy task does not panic")?;
     Ok(())
 }
