@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use carousel::config::{Cli, Command, ProxyMode, RunArgs};
 use carousel::dataplane::nftables;
 use carousel::discovery::convert::Scope;
+use carousel::model::Locality;
 use carousel::proxy::{ForwardConfig, Mode, ProxyConfig};
 use carousel::run::{self, FileRun};
 use carousel::telemetry::Telemetry;
@@ -84,6 +85,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             mode,
             balance: balance::BuildOptions { seed: args.seed },
+            locality: Locality {
+                node: args.node_name.as_deref().map(Into::into),
+                zone: args.zone.as_deref().map(Into::into),
+            },
         },
     };
     let metrics = tokio::net::TcpListener::bind(args.metrics_bind_address)
