@@ -7,6 +7,7 @@ use carousel::config::{Cli, Command, ProxyMode, RunArgs};
 use carousel::dataplane::nftables;
 use carousel::discovery::convert::Scope;
 use carousel::discovery::kube::SourceConfig;
+use carousel::model::Locality;
 use carousel::proxy::{ForwardConfig, Mode, ProxyConfig};
 use carousel::run::{self, ClusterRun, FileRun};
 use carousel::telemetry::Telemetry;
@@ -89,6 +90,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         mode,
         balance: balance::BuildOptions { seed: args.seed },
+        // In a cluster without --zone, the zone comes from this node's Node object.
+        locality: Locality {
+            node: args.node_name.as_deref().map(Into::into),
+            zone: args.zone.as_deref().map(Into::into),
+        },
     };
     let metrics = tokio::net::TcpListener::bind(args.metrics_bind_address)
         .await

@@ -47,6 +47,27 @@ pub struct Service {
     pub balancing: Balancing,
     /// `externalTrafficPolicy: Local`: node ports and load-balancer IPs reach only this node's endpoints.
     pub external_traffic_local: bool,
+    /// `internalTrafficPolicy: Local`: ClusterIP traffic reaches only this node's endpoints.
+    pub internal_traffic_local: bool,
+    /// Topology-aware routing (`trafficDistribution: PreferClose`): prefer the endpoints
+    /// hinted for this node's zone.
+    pub prefer_close: bool,
+}
+
+/// Where this carousel runs, for node-local and zone-aware endpoint selection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Locality {
+    pub node: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
+}
+
+/// Which way a connection reached the Service: the two may see different endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Traffic {
+    /// To a ClusterIP.
+    Internal,
+    /// To an external IP, a load-balancer IP or a node port.
+    External,
 }
 
 /// How new connections of one Service are spread over its endpoints.
@@ -88,14 +109,15 @@ impl ServicePort {
         }
     }
 
-    /// The endpoints that take new connections, by kube-proxy's rule: the ready ones;
-    /// if none is ready, those still serving while terminating (KEP-1669). Endpoints
-    /// with weight 0 are being drained and take none, but a drained ready endpoint still
-    /// keeps the terminating ones out.
-    pub fn eligible(&self) -> Vec<Endpoint> {
-        let any_ready = self.endpoints.iter().any(|e| e.ready);
-        self.endpoints
-            .iter()
+    /// The endpoints that take new connections among those `candidate` lets through,
+    /// by kube-proxy's rule: the ready ones; if none is ready, those still serving while
+    /// terminating (KEP-1669). Endpoints with weight 0 are being drained and take none,
+    /// but a drained ready endpoint still keeps the terminating ones out.
+    pub fn eligible_where(&self, candidate: impl Fn(&Endpoint) -> bool) -> Vec<Endpoint> {
+        let candidates: Vec<&Endpoint> = self.endpoints.iter().filter(|e| candidate(e)).collect();
+        let any_ready = candidates.iter().any(|e| e.ready);
+        candidates
+            .into_iter()
             .filter(|e| e.weight > 0)
             .filter(|e| {
                 if any_ready {
@@ -107,6 +129,40 @@ impl ServicePort {
             .cloned()
             .collect()
     }
+
+    /// [`ServicePort::eligible_where`] over every endpoint.
+    pub fn eligible(&self) -> Vec<Endpoint> {
+        self.eligible_where(|_| true)
+    }
+
+    /// The endpoints for new connections of one kind of traffic, seen from `here`:
+    /// node-local under a `Local` traffic policy (none when this node has none, as
+    /// kube-proxy does), zone-hinted under topology-aware routing when every endpoint
+    /// carries hints and some serve this zone (all endpoints otherwise).
+    pub fn select(&self, service: &Service, traffic: Traffic, here: &Locality) -> Vec<Endpoint> {
+        let local_only = match traffic {
+            Traffic::Internal => service.internal_traffic_local,
+            Traffic::External => service.external_traffic_local,
+        };
+        if local_only {
+            return self.eligible_where(|e| e.node.is_some() && e.node == here.node);
+        }
+        let all = self.eligible();
+        if traffic == Traffic::Internal && service.prefer_close {
+            if let Some(zone) = &here.zone {
+                let hinted = all.iter().all(|e| !e.zone_hints.is_empty());
+                let close: Vec<Endpoint> = all
+                    .iter()
+                    .filter(|e| e.zone_hints.contains(zone))
+                    .cloned()
+                    .collect();
+                if hinted && !close.is_empty() {
+                    return close;
+                }
+            }
+        }
+        all
+    }
 }
 
 /// One pod address behind a Service port.
@@ -117,6 +173,8 @@ pub struct Endpoint {
     pub pod: Arc<str>,
     pub node: Option<Arc<str>>,
     pub zone: Option<Arc<str>>,
+    /// `hints.forZones` of the EndpointSlice.
+    pub zone_hints: Vec<Arc<str>>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -141,5 +199,141 @@ impl ServiceTable {
 
     pub fn is_empty(&self) -> bool {
         self.services.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn ep(last: u8, node: &str, zone_hints: &[&str], ready: bool) -> Endpoint {
+        Endpoint {
+            addr: PodAddr(SocketAddr::from(([10, 244, 0, last], 8080))),
+            pod: format!("pod-{last}").into(),
+            node: Some(node.into()),
+            zone: None,
+            zone_hints: zone_hints.iter().map(|z| Arc::from(*z)).collect(),
+            ready,
+            serving: true,
+            terminating: !ready,
+            weight: 1,
+        }
+    }
+
+    fn service(endpoints: Vec<Endpoint>, tweak: impl FnOnce(&mut Service)) -> Service {
+        let mut s = Service {
+            key: ServiceKey::new("ns", "web"),
+            cluster_ips: Vec::new(),
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                node_port: Some(30080),
+                endpoints,
+            }],
+            balancing: Balancing::default(),
+            external_traffic_local: false,
+            internal_traffic_local: false,
+            prefer_close: false,
+        };
+        tweak(&mut s);
+        s
+    }
+
+    fn picked(s: &Service, traffic: Traffic, node: &str, zone: &str) -> Vec<u8> {
+        let here = Locality {
+            node: Some(node.into()),
+            zone: Some(zone.into()),
+        };
+        s.ports[0]
+            .select(s, traffic, &here)
+            .iter()
+            .map(|e| match e.addr.ip() {
+                std::net::IpAddr::V4(ip) => ip.octets()[3],
+                std::net::IpAddr::V6(_) => unreachable!(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn internal_traffic_local_keeps_this_nodes_endpoints_only() {
+        let s = service(vec![ep(1, "n1", &[], true), ep(2, "n2", &[], true)], |s| {
+            s.internal_traffic_local = true
+        });
+        assert_eq!(picked(&s, Traffic::Internal, "n1", "z"), vec![1]);
+        assert_eq!(picked(&s, Traffic::External, "n1", "z"), vec![1, 2]);
+        assert_eq!(
+            picked(&s, Traffic::Internal, "n3", "z"),
+            Vec::<u8>::new(),
+            "no local endpoint: none"
+        );
+    }
+
+    #[test]
+    fn external_traffic_local_applies_to_external_traffic_only() {
+        let s = service(vec![ep(1, "n1", &[], true), ep(2, "n2", &[], true)], |s| {
+            s.external_traffic_local = true
+        });
+        assert_eq!(picked(&s, Traffic::External, "n2", "z"), vec![2]);
+        assert_eq!(picked(&s, Traffic::Internal, "n2", "z"), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_local_terminating_endpoint_serves_when_no_local_one_is_ready() {
+        let s = service(vec![ep(1, "n1", &[], false), ep(2, "n2", &[], true)], |s| {
+            s.external_traffic_local = true
+        });
+        assert_eq!(picked(&s, Traffic::External, "n1", "z"), vec![1]);
+    }
+
+    #[test]
+    fn prefer_close_uses_the_zone_hints_and_falls_back_to_all() {
+        let hinted = vec![
+            ep(1, "n1", &["a"], true),
+            ep(2, "n2", &["b"], true),
+            ep(3, "n3", &["a"], true),
+        ];
+        let s = service(hinted.clone(), |s| s.prefer_close = true);
+        assert_eq!(picked(&s, Traffic::Internal, "n1", "a"), vec![1, 3]);
+        assert_eq!(picked(&s, Traffic::Internal, "n1", "b"), vec![2]);
+        assert_eq!(
+            picked(&s, Traffic::Internal, "n1", "c"),
+            vec![1, 2, 3],
+            "no endpoint for this zone"
+        );
+        assert_eq!(
+            picked(&s, Traffic::External, "n1", "a"),
+            vec![1, 2, 3],
+            "hints are for internal traffic"
+        );
+
+        let mut partly = hinted;
+        partly[1].zone_hints.clear();
+        let s = service(partly, |s| s.prefer_close = true);
+        assert_eq!(
+            picked(&s, Traffic::Internal, "n1", "a"),
+            vec![1, 2, 3],
+            "an endpoint without hints: ignore hints"
+        );
+
+        let s = service(
+            vec![ep(1, "n1", &["a"], true), ep(2, "n2", &["b"], true)],
+            |_| {},
+        );
+        assert_eq!(
+            picked(&s, Traffic::Internal, "n1", "a"),
+            vec![1, 2],
+            "hints only when asked for"
+        );
+    }
+
+    #[test]
+    fn drained_ready_endpoints_still_keep_terminating_ones_out() {
+        let mut drained = ep(1, "n1", &[], true);
+        drained.weight = 0;
+        let s = service(vec![drained, ep(2, "n1", &[], false)], |_| {});
+        assert!(s.ports[0].eligible().is_empty());
     }
 }

@@ -69,6 +69,7 @@ pub async fn run_from_file(
     let start = Start {
         updates,
         wait_for_first: false,
+        zone: None,
         source,
     };
     serve(run.proxy, start, telemetry, metrics, health, shutdown).await
@@ -105,16 +106,18 @@ pub async fn run_from_cluster(
     // The proxy is only handed the channel once the first real table is on it: until
     // then the empty placeholder must not count as a sync.
     let (tables, updates) = watch::channel(Arc::new(ServiceTable::default()));
+    let (zone, zones) = watch::channel(None);
     let source = tokio::spawn(kube::run(
         client,
         run.source,
         store,
-        tables,
+        kube::Outputs { tables, zone },
         telemetry.clone(),
     ));
     let start = Start {
         updates,
         wait_for_first: true,
+        zone: Some(zones),
         source,
     };
     serve(run.proxy, start, telemetry, metrics, health, shutdown).await
@@ -125,13 +128,15 @@ struct Start {
     updates: watch::Receiver<Arc<ServiceTable>>,
     /// The channel holds a placeholder until the source's first sync publishes.
     wait_for_first: bool,
+    /// The zone the source learnt from this node's Node, for a proxy given none.
+    zone: Option<watch::Receiver<Option<Arc<str>>>>,
     source: JoinHandle<()>,
 }
 
 /// The part every source shares: telemetry servers at once, the proxy from the first
 /// table on, and an orderly stop.
 async fn serve(
-    proxy_config: ProxyConfig,
+    mut proxy_config: ProxyConfig,
     start: Start,
     telemetry: Arc<Telemetry>,
     metrics: TcpListener,
@@ -142,6 +147,7 @@ async fn serve(
     let Start {
         mut updates,
         wait_for_first,
+        zone,
         source,
     } = start;
     let stop = CancellationToken::new();
@@ -180,6 +186,14 @@ async fn serve(
             },
         }
     }
+    if let (None, Some(zone)) = (&proxy_config.locality.zone, zone) {
+        proxy_config.locality.zone = zone.borrow().clone();
+    }
+    tracing::info!(
+        node = proxy_config.locality.node.as_deref().unwrap_or("(unknown)"),
+        zone = proxy_config.locality.zone.as_deref().unwrap_or("(none)"),
+        "starting the proxy"
+    );
     let mut proxy = tokio::spawn(proxy::run(
         proxy_config,
         updates,

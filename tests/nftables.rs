@@ -163,10 +163,15 @@ impl Lab {
 
     /// Starts carousel in the node namespace and waits until it reports healthy.
     fn start_carousel(&mut self) {
+        self.start_carousel_with(&[]);
+    }
+
+    fn start_carousel_with(&mut self, extra: &[&str]) {
         let child = self
             .in_ns("node", BIN)
             .args(["run", "--proxy-mode", "nftables", "--from-file"])
             .arg(self.state_path())
+            .args(extra)
             .args([
                 "--metrics-bind-address",
                 "127.0.0.1:10249",
@@ -431,4 +436,49 @@ fn restarts_converge_and_cleanup_removes_only_carousels_table() {
     run(lab.in_ns("node", BIN).arg("cleanup"));
     assert_eq!(lab.nft("list tables"), "table inet bystander\n");
     assert_eq!(lab.nft("list table inet bystander"), bystander);
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_node_port_traffic_on_this_node() {
+    let names = ["here", "there"];
+    let mut lab = Lab::new(&names);
+    let mut svc = Svc::new(
+        "local",
+        "10.96.0.40",
+        80,
+        vec![
+            Ep::ready(Lab::pod_v4(1), "here").on("node-a"),
+            Ep::ready(Lab::pod_v4(2), "there").on("node-b"),
+        ],
+    );
+    svc.node_port = Some(30090);
+    svc.spec.push("externalTrafficPolicy: Local".into());
+    let mut remote_only = Svc::new(
+        "remote-only",
+        "10.96.0.41",
+        80,
+        vec![Ep::ready(Lab::pod_v4(2), "there").on("node-b")],
+    );
+    remote_only.node_port = Some(30091);
+    remote_only.spec.push("externalTrafficPolicy: Local".into());
+    lab.write_state(&state_yaml(&[svc, remote_only]));
+    lab.start_carousel_with(&["--node-name", "node-a"]);
+
+    assert_eq!(
+        lab.spread("client", "10.0.0.1", 30090, 6),
+        counts(&[("here", 6)]),
+        "node port: local pods only"
+    );
+    assert_eq!(
+        lab.spread("client", "10.96.0.40", 80, 6),
+        counts(&[("here", 3), ("there", 3)]),
+        "ClusterIP: every pod"
+    );
+    // No local endpoint: the connection is refused, not sent to another node.
+    let answer = lab.ask("client", "10.0.0.1", 30091, 3, &[]);
+    assert_eq!(answer["errors"], 3, "{answer}");
+    assert_eq!(
+        lab.spread("client", "10.96.0.41", 80, 2),
+        counts(&[("there", 2)])
+    );
 }

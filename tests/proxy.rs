@@ -318,8 +318,9 @@ async fn a_broken_state_file_keeps_the_last_good_state() {
         BTreeMap::from([("a".into(), 3)])
     );
 
-    // Truncated half-way: still refused, still serving.
-    carousel.write_state(&good[..good.len() / 2]);
+    // Written half-way, cut inside an endpoint: still refused, still serving.
+    let cut = good.find("conditions: {").unwrap() + "conditions: {rea".len();
+    carousel.write_state(&good[..cut]);
     eventually("the second refusal is counted", || async {
         metric_value(&carousel, "carousel_config_errors_total") == Some(2.0)
     })

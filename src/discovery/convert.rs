@@ -25,6 +25,7 @@ use crate::model::{
 
 pub const ANNOTATION_LOAD_BALANCER: &str = "carousel.dev/load-balancer";
 pub const ANNOTATION_WEIGHTS: &str = "carousel.dev/weights";
+pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 
@@ -115,6 +116,8 @@ pub struct ServiceFront {
     /// `carousel.dev/weights`: label rules, first match wins.
     pub weights: Vec<WeightRule>,
     pub external_traffic_local: bool,
+    pub internal_traffic_local: bool,
+    pub prefer_close: bool,
     pub warnings: Vec<Warning>,
 }
 
@@ -150,6 +153,8 @@ pub struct SliceEndpoint {
     pub pod: Option<(String, String)>,
     pub node: Option<String>,
     pub zone: Option<String>,
+    /// `hints.forZones`: the zones this endpoint should serve under topology-aware routing.
+    pub zone_hints: Vec<String>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -337,6 +342,13 @@ pub fn service(svc: &core::Service) -> Result<Option<ServiceFront>, FieldError> 
         balancing,
         weights,
         external_traffic_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        internal_traffic_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        // Topology-aware routing: the Service asks for it by `trafficDistribution` or,
+        // before that field existed, by the topology-mode annotation.
+        prefer_close: matches!(
+            spec.traffic_distribution.as_deref(),
+            Some("PreferClose" | "PreferSameZone" | "PreferSameNode")
+        ) || matches!(annotation(ANNOTATION_TOPOLOGY_MODE), Some("Auto" | "auto")),
         warnings,
     }))
 }
@@ -435,6 +447,14 @@ pub fn slice(slice: &discovery::EndpointSlice) -> Result<Option<SliceView>, Fiel
             pod,
             node: e.node_name.clone(),
             zone: e.zone.clone(),
+            zone_hints: e
+                .hints
+                .as_ref()
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect(),
             ready,
             serving,
             terminating,
@@ -513,6 +533,8 @@ pub fn join_service(
         ports,
         balancing: front.balancing.clone(),
         external_traffic_local: front.external_traffic_local,
+        internal_traffic_local: front.internal_traffic_local,
+        prefer_close: front.prefer_close,
     })
 }
 
@@ -549,6 +571,7 @@ fn endpoints_for(
                 pod: e.pod.as_ref().map(|(_, n)| n.as_str()).unwrap_or("").into(),
                 node: e.node.as_deref().map(Arc::from),
                 zone: e.zone.as_deref().map(Arc::from),
+                zone_hints: e.zone_hints.iter().map(|z| Arc::from(z.as_str())).collect(),
                 ready: e.ready,
                 serving: e.serving,
                 terminating: e.terminating,
@@ -1165,6 +1188,7 @@ mod tests {
                     pod: Some(("shop".into(), "web-a".into())),
                     node: Some("node-a".into()),
                     zone: Some("zone-1".into()),
+                    zone_hints: Vec::new(),
                     ready: true,
                     serving: true,
                     terminating: false,
@@ -1174,6 +1198,7 @@ mod tests {
                     pod: Some(("elsewhere".into(), "web-b".into())),
                     node: None,
                     zone: None,
+                    zone_hints: Vec::new(),
                     ready: true,
                     serving: true,
                     terminating: false,
@@ -1183,6 +1208,7 @@ mod tests {
                     pod: None,
                     node: None,
                     zone: None,
+                    zone_hints: Vec::new(),
                     ready: true,
                     serving: true,
                     terminating: false,
@@ -1486,6 +1512,7 @@ mod tests {
                         pod: "web-a".into(),
                         node: Some("n1".into()),
                         zone: Some("z1".into()),
+                        zone_hints: Vec::new(),
                         ready: true,
                         serving: true,
                         terminating: false,
@@ -1497,6 +1524,8 @@ mod tests {
                     affinity: Some(DEFAULT_AFFINITY_TIMEOUT),
                 },
                 external_traffic_local: true,
+                internal_traffic_local: false,
+                prefer_close: false,
             }
         );
     }
@@ -1509,6 +1538,7 @@ mod tests {
             pod: format!("p{last}").into(),
             node: None,
             zone: None,
+            zone_hints: Vec::new(),
             ready,
             serving,
             terminating,
@@ -1649,5 +1679,31 @@ mod tests {
             add_pod(&mut pods, &meta).unwrap_err().field,
             "metadata.name"
         );
+    }
+
+    #[test]
+    fn traffic_policies_and_topology_are_read() {
+        let f = front("clusterIP: 10.96.0.10, internalTrafficPolicy: Local, trafficDistribution: PreferClose, ports: [{port: 80}]");
+        assert!(f.internal_traffic_local && f.prefer_close && !f.external_traffic_local);
+        let f = front_with(
+            ", annotations: {service.kubernetes.io/topology-mode: Auto}",
+            "clusterIP: 10.96.0.10, ports: [{port: 80}]",
+        );
+        assert!(f.prefer_close && !f.internal_traffic_local);
+        let f = front("clusterIP: 10.96.0.10, ports: [{port: 80}]");
+        assert!(!f.prefer_close && !f.internal_traffic_local);
+    }
+
+    #[test]
+    fn zone_hints_are_read_from_the_slice() {
+        let s = view(
+            "[{port: 80}]",
+            "[{addresses: [10.1.0.1], zone: a, hints: {forZones: [{name: a}, {name: b}]}}, {addresses: [10.1.0.2]}]",
+        );
+        assert_eq!(
+            s.endpoints[0].zone_hints,
+            vec!["a".to_string(), "b".to_string()]
+        );
+        assert!(s.endpoints[1].zone_hints.is_empty());
     }
 }

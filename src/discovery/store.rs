@@ -83,6 +83,8 @@ pub struct Flushed {
     pub table: Option<ServiceTable>,
     /// Trigger times of the slice changes this table is the first to contain.
     pub triggers: Vec<SystemTime>,
+    /// This is the first table: the cluster has just been listed in full.
+    pub first: bool,
 }
 
 /// The converted cluster state and the table built from it.
@@ -105,8 +107,6 @@ pub struct Store {
     weighted: BTreeSet<ServiceKey>,
     /// Services to rebuild at the next flush.
     dirty: BTreeSet<ServiceKey>,
-    /// The zone changed: every Service is rebuilt at the next flush.
-    all_dirty: bool,
     table: ServiceTable,
     /// The table differs from the last one published.
     changed: bool,
@@ -129,7 +129,6 @@ impl Store {
             slices_by_service: HashMap::new(),
             weighted: BTreeSet::new(),
             dirty: BTreeSet::new(),
-            all_dirty: false,
             table: ServiceTable::default(),
             changed: false,
             published: false,
@@ -165,7 +164,7 @@ impl Store {
 
     /// Whether a flush may publish something.
     pub fn has_pending(&self) -> bool {
-        let work = self.changed || self.all_dirty || !self.dirty.is_empty();
+        let work = self.changed || !self.dirty.is_empty();
         if self.published {
             work
         } else {
@@ -432,6 +431,9 @@ impl Store {
 
     // ---- this node ----
 
+    // The zone goes to the proxy (`Locality`), not into the table: the table does not
+    // depend on it, so a zone change rebuilds nothing here.
+
     pub fn apply_node(&mut self, event: Event<core::Node>) {
         let before = self.zone().map(str::to_owned);
         match event {
@@ -459,7 +461,6 @@ impl Store {
         }
         if self.zone() != before.as_deref() {
             tracing::info!(zone = self.zone().unwrap_or("(none)"), "this node's zone");
-            self.all_dirty = true;
         }
     }
 
@@ -471,22 +472,19 @@ impl Store {
         if !self.is_synced() && !self.published {
             return Flushed::default();
         }
-        if std::mem::take(&mut self.all_dirty) {
-            let keys = self.services.live.keys().chain(self.table.services.keys());
-            let keys: Vec<ServiceKey> = keys.cloned().collect();
-            self.dirty.extend(keys);
-        }
         for key in std::mem::take(&mut self.dirty) {
             self.rebuild(&key);
         }
         if self.published && !self.changed {
             return Flushed::default();
         }
+        let first = !self.published;
         self.published = true;
         self.changed = false;
         Flushed {
             table: Some(self.table.clone()),
             triggers: std::mem::take(&mut self.triggers),
+            first,
         }
     }
 
@@ -869,23 +867,18 @@ mod tests {
     }
 
     #[test]
-    fn a_zone_change_rebuilds_every_service() {
+    fn the_zone_follows_the_node_label() {
         let mut store = Store::new(Scope::default(), Some("node-a"), None);
-        store.apply_service(Event::Init);
-        store.apply_service(Event::InitApply(svc("web", "10.96.0.10")));
-        store.apply_service(Event::InitDone);
-        store.apply_slice(Event::Init);
-        store.apply_slice(Event::InitDone);
         store.apply_node(Event::Init);
         store.apply_node(Event::InitApply(node(None)));
         store.apply_node(Event::InitDone);
-        flush_table(&mut store);
         assert_eq!(store.zone(), None);
         store.apply_node(Event::Apply(node(Some("zone-b"))));
         assert_eq!(store.zone(), Some("zone-b"));
-        assert!(store.all_dirty);
-        store.flush();
-        assert!(!store.all_dirty && store.dirty.is_empty());
+        // A relist that no longer finds the Node forgets its zone.
+        store.apply_node(Event::Init);
+        store.apply_node(Event::InitDone);
+        assert_eq!(store.zone(), None);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use crate::addr::ServiceAddr;
 use crate::balance::BuildOptions;
 use crate::dataplane::nftables::{self, NftError, Redirects, Rules};
-use crate::model::ServiceTable;
+use crate::model::{Locality, ServiceTable};
 use crate::telemetry::{names, Telemetry};
 
 pub use forward::ForwardConfig;
@@ -49,6 +49,8 @@ pub struct ProxyConfig {
     pub forward: ForwardConfig,
     pub mode: Mode,
     pub balance: BuildOptions,
+    /// This node and its zone, for traffic policies and topology-aware routing.
+    pub locality: Locality,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +178,13 @@ pub async fn run(
         let table = tables.borrow_and_update().clone();
         let started = Instant::now();
         let previous = routes.load_full();
-        let next = RouteTable::build(&table, &previous, &telemetry, &config.balance);
+        let next = RouteTable::build(
+            &table,
+            &previous,
+            &telemetry,
+            &config.balance,
+            &config.locality,
+        );
         routes::clear_removed(&telemetry, &previous, &next);
         routes.store(Arc::new(next));
         match intake.sync(&routes, config.forward).await {

@@ -12,7 +12,7 @@ use metrics::{Counter, Gauge, Histogram, Label};
 
 use crate::addr::{ClientAddr, PodAddr, ServiceAddr};
 use crate::balance::{self, Backend, Backends, Balancer, BuildOptions};
-use crate::model::{ServiceKey, ServicePort, ServiceTable};
+use crate::model::{Endpoint, Locality, ServiceKey, ServicePort, ServiceTable, Traffic};
 use crate::telemetry::{names, Telemetry};
 
 /// Metric handles of one endpoint of one Service port, resolved once when the endpoint
@@ -93,7 +93,7 @@ impl Route {
 pub struct RouteTable {
     by_addr: HashMap<ServiceAddr, Arc<Route>>,
     by_node_port: HashMap<u16, Arc<Route>>,
-    by_port: HashMap<(ServiceKey, String), Arc<Route>>,
+    by_port: HashMap<(ServiceKey, String, Traffic), Arc<Route>>,
 }
 
 impl RouteTable {
@@ -120,61 +120,109 @@ impl RouteTable {
         self.by_port.values()
     }
 
-    /// Builds the table for `table`, reusing what `previous` knew.
+    /// Builds the table for `table`, seen from `here`, reusing what `previous` knew.
+    ///
+    /// A Service port gets one route for ClusterIP traffic and, when its traffic
+    /// policies make external traffic see other endpoints, a second one for external
+    /// IPs, load-balancer IPs and node ports.
     pub fn build(
         table: &ServiceTable,
         previous: &RouteTable,
         telemetry: &Telemetry,
         options: &BuildOptions,
+        here: &Locality,
     ) -> RouteTable {
         let mut routes = RouteTable::default();
         for service in table.services.values() {
             for port in &service.ports {
-                let key = (service.key.clone(), port.label());
-                let route = Arc::new(build_route(
+                set_endpoint_gauges(telemetry, &service.key, port);
+                let key = |traffic| (service.key.clone(), port.label(), traffic);
+                let internal_endpoints = port.select(service, Traffic::Internal, here);
+                let external_endpoints = port.select(service, Traffic::External, here);
+                let internal = Arc::new(build_route(
                     &service.key,
                     &service.balancing.algorithm,
                     port,
-                    previous.by_port.get(&key).map(Arc::as_ref),
+                    internal_endpoints.clone(),
+                    &[previous
+                        .by_port
+                        .get(&key(Traffic::Internal))
+                        .map(Arc::as_ref)],
                     telemetry,
                     options,
                 ));
-                let ips = service
-                    .cluster_ips
-                    .iter()
-                    .chain(&service.external_ips)
-                    .chain(&service.load_balancer_ips);
-                for ip in ips {
+                let external = if external_endpoints == internal_endpoints {
+                    internal.clone()
+                } else {
+                    let known = [
+                        previous
+                            .by_port
+                            .get(&key(Traffic::External))
+                            .map(Arc::as_ref),
+                        Some(internal.as_ref()),
+                    ];
+                    Arc::new(build_route(
+                        &service.key,
+                        &service.balancing.algorithm,
+                        port,
+                        external_endpoints,
+                        &known,
+                        telemetry,
+                        options,
+                    ))
+                };
+                for ip in &service.cluster_ips {
                     let addr = ServiceAddr(SocketAddr::new(*ip, port.port));
-                    routes.by_addr.insert(addr, route.clone());
+                    routes.by_addr.insert(addr, internal.clone());
+                }
+                for ip in service
+                    .external_ips
+                    .iter()
+                    .chain(&service.load_balancer_ips)
+                {
+                    let addr = ServiceAddr(SocketAddr::new(*ip, port.port));
+                    routes.by_addr.insert(addr, external.clone());
                 }
                 if let Some(node_port) = port.node_port {
-                    routes.by_node_port.insert(node_port, route.clone());
+                    routes.by_node_port.insert(node_port, external.clone());
                 }
-                routes.by_port.insert(key, route);
+                routes.by_port.insert(key(Traffic::Internal), internal);
+                routes.by_port.insert(key(Traffic::External), external);
             }
         }
         routes
     }
 }
 
+/// The metric labels every series of a Service port carries.
+fn port_labels(service: &ServiceKey, port: &ServicePort) -> Vec<Label> {
+    vec![
+        Label::new("namespace", service.namespace.to_string()),
+        Label::new("service", service.name.to_string()),
+        Label::new("port", port.label()),
+    ]
+}
+
+/// One route over `eligible`. Endpoints that `known` routes already had keep their
+/// open-connection counter and metric handles; `known[0]`, the previous route of the
+/// same kind, hands its balancer state on.
 fn build_route(
     service: &ServiceKey,
     algorithm: &str,
     port: &ServicePort,
-    previous: Option<&Route>,
+    eligible: Vec<Endpoint>,
+    known: &[Option<&Route>],
     telemetry: &Telemetry,
     options: &BuildOptions,
 ) -> Route {
-    let base = vec![
-        Label::new("namespace", service.namespace.to_string()),
-        Label::new("service", service.name.to_string()),
-        Label::new("port", port.label()),
-    ];
-    let known: HashMap<PodAddr, &RouteEndpoint> = previous
-        .map(|p| p.endpoints.iter().map(|e| (e.addr, e)).collect())
-        .unwrap_or_default();
-    let eligible = port.eligible();
+    let base = port_labels(service, port);
+    let previous = known.first().copied().flatten();
+    let known: HashMap<PodAddr, &RouteEndpoint> = known
+        .iter()
+        .rev()
+        .flatten()
+        .flat_map(|route| route.endpoints.iter().map(|e| (e.addr, e)))
+        .collect();
     let endpoints: Vec<RouteEndpoint> = eligible
         .iter()
         .map(|e| match known.get(&e.addr) {
@@ -202,7 +250,6 @@ fn build_route(
         backends,
         options,
     );
-    set_endpoint_gauges(telemetry, &base, port);
     let mut no_endpoint_labels = base;
     no_endpoint_labels.extend([
         Label::new("endpoint", ""),
@@ -219,7 +266,8 @@ fn build_route(
 }
 
 /// `carousel_endpoints{state}`: how many endpoints are ready, serving and terminating.
-fn set_endpoint_gauges(telemetry: &Telemetry, base: &[Label], port: &ServicePort) {
+fn set_endpoint_gauges(telemetry: &Telemetry, service: &ServiceKey, port: &ServicePort) {
+    let base = port_labels(service, port);
     let mut counts: BTreeMap<&'static str, usize> =
         [("ready", 0), ("serving", 0), ("terminating", 0)].into();
     for e in &port.endpoints {

@@ -31,6 +31,8 @@ pub struct Ep {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// `nodeName` of the endpoint.
+    pub node: Option<String>,
 }
 
 impl Ep {
@@ -41,7 +43,14 @@ impl Ep {
             ready: true,
             serving: true,
             terminating: false,
+            node: None,
         }
+    }
+
+    /// The same endpoint, on node `node`.
+    pub fn on(mut self, node: &str) -> Self {
+        self.node = Some(node.into());
+        self
     }
     /// Terminating but still serving (KEP-1669).
     pub fn terminating(addr: SocketAddr, pod: &str, serving: bool) -> Self {
@@ -51,6 +60,7 @@ impl Ep {
             ready: false,
             serving,
             terminating: true,
+            node: None,
         }
     }
 }
@@ -63,6 +73,10 @@ pub struct Svc {
     pub port: u16,
     pub node_port: Option<u16>,
     pub endpoints: Vec<Ep>,
+    /// Extra `spec` fields, one per line, e.g. `externalTrafficPolicy: Local`.
+    pub spec: Vec<String>,
+    /// Annotations of the Service.
+    pub annotations: Vec<(String, String)>,
 }
 
 impl Svc {
@@ -73,6 +87,8 @@ impl Svc {
             port,
             node_port: None,
             endpoints,
+            spec: Vec::new(),
+            annotations: Vec::new(),
         }
     }
 
@@ -86,7 +102,8 @@ impl Svc {
     }
 }
 
-/// Renders Services as a state file: Services first, then their slices.
+/// Renders Services as a state file: each Service, then one EndpointSlice per endpoint
+/// port and address family.
 pub fn state_yaml(services: &[Svc]) -> String {
     let mut y = String::new();
     for s in services {
@@ -99,33 +116,52 @@ pub fn state_yaml(services: &[Svc]) -> String {
             .node_port
             .map(|p| format!("\n      nodePort: {p}"))
             .unwrap_or_default();
+        let annotations: Vec<String> = s
+            .annotations
+            .iter()
+            .map(|(k, v)| format!("{k}: \"{v}\""))
+            .collect();
+        let extra: String = s.spec.iter().map(|line| format!("  {line}\n")).collect();
         write!(
             y,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test}}\n\
-             spec:\n  type: {kind}\n  clusterIP: {ip}\n  ports:\n    - name: web\n      port: {port}\n      targetPort: web{node_port}\n",
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test, annotations: {{{annotations}}}}}\n\
+             spec:\n  type: {kind}\n  clusterIP: {ip}\n{extra}  ports:\n    - name: web\n      port: {port}\n      targetPort: web{node_port}\n",
             name = s.name,
+            annotations = annotations.join(", "),
             ip = s.cluster_ip,
             port = s.port,
         )
         .unwrap();
-        // One slice per distinct endpoint port: slices carry one port list each.
-        let mut ports: Vec<u16> = s.endpoints.iter().map(|e| e.addr.port()).collect();
-        ports.sort();
-        ports.dedup();
-        for (i, port) in ports.iter().enumerate() {
+        let mut groups: Vec<(u16, bool)> = s
+            .endpoints
+            .iter()
+            .map(|e| (e.addr.port(), e.addr.is_ipv6()))
+            .collect();
+        groups.sort();
+        groups.dedup();
+        for (i, (port, v6)) in groups.iter().enumerate() {
             write!(
                 y,
                 "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
                  metadata:\n  name: {name}-{i}\n  namespace: test\n  labels: {{kubernetes.io/service-name: {name}}}\n\
                  addressType: {family}\nports: [{{name: web, port: {port}, protocol: TCP}}]\nendpoints:\n",
                 name = s.name,
-                family = if s.cluster_ip.is_ipv6() { "IPv6" } else { "IPv4" },
+                family = if *v6 { "IPv6" } else { "IPv4" },
             )
             .unwrap();
-            for e in s.endpoints.iter().filter(|e| e.addr.port() == *port) {
+            for e in s
+                .endpoints
+                .iter()
+                .filter(|e| (e.addr.port(), e.addr.is_ipv6()) == (*port, *v6))
+            {
+                let node = e
+                    .node
+                    .as_deref()
+                    .map(|n| format!("\n    nodeName: {n}"))
+                    .unwrap_or_default();
                 write!(
                     y,
-                    "  - addresses: [\"{ip}\"]\n    conditions: {{ready: {r}, serving: {s}, terminating: {t}}}\n    targetRef: {{kind: Pod, name: {pod}, namespace: test}}\n",
+                    "  - addresses: [\"{ip}\"]\n    conditions: {{ready: {r}, serving: {s}, terminating: {t}}}\n    targetRef: {{kind: Pod, name: {pod}, namespace: test}}{node}\n",
                     ip = e.addr.ip(),
                     r = e.ready,
                     s = e.serving,
@@ -175,6 +211,7 @@ impl Carousel {
                 },
                 mode: Mode::Bind { nodeport_addresses },
                 balance: BuildOptions { seed: Some(7) },
+                locality: Default::default(),
             },
         };
         let stop = CancellationToken::new();
