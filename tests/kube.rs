@@ -772,3 +772,64 @@ fn the_fake_servers_label_selectors() {
         );
     }
 }
+
+#[test]
+fn rbac_grants_read_only_access_to_what_the_watches_need() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/rbac.yaml"))
+        .expect("deploy/rbac.yaml");
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).expect("YAML"))
+        .collect();
+    let kind = |d: &serde_yaml::Value| d["kind"].as_str().unwrap_or("").to_string();
+    let role = docs
+        .iter()
+        .find(|d| kind(d) == "ClusterRole")
+        .expect("a ClusterRole");
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_sequence().expect("rules") {
+        let verbs: Vec<&str> = rule["verbs"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(verbs, ["get", "list", "watch"], "read-only: {rule:?}");
+        for group in rule["apiGroups"].as_sequence().unwrap() {
+            for resource in rule["resources"].as_sequence().unwrap() {
+                granted.insert(format!(
+                    "{}/{}",
+                    group.as_str().unwrap(),
+                    resource.as_str().unwrap()
+                ));
+            }
+        }
+    }
+    assert_eq!(
+        granted,
+        BTreeSet::from(
+            [
+                "/services",
+                "/nodes",
+                "/pods",
+                "discovery.k8s.io/endpointslices"
+            ]
+            .map(String::from)
+        )
+    );
+    let account = docs.iter().find(|d| kind(d) == "ServiceAccount").unwrap();
+    assert_eq!(account["metadata"]["name"].as_str(), Some("carousel"));
+    assert_eq!(
+        account["metadata"]["namespace"].as_str(),
+        Some("kube-system")
+    );
+    let binding = docs
+        .iter()
+        .find(|d| kind(d) == "ClusterRoleBinding")
+        .unwrap();
+    assert_eq!(binding["roleRef"]["name"].as_str(), Some("carousel"));
+    assert_eq!(binding["subjects"][0]["name"].as_str(), Some("carousel"));
+    assert_eq!(
+        binding["subjects"][0]["namespace"].as_str(),
+        Some("kube-system")
+    );
+}
