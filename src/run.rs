@@ -10,6 +10,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::discovery::convert::Scope;
@@ -33,7 +34,8 @@ pub enum RunError {
     Proxy(#[from] ProxyError),
 }
 
-/// Proxies the Services of a state file until `shutdown` resolves.
+/// Proxies the Services of a state file until `shutdown` resolves, then drains open
+/// connections until they finish or `abandon` resolves.
 ///
 /// The first version of the file must be good: there is no last good state to keep yet.
 pub async fn run_from_file(
@@ -42,6 +44,7 @@ pub async fn run_from_file(
     metrics: TcpListener,
     health: TcpListener,
     shutdown: impl Future<Output = ()>,
+    abandon: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let initial = file::load(&run.path, &run.scope)?;
     tracing::info!(
@@ -50,50 +53,58 @@ pub async fn run_from_file(
         "state file loaded"
     );
     let (tables, updates) = watch::channel(Arc::new(initial.table.clone()));
-    let stop = CancellationToken::new();
-    let servers = [
-        tokio::spawn(telemetry::serve(
-            metrics,
-            telemetry.clone(),
-            Endpoints::Metrics,
-            stop.clone().cancelled_owned(),
-        )),
-        tokio::spawn(telemetry::serve(
-            health,
-            telemetry.clone(),
-            Endpoints::Health,
-            stop.clone().cancelled_owned(),
-        )),
-    ];
-    let mut proxy = tokio::spawn(proxy::run(
-        run.proxy,
-        updates,
-        telemetry.clone(),
-        stop.clone().cancelled_owned(),
-    ));
-    let watcher = tokio::spawn(file::watch(
+    let source = tokio::spawn(file::watch(
         run.path,
         run.scope,
         tables,
         telemetry.clone(),
         initial,
     ));
-    let upkeep = tokio::spawn(telemetry.upkeep());
-    let result = tokio::select! {
-        _ = shutdown => {
-            stop.cancel();
-            proxy.await
-        }
-        // The proxy only ends early when it cannot start.
-        ended = &mut proxy => ended,
-    };
-    stop.cancel();
-    watcher.abort();
+    serve(
+        run.proxy, updates, source, telemetry, metrics, health, shutdown, abandon,
+    )
+    .await
+}
+
+/// Runs the proxy on the tables a discovery `source` task publishes on `updates`, with
+/// the metrics and health servers beside it, until stopped. The servers outlive the
+/// drain, so that `/readyz` says "not ready" while connections finish.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    config: ProxyConfig,
+    updates: watch::Receiver<Arc<crate::model::ServiceTable>>,
+    source: JoinHandle<()>,
+    telemetry: Arc<Telemetry>,
+    metrics: TcpListener,
+    health: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    abandon: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let servers_stop = CancellationToken::new();
+    let servers = [
+        tokio::spawn(telemetry::serve(
+            metrics,
+            telemetry.clone(),
+            Endpoints::Metrics,
+            servers_stop.clone().cancelled_owned(),
+        )),
+        tokio::spawn(telemetry::serve(
+            health,
+            telemetry.clone(),
+            Endpoints::Health,
+            servers_stop.clone().cancelled_owned(),
+        )),
+    ];
+    let upkeep = tokio::spawn(telemetry.clone().upkeep());
+    // A failure to start ends the proxy at once, without waiting for a signal.
+    let result = proxy::run(config, updates, telemetry, shutdown, abandon).await;
+    source.abort();
     upkeep.abort();
+    servers_stop.cancel();
     for task in servers {
         let _ = task.await;
     }
-    result.expect("the proxy task does not panic")?;
+    result?;
     Ok(())
 }
 
