@@ -16,6 +16,33 @@ use crate::proxy::ejection::now_ms;
 /// Bytes buffered per direction of a connection.
 pub const BUFFER_SIZE: usize = 16 * 1024;
 
+/// What ended a connection early, and on whose side.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("client side: {0}")]
+    Client(#[source] io::Error),
+    #[error("endpoint side: {0}")]
+    Endpoint(#[source] io::Error),
+    #[error("no byte either way for the idle timeout")]
+    Idle,
+}
+
+/// Which socket an I/O error came from.
+#[derive(Clone, Copy)]
+enum Side {
+    Client,
+    Endpoint,
+}
+
+impl Side {
+    fn error(self, e: io::Error) -> CopyError {
+        match self {
+            Side::Client => CopyError::Client(e),
+            Side::Endpoint => CopyError::Endpoint(e),
+        }
+    }
+}
+
 /// Copies `client` ⇄ `upstream`. The first error ends both directions (the other one
 /// may be waiting on a peer that will never speak again), and so does `idle_timeout`
 /// without a byte either way.
@@ -25,12 +52,22 @@ pub async fn copy_both_ways(
     to_endpoint: &Counter,
     to_client: &Counter,
     idle_timeout: Option<Duration>,
-) -> io::Result<()> {
+) -> Result<(), CopyError> {
     let activity = AtomicU64::new(now_ms());
     let copy = async {
         tokio::try_join!(
-            copy_one_way(client, upstream, to_endpoint, &activity),
-            copy_one_way(upstream, client, to_client, &activity),
+            copy_one_way(
+                (client, Side::Client),
+                (upstream, Side::Endpoint),
+                to_endpoint,
+                &activity
+            ),
+            copy_one_way(
+                (upstream, Side::Endpoint),
+                (client, Side::Client),
+                to_client,
+                &activity
+            ),
         )
         .map(|_| ())
     };
@@ -38,7 +75,7 @@ pub async fn copy_both_ways(
         None => copy.await,
         Some(limit) => tokio::select! {
             result = copy => result,
-            () = idle(&activity, limit) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+            () = idle(&activity, limit) => Err(CopyError::Idle),
         },
     }
 }
@@ -58,26 +95,28 @@ async fn idle(activity: &AtomicU64, limit: Duration) {
 
 /// Copies until end of stream, then shuts down the writer: the half-close passes on.
 async fn copy_one_way(
-    from: &TcpStream,
-    to: &TcpStream,
+    (from, from_side): (&TcpStream, Side),
+    (to, to_side): (&TcpStream, Side),
     bytes: &Counter,
     activity: &AtomicU64,
-) -> io::Result<()> {
+) -> Result<(), CopyError> {
     let mut buf: Option<Box<[u8]>> = None;
     loop {
-        from.readable().await?;
+        from.readable().await.map_err(|e| from_side.error(e))?;
         let buf = buf.get_or_insert_with(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
         let n = match from.try_read(buf) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(from_side.error(e)),
         };
         if n == 0 {
             // The peer may be gone already; then there is nobody left to tell.
             let _ = SockRef::from(to).shutdown(Shutdown::Write);
             return Ok(());
         }
-        write_all(to, &buf[..n]).await?;
+        write_all(to, &buf[..n])
+            .await
+            .map_err(|e| to_side.error(e))?;
         bytes.increment(n as u64);
         activity.store(now_ms(), Ordering::Relaxed);
     }

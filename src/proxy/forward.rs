@@ -11,7 +11,7 @@ use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::addr::{ClientAddr, PodAddr};
-use crate::proxy::copy::copy_both_ways;
+use crate::proxy::copy::{copy_both_ways, CopyError};
 use crate::proxy::ejection::now_ms;
 use crate::proxy::routes::{Route, RouteEndpoint};
 
@@ -46,6 +46,9 @@ impl Default for ForwardConfig {
 pub enum ForwardError {
     #[error("no endpoint for the service")]
     NoEndpoint,
+    /// This host is out of something (descriptors, say): no endpoint is to blame.
+    #[error("cannot open a socket to an endpoint: {0}")]
+    Local(#[source] io::Error),
     #[error("{attempts} endpoint(s) failed; last: {last}")]
     ConnectFailed {
         attempts: usize,
@@ -95,6 +98,17 @@ pub async fn forward(
         tracing::debug!(%peer, endpoint = %endpoint.addr, error = %e, "connection ended by an error");
         reset(&client);
         reset(&upstream);
+        // A pod that resets its connections is as unhealthy as one that refuses them:
+        // new connections avoid it for a while.
+        if let CopyError::Endpoint(io) = &e {
+            if matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+            ) {
+                endpoint.ejection.failed(now_ms());
+                stats.ejections.increment(1);
+            }
+        }
     }
     Ok(())
 }
@@ -139,10 +153,12 @@ async fn connect(
     let mut last = None;
     for endpoint in candidates {
         let started = Instant::now();
+        let socket = socket_for(endpoint.addr, config).map_err(ForwardError::Local)?;
         let result =
-            tokio::time::timeout(config.connect_timeout, dial(endpoint.addr, config)).await;
+            tokio::time::timeout(config.connect_timeout, socket.connect(endpoint.addr.0)).await;
         let error = match result {
             Ok(Ok(stream)) => {
+                set_keepalive(&stream, config.keepalive);
                 endpoint
                     .stats
                     .connect_duration
@@ -166,7 +182,8 @@ async fn connect(
     })
 }
 
-async fn dial(addr: PodAddr, config: ForwardConfig) -> io::Result<TcpStream> {
+/// A socket for a connection to `addr`, marked so that the redirect rules skip it.
+fn socket_for(addr: PodAddr, config: ForwardConfig) -> io::Result<TcpSocket> {
     let socket = match addr.0 {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -175,7 +192,5 @@ async fn dial(addr: PodAddr, config: ForwardConfig) -> io::Result<TcpStream> {
         SockRef::from(&socket).set_mark(mark)?;
     }
     socket.set_nodelay(true)?;
-    let stream = socket.connect(addr.0).await?;
-    set_keepalive(&stream, config.keepalive);
-    Ok(stream)
+    Ok(socket)
 }
