@@ -162,14 +162,13 @@ fn slice_change_to_traffic(c: &mut Criterion) {
             proxy: ProxyConfig {
                 forward: ForwardConfig {
                     connect_timeout: Duration::from_secs(1),
-                    connect_attempts: 3,
-                    mark: None,
+                    ..ForwardConfig::default()
                 },
                 mode: Mode::Bind {
                     nodeport_addresses: Vec::new(),
                 },
                 balance: BuildOptions { seed: Some(1) },
-                locality: Default::default(),
+                ..ProxyConfig::default()
             },
         };
         let stop = tokio_util::sync::CancellationToken::new();
@@ -181,6 +180,7 @@ fn slice_change_to_traffic(c: &mut Criterion) {
             metrics,
             health,
             stop.clone().cancelled_owned(),
+            std::future::ready(()),
         ));
         // Bounded: the first sync takes well under a second.
         for _ in 0..500 {

@@ -90,6 +90,22 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=16))]
     pub connect_attempts: u8,
 
+    /// On SIGTERM, how long open connections may take to finish before carousel exits.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Refuse new connections beyond this many open ones (default: no limit).
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Close a connection that carried no byte either way for this long (default: never, as kube-proxy).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub tcp_idle_timeout: Option<Duration>,
+
+    /// TCP keepalive on both sides of every connection: idle time before the first probe ("0s": off).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub tcp_keepalive: Duration,
+
     /// Seed for the balancers that draw random numbers (reproducible runs).
     #[arg(long)]
     pub seed: Option<u64>,

@@ -1,5 +1,6 @@
 //! The `carousel` command: parses flags, sets up logging, and hands over to the library.
 
+use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,6 +15,8 @@ use carousel::telemetry::Telemetry;
 use carousel::{balance, lab};
 use clap::Parser;
 use ipnet::IpNet;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::oneshot;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -87,7 +90,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             connect_timeout: args.connect_timeout,
             connect_attempts: args.connect_attempts.into(),
             mark: None,
+            idle_timeout: args.tcp_idle_timeout,
+            keepalive: (!args.tcp_keepalive.is_zero()).then_some(args.tcp_keepalive),
         },
+        max_connections: args.max_connections,
         mode,
         balance: balance::BuildOptions { seed: args.seed },
         // In a cluster without --zone, the zone comes from this node's Node object.
@@ -103,10 +109,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot serve health on {}", args.healthz_bind_address))?;
     tracing::info!(metrics = %args.metrics_bind_address, health = %args.healthz_bind_address, "serving telemetry");
+    let (shutdown, abandon) = signals(args.drain_timeout);
     match args.from_file {
         Some(path) => {
             let config = FileRun { path, scope, proxy };
-            run::run_from_file(config, Telemetry::new(), metrics, health, shutdown_signal())
+            run::run_from_file(config, Telemetry::new(), metrics, health, shutdown, abandon)
                 .await?;
         }
         None => {
@@ -121,20 +128,40 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 },
                 proxy,
             };
-            run::run_from_cluster(config, Telemetry::new(), metrics, health, shutdown_signal())
+            run::run_from_cluster(config, Telemetry::new(), metrics, health, shutdown, abandon)
                 .await?;
         }
     }
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler can be installed");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
+/// The first SIGTERM (or SIGINT) starts the shutdown; the drain ends when `drain_timeout`
+/// has passed since, or at a second signal.
+fn signals(drain_timeout: Duration) -> (impl Future<Output = ()>, impl Future<Output = ()>) {
+    let (first_tx, first_rx) = oneshot::channel::<()>();
+    let (second_tx, second_rx) = oneshot::channel::<()>();
+    // Installed now, not in the task, so that no early signal meets the default action.
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler can be installed");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler can be installed");
+    tokio::spawn(async move {
+        for tx in [first_tx, second_tx] {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            let _ = tx.send(());
+        }
+    });
+    let shutdown = async move {
+        let _ = first_rx.await;
+        tracing::info!("shutting down: no new connections; draining the open ones");
+    };
+    // Polled only once the shutdown has begun, so the deadline counts from there.
+    let abandon = async move {
+        tokio::select! {
+            _ = second_rx => tracing::warn!("second signal: exiting now"),
+            () = tokio::time::sleep(drain_timeout) => tracing::warn!(?drain_timeout, "drain timeout reached"),
+        }
+    };
+    (shutdown, abandon)
 }

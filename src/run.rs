@@ -42,7 +42,8 @@ pub enum RunError {
     SourceEnded,
 }
 
-/// Proxies the Services of a state file until `shutdown` resolves.
+/// Proxies the Services of a state file until `shutdown` resolves, then drains open
+/// connections until they finish or `abandon` resolves.
 ///
 /// The first version of the file must be good: there is no last good state to keep yet.
 pub async fn run_from_file(
@@ -51,6 +52,7 @@ pub async fn run_from_file(
     metrics: TcpListener,
     health: TcpListener,
     shutdown: impl Future<Output = ()>,
+    abandon: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let initial = file::load(&run.path, &run.scope)?;
     tracing::info!(
@@ -72,7 +74,10 @@ pub async fn run_from_file(
         zone: None,
         source,
     };
-    serve(run.proxy, start, telemetry, metrics, health, shutdown).await
+    serve(
+        run.proxy, start, telemetry, metrics, health, shutdown, abandon,
+    )
+    .await
 }
 
 /// What `carousel run` needs to proxy a cluster's Services.
@@ -85,7 +90,8 @@ pub struct ClusterRun {
     pub proxy: ProxyConfig,
 }
 
-/// Proxies the Services of a cluster until `shutdown` resolves.
+/// Proxies the Services of a cluster until `shutdown` resolves, then drains as
+/// `run_from_file` does.
 ///
 /// Health stays 503 until every watch has listed once and the first table is applied;
 /// when the API server goes away, the last table keeps serving while the watches
@@ -96,6 +102,7 @@ pub async fn run_from_cluster(
     metrics: TcpListener,
     health: TcpListener,
     shutdown: impl Future<Output = ()>,
+    abandon: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let client = kube::connect(run.kubeconfig.as_deref()).await?;
     let store = Store::new(
@@ -120,7 +127,10 @@ pub async fn run_from_cluster(
         zone: Some(zones),
         source,
     };
-    serve(run.proxy, start, telemetry, metrics, health, shutdown).await
+    serve(
+        run.proxy, start, telemetry, metrics, health, shutdown, abandon,
+    )
+    .await
 }
 
 /// A running discovery source, as `serve` takes it.
@@ -133,83 +143,77 @@ struct Start {
     source: JoinHandle<()>,
 }
 
-/// The part every source shares: telemetry servers at once, the proxy from the first
-/// table on, and an orderly stop.
+/// Runs the proxy on the tables a discovery `source` task publishes on `updates`, with
+/// the metrics and health servers beside it, until stopped. The servers outlive the
+/// drain, so that `/readyz` says "not ready" while connections finish.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
-    mut proxy_config: ProxyConfig,
+    mut config: ProxyConfig,
     start: Start,
     telemetry: Arc<Telemetry>,
     metrics: TcpListener,
     health: TcpListener,
     shutdown: impl Future<Output = ()>,
+    abandon: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    tokio::pin!(shutdown);
+    let servers_stop = CancellationToken::new();
+    let servers = [
+        tokio::spawn(telemetry::serve(
+            metrics,
+            telemetry.clone(),
+            Endpoints::Metrics,
+            servers_stop.clone().cancelled_owned(),
+        )),
+        tokio::spawn(telemetry::serve(
+            health,
+            telemetry.clone(),
+            Endpoints::Health,
+            servers_stop.clone().cancelled_owned(),
+        )),
+    ];
+    let upkeep = tokio::spawn(telemetry.clone().upkeep());
     let Start {
         mut updates,
         wait_for_first,
         zone,
         source,
     } = start;
-    let stop = CancellationToken::new();
-    let servers = [
-        tokio::spawn(telemetry::serve(
-            metrics,
-            telemetry.clone(),
-            Endpoints::Metrics,
-            stop.clone().cancelled_owned(),
-        )),
-        tokio::spawn(telemetry::serve(
-            health,
-            telemetry.clone(),
-            Endpoints::Health,
-            stop.clone().cancelled_owned(),
-        )),
-    ];
-    let upkeep = tokio::spawn(telemetry.clone().upkeep());
-    let finish = |servers: [JoinHandle<()>; 2]| async {
-        stop.cancel();
-        source.abort();
-        upkeep.abort();
-        for task in servers {
-            let _ = task.await;
+    tokio::pin!(shutdown);
+    let first = async {
+        if wait_for_first {
+            // A source that ends before its first table leaves nothing to serve.
+            updates.changed().await.is_ok()
+        } else {
+            true
         }
     };
-    if wait_for_first {
-        tokio::select! {
-            _ = &mut shutdown => {
-                finish(servers).await;
-                return Ok(());
-            }
-            changed = updates.changed() => if changed.is_err() {
-                finish(servers).await;
-                return Err(RunError::SourceEnded);
-            },
-        }
-    }
-    if let (None, Some(zone)) = (&proxy_config.locality.zone, zone) {
-        proxy_config.locality.zone = zone.borrow().clone();
-    }
-    tracing::info!(
-        node = proxy_config.locality.node.as_deref().unwrap_or("(unknown)"),
-        zone = proxy_config.locality.zone.as_deref().unwrap_or("(none)"),
-        "starting the proxy"
-    );
-    let mut proxy = tokio::spawn(proxy::run(
-        proxy_config,
-        updates,
-        telemetry.clone(),
-        stop.clone().cancelled_owned(),
-    ));
     let result = tokio::select! {
-        _ = &mut shutdown => {
-            stop.cancel();
-            proxy.await
-        }
-        // The proxy only ends early when it cannot start.
-        ended = &mut proxy => ended,
+        // Stopped before the first sync: there is nothing to drain.
+        () = &mut shutdown => Ok(()),
+        ready = first => if ready {
+            if let (None, Some(zone)) = (&config.locality.zone, zone) {
+                config.locality.zone = zone.borrow().clone();
+            }
+            tracing::info!(
+                node = config.locality.node.as_deref().unwrap_or("(unknown)"),
+                zone = config.locality.zone.as_deref().unwrap_or("(none)"),
+                "starting the proxy"
+            );
+            // A failure to start ends the proxy at once, without waiting for a signal.
+            proxy::run(config, updates, telemetry, shutdown, abandon)
+                .await
+                .map_err(RunError::from)
+        } else {
+            Err(RunError::SourceEnded)
+        },
     };
-    finish(servers).await;
-    result.expect("the proxy task does not panic")?;
+    source.abort();
+    upkeep.abort();
+    servers_stop.cancel();
+    for task in servers {
+        let _ = task.await;
+    }
+    result?;
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,6 +31,9 @@ pub mod names {
     /// From an EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time` to
     /// the publication of the first table holding the change (the Kubernetes SLI).
     pub const NETWORK_PROGRAMMING_DURATION: &str = "carousel_network_programming_duration_seconds";
+    pub const EJECTIONS_TOTAL: &str = "carousel_endpoint_ejections_total";
+    pub const REJECTED_TOTAL: &str = "carousel_connections_rejected_total";
+    pub const ACCEPT_ERRORS_TOTAL: &str = "carousel_accept_errors_total";
 }
 
 /// Histogram buckets for everything measured in seconds: 100 µs to 5 min.
@@ -117,9 +121,19 @@ impl Telemetry {
 #[derive(Debug, Default)]
 pub struct Health {
     last_sync: Mutex<Option<SystemTime>>,
+    draining: AtomicBool,
 }
 
 impl Health {
+    /// Shutting down: not ready for new connections any more, though still alive.
+    pub fn draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     pub fn synced(&self) {
         *self.last_sync.lock().expect("health lock poisoned") = Some(SystemTime::now());
     }
@@ -183,6 +197,10 @@ fn respond<B>(telemetry: &Telemetry, which: Endpoints, req: &Request<B>) -> Resp
     };
     match (which, req.uri().path()) {
         (Endpoints::Metrics, "/metrics") => reply(StatusCode::OK, telemetry.render()),
+        (Endpoints::Health, "/readyz") if telemetry.health.is_draining() => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n".to_string(),
+        ),
         (Endpoints::Health, "/healthz" | "/readyz") => match telemetry.health.last_sync() {
             Some(at) => {
                 let secs = at

@@ -143,6 +143,202 @@ async fn demo_runs_by_itself_and_shows_the_round_robin_split() {
     assert!(stdout.contains("/metrics"));
 }
 
+/// A carousel binary on a state file with one echo pod, its health port, and the Service.
+struct Running {
+    child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+    health: std::net::SocketAddr,
+    metrics: std::net::SocketAddr,
+    service: std::net::SocketAddr,
+}
+
+async fn start_binary(
+    net: u8,
+    echo: std::net::SocketAddr,
+    extra: &[&str],
+    wrap: Option<&str>,
+) -> Running {
+    let svc = Svc::new(
+        "bin",
+        &format!("127.97.{net}.1"),
+        8080,
+        vec![Ep::ready(echo, "echo")],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.yaml");
+    std::fs::write(&state, svc.state()).unwrap();
+    let (health, metrics) = (
+        format!("127.97.{net}.2:10256"),
+        format!("127.97.{net}.2:10249"),
+    );
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--from-file".into(),
+        state.display().to_string(),
+    ];
+    args.extend([
+        "--healthz-bind-address".into(),
+        health.clone(),
+        "--metrics-bind-address".into(),
+        metrics.clone(),
+    ]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut cmd = match wrap {
+        // e.g. `ulimit -n 40 && exec "$0" "$@"`: the limit applies to carousel alone.
+        Some(script) => {
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(script).arg(BIN).args(&args);
+            c
+        }
+        None => {
+            let mut c = Command::new(BIN);
+            c.args(&args);
+            c
+        }
+    };
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let running = Running {
+        child,
+        _dir: dir,
+        health: health.parse().unwrap(),
+        metrics: metrics.parse().unwrap(),
+        service: svc.addr(),
+    };
+    eventually("carousel is ready", || async {
+        matches!(http_get(running.health, "/readyz").await, Ok((200, _)))
+    })
+    .await;
+    running
+}
+
+impl Running {
+    async fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("still running").to_string();
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .await
+            .unwrap()
+            .success());
+    }
+}
+
+async fn echo_once(s: &mut tokio::net::TcpStream, msg: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(msg).await.unwrap();
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, msg);
+}
+
+#[tokio::test]
+async fn sigterm_stops_accepting_reports_not_ready_and_drains_then_exits_zero() {
+    let (echo, _task) = echo_server("127.0.0.1").await;
+    let mut c = start_binary(1, echo, &[], None).await;
+    let mut open = tokio::net::TcpStream::connect(c.service).await.unwrap();
+    echo_once(&mut open, b"before").await;
+
+    c.signal("-TERM").await;
+    eventually("/readyz turns 503", || async {
+        matches!(http_get(c.health, "/readyz").await, Ok((503, _)))
+    })
+    .await;
+    eventually("the listener is closed", || async {
+        tokio::net::TcpStream::connect(c.service).await.is_err()
+    })
+    .await;
+    echo_once(&mut open, b"during the drain").await;
+    assert!(
+        c.child.try_wait().unwrap().is_none(),
+        "still draining while a connection is open"
+    );
+
+    drop(open);
+    let status = tokio::time::timeout(PATIENCE, c.child.wait())
+        .await
+        .expect("exits once drained")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn a_second_sigterm_or_the_drain_timeout_ends_the_drain() {
+    let (echo, _task) = echo_server("127.0.0.1").await;
+    let mut twice = start_binary(2, echo, &[], None).await;
+    let mut open = tokio::net::TcpStream::connect(twice.service).await.unwrap();
+    echo_once(&mut open, b"x").await;
+    twice.signal("-TERM").await;
+    eventually("/readyz turns 503", || async {
+        matches!(http_get(twice.health, "/readyz").await, Ok((503, _)))
+    })
+    .await;
+    twice.signal("-TERM").await;
+    let status = tokio::time::timeout(PATIENCE, twice.child.wait())
+        .await
+        .expect("exits at once")
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    let mut timed = start_binary(3, echo, &["--drain-timeout", "300ms"], None).await;
+    let mut open = tokio::net::TcpStream::connect(timed.service).await.unwrap();
+    echo_once(&mut open, b"y").await;
+    timed.signal("-TERM").await;
+    let status = tokio::time::timeout(PATIENCE, timed.child.wait())
+        .await
+        .expect("exits at the drain timeout")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn descriptor_exhaustion_backs_off_and_recovers() {
+    let (echo, _task) = echo_server("127.0.0.1").await;
+    let c = start_binary(4, echo, &[], Some(r#"ulimit -n 48 && exec "$0" "$@""#)).await;
+
+    // Far more connections than 48 descriptors allow: carousel runs out while accepting.
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect(c.service),
+        )
+        .await
+        {
+            held.push(s);
+        }
+    }
+    // Out of descriptors for a second: the accept loop must rest, not spin.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(held);
+
+    // Descriptors free up: new connections work again, and the process never died.
+    eventually("new connections are served again", || async {
+        let Ok(mut s) = tokio::net::TcpStream::connect(c.service).await else {
+            return false;
+        };
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut got = [0u8; 2];
+        s.write_all(b"ok").await.is_ok() && s.read_exact(&mut got).await.is_ok()
+    })
+    .await;
+    let (status, text) = http_get(c.metrics, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    let errors: f64 = text
+        .lines()
+        .find(|l| l.starts_with("carousel_accept_errors_total "))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("accept errors are counted");
+    // Each failed accept rests 100 ms: a few seconds of exhaustion on two listeners can
+    // count a few dozen; a busy loop would count hundreds of thousands.
+    assert!((1.0..=200.0).contains(&errors), "accept errors: {errors}");
+}
+
 #[tokio::test]
 async fn run_serves_a_cluster_through_a_kubeconfig() {
     let api = common::fake_apiserver::FakeApiServer::start().await;

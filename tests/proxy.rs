@@ -105,16 +105,18 @@ async fn a_refusing_endpoint_is_skipped_without_a_client_error() {
     );
     assert!(!counts.contains_key("dead"));
     let text = carousel.metrics_text().await;
+    let dead = [("pod", "dead")];
     let errors = metric(
         &text,
         "carousel_connections_total",
-        &[("pod", "dead"), ("outcome", "connect_error")],
-    );
-    assert_eq!(
-        errors,
-        Some(20.0),
-        "a third of the picks hit the dead pod first:\n{text}"
-    );
+        &[dead[0], ("outcome", "connect_error")],
+    )
+    .unwrap();
+    let ejections = metric(&text, "carousel_endpoint_ejections_total", &dead).unwrap();
+    assert!(errors >= 1.0, "the dead pod was tried:\n{text}");
+    assert_eq!(ejections, errors, "each failure ejects it");
+    // Without ejection every third connection would try the dead pod first.
+    assert!(errors < 20.0, "an ejected pod is passed over:\n{text}");
     carousel.stop().await;
 }
 

@@ -122,6 +122,8 @@ pub async fn run(connections: u32) -> Result<(), DemoError> {
         updates,
         telemetry.clone(),
         stop.clone().cancelled_owned(),
+        // Every demo connection has finished by the time the demo stops.
+        std::future::ready(()),
     ));
 
     println!(

@@ -1,23 +1,19 @@
 //! One client connection: pick an endpoint, connect (with a timeout, moving on to the
-//! next endpoint when one refuses), then copy both ways until both sides are done,
-//! carrying a half-close from each side to the other.
+//! next endpoint when one fails and ejecting the failed one for a while), then copy both
+//! ways until both sides are done.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use metrics::Counter;
-use socket2::SockRef;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{ReadHalf, WriteHalf};
+use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::addr::{ClientAddr, PodAddr};
+use crate::proxy::copy::{copy_both_ways, CopyError};
+use crate::proxy::ejection::now_ms;
 use crate::proxy::routes::{Route, RouteEndpoint};
-
-/// Bytes buffered per direction of a connection.
-const BUFFER_SIZE: usize = 16 * 1024;
 
 /// How connections are forwarded.
 #[derive(Clone, Copy, Debug)]
@@ -27,6 +23,10 @@ pub struct ForwardConfig {
     pub connect_attempts: usize,
     /// Socket mark of connections to pods, so that the redirect rules skip them.
     pub mark: Option<u32>,
+    /// Close a connection that carried no byte either way for this long (off: as kube-proxy).
+    pub idle_timeout: Option<Duration>,
+    /// TCP keepalive on both sides: idle time before the first probe.
+    pub keepalive: Option<Duration>,
 }
 
 impl Default for ForwardConfig {
@@ -35,6 +35,8 @@ impl Default for ForwardConfig {
             connect_timeout: Duration::from_secs(2),
             connect_attempts: 3,
             mark: None,
+            idle_timeout: None,
+            keepalive: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -44,6 +46,9 @@ impl Default for ForwardConfig {
 pub enum ForwardError {
     #[error("no endpoint for the service")]
     NoEndpoint,
+    /// This host is out of something (descriptors, say): no endpoint is to blame.
+    #[error("cannot open a socket to an endpoint: {0}")]
+    Local(#[source] io::Error),
     #[error("{attempts} endpoint(s) failed; last: {last}")]
     ConnectFailed {
         attempts: usize,
@@ -54,44 +59,78 @@ pub enum ForwardError {
 
 /// Forwards `client` to an endpoint of `route` and copies until both sides are done.
 pub async fn forward(
-    mut client: TcpStream,
+    client: TcpStream,
     peer: ClientAddr,
     route: &Route,
     config: ForwardConfig,
 ) -> Result<(), ForwardError> {
-    let (mut upstream, endpoint) = match connect(peer, route, config).await {
+    let (upstream, endpoint) = match connect(peer, route, config).await {
         Ok(connected) => connected,
         Err(e) => {
             if matches!(e, ForwardError::NoEndpoint) {
                 route.no_endpoint.increment(1);
             }
-            // A reset, not a clean close: the client must not mistake it for an empty answer.
-            let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            reset(&client);
             return Err(e);
         }
     };
     let _ = client.set_nodelay(true);
+    set_keepalive(&client, config.keepalive);
     let stats = &endpoint.stats;
     let started = Instant::now();
     endpoint.active.fetch_add(1, Ordering::Relaxed);
     stats.active.increment(1.0);
-    let result = copy_both_ways(&mut client, &mut upstream, endpoint).await;
+    let result = copy_both_ways(
+        &client,
+        &upstream,
+        &stats.bytes_to_endpoint,
+        &stats.bytes_to_client,
+        config.idle_timeout,
+    )
+    .await;
     endpoint.active.fetch_sub(1, Ordering::Relaxed);
     stats.active.decrement(1.0);
     stats
         .connection_duration
         .record(started.elapsed().as_secs_f64());
     if let Err(e) = result {
-        // One side failed: pass the failure on as a reset rather than a clean close.
+        // One side failed (or went idle): pass it on as a reset rather than a clean close.
         tracing::debug!(%peer, endpoint = %endpoint.addr, error = %e, "connection ended by an error");
-        let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
-        let _ = SockRef::from(&upstream).set_linger(Some(Duration::ZERO));
+        reset(&client);
+        reset(&upstream);
+        // A pod that resets its connections is as unhealthy as one that refuses them:
+        // new connections avoid it for a while.
+        if let CopyError::Endpoint(io) = &e {
+            if matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+            ) {
+                endpoint.ejection.failed(now_ms());
+                stats.ejections.increment(1);
+            }
+        }
     }
     Ok(())
 }
 
-/// Connects to the endpoint the balancer picks; when it refuses or times out, to the
-/// next ones in order, up to `connect_attempts` endpoints in all.
+/// Makes the coming close a reset: the peer must not mistake it for a complete answer.
+pub fn reset(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+fn set_keepalive(stream: &TcpStream, idle: Option<Duration>) {
+    if let Some(idle) = idle {
+        let keepalive = TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(Duration::from_secs(10))
+            .with_retries(6);
+        let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+    }
+}
+
+/// Connects to the endpoint the balancer picks, or to the ones after it when it fails,
+/// up to `connect_attempts` endpoints in all. Ejected endpoints are passed over while
+/// any other is left.
 async fn connect(
     peer: ClientAddr,
     route: &Route,
@@ -99,27 +138,42 @@ async fn connect(
 ) -> Result<(TcpStream, &RouteEndpoint), ForwardError> {
     let n = route.endpoints.len();
     let first = route.pick(peer).ok_or(ForwardError::NoEndpoint)?;
-    let attempts = config.connect_attempts.clamp(1, n);
+    let now = now_ms();
+    let in_turn = (0..n).map(|i| &route.endpoints[(first + i) % n]);
+    let mut candidates: Vec<&RouteEndpoint> = in_turn
+        .clone()
+        .filter(|e| !e.ejection.is_ejected(now))
+        .take(config.connect_attempts)
+        .collect();
+    if candidates.is_empty() {
+        // Every endpoint is ejected: trying one beats refusing the client outright.
+        candidates.extend(in_turn.take(config.connect_attempts));
+    }
+    let attempts = candidates.len();
     let mut last = None;
-    for i in 0..attempts {
-        let endpoint = &route.endpoints[(first + i) % n];
+    for endpoint in candidates {
         let started = Instant::now();
+        let socket = socket_for(endpoint.addr, config).map_err(ForwardError::Local)?;
         let result =
-            tokio::time::timeout(config.connect_timeout, dial(endpoint.addr, config.mark)).await;
+            tokio::time::timeout(config.connect_timeout, socket.connect(endpoint.addr.0)).await;
         let error = match result {
             Ok(Ok(stream)) => {
+                set_keepalive(&stream, config.keepalive);
                 endpoint
                     .stats
                     .connect_duration
                     .record(started.elapsed().as_secs_f64());
                 endpoint.stats.ok.increment(1);
+                endpoint.ejection.succeeded();
                 return Ok((stream, endpoint));
             }
             Ok(Err(e)) => e,
             Err(_) => io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
         };
-        tracing::debug!(%peer, endpoint = %endpoint.addr, error = %error, "connect failed");
+        let period = endpoint.ejection.failed(now_ms());
+        tracing::debug!(%peer, endpoint = %endpoint.addr, error = %error, ejected_for = ?period, "connect failed");
         endpoint.stats.connect_errors.increment(1);
+        endpoint.stats.ejections.increment(1);
         last = Some(error);
     }
     Err(ForwardError::ConnectFailed {
@@ -128,51 +182,15 @@ async fn connect(
     })
 }
 
-async fn dial(addr: PodAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+/// A socket for a connection to `addr`, marked so that the redirect rules skip it.
+fn socket_for(addr: PodAddr, config: ForwardConfig) -> io::Result<TcpSocket> {
     let socket = match addr.0 {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    if let Some(mark) = mark {
+    if let Some(mark) = config.mark {
         SockRef::from(&socket).set_mark(mark)?;
     }
     socket.set_nodelay(true)?;
-    socket.connect(addr.0).await
-}
-
-async fn copy_both_ways(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
-    endpoint: &RouteEndpoint,
-) -> io::Result<()> {
-    let (client_read, client_write) = client.split();
-    let (upstream_read, upstream_write) = upstream.split();
-    // The first error ends both directions: the other one may be waiting on a peer
-    // that will never speak again.
-    tokio::try_join!(
-        copy_one_way(
-            client_read,
-            upstream_write,
-            &endpoint.stats.bytes_to_endpoint
-        ),
-        copy_one_way(upstream_read, client_write, &endpoint.stats.bytes_to_client),
-    )?;
-    Ok(())
-}
-
-/// Copies until end of stream, then shuts down the writer: the half-close passes on.
-async fn copy_one_way(
-    mut from: ReadHalf<'_>,
-    mut to: WriteHalf<'_>,
-    bytes: &Counter,
-) -> io::Result<()> {
-    let mut buf = vec![0u8; BUFFER_SIZE];
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            return to.shutdown().await;
-        }
-        to.write_all(&buf[..n]).await?;
-        bytes.increment(n as u64);
-    }
+    Ok(socket)
 }

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,10 +14,14 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use metrics::{Counter, Label};
+use tokio_util::task::TaskTracker;
+
 use crate::addr::{ClientAddr, ServiceAddr};
 use crate::proxy::forward::{self, ForwardConfig, ForwardError};
 use crate::proxy::original_dst::original_dst;
 use crate::proxy::routes::RouteTable;
+use crate::telemetry::{names, Telemetry};
 
 /// Opens a listening TCP socket with the options a proxy wants.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -60,12 +65,7 @@ pub struct Listeners {
 
 impl Listeners {
     /// Opens the listeners that are wanted and not open, closes those no longer wanted.
-    pub fn reconcile(
-        &mut self,
-        wanted: &BTreeMap<ServiceAddr, String>,
-        routes: &Arc<ArcSwap<RouteTable>>,
-        config: ForwardConfig,
-    ) {
+    pub fn reconcile(&mut self, wanted: &BTreeMap<ServiceAddr, String>, intake: &Accepting) {
         self.open.retain(|addr, task| {
             let keep = wanted.contains_key(addr);
             if !keep {
@@ -86,8 +86,7 @@ impl Listeners {
                     let task = tokio::spawn(accept_loop(
                         listener,
                         Dialed::Listener(*addr),
-                        routes.clone(),
-                        config,
+                        intake.clone(),
                     ));
                     self.open.insert(*addr, task);
                 }
@@ -133,24 +132,83 @@ pub enum Dialed {
     OriginalDst,
 }
 
+/// What every accept loop shares: the routes, how to forward, the open connections
+/// (so that shutdown can wait for them) and the connection limit.
+#[derive(Clone, Debug)]
+pub struct Accepting {
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    pub forward: ForwardConfig,
+    pub connections: TaskTracker,
+    pub limit: Arc<Limit>,
+}
+
+/// `--max-connections` and what it and the accept loop count.
+#[derive(Debug)]
+pub struct Limit {
+    pub max: Option<usize>,
+    open: AtomicUsize,
+    /// `carousel_connections_rejected_total{reason="max_connections"}`.
+    pub rejected: Counter,
+    /// `carousel_accept_errors_total`: e.g. out of file descriptors.
+    pub accept_errors: Counter,
+}
+
+impl Limit {
+    pub fn new(max: Option<usize>, telemetry: &Telemetry) -> Self {
+        Self {
+            max,
+            open: AtomicUsize::new(0),
+            rejected: telemetry.counter(
+                names::REJECTED_TOTAL,
+                vec![Label::new("reason", "max_connections")],
+            ),
+            accept_errors: telemetry.counter(names::ACCEPT_ERRORS_TOTAL, Vec::new()),
+        }
+    }
+
+    /// Takes a slot for a new connection, or `None` when the limit is reached.
+    fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let open = self.open.fetch_add(1, Ordering::Relaxed);
+        if self.max.is_some_and(|max| open >= max) {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Slot(self.clone()))
+    }
+}
+
+/// One admitted connection; gives its slot back when dropped.
+struct Slot(Arc<Limit>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How long the accept loop rests after a failed accept (out of descriptors, say), so
+/// that it waits for resources instead of spinning on the same error.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Accepts connections and hands each to its own task.
-pub async fn accept_loop(
-    listener: TcpListener,
-    dialed: Dialed,
-    routes: Arc<ArcSwap<RouteTable>>,
-    config: ForwardConfig,
-) {
+pub async fn accept_loop(listener: TcpListener, dialed: Dialed, intake: Accepting) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                // Out of descriptors or memory: back off instead of spinning.
+                intake.limit.accept_errors.increment(1);
                 tracing::warn!(?dialed, error = %e, "accept failed; backing off");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
         let peer = ClientAddr(peer);
+        let Some(slot) = intake.limit.admit() else {
+            intake.limit.rejected.increment(1);
+            forward::reset(&stream);
+            tracing::debug!(%peer, "connection limit reached; connection refused");
+            continue;
+        };
         let target = match dialed {
             Dialed::Listener(addr) => addr,
             Dialed::OriginalDst => match original_dst(&stream) {
@@ -163,8 +221,10 @@ pub async fn accept_loop(
         };
         // The route is looked up per connection, so that a table change applies to the
         // very next connection without touching the listener.
-        let route = routes.load().lookup(target).cloned();
-        tokio::spawn(async move {
+        let route = intake.routes.load().lookup(target).cloned();
+        let config = intake.forward;
+        intake.connections.spawn(async move {
+            let _slot = slot;
             let Some(route) = route else {
                 tracing::debug!(%peer, %target, "no service at this address");
                 return;

@@ -2,6 +2,8 @@
 //! reaches carousel (a listener per Service address, or nftables redirects to one
 //! listener), and the forwarding of each connection.
 
+pub mod copy;
+pub mod ejection;
 pub mod forward;
 pub mod listener;
 pub mod original_dst;
@@ -15,6 +17,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 
 use crate::addr::ServiceAddr;
 use crate::balance::BuildOptions;
@@ -23,7 +26,7 @@ use crate::model::{Locality, ServiceTable};
 use crate::telemetry::{names, Telemetry};
 
 pub use forward::ForwardConfig;
-use listener::{Dialed, Listeners};
+use listener::{Accepting, Dialed, Limit, Listeners};
 use routes::RouteTable;
 
 /// How Service traffic reaches carousel.
@@ -51,6 +54,8 @@ pub struct ProxyConfig {
     pub balance: BuildOptions,
     /// This node and its zone, for traffic policies and topology-aware routing.
     pub locality: Locality,
+    /// Connections beyond this many open ones are refused at once.
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,11 +83,7 @@ enum Intake {
 }
 
 impl Intake {
-    fn start(
-        mode: &Mode,
-        routes: &Arc<ArcSwap<RouteTable>>,
-        forward: ForwardConfig,
-    ) -> Result<Self, ProxyError> {
+    fn start(mode: &Mode, accepting: &Accepting) -> Result<Self, ProxyError> {
         match mode {
             Mode::Bind { nodeport_addresses } => Ok(Intake::Bind {
                 listeners: Listeners::default(),
@@ -90,6 +91,13 @@ impl Intake {
             }),
             Mode::Nftables { redirect_port } => {
                 let mut accept = Vec::new();
+                let accepting = Accepting {
+                    forward: ForwardConfig {
+                        mark: Some(nftables::MARK),
+                        ..accepting.forward
+                    },
+                    ..accepting.clone()
+                };
                 for ip in [
                     IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                     IpAddr::V6(Ipv6Addr::UNSPECIFIED),
@@ -104,15 +112,10 @@ impl Intake {
                         }
                         Err(source) => return Err(ProxyError::Redirect { addr, source }),
                     };
-                    let forward = ForwardConfig {
-                        mark: Some(nftables::MARK),
-                        ..forward
-                    };
                     accept.push(tokio::spawn(listener::accept_loop(
                         listener,
                         Dialed::OriginalDst,
-                        routes.clone(),
-                        forward,
+                        accepting.clone(),
                     )));
                 }
                 Ok(Intake::Nftables {
@@ -123,19 +126,15 @@ impl Intake {
         }
     }
 
-    async fn sync(
-        &mut self,
-        routes: &Arc<ArcSwap<RouteTable>>,
-        forward: ForwardConfig,
-    ) -> Result<(), NftError> {
-        let table = routes.load();
+    async fn sync(&mut self, accepting: &Accepting) -> Result<(), NftError> {
+        let table = accepting.routes.load();
         match self {
             Intake::Bind {
                 listeners,
                 nodeport_addresses,
             } => {
                 let wanted = listener::wanted(&table, nodeport_addresses);
-                listeners.reconcile(&wanted, routes, forward);
+                listeners.reconcile(&wanted, accepting);
                 Ok(())
             }
             Intake::Nftables { rules, .. } => {
@@ -146,17 +145,19 @@ impl Intake {
         }
     }
 
-    /// Stops taking connections; in nftables mode, removes carousel's table.
-    async fn stop(self) {
+    /// Stops taking new connections. The redirect rules stay until [`Intake::remove_rules`].
+    fn stop_accepting(&mut self) {
         match self {
-            Intake::Bind { mut listeners, .. } => listeners.close_all(),
-            Intake::Nftables { accept, .. } => {
-                if let Err(e) = nftables::apply(&nftables::render_cleanup()).await {
-                    tracing::error!(error = %e, "cannot remove carousel's nftables table");
-                }
-                for task in accept {
-                    task.abort();
-                }
+            Intake::Bind { listeners, .. } => listeners.close_all(),
+            Intake::Nftables { accept, .. } => accept.drain(..).for_each(|task| task.abort()),
+        }
+    }
+
+    /// In nftables mode, removes carousel's table: carousel leaves nothing behind.
+    async fn remove_rules(self) {
+        if let Intake::Nftables { .. } = self {
+            if let Err(e) = nftables::apply(&nftables::render_cleanup()).await {
+                tracing::error!(error = %e, "cannot remove carousel's nftables table");
             }
         }
     }
@@ -164,15 +165,26 @@ impl Intake {
 
 /// Runs the proxy: applies every table that `tables` yields until `shutdown` resolves.
 /// Open connections are never cut by a table change.
+///
+/// On `shutdown` it stops accepting and reports not-ready at once, then waits for the
+/// open connections to finish, or for `abandon` (a deadline, a second signal), and
+/// removes its rules.
 pub async fn run(
     config: ProxyConfig,
     mut tables: watch::Receiver<Arc<ServiceTable>>,
     telemetry: Arc<Telemetry>,
     shutdown: impl Future<Output = ()>,
+    abandon: impl Future<Output = ()>,
 ) -> Result<(), ProxyError> {
     tokio::pin!(shutdown);
-    let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
-    let mut intake = Intake::start(&config.mode, &routes, config.forward)?;
+    let accepting = Accepting {
+        routes: Arc::new(ArcSwap::from_pointee(RouteTable::default())),
+        forward: config.forward,
+        connections: TaskTracker::new(),
+        limit: Arc::new(Limit::new(config.max_connections, &telemetry)),
+    };
+    let routes = &accepting.routes;
+    let mut intake = Intake::start(&config.mode, &accepting)?;
     let sync_duration = telemetry.histogram(names::SYNC_DURATION, Vec::new());
     loop {
         let table = tables.borrow_and_update().clone();
@@ -187,7 +199,7 @@ pub async fn run(
         );
         routes::clear_removed(&telemetry, &previous, &next);
         routes.store(Arc::new(next));
-        match intake.sync(&routes, config.forward).await {
+        match intake.sync(&accepting).await {
             Ok(()) => {
                 sync_duration.record(started.elapsed().as_secs_f64());
                 telemetry.health().synced();
@@ -205,6 +217,17 @@ pub async fn run(
             },
         }
     }
-    intake.stop().await;
+    telemetry.health().draining();
+    intake.stop_accepting();
+    accepting.connections.close();
+    let open = accepting.connections.len();
+    if open > 0 {
+        tracing::info!(open, "draining open connections");
+        tokio::select! {
+            () = accepting.connections.wait() => tracing::info!("every connection finished"),
+            () = abandon => tracing::warn!(open = accepting.connections.len(), "drain cut short"),
+        }
+    }
+    intake.remove_rules().await;
     Ok(())
 }

@@ -13,6 +13,7 @@ use metrics::{Counter, Gauge, Histogram, Label};
 use crate::addr::{ClientAddr, PodAddr, ServiceAddr};
 use crate::balance::{self, Backend, Backends, Balancer, BuildOptions};
 use crate::model::{Endpoint, Locality, ServiceKey, ServicePort, ServiceTable, Traffic};
+use crate::proxy::ejection::Ejection;
 use crate::telemetry::{names, Telemetry};
 
 /// Metric handles of one endpoint of one Service port, resolved once when the endpoint
@@ -26,6 +27,8 @@ pub struct EndpointStats {
     pub bytes_to_client: Counter,
     pub connect_duration: Histogram,
     pub connection_duration: Histogram,
+    /// `carousel_endpoint_ejections_total`: failed connects that took the endpoint out.
+    pub ejections: Counter,
 }
 
 impl EndpointStats {
@@ -50,6 +53,7 @@ impl EndpointStats {
                 .counter(names::BYTES_TOTAL, labels(&[("direction", "to_client")])),
             connect_duration: telemetry.histogram(names::CONNECT_DURATION, labels(&[])),
             connection_duration: telemetry.histogram(names::CONNECTION_DURATION, labels(&[])),
+            ejections: telemetry.counter(names::EJECTIONS_TOTAL, labels(&[])),
         }
     }
 }
@@ -61,6 +65,8 @@ pub struct RouteEndpoint {
     pub pod: Arc<str>,
     /// Open connections; the same counter the balancer reads.
     pub active: Arc<AtomicU32>,
+    /// Passive health: kept across table changes like the counter.
+    pub ejection: Arc<Ejection>,
     pub stats: Arc<EndpointStats>,
 }
 
@@ -231,6 +237,7 @@ fn build_route(
                 addr: e.addr,
                 pod: e.pod.clone(),
                 active: Arc::default(),
+                ejection: Arc::default(),
                 stats: Arc::new(EndpointStats::new(telemetry, &base, e.addr, &e.pod)),
             },
         })

@@ -183,6 +183,7 @@ pub struct Carousel {
     pub metrics: SocketAddr,
     pub health: SocketAddr,
     stop: CancellationToken,
+    abandon: CancellationToken,
     task: JoinHandle<Result<(), run::RunError>>,
 }
 
@@ -192,6 +193,11 @@ impl Carousel {
     }
 
     pub async fn start_with(yaml: &str, nodeport_addresses: Vec<IpAddr>) -> Self {
+        Self::start_configured(yaml, |c| c.mode = Mode::Bind { nodeport_addresses }).await
+    }
+
+    /// Starts with the test defaults, changed by `configure`.
+    pub async fn start_configured(yaml: &str, configure: impl FnOnce(&mut ProxyConfig)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let state = dir.path().join("state.yaml");
         std::fs::write(&state, yaml).expect("write state");
@@ -200,27 +206,29 @@ impl Carousel {
         let health = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (metrics_addr, health_addr) =
             (metrics.local_addr().unwrap(), health.local_addr().unwrap());
+        let mut proxy = ProxyConfig {
+            forward: ForwardConfig {
+                connect_timeout: Duration::from_secs(1),
+                ..ForwardConfig::default()
+            },
+            balance: BuildOptions { seed: Some(7) },
+            ..ProxyConfig::default()
+        };
+        configure(&mut proxy);
         let config = FileRun {
             path: state.clone(),
             scope: Scope::default(),
-            proxy: ProxyConfig {
-                forward: ForwardConfig {
-                    connect_timeout: Duration::from_secs(1),
-                    connect_attempts: 3,
-                    mark: None,
-                },
-                mode: Mode::Bind { nodeport_addresses },
-                balance: BuildOptions { seed: Some(7) },
-                locality: Default::default(),
-            },
+            proxy,
         };
         let stop = CancellationToken::new();
+        let abandon = CancellationToken::new();
         let task = tokio::spawn(run::run_from_file(
             config,
             telemetry.clone(),
             metrics,
             health,
             stop.clone().cancelled_owned(),
+            abandon.clone().cancelled_owned(),
         ));
         let c = Carousel {
             _dir: dir,
@@ -229,6 +237,7 @@ impl Carousel {
             metrics: metrics_addr,
             health: health_addr,
             stop,
+            abandon,
             task,
         };
         eventually("the first table is applied", || async {
@@ -243,8 +252,10 @@ impl Carousel {
         std::fs::write(&self.state, yaml).expect("write state");
     }
 
+    /// Stops without waiting for open connections.
     pub async fn stop(self) {
         self.stop.cancel();
+        self.abandon.cancel();
         self.task
             .await
             .expect("carousel task")
@@ -382,8 +393,7 @@ impl ClusterCarousel {
             proxy: ProxyConfig {
                 forward: ForwardConfig {
                     connect_timeout: Duration::from_secs(1),
-                    connect_attempts: 3,
-                    mark: None,
+                    ..ForwardConfig::default()
                 },
                 mode: Mode::Bind {
                     nodeport_addresses: Vec::new(),
@@ -393,15 +403,18 @@ impl ClusterCarousel {
                     node: flags.node_name.as_deref().map(Into::into),
                     zone: flags.zone.as_deref().map(Into::into),
                 },
+                ..ProxyConfig::default()
             },
         };
         let stop = CancellationToken::new();
+        // Stopping a test carousel drains nothing: the abandon future is ready at once.
         let task = tokio::spawn(run::run_from_cluster(
             config,
             telemetry.clone(),
             metrics,
             health,
             stop.clone().cancelled_owned(),
+            std::future::ready(()),
         ));
         ClusterCarousel {
             telemetry,

@@ -1,0 +1,135 @@
+//! Copies one connection's bytes both ways until both sides are done, carrying each
+//! side's half-close to the other. A direction allocates its buffer only when its first
+//! bytes arrive, so an idle connection costs its sockets and nothing more.
+
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics::Counter;
+use socket2::SockRef;
+use tokio::net::TcpStream;
+
+use crate::proxy::ejection::now_ms;
+
+/// Bytes buffered per direction of a connection.
+pub const BUFFER_SIZE: usize = 16 * 1024;
+
+/// What ended a connection early, and on whose side.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("client side: {0}")]
+    Client(#[source] io::Error),
+    #[error("endpoint side: {0}")]
+    Endpoint(#[source] io::Error),
+    #[error("no byte either way for the idle timeout")]
+    Idle,
+}
+
+/// Which socket an I/O error came from.
+#[derive(Clone, Copy)]
+enum Side {
+    Client,
+    Endpoint,
+}
+
+impl Side {
+    fn error(self, e: io::Error) -> CopyError {
+        match self {
+            Side::Client => CopyError::Client(e),
+            Side::Endpoint => CopyError::Endpoint(e),
+        }
+    }
+}
+
+/// Copies `client` ⇄ `upstream`. The first error ends both directions (the other one
+/// may be waiting on a peer that will never speak again), and so does `idle_timeout`
+/// without a byte either way.
+pub async fn copy_both_ways(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    to_endpoint: &Counter,
+    to_client: &Counter,
+    idle_timeout: Option<Duration>,
+) -> Result<(), CopyError> {
+    let activity = AtomicU64::new(now_ms());
+    let copy = async {
+        tokio::try_join!(
+            copy_one_way(
+                (client, Side::Client),
+                (upstream, Side::Endpoint),
+                to_endpoint,
+                &activity
+            ),
+            copy_one_way(
+                (upstream, Side::Endpoint),
+                (client, Side::Client),
+                to_client,
+                &activity
+            ),
+        )
+        .map(|_| ())
+    };
+    match idle_timeout {
+        None => copy.await,
+        Some(limit) => tokio::select! {
+            result = copy => result,
+            () = idle(&activity, limit) => Err(CopyError::Idle),
+        },
+    }
+}
+
+/// Resolves once `limit` has passed since the last recorded activity.
+async fn idle(activity: &AtomicU64, limit: Duration) {
+    let limit_ms = limit.as_millis() as u64;
+    loop {
+        let quiet_until = activity.load(Ordering::Relaxed) + limit_ms;
+        let now = now_ms();
+        if now >= quiet_until {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(quiet_until - now)).await;
+    }
+}
+
+/// Copies until end of stream, then shuts down the writer: the half-close passes on.
+async fn copy_one_way(
+    (from, from_side): (&TcpStream, Side),
+    (to, to_side): (&TcpStream, Side),
+    bytes: &Counter,
+    activity: &AtomicU64,
+) -> Result<(), CopyError> {
+    let mut buf: Option<Box<[u8]>> = None;
+    loop {
+        from.readable().await.map_err(|e| from_side.error(e))?;
+        let buf = buf.get_or_insert_with(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
+        let n = match from.try_read(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(from_side.error(e)),
+        };
+        if n == 0 {
+            // The peer may be gone already; then there is nobody left to tell.
+            let _ = SockRef::from(to).shutdown(Shutdown::Write);
+            return Ok(());
+        }
+        write_all(to, &buf[..n])
+            .await
+            .map_err(|e| to_side.error(e))?;
+        bytes.increment(n as u64);
+        activity.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
