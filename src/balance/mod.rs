@@ -2,7 +2,9 @@
 //! an endpoint for each new connection. One algorithm a file; the registry below maps
 //! the names of the `carousel.dev/load-balancer` annotation to their constructors.
 
+mod random;
 mod round_robin;
+mod sample;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -11,13 +13,14 @@ use std::sync::Arc;
 
 use crate::addr::PodAddr;
 
+pub use random::Random;
 pub use round_robin::RoundRobin;
 
 /// Whether ClientIP session affinity is built (the demo and docs ask).
 pub const AFFINITY_AVAILABLE: bool = false;
 
 /// The algorithm used when a Service names none (or one that does not parse).
-pub const DEFAULT_ALGORITHM: &str = "round-robin";
+pub const DEFAULT_ALGORITHM: &str = round_robin::NAME;
 
 /// What a balancer sees of one endpoint.
 #[derive(Clone, Debug)]
@@ -69,7 +72,10 @@ pub struct BuildOptions {
 type Constructor = fn(Backends, &BuildOptions) -> Box<dyn Balancer>;
 
 /// Every algorithm carousel knows, by annotation name.
-const REGISTRY: &[(&str, Constructor)] = &[("round-robin", |b, _| Box::new(RoundRobin::new(b)))];
+const REGISTRY: &[(&str, Constructor)] = &[
+    (round_robin::NAME, |b, _| Box::new(RoundRobin::new(b))),
+    (random::NAME, |b, o| Box::new(Random::new(b, o.seed))),
+];
 
 /// The names of every registered algorithm.
 pub fn algorithms() -> impl Iterator<Item = &'static str> {
