@@ -5,6 +5,7 @@
 mod random;
 mod round_robin;
 mod sample;
+mod weighted_round_robin;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -15,6 +16,7 @@ use crate::addr::PodAddr;
 
 pub use random::Random;
 pub use round_robin::RoundRobin;
+pub use weighted_round_robin::WeightedRoundRobin;
 
 /// Whether ClientIP session affinity is built (the demo and docs ask).
 pub const AFFINITY_AVAILABLE: bool = false;
@@ -74,6 +76,9 @@ type Constructor = fn(Backends, &BuildOptions) -> Box<dyn Balancer>;
 /// Every algorithm carousel knows, by annotation name.
 const REGISTRY: &[(&str, Constructor)] = &[
     (round_robin::NAME, |b, _| Box::new(RoundRobin::new(b))),
+    (weighted_round_robin::NAME, |b, _| {
+        Box::new(WeightedRoundRobin::new(b))
+    }),
     (random::NAME, |b, o| Box::new(Random::new(b, o.seed))),
 ];
 
