@@ -2,6 +2,7 @@
 //! an endpoint for each new connection. One algorithm a file; the registry below maps
 //! the names of the `carousel.dev/load-balancer` annotation to their constructors.
 
+mod least_connections;
 mod random;
 mod round_robin;
 mod sample;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use crate::addr::PodAddr;
 
+pub use least_connections::LeastConnections;
 pub use random::Random;
 pub use round_robin::RoundRobin;
 pub use weighted_round_robin::WeightedRoundRobin;
@@ -78,6 +80,9 @@ const REGISTRY: &[(&str, Constructor)] = &[
     (round_robin::NAME, |b, _| Box::new(RoundRobin::new(b))),
     (weighted_round_robin::NAME, |b, _| {
         Box::new(WeightedRoundRobin::new(b))
+    }),
+    (least_connections::NAME, |b, _| {
+        Box::new(LeastConnections::new(b))
     }),
     (random::NAME, |b, o| Box::new(Random::new(b, o.seed))),
 ];
