@@ -3,6 +3,7 @@
 //! the names of the `carousel.dev/load-balancer` annotation to their constructors.
 
 mod least_connections;
+mod power_of_two_choices;
 mod random;
 mod round_robin;
 mod sample;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use crate::addr::PodAddr;
 
 pub use least_connections::LeastConnections;
+pub use power_of_two_choices::PowerOfTwoChoices;
 pub use random::Random;
 pub use round_robin::RoundRobin;
 pub use weighted_round_robin::WeightedRoundRobin;
@@ -83,6 +85,9 @@ const REGISTRY: &[(&str, Constructor)] = &[
     }),
     (least_connections::NAME, |b, _| {
         Box::new(LeastConnections::new(b))
+    }),
+    (power_of_two_choices::NAME, |b, o| {
+        Box::new(PowerOfTwoChoices::new(b, o.seed))
     }),
     (random::NAME, |b, o| Box::new(Random::new(b, o.seed))),
 ];

@@ -35,6 +35,12 @@ impl SplitMix {
             .wrapping_add(GAMMA))
     }
 
+    /// A uniform draw from `0..n`; `n` must be at least 1.
+    pub fn below(&self, n: u64) -> u64 {
+        // Lemire's multiply-shift: no division, and a bias of at most n / 2^64.
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+
     /// A generator that goes on with this one's sequence, for a rebuilt balancer: a
     /// table change does not replay the draws already made.
     pub fn carry(&self) -> Self {
