@@ -3,6 +3,7 @@
 //! the names of the `carousel.dev/load-balancer` annotation to their constructors.
 
 mod least_connections;
+mod maglev;
 mod power_of_two_choices;
 mod random;
 mod round_robin;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use crate::addr::PodAddr;
 
 pub use least_connections::LeastConnections;
+pub use maglev::{Maglev, MaglevError};
 pub use power_of_two_choices::PowerOfTwoChoices;
 pub use random::Random;
 pub use round_robin::RoundRobin;
@@ -89,6 +91,7 @@ const REGISTRY: &[(&str, Constructor)] = &[
     (power_of_two_choices::NAME, |b, o| {
         Box::new(PowerOfTwoChoices::new(b, o.seed))
     }),
+    (maglev::NAME, |b, _| Box::new(Maglev::new(b))),
     (random::NAME, |b, o| Box::new(Random::new(b, o.seed))),
 ];
 
