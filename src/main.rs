@@ -67,7 +67,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 connect_attempts: args.connect_attempts.into(),
             },
             nodeport_addresses,
-            balance: balance::BuildOptions { seed: args.seed },
+            balance: balance::BuildOptions {
+                seed: args.seed,
+                ..Default::default()
+            },
         },
     };
     let metrics = tokio::net::TcpListener::bind(args.metrics_bind_address)

@@ -27,6 +27,8 @@ pub mod names {
     pub const ENDPOINTS: &str = "carousel_endpoints";
     pub const CONFIG_ERRORS_TOTAL: &str = "carousel_config_errors_total";
     pub const SYNC_DURATION: &str = "carousel_sync_duration_seconds";
+    pub const AFFINITY_LOOKUPS_TOTAL: &str = "carousel_affinity_lookups_total";
+    pub const AFFINITY_ENTRIES: &str = "carousel_affinity_entries";
 }
 
 /// Histogram buckets for everything measured in seconds: 100 µs to 5 min.
