@@ -90,7 +90,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             max_connections: args.max_connections,
             mode,
-            balance: balance::BuildOptions { seed: args.seed },
+            balance: balance::BuildOptions {
+                seed: args.seed,
+                ..Default::default()
+            },
             locality: Locality {
                 node: args.node_name.as_deref().map(Into::into),
                 zone: args.zone.as_deref().map(Into::into),

@@ -211,7 +211,10 @@ impl Carousel {
                 connect_timeout: Duration::from_secs(1),
                 ..ForwardConfig::default()
             },
-            balance: BuildOptions { seed: Some(7) },
+            balance: BuildOptions {
+                seed: Some(7),
+                ..BuildOptions::default()
+            },
             ..ProxyConfig::default()
         };
         configure(&mut proxy);
