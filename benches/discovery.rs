@@ -167,7 +167,10 @@ fn slice_change_to_traffic(c: &mut Criterion) {
                 mode: Mode::Bind {
                     nodeport_addresses: Vec::new(),
                 },
-                balance: BuildOptions { seed: Some(1) },
+                balance: BuildOptions {
+                    seed: Some(1),
+                    ..BuildOptions::default()
+                },
                 ..ProxyConfig::default()
             },
         };

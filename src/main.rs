@@ -95,7 +95,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         max_connections: args.max_connections,
         mode,
-        balance: balance::BuildOptions { seed: args.seed },
+        balance: balance::BuildOptions {
+            seed: args.seed,
+            ..Default::default()
+        },
         // In a cluster without --zone, the zone comes from this node's Node object.
         locality: Locality {
             node: args.node_name.as_deref().map(Into::into),

@@ -34,6 +34,8 @@ pub mod names {
     pub const EJECTIONS_TOTAL: &str = "carousel_endpoint_ejections_total";
     pub const REJECTED_TOTAL: &str = "carousel_connections_rejected_total";
     pub const ACCEPT_ERRORS_TOTAL: &str = "carousel_accept_errors_total";
+    pub const AFFINITY_LOOKUPS_TOTAL: &str = "carousel_affinity_lookups_total";
+    pub const AFFINITY_ENTRIES: &str = "carousel_affinity_entries";
 }
 
 /// Histogram buckets for everything measured in seconds: 100 µs to 5 min.

@@ -140,6 +140,30 @@ async fn demo_runs_by_itself_and_shows_the_round_robin_split() {
         let line = round_robin.lines().find(|l| l.contains(pod)).expect(pod);
         assert!(line.contains(" 100 ") && line.contains("25.0%"), "{line}");
     }
+    let canary = stdout
+        .split("== ")
+        .find(|s| s.starts_with("canary 3:1"))
+        .expect("a canary phase");
+    for (pod, share) in [
+        ("kubechaos-original-7d4b9-a1", "12.5%"),
+        ("kubechaos-custom-5f6c8-c3", "37.5%"),
+    ] {
+        let line = canary.lines().find(|l| l.contains(pod)).expect(pod);
+        assert!(line.contains(share), "{line}");
+    }
+    let affinity = stdout
+        .split("== ")
+        .find(|s| s.starts_with("ClientIP affinity"))
+        .expect("an affinity phase");
+    let clients: Vec<&str> = affinity
+        .lines()
+        .filter(|l| l.trim_start().starts_with("127.77.2."))
+        .collect();
+    assert_eq!(clients.len(), 8, "{affinity}");
+    assert!(
+        clients.iter().all(|l| !l.contains(',')),
+        "each client stays on one pod:\n{affinity}"
+    );
     assert!(stdout.contains("/metrics"));
 }
 

@@ -275,30 +275,22 @@ async fn kubechaos_round_robin_then_three_to_one_by_weights() {
     })
     .await;
 
-    if carousel::balance::is_known("weighted-round-robin") {
-        eventually("connections split 3:1 custom:original", || async {
-            let counts = spread(addr(1, 1), 8 * 10).await;
-            let of = |prefix: &str| -> usize {
-                counts
-                    .iter()
-                    .filter(|(p, _)| p.starts_with(prefix))
-                    .map(|(_, n)| n)
-                    .sum()
-            };
-            of("custom") == 60 && of("original") == 20
-        })
-        .await;
-    } else {
-        // The weighted balancer is not in this build: the weights still travel (the
-        // pod watch above), and the Service falls back to round-robin, counted.
-        eventually("the unknown algorithm is counted", || async {
-            carousel
-                .metrics_text()
-                .await
-                .contains("carousel_config_errors_total 1")
-        })
-        .await;
-    }
+    eventually("connections split 3:1 custom:original", || async {
+        let counts = spread(addr(1, 1), 8 * 10).await;
+        let of = |prefix: &str| -> usize {
+            counts
+                .iter()
+                .filter(|(p, _)| p.starts_with(prefix))
+                .map(|(_, n)| n)
+                .sum()
+        };
+        of("custom") == 60 && of("original") == 20
+    })
+    .await;
+    assert!(carousel
+        .metrics_text()
+        .await
+        .contains("carousel_config_errors_total 0"));
 
     // The annotation goes: the pod watch stops again.
     api.apply(service("kubechaos-svc", svc_ip, "kubechaos"));

@@ -482,3 +482,50 @@ fn external_traffic_policy_local_keeps_node_port_traffic_on_this_node() {
         counts(&[("there", 2)])
     );
 }
+
+#[test]
+fn weights_and_client_ip_affinity_hold_in_nftables_mode() {
+    let names = ["orig", "cust"];
+    let mut lab = Lab::new(&names);
+    let mut canary = Svc::new("canary", "10.96.0.50", 80, pods_named(&names, Lab::pod_v4));
+    canary.annotations = vec![
+        (
+            "carousel.dev/load-balancer".into(),
+            "weighted-round-robin".into(),
+        ),
+        (
+            "carousel.dev/weights".into(),
+            "version=custom:3,version=original:1".into(),
+        ),
+    ];
+    let mut sticky = Svc::new("sticky", "10.96.0.51", 80, pods_named(&names, Lab::pod_v4));
+    sticky.spec.push("sessionAffinity: ClientIP".into());
+    let pods = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: orig, namespace: test, labels: {version: original}}\n\
+                ---\napiVersion: v1\nkind: Pod\nmetadata: {name: cust, namespace: test, labels: {version: custom}}\n";
+    lab.write_state(&(state_yaml(&[canary, sticky]) + pods));
+    lab.start_carousel();
+
+    assert_eq!(
+        lab.spread("client", "10.96.0.50", 80, 400),
+        counts(&[("cust", 300), ("orig", 100)])
+    );
+
+    let sources: Vec<String> = (0..CLIENTS).map(|i| format!("10.0.0.{}", i + 2)).collect();
+    let sources: Vec<&str> = sources.iter().map(String::as_str).collect();
+    let answer = lab.ask("client", "10.96.0.51", 80, 10 * CLIENTS, &sources);
+    assert_eq!(answer["errors"], 0, "{answer}");
+    let seen = answer["seen"].as_object().unwrap();
+    assert_eq!(seen.len(), CLIENTS, "{answer}");
+    for (source, pods) in seen {
+        assert_eq!(
+            pods.as_object().unwrap().len(),
+            1,
+            "{source} stays on one pod: {answer}"
+        );
+    }
+    let used: std::collections::BTreeSet<&String> = seen
+        .values()
+        .flat_map(|p| p.as_object().unwrap().keys())
+        .collect();
+    assert_eq!(used.len(), 2, "new clients are still balanced: {answer}");
+}

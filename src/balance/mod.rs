@@ -2,7 +2,14 @@
 //! an endpoint for each new connection. One algorithm a file; the registry below maps
 //! the names of the `carousel.dev/load-balancer` annotation to their constructors.
 
+mod affinity;
+mod least_connections;
+mod maglev;
+mod power_of_two_choices;
+mod random;
 mod round_robin;
+mod sample;
+mod weighted_round_robin;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -10,14 +17,21 @@ use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
 use crate::addr::PodAddr;
+use crate::model::Balancing;
 
+pub use affinity::{Affinity, AffinityStats, DEFAULT_MAX_ENTRIES as DEFAULT_AFFINITY_MAX_ENTRIES};
+pub use least_connections::LeastConnections;
+pub use maglev::{Maglev, MaglevError};
+pub use power_of_two_choices::PowerOfTwoChoices;
+pub use random::Random;
 pub use round_robin::RoundRobin;
+pub use weighted_round_robin::WeightedRoundRobin;
 
 /// Whether ClientIP session affinity is built (the demo and docs ask).
-pub const AFFINITY_AVAILABLE: bool = false;
+pub const AFFINITY_AVAILABLE: bool = true;
 
 /// The algorithm used when a Service names none (or one that does not parse).
-pub const DEFAULT_ALGORITHM: &str = "round-robin";
+pub const DEFAULT_ALGORITHM: &str = round_robin::NAME;
 
 /// What a balancer sees of one endpoint.
 #[derive(Clone, Debug)]
@@ -60,16 +74,41 @@ pub trait Balancer: Send + Sync + fmt::Debug {
 }
 
 /// Options every algorithm may use.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct BuildOptions {
     /// Seed for the algorithms that draw random numbers, for reproducible runs.
     pub seed: Option<u64>,
+    /// Most clients ClientIP affinity remembers per Service port; past it, new clients
+    /// are balanced without being remembered.
+    pub affinity_max_entries: usize,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self {
+            seed: None,
+            affinity_max_entries: DEFAULT_AFFINITY_MAX_ENTRIES,
+        }
+    }
 }
 
 type Constructor = fn(Backends, &BuildOptions) -> Box<dyn Balancer>;
 
 /// Every algorithm carousel knows, by annotation name.
-const REGISTRY: &[(&str, Constructor)] = &[("round-robin", |b, _| Box::new(RoundRobin::new(b)))];
+const REGISTRY: &[(&str, Constructor)] = &[
+    (round_robin::NAME, |b, _| Box::new(RoundRobin::new(b))),
+    (weighted_round_robin::NAME, |b, _| {
+        Box::new(WeightedRoundRobin::new(b))
+    }),
+    (least_connections::NAME, |b, _| {
+        Box::new(LeastConnections::new(b))
+    }),
+    (power_of_two_choices::NAME, |b, o| {
+        Box::new(PowerOfTwoChoices::new(b, o.seed))
+    }),
+    (maglev::NAME, |b, _| Box::new(Maglev::new(b))),
+    (random::NAME, |b, o| Box::new(Random::new(b, o.seed))),
+];
 
 /// The names of every registered algorithm.
 pub fn algorithms() -> impl Iterator<Item = &'static str> {
@@ -89,18 +128,73 @@ pub fn build(name: &str, backends: Backends, options: &BuildOptions) -> Option<B
         .map(|(_, construct)| construct(backends, options))
 }
 
-/// Builds the balancer for a new endpoint set: the previous balancer's successor when it
-/// runs the same algorithm, so that state carries over, else a fresh one.
+/// What picks the endpoints of one Service port: its algorithm and, when the Service
+/// asks for it, ClientIP affinity on top.
+#[derive(Debug)]
+pub struct Picker {
+    backends: Backends,
+    balancer: Box<dyn Balancer>,
+    affinity: Option<Affinity>,
+}
+
+impl Picker {
+    /// The index into the backends of the endpoint for a new connection from `client`.
+    pub fn pick(&self, client: IpAddr) -> Option<usize> {
+        match &self.affinity {
+            Some(affinity) => affinity.pick(client, &self.backends, self.balancer.as_ref()),
+            None => self.balancer.pick(client),
+        }
+    }
+
+    /// The registry name of the algorithm that balances new clients.
+    pub fn algorithm(&self) -> &'static str {
+        self.balancer.name()
+    }
+
+    /// The affinity layer, when the Service has ClientIP affinity.
+    pub fn affinity(&self) -> Option<&Affinity> {
+        self.affinity.as_ref()
+    }
+}
+
+/// Builds the picker for a new endpoint set (sorted by address, as [`Backends`] are).
+///
+/// State carries over from `previous`: the algorithm's (cursor, generator) when it runs
+/// the same algorithm, else a fresh one is built, falling back to round-robin for a name
+/// the registry does not know; the remembered clients whenever affinity stays on, even
+/// across a change of algorithm. `affinity_stats` are used only when `balancing` has
+/// affinity.
 pub fn rebuild_or_build(
-    previous: Option<&dyn Balancer>,
-    name: &str,
+    previous: Option<&Picker>,
+    balancing: &Balancing,
     backends: Backends,
     options: &BuildOptions,
-) -> Box<dyn Balancer> {
-    match previous {
-        Some(prev) if prev.name() == name => prev.rebuild(backends),
+    affinity_stats: AffinityStats,
+) -> Picker {
+    let name = if is_known(&balancing.algorithm) {
+        balancing.algorithm.as_str()
+    } else {
+        DEFAULT_ALGORITHM
+    };
+    let balancer = match previous {
+        Some(prev) if prev.algorithm() == name => prev.balancer.rebuild(backends.clone()),
         _ => build(name, backends.clone(), options)
-            .unwrap_or_else(|| Box::new(RoundRobin::new(backends))),
+            .unwrap_or_else(|| Box::new(RoundRobin::new(backends.clone()))),
+    };
+    let remembered = previous.and_then(|p| p.affinity.as_ref());
+    let affinity = match (balancing.affinity, remembered) {
+        (Some(timeout), Some(prev)) => Some(prev.carry(timeout, affinity_stats)),
+        (Some(timeout), None) => Some(Affinity::new(
+            timeout,
+            options.affinity_max_entries,
+            affinity_stats,
+        )),
+        (None, _) => None,
+    };
+    Picker {
+        backends,
+        balancer,
+        affinity,
     }
 }
 
@@ -118,5 +212,114 @@ pub(crate) mod testing {
                 Backend::new(addr, weights.get(i).copied().unwrap_or(1))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::backends;
+    use super::*;
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    fn balancing(algorithm: &str, affinity: Option<Duration>) -> Balancing {
+        Balancing {
+            algorithm: algorithm.to_string(),
+            affinity,
+        }
+    }
+
+    fn picker(previous: Option<&Picker>, balancing: &Balancing, n: usize) -> Picker {
+        let options = BuildOptions {
+            seed: Some(1),
+            ..Default::default()
+        };
+        rebuild_or_build(
+            previous,
+            balancing,
+            backends(n, &[]),
+            &options,
+            AffinityStats::default(),
+        )
+    }
+
+    #[test]
+    fn the_registry_holds_the_documented_algorithms() {
+        let names: Vec<&str> = algorithms().collect();
+        assert_eq!(
+            names,
+            [
+                "round-robin",
+                "weighted-round-robin",
+                "least-connections",
+                "power-of-two-choices",
+                "maglev",
+                "random"
+            ]
+        );
+        for name in names {
+            let b = build(name, backends(3, &[]), &BuildOptions::default()).unwrap();
+            assert_eq!(b.name(), name);
+            assert!(b.pick(CLIENT).is_some_and(|i| i < 3));
+            assert_eq!(
+                build(name, backends(0, &[]), &BuildOptions::default())
+                    .unwrap()
+                    .pick(CLIENT),
+                None
+            );
+        }
+        assert!(build("no-such", backends(3, &[]), &BuildOptions::default()).is_none());
+    }
+
+    #[test]
+    fn the_same_algorithm_carries_its_state() {
+        let rr = balancing("round-robin", None);
+        let first = picker(None, &rr, 3);
+        assert_eq!(first.pick(CLIENT), Some(0));
+        let second = picker(Some(&first), &rr, 3);
+        assert_eq!(second.pick(CLIENT), Some(1));
+    }
+
+    #[test]
+    fn an_unknown_algorithm_is_round_robin_and_keeps_rotating() {
+        let bad = balancing("no-such", None);
+        let first = picker(None, &bad, 3);
+        assert_eq!(first.algorithm(), "round-robin");
+        assert_eq!(first.pick(CLIENT), Some(0));
+        let second = picker(Some(&first), &bad, 3);
+        assert_eq!(second.pick(CLIENT), Some(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_algorithm_is_built_fresh_but_affinity_carries_over() {
+        let timeout = Some(Duration::from_secs(30));
+        let sticky_rr = picker(None, &balancing("round-robin", timeout), 3);
+        sticky_rr.pick(CLIENT);
+        sticky_rr.pick(CLIENT);
+        let remembered = sticky_rr.pick(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)));
+        assert_eq!(remembered, Some(1));
+
+        let sticky_lc = picker(
+            Some(&sticky_rr),
+            &balancing("least-connections", timeout),
+            3,
+        );
+        assert_eq!(sticky_lc.algorithm(), "least-connections");
+        assert_eq!(sticky_lc.affinity().map(Affinity::len), Some(2));
+        assert_eq!(
+            sticky_lc.pick(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))),
+            remembered
+        );
+        // A new client goes to the fresh algorithm: least-connections starts at 0.
+        assert_eq!(
+            sticky_lc.pick(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2))),
+            Some(0)
+        );
+
+        // Affinity off: nothing is remembered any more.
+        let plain = picker(Some(&sticky_lc), &balancing("least-connections", None), 3);
+        assert!(plain.affinity().is_none());
     }
 }

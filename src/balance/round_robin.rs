@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{Backends, Balancer};
 
+pub const NAME: &str = "round-robin";
+
 #[derive(Debug)]
 pub struct RoundRobin {
     backends: Backends,
@@ -27,7 +29,7 @@ impl RoundRobin {
 
 impl Balancer for RoundRobin {
     fn name(&self) -> &'static str {
-        "round-robin"
+        NAME
     }
 
     fn pick(&self, _client: IpAddr) -> Option<usize> {

@@ -29,13 +29,13 @@ pub enum CopyError {
 
 /// Which socket an I/O error came from.
 #[derive(Clone, Copy)]
-enum Side {
+pub(crate) enum Side {
     Client,
     Endpoint,
 }
 
 impl Side {
-    fn error(self, e: io::Error) -> CopyError {
+    pub(crate) fn error(self, e: io::Error) -> CopyError {
         match self {
             Side::Client => CopyError::Client(e),
             Side::Endpoint => CopyError::Endpoint(e),
@@ -93,14 +93,52 @@ async fn idle(activity: &AtomicU64, limit: Duration) {
     }
 }
 
+/// Bytes one direction moves through a buffer before it switches to splice(2): short
+/// exchanges stay at two syscalls a chunk with no pipe to set up, and bulk transfers stop
+/// copying through user space.
+#[cfg(target_os = "linux")]
+const SPLICE_AFTER: u64 = 128 * 1024;
+
 /// Copies until end of stream, then shuts down the writer: the half-close passes on.
 async fn copy_one_way(
+    from: (&TcpStream, Side),
+    to: (&TcpStream, Side),
+    bytes: &Counter,
+    activity: &AtomicU64,
+) -> Result<(), CopyError> {
+    #[cfg(target_os = "linux")]
+    {
+        if copy_buffered(from, to, bytes, activity, Some(SPLICE_AFTER)).await? == Ended::Eof {
+            return Ok(());
+        }
+        match super::splice::Pipe::new() {
+            Ok(pipe) => return super::splice::copy(from, to, &pipe, bytes, activity).await,
+            // Out of descriptors for a pipe: the buffer still works.
+            Err(e) => tracing::debug!(error = %e, "no pipe for splice; copying through a buffer"),
+        }
+    }
+    copy_buffered(from, to, bytes, activity, None)
+        .await
+        .map(|_| ())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// The stream ended and the half-close was passed on.
+    Eof,
+    /// `switch_after` bytes went through; the caller takes over.
+    Bulk,
+}
+
+async fn copy_buffered(
     (from, from_side): (&TcpStream, Side),
     (to, to_side): (&TcpStream, Side),
     bytes: &Counter,
     activity: &AtomicU64,
-) -> Result<(), CopyError> {
+    switch_after: Option<u64>,
+) -> Result<Ended, CopyError> {
     let mut buf: Option<Box<[u8]>> = None;
+    let mut moved = 0u64;
     loop {
         from.readable().await.map_err(|e| from_side.error(e))?;
         let buf = buf.get_or_insert_with(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
@@ -112,13 +150,17 @@ async fn copy_one_way(
         if n == 0 {
             // The peer may be gone already; then there is nobody left to tell.
             let _ = SockRef::from(to).shutdown(Shutdown::Write);
-            return Ok(());
+            return Ok(Ended::Eof);
         }
         write_all(to, &buf[..n])
             .await
             .map_err(|e| to_side.error(e))?;
         bytes.increment(n as u64);
         activity.store(now_ms(), Ordering::Relaxed);
+        moved += n as u64;
+        if switch_after.is_some_and(|limit| moved >= limit) {
+            return Ok(Ended::Bulk);
+        }
     }
 }
 

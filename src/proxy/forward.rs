@@ -74,8 +74,7 @@ pub async fn forward(
             return Err(e);
         }
     };
-    let _ = client.set_nodelay(true);
-    set_keepalive(&client, config.keepalive);
+    // TCP_NODELAY and keepalive came with the listening socket.
     let stats = &endpoint.stats;
     let started = Instant::now();
     endpoint.active.fetch_add(1, Ordering::Relaxed);
@@ -118,13 +117,15 @@ pub fn reset(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
+/// Keepalive probes after `idle` without traffic; the interval and count between probes
+/// are the system's, which keeps it to two system calls a socket.
+pub fn keepalive(idle: Duration) -> TcpKeepalive {
+    TcpKeepalive::new().with_time(idle)
+}
+
 fn set_keepalive(stream: &TcpStream, idle: Option<Duration>) {
     if let Some(idle) = idle {
-        let keepalive = TcpKeepalive::new()
-            .with_time(idle)
-            .with_interval(Duration::from_secs(10))
-            .with_retries(6);
-        let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+        let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive(idle));
     }
 }
 

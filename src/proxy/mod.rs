@@ -8,6 +8,8 @@ pub mod forward;
 pub mod listener;
 pub mod original_dst;
 pub mod routes;
+#[cfg(target_os = "linux")]
+mod splice;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -103,7 +105,7 @@ impl Intake {
                     IpAddr::V6(Ipv6Addr::UNSPECIFIED),
                 ] {
                     let addr = SocketAddr::new(ip, *redirect_port);
-                    let listener = match listener::bind(addr) {
+                    let listener = match listener::bind(addr, accepting.forward.keepalive) {
                         Ok(l) => l,
                         // A node without IPv6 still proxies IPv4.
                         Err(e) if ip.is_ipv6() => {

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use metrics::{Counter, Gauge, Histogram, Label};
 
 use crate::addr::{ClientAddr, PodAddr, ServiceAddr};
-use crate::balance::{self, Backend, Backends, Balancer, BuildOptions};
-use crate::model::{Endpoint, Locality, ServiceKey, ServicePort, ServiceTable, Traffic};
+use crate::balance::{self, AffinityStats, Backend, Backends, BuildOptions, Picker};
+use crate::model::{Balancing, Endpoint, Locality, ServiceKey, ServicePort, ServiceTable, Traffic};
 use crate::proxy::ejection::Ejection;
 use crate::telemetry::{names, Telemetry};
 
@@ -78,7 +78,7 @@ pub struct Route {
     pub port: String,
     /// Parallel to the balancer's backends: index `i` of a pick is `endpoints[i]`.
     pub endpoints: Vec<RouteEndpoint>,
-    balancer: Box<dyn Balancer>,
+    balancer: Picker,
     /// `carousel_connections_total{outcome="no_endpoint"}`.
     pub no_endpoint: Counter,
 }
@@ -90,7 +90,7 @@ impl Route {
     }
 
     pub fn algorithm(&self) -> &'static str {
-        self.balancer.name()
+        self.balancer.algorithm()
     }
 }
 
@@ -147,7 +147,7 @@ impl RouteTable {
                 let external_endpoints = port.select(service, Traffic::External, here);
                 let internal = Arc::new(build_route(
                     &service.key,
-                    &service.balancing.algorithm,
+                    &service.balancing,
                     port,
                     internal_endpoints.clone(),
                     &[previous
@@ -169,7 +169,7 @@ impl RouteTable {
                     ];
                     Arc::new(build_route(
                         &service.key,
-                        &service.balancing.algorithm,
+                        &service.balancing,
                         port,
                         external_endpoints,
                         &known,
@@ -214,7 +214,7 @@ fn port_labels(service: &ServiceKey, port: &ServicePort) -> Vec<Label> {
 /// same kind, hands its balancer state on.
 fn build_route(
     service: &ServiceKey,
-    algorithm: &str,
+    balancing: &Balancing,
     port: &ServicePort,
     eligible: Vec<Endpoint>,
     known: &[Option<&Route>],
@@ -251,11 +251,16 @@ fn build_route(
             active: r.active.clone(),
         })
         .collect();
+    let affinity_stats = match balancing.affinity {
+        Some(_) => affinity_stats(telemetry, &base),
+        None => AffinityStats::default(),
+    };
     let balancer = balance::rebuild_or_build(
-        previous.map(|p| p.balancer.as_ref()),
-        algorithm,
+        previous.map(|p| &p.balancer),
+        balancing,
         backends,
         options,
+        affinity_stats,
     );
     let mut no_endpoint_labels = base;
     no_endpoint_labels.extend([
@@ -269,6 +274,21 @@ fn build_route(
         endpoints,
         balancer,
         no_endpoint: telemetry.counter(names::CONNECTIONS_TOTAL, no_endpoint_labels),
+    }
+}
+
+/// The `carousel_affinity_*` handles of a Service port with ClientIP affinity.
+fn affinity_stats(telemetry: &Telemetry, base: &[Label]) -> AffinityStats {
+    let lookups = |result: &'static str| {
+        let mut labels = base.to_vec();
+        labels.push(Label::new("result", result));
+        telemetry.counter(names::AFFINITY_LOOKUPS_TOTAL, labels)
+    };
+    AffinityStats {
+        hit: lookups("hit"),
+        miss: lookups("miss"),
+        expired: lookups("expired"),
+        entries: telemetry.gauge(names::AFFINITY_ENTRIES, base.to_vec()),
     }
 }
 
@@ -311,5 +331,141 @@ pub fn clear_removed(telemetry: &Telemetry, previous: &RouteTable, current: &Rou
             ];
             telemetry.gauge(names::ENDPOINTS, labels).set(0.0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, Service};
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::time::Duration;
+
+    fn endpoint(last: u8, ready: bool, weight: u32) -> Endpoint {
+        Endpoint {
+            addr: PodAddr(SocketAddr::from(([10, 244, 0, last], 8080))),
+            pod: format!("pod-{last}").into(),
+            node: None,
+            zone: None,
+            zone_hints: Vec::new(),
+            ready,
+            serving: ready,
+            terminating: false,
+            weight,
+        }
+    }
+
+    fn table(
+        algorithm: &str,
+        affinity: Option<Duration>,
+        endpoints: Vec<Endpoint>,
+    ) -> ServiceTable {
+        let key = ServiceKey::new("default", "web");
+        let service = Service {
+            key: key.clone(),
+            cluster_ips: vec![IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1))],
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                node_port: None,
+                endpoints,
+            }],
+            balancing: Balancing {
+                algorithm: algorithm.into(),
+                affinity,
+            },
+            external_traffic_local: false,
+            internal_traffic_local: false,
+            prefer_close: false,
+        };
+        ServiceTable {
+            services: [(key, service)].into(),
+        }
+    }
+
+    fn picked(routes: &RouteTable, client: u8) -> PodAddr {
+        let route = routes.routes().next().unwrap();
+        let peer = ClientAddr(SocketAddr::from(([192, 0, 2, client], 40000)));
+        route.endpoints[route.pick(peer).unwrap()].addr
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drained_and_unready_endpoints_get_no_new_picks() {
+        let telemetry = Telemetry::new();
+        let options = BuildOptions::default();
+        let drained = endpoint(2, true, 0);
+        let unready = endpoint(3, false, 1);
+        for algorithm in balance::algorithms() {
+            for affinity in [None, Some(Duration::from_secs(60))] {
+                let all = vec![
+                    endpoint(1, true, 1),
+                    drained.clone(),
+                    unready.clone(),
+                    endpoint(4, true, 1),
+                ];
+                let routes = RouteTable::build(
+                    &table(algorithm, affinity, all),
+                    &RouteTable::default(),
+                    &telemetry,
+                    &options,
+                    &Locality::default(),
+                );
+                for client in 0..200 {
+                    let pod = picked(&routes, client);
+                    assert!(
+                        pod != drained.addr && pod != unready.addr,
+                        "{algorithm} {affinity:?} picked {pod}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sticky_client_moves_when_its_pod_is_drained() {
+        let telemetry = Telemetry::new();
+        let options = BuildOptions::default();
+        let affinity = Some(Duration::from_secs(60));
+        let pods = |weights: [u32; 3]| {
+            (1..=3)
+                .zip(weights)
+                .map(|(i, w)| endpoint(i, true, w))
+                .collect::<Vec<_>>()
+        };
+        let first = RouteTable::build(
+            &table("round-robin", affinity, pods([1, 1, 1])),
+            &RouteTable::default(),
+            &telemetry,
+            &options,
+            &Locality::default(),
+        );
+        let sticky = picked(&first, 1);
+        assert_eq!(picked(&first, 1), sticky);
+        // carousel.dev/weights now gives the sticky pod 0: it is drained.
+        let mut draining = pods([1, 1, 1]);
+        draining
+            .iter_mut()
+            .filter(|e| e.addr == sticky)
+            .for_each(|e| e.weight = 0);
+        let drained = RouteTable::build(
+            &table("round-robin", affinity, draining),
+            &first,
+            &telemetry,
+            &options,
+            &Locality::default(),
+        );
+        let moved = picked(&drained, 1);
+        assert_ne!(moved, sticky);
+        assert_eq!(picked(&drained, 1), moved);
+        let metrics = telemetry.render();
+        assert!(metrics.contains(r#"carousel_affinity_lookups_total{namespace="default",service="web",port="http",result="hit"} 2"#), "{metrics}");
+        assert!(
+            metrics.contains(
+                r#"carousel_affinity_entries{namespace="default",service="web",port="http"} 1"#
+            ),
+            "{metrics}"
+        );
     }
 }

@@ -211,7 +211,10 @@ impl Carousel {
                 connect_timeout: Duration::from_secs(1),
                 ..ForwardConfig::default()
             },
-            balance: BuildOptions { seed: Some(7) },
+            balance: BuildOptions {
+                seed: Some(7),
+                ..BuildOptions::default()
+            },
             ..ProxyConfig::default()
         };
         configure(&mut proxy);
@@ -398,7 +401,10 @@ impl ClusterCarousel {
                 mode: Mode::Bind {
                     nodeport_addresses: Vec::new(),
                 },
-                balance: BuildOptions { seed: Some(7) },
+                balance: BuildOptions {
+                    seed: Some(7),
+                    ..BuildOptions::default()
+                },
                 locality: carousel::model::Locality {
                     node: flags.node_name.as_deref().map(Into::into),
                     zone: flags.zone.as_deref().map(Into::into),

@@ -1,0 +1,83 @@
+//! Zero-copy forwarding on Linux: bytes move socket → pipe → socket with splice(2) and
+//! never enter user space. Used for bulk transfers, where the copies through a buffer
+//! are what the CPU spends its time on.
+
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use metrics::Counter;
+use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
+use socket2::SockRef;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::copy::{CopyError, Side};
+use crate::proxy::ejection::now_ms;
+
+/// The pipe's capacity: one splice moves up to this much.
+const PIPE_SIZE: usize = 256 * 1024;
+
+/// A pipe that carries one direction of one connection.
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+}
+
+impl Pipe {
+    pub fn new() -> io::Result<Pipe> {
+        let (read, write) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+        // A bigger pipe means fewer splices per megabyte; the default (64 KiB) is kept
+        // when the system allows no more.
+        let capacity = fcntl_setpipe_size(&write, PIPE_SIZE).unwrap_or(64 * 1024);
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
+    }
+}
+
+/// Copies `from` → `to` through `pipe` until end of stream, then passes the half-close on.
+pub async fn copy(
+    (from, from_side): (&TcpStream, Side),
+    (to, to_side): (&TcpStream, Side),
+    pipe: &Pipe,
+    bytes: &Counter,
+    activity: &AtomicU64,
+) -> Result<(), CopyError> {
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    loop {
+        let n = loop {
+            from.readable().await.map_err(|e| from_side.error(e))?;
+            let filled = from.try_io(Interest::READABLE, || {
+                splice(from, None, &pipe.write, None, pipe.capacity, flags).map_err(io::Error::from)
+            });
+            match filled {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(from_side.error(e)),
+            }
+        };
+        if n == 0 {
+            let _ = SockRef::from(to).shutdown(Shutdown::Write);
+            return Ok(());
+        }
+        let mut pending = n;
+        while pending > 0 {
+            to.writable().await.map_err(|e| to_side.error(e))?;
+            let drained = to.try_io(Interest::WRITABLE, || {
+                splice(&pipe.read, None, to, None, pending, flags).map_err(io::Error::from)
+            });
+            match drained {
+                Ok(m) => pending -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(to_side.error(e)),
+            }
+        }
+        bytes.increment(n as u64);
+        activity.store(now_ms(), Ordering::Relaxed);
+    }
+}
