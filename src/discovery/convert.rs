@@ -496,7 +496,7 @@ pub fn join(
         let slices = by_service.get(&front.key).map(Vec::as_slice).unwrap_or(&[]);
         if let Some(service) = join_service(front, slices, pods, scope) {
             warnings.extend(front.warnings.iter().cloned());
-            table.services.insert(front.key.clone(), service);
+            table.services.insert(front.key.clone(), Arc::new(service));
         }
     }
     (table, warnings)

@@ -285,7 +285,8 @@ fn publish(
         *known = here.clone();
         true
     });
-    tracing::info!(
+    // Debug, not info: a busy cluster publishes many times a second.
+    tracing::debug!(
         services = table.len(),
         slices = store.slice_count(),
         pods = store.pod_count(),

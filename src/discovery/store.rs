@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1 as core;
@@ -504,7 +505,7 @@ impl Store {
         match joined {
             Some(service) => {
                 if self.table.get(key) != Some(&service) {
-                    self.table.services.insert(key.clone(), service);
+                    self.table.services.insert(key.clone(), Arc::new(service));
                     self.changed = true;
                 }
             }
