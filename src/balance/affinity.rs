@@ -7,6 +7,7 @@
 //! balanced without being remembered.
 
 use std::collections::hash_map::{Entry, HashMap};
+use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
@@ -15,6 +16,7 @@ use std::time::Duration;
 use metrics::{Counter, Gauge};
 use tokio::time::Instant;
 
+use super::sample::{entropy, mix};
 use super::{Backend, Balancer};
 use crate::addr::PodAddr;
 
@@ -78,9 +80,67 @@ struct Clients {
 /// A std `Mutex`, not tokio's: it is never held across an `.await`, and the critical
 /// section is one hash lookup and a store, so an uncontended lock is a single atomic
 /// swap each way. Aligned to a cache line so that neighbouring shards do not contend.
-#[derive(Debug, Default)]
+/// Keyed by the client address as a `u128` (IPv4 mapped into IPv6).
+#[derive(Debug)]
 #[repr(align(64))]
-struct Shard(Mutex<HashMap<IpAddr, Sticky>>);
+struct Shard(Mutex<HashMap<u128, Sticky, Keys>>);
+
+fn key(client: IpAddr) -> u128 {
+    match client {
+        IpAddr::V4(ip) => u128::from(ip.to_ipv6_mapped()),
+        IpAddr::V6(ip) => u128::from(ip),
+    }
+}
+
+/// The shards' hasher: a folded multiply of the address under keys drawn at random per
+/// map, then SplitMix64's finalizer so that the low bits (hashbrown's bucket index) are
+/// as good as the high ones. std's SipHash would cost as much as the rest of a hit; with
+/// secret keys an outsider still cannot pick client addresses that pile into one bucket.
+#[derive(Clone, Copy, Debug)]
+struct Keys(u64, u64);
+
+impl Keys {
+    fn random() -> Self {
+        Self(entropy(), entropy() | 1)
+    }
+}
+
+impl BuildHasher for Keys {
+    type Hasher = ClientHasher;
+
+    fn build_hasher(&self) -> ClientHasher {
+        ClientHasher {
+            keys: *self,
+            hash: 0,
+        }
+    }
+}
+
+struct ClientHasher {
+    keys: Keys,
+    hash: u64,
+}
+
+impl Hasher for ClientHasher {
+    fn write_u128(&mut self, x: u128) {
+        let product = u128::from(self.hash ^ x as u64 ^ self.keys.0)
+            * u128::from((x >> 64) as u64 ^ self.keys.1);
+        self.hash = product as u64 ^ (product >> 64) as u64;
+    }
+
+    /// Only `u128` keys are hashed; this keeps any other input well defined.
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(16) {
+            let mut word = [0u8; 16];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u128(u128::from_le_bytes(word));
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        mix(self.hash)
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 struct Sticky {
@@ -108,15 +168,18 @@ enum Lookup {
 
 /// Locks a shard, ignoring poison: entries are plain values that a panicking holder
 /// cannot have left half-written.
-fn lock(shard: &Shard) -> MutexGuard<'_, HashMap<IpAddr, Sticky>> {
+fn lock(shard: &Shard) -> MutexGuard<'_, HashMap<u128, Sticky, Keys>> {
     shard.0.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Affinity {
     /// A layer with an empty map of at most `max_entries` clients.
     pub fn new(timeout: Duration, max_entries: usize, stats: AffinityStats) -> Self {
+        let keys = Keys::random();
         let clients = Clients {
-            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Shard(Mutex::new(HashMap::with_hasher(keys))))
+                .collect(),
             len: AtomicUsize::new(0),
             max: max_entries,
             entries: stats.entries,
@@ -162,10 +225,10 @@ impl Affinity {
         balancer: &dyn Balancer,
     ) -> Option<usize> {
         let now = Instant::now();
-        let shard = self.clients.shard(client);
+        let (shard, client_key) = (self.clients.shard(client), key(client));
         let lookup = {
             let mut map = lock(shard);
-            match map.get_mut(&client) {
+            match map.get_mut(&client_key) {
                 None => Lookup::Miss,
                 Some(s) if now.saturating_duration_since(s.last_seen) >= self.timeout => {
                     Lookup::Expired
@@ -194,7 +257,7 @@ impl Affinity {
             index: picked as u32,
             last_seen: now,
         };
-        let remembered = match lock(shard).entry(client) {
+        let remembered = match lock(shard).entry(client_key) {
             Entry::Occupied(mut e) => {
                 let s = e.get_mut();
                 if now.saturating_duration_since(s.last_seen) < self.timeout {
@@ -428,6 +491,20 @@ mod tests {
         drop(affinity);
         drop(next);
         assert_eq!(seen.entries(), 0.0);
+    }
+
+    #[test]
+    fn the_hasher_spreads_neighbouring_addresses() {
+        let keys = Keys::random();
+        let hashes: std::collections::HashSet<u64> = (0..65_536u32)
+            .map(|i| keys.hash_one(key(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)))))
+            .collect();
+        assert_eq!(hashes.len(), 65_536);
+        // hashbrown takes its buckets from the low bits and its tags from the top 7.
+        let low: std::collections::HashSet<u64> = hashes.iter().map(|h| h & 0xffff).collect();
+        let top: std::collections::HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+        assert!(low.len() > 40_000, "{}", low.len());
+        assert_eq!(top.len(), 128);
     }
 
     #[tokio::test(start_paused = true)]

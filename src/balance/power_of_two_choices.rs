@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 
-use super::sample::{AliasTable, SplitMix};
+use super::sample::{below, derive, AliasTable, SplitMix};
 use super::{Backends, Balancer};
 
 pub const NAME: &str = "power-of-two-choices";
@@ -48,20 +48,20 @@ impl PowerOfTwoChoices {
         }
     }
 
-    /// A draw by weight among every endpoint but `first`.
-    fn other_than(&self, first: usize) -> Option<usize> {
-        for _ in 0..REDRAWS {
-            match self.table.draw(self.rng.next_u64()) {
+    /// A draw by weight among every endpoint but `first`, from draws derived from `bits`.
+    fn other_than(&self, first: usize, bits: u64) -> Option<usize> {
+        for k in 1..=REDRAWS as u64 {
+            match self.table.draw(derive(bits, k)) {
                 Some(i) if i != first => return Some(i),
                 _ => {}
             }
         }
-        self.exact_other_than(first)
+        self.exact_other_than(first, derive(bits, REDRAWS as u64 + 1))
     }
 
     /// A draw by weight among every endpoint but `first`, in O(log N): a point on the
     /// line of cumulative weights with `first`'s stretch cut out.
-    fn exact_other_than(&self, first: usize) -> Option<usize> {
+    fn exact_other_than(&self, first: usize, bits: u64) -> Option<usize> {
         let before = first
             .checked_sub(1)
             .and_then(|i| self.cumulative.get(i))
@@ -72,7 +72,7 @@ impl PowerOfTwoChoices {
         if rest == 0 {
             return None; // nobody else carries weight
         }
-        let mut point = self.rng.below(rest);
+        let mut point = below(bits, rest);
         if point >= before {
             point += own;
         }
@@ -89,8 +89,10 @@ impl Balancer for PowerOfTwoChoices {
     /// The first draw already follows the weights, so an idle Service is spread exactly
     /// by weight (preferring the heavier one on a tie would over-feed heavy endpoints).
     fn pick(&self, _client: IpAddr) -> Option<usize> {
-        let first = self.table.draw(self.rng.next_u64())?;
-        let Some(second) = self.other_than(first) else {
+        // One step of the shared generator per pick; the second choice derives its draws.
+        let bits = self.rng.next_u64();
+        let first = self.table.draw(bits)?;
+        let Some(second) = self.other_than(first, bits) else {
             return Some(first);
         };
         let (a, b) = (&self.backends[first], &self.backends[second]);
@@ -171,11 +173,11 @@ mod tests {
         let b = PowerOfTwoChoices::new(backends(4, &[5, 1, 1, 1]), Some(11));
         let mut counts = [0usize; 4];
         for _ in 0..30_000 {
-            counts[b.exact_other_than(0).unwrap()] += 1;
+            counts[b.exact_other_than(0, b.rng.next_u64()).unwrap()] += 1;
         }
         assert_eq!(counts[0], 0);
         // Leaving out the last one as well.
-        assert!((0..1000).all(|_| b.exact_other_than(3) != Some(3)));
+        assert!((0..1000).all(|_| b.exact_other_than(3, b.rng.next_u64()) != Some(3)));
         for c in &counts[1..] {
             assert!((*c as f64 / 10_000.0 - 1.0).abs() < 0.05, "{counts:?}");
         }

@@ -35,12 +35,6 @@ impl SplitMix {
             .wrapping_add(GAMMA))
     }
 
-    /// A uniform draw from `0..n`; `n` must be at least 1.
-    pub fn below(&self, n: u64) -> u64 {
-        // Lemire's multiply-shift: no division, and a bias of at most n / 2^64.
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-    }
-
     /// A generator that goes on with this one's sequence, for a rebuilt balancer: a
     /// table change does not replay the draws already made.
     pub fn carry(&self) -> Self {
@@ -48,6 +42,18 @@ impl SplitMix {
             state: AtomicU64::new(self.state.load(Ordering::Relaxed)),
         }
     }
+}
+
+/// The `k`-th further draw derived from one draw's `bits`: a SplitMix64 stream of its
+/// own, so a pick that needs several draws takes only one step of the shared state.
+pub fn derive(bits: u64, k: u64) -> u64 {
+    mix(bits.wrapping_add(k.wrapping_mul(GAMMA)))
+}
+
+/// A uniform draw from `0..n` out of 64 random bits; `n` must be at least 1.
+pub fn below(bits: u64, n: u64) -> u64 {
+    // Lemire's multiply-shift: no division, and a bias of at most n / 2^64.
+    ((u128::from(bits) * u128::from(n)) >> 64) as u64
 }
 
 /// SplitMix64's finalizer: every output bit depends on every input bit.
@@ -59,7 +65,7 @@ pub fn mix(mut z: u64) -> u64 {
 
 /// 64 unpredictable bits without a dependency: std keys every `RandomState` from the
 /// OS's randomness, so the hash of nothing under fresh keys is itself random.
-fn entropy() -> u64 {
+pub fn entropy() -> u64 {
     RandomState::new().build_hasher().finish()
 }
 
