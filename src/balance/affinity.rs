@@ -35,8 +35,11 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// `carousel_affinity_lookups_total{result}` and `carousel_affinity_entries`.
 #[derive(Clone, Debug)]
 pub struct AffinityStats {
+    /// The client's remembered pod took the connection.
     pub hit: Counter,
+    /// Nothing remembered, or the remembered pod has left the eligible set.
     pub miss: Counter,
+    /// Remembered, but idle for longer than the timeout.
     pub expired: Counter,
     pub entries: Gauge,
 }
