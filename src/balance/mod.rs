@@ -181,13 +181,16 @@ pub fn rebuild_or_build(
         _ => build(name, backends.clone(), options)
             .unwrap_or_else(|| Box::new(RoundRobin::new(backends.clone()))),
     };
-    let affinity =
-        balancing
-            .affinity
-            .map(|timeout| match previous.and_then(|p| p.affinity.as_ref()) {
-                Some(prev) => prev.carry(timeout, affinity_stats),
-                None => Affinity::new(timeout, options.affinity_max_entries, affinity_stats),
-            });
+    let remembered = previous.and_then(|p| p.affinity.as_ref());
+    let affinity = match (balancing.affinity, remembered) {
+        (Some(timeout), Some(prev)) => Some(prev.carry(timeout, affinity_stats)),
+        (Some(timeout), None) => Some(Affinity::new(
+            timeout,
+            options.affinity_max_entries,
+            affinity_stats,
+        )),
+        (None, _) => None,
+    };
     Picker {
         backends,
         balancer,
