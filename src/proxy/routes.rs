@@ -12,7 +12,9 @@ use metrics::{Counter, Gauge, Histogram, Label};
 
 use crate::addr::{ClientAddr, PodAddr, ServiceAddr};
 use crate::balance::{self, AffinityStats, Backend, Backends, BuildOptions, Picker};
-use crate::model::{Balancing, Endpoint, Locality, ServiceKey, ServicePort, ServiceTable, Traffic};
+use crate::model::{
+    Balancing, Endpoint, Locality, Service, ServiceKey, ServicePort, ServiceTable, Traffic,
+};
 use crate::proxy::ejection::Ejection;
 use crate::telemetry::{names, Telemetry};
 
@@ -100,6 +102,9 @@ pub struct RouteTable {
     by_addr: HashMap<ServiceAddr, Arc<Route>>,
     by_node_port: HashMap<u16, Arc<Route>>,
     by_port: HashMap<(ServiceKey, String, Traffic), Arc<Route>>,
+    /// The Services the routes were built from: a Service that is the very same `Arc`
+    /// in the next table keeps its routes as they are, without a rebuild.
+    built_from: HashMap<ServiceKey, Arc<Service>>,
 }
 
 impl RouteTable {
@@ -140,42 +145,28 @@ impl RouteTable {
     ) -> RouteTable {
         let mut routes = RouteTable::default();
         for service in table.services.values() {
+            routes
+                .built_from
+                .insert(service.key.clone(), service.clone());
+            let unchanged = previous
+                .built_from
+                .get(&service.key)
+                .is_some_and(|before| Arc::ptr_eq(before, service));
             for port in &service.ports {
-                set_endpoint_gauges(telemetry, &service.key, port);
                 let key = |traffic| (service.key.clone(), port.label(), traffic);
-                let internal_endpoints = port.select(service, Traffic::Internal, here);
-                let external_endpoints = port.select(service, Traffic::External, here);
-                let internal = Arc::new(build_route(
-                    &service.key,
-                    &service.balancing,
-                    port,
-                    internal_endpoints.clone(),
-                    &[previous
-                        .by_port
-                        .get(&key(Traffic::Internal))
-                        .map(Arc::as_ref)],
-                    telemetry,
-                    options,
-                ));
-                let external = if external_endpoints == internal_endpoints {
-                    internal.clone()
-                } else {
-                    let known = [
-                        previous
-                            .by_port
-                            .get(&key(Traffic::External))
-                            .map(Arc::as_ref),
-                        Some(internal.as_ref()),
-                    ];
-                    Arc::new(build_route(
-                        &service.key,
-                        &service.balancing,
-                        port,
-                        external_endpoints,
-                        &known,
-                        telemetry,
-                        options,
-                    ))
+                let reused = match (
+                    unchanged,
+                    previous.by_port.get(&key(Traffic::Internal)),
+                    previous.by_port.get(&key(Traffic::External)),
+                ) {
+                    (true, Some(internal), Some(external)) => {
+                        Some((internal.clone(), external.clone()))
+                    }
+                    _ => None,
+                };
+                let (internal, external) = match reused {
+                    Some(pair) => pair,
+                    None => build_pair(service, port, previous, telemetry, options, here),
                 };
                 for ip in &service.cluster_ips {
                     let addr = ServiceAddr(SocketAddr::new(*ip, port.port));
@@ -198,6 +189,55 @@ impl RouteTable {
         }
         routes
     }
+}
+
+/// The routes of one Service port: one for ClusterIP traffic and one for external
+/// traffic, the same route when both see the same endpoints.
+fn build_pair(
+    service: &Service,
+    port: &ServicePort,
+    previous: &RouteTable,
+    telemetry: &Telemetry,
+    options: &BuildOptions,
+    here: &Locality,
+) -> (Arc<Route>, Arc<Route>) {
+    set_endpoint_gauges(telemetry, &service.key, port);
+    let key = |traffic| (service.key.clone(), port.label(), traffic);
+    let internal_endpoints = port.select(service, Traffic::Internal, here);
+    let external_endpoints = port.select(service, Traffic::External, here);
+    let internal = Arc::new(build_route(
+        &service.key,
+        &service.balancing,
+        port,
+        internal_endpoints.clone(),
+        &[previous
+            .by_port
+            .get(&key(Traffic::Internal))
+            .map(Arc::as_ref)],
+        telemetry,
+        options,
+    ));
+    let external = if external_endpoints == internal_endpoints {
+        internal.clone()
+    } else {
+        let known = [
+            previous
+                .by_port
+                .get(&key(Traffic::External))
+                .map(Arc::as_ref),
+            Some(internal.as_ref()),
+        ];
+        Arc::new(build_route(
+            &service.key,
+            &service.balancing,
+            port,
+            external_endpoints,
+            &known,
+            telemetry,
+            options,
+        ))
+    };
+    (internal, external)
 }
 
 /// The metric labels every series of a Service port carries.
@@ -467,5 +507,33 @@ mod tests {
             ),
             "{metrics}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_untouched_service_keeps_its_routes_and_a_changed_one_is_rebuilt() {
+        let telemetry = Telemetry::new();
+        let options = BuildOptions::default();
+        let here = Locality::default();
+        let first = table(
+            "round-robin",
+            None,
+            vec![endpoint(1, true, 1), endpoint(2, true, 1)],
+        );
+        let routes = RouteTable::build(&first, &RouteTable::default(), &telemetry, &options, &here);
+        let before = routes.routes().next().unwrap().clone();
+
+        // The same Arc<Service> in a new table: the very same route, not a rebuild.
+        let same = ServiceTable {
+            services: first.services.clone(),
+        };
+        let again = RouteTable::build(&same, &routes, &telemetry, &options, &here);
+        assert!(Arc::ptr_eq(again.routes().next().unwrap(), &before));
+
+        // A changed Service: a new route over the new endpoints.
+        let changed = table("round-robin", None, vec![endpoint(1, true, 1)]);
+        let rebuilt = RouteTable::build(&changed, &again, &telemetry, &options, &here);
+        let after = rebuilt.routes().next().unwrap();
+        assert!(!Arc::ptr_eq(after, &before));
+        assert_eq!(after.endpoints.len(), 1);
     }
 }
