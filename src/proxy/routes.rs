@@ -87,6 +87,11 @@ pub struct Route {
 
 impl Route {
     /// The index of the endpoint for a new connection from `client`.
+    /// [`Route::pick`] at `now`, the connection's own clock reading.
+    pub fn pick_at(&self, client: ClientAddr, now: tokio::time::Instant) -> Option<usize> {
+        self.balancer.pick_at(client.ip(), now)
+    }
+
     pub fn pick(&self, client: ClientAddr) -> Option<usize> {
         self.balancer.pick(client.ip())
     }
