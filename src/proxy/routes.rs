@@ -106,7 +106,8 @@ impl Route {
 pub struct RouteTable {
     by_addr: HashMap<ServiceAddr, Arc<Route>>,
     by_node_port: HashMap<u16, Arc<Route>>,
-    by_port: HashMap<(ServiceKey, String, Traffic), Arc<Route>>,
+    /// Keyed by port number, not label: no string is built to look a route up.
+    by_port: HashMap<(ServiceKey, u16, Traffic), Arc<Route>>,
     /// The Services the routes were built from: a Service that is the very same `Arc`
     /// in the next table keeps its routes as they are, without a rebuild.
     built_from: HashMap<ServiceKey, Arc<Service>>,
@@ -148,7 +149,13 @@ impl RouteTable {
         options: &BuildOptions,
         here: &Locality,
     ) -> RouteTable {
-        let mut routes = RouteTable::default();
+        // Sized like the previous table: a rebuild of a large table never rehashes.
+        let mut routes = RouteTable {
+            by_addr: HashMap::with_capacity(previous.by_addr.len()),
+            by_node_port: HashMap::with_capacity(previous.by_node_port.len()),
+            by_port: HashMap::with_capacity(previous.by_port.len()),
+            built_from: HashMap::with_capacity(table.services.len()),
+        };
         for service in table.services.values() {
             routes
                 .built_from
@@ -158,7 +165,7 @@ impl RouteTable {
                 .get(&service.key)
                 .is_some_and(|before| Arc::ptr_eq(before, service));
             for port in &service.ports {
-                let key = |traffic| (service.key.clone(), port.label(), traffic);
+                let key = |traffic| (service.key.clone(), port.port, traffic);
                 let reused = match (
                     unchanged,
                     previous.by_port.get(&key(Traffic::Internal)),
@@ -207,7 +214,7 @@ fn build_pair(
     here: &Locality,
 ) -> (Arc<Route>, Arc<Route>) {
     set_endpoint_gauges(telemetry, &service.key, port);
-    let key = |traffic| (service.key.clone(), port.label(), traffic);
+    let key = |traffic| (service.key.clone(), port.port, traffic);
     let internal_endpoints = port.select(service, Traffic::Internal, here);
     let external_endpoints = port.select(service, Traffic::External, here);
     let internal = Arc::new(build_route(
@@ -362,16 +369,16 @@ fn set_endpoint_gauges(telemetry: &Telemetry, service: &ServiceKey, port: &Servi
 
 /// Zeroes the endpoint gauges of Service ports that left the table.
 pub fn clear_removed(telemetry: &Telemetry, previous: &RouteTable, current: &RouteTable) {
-    for (key, _) in previous
+    for (key, route) in previous
         .by_port
         .iter()
-        .filter(|(k, _)| !current.by_port.contains_key(*k))
+        .filter(|(k, _)| k.2 == Traffic::Internal && !current.by_port.contains_key(*k))
     {
         for state in ["ready", "serving", "terminating"] {
             let labels = vec![
                 Label::new("namespace", key.0.namespace.to_string()),
                 Label::new("service", key.0.name.to_string()),
-                Label::new("port", key.1.clone()),
+                Label::new("port", route.port.clone()),
                 Label::new("state", state),
             ];
             telemetry.gauge(names::ENDPOINTS, labels).set(0.0);
