@@ -113,6 +113,11 @@ pub struct RunArgs {
     /// Seed for the balancers that draw random numbers (reproducible runs).
     #[arg(long)]
     pub seed: Option<u64>,
+
+    /// Also run these algorithms beside each Service's own, only counting where they
+    /// would have sent each connection (carousel_shadow_picks_total).
+    #[arg(long, value_delimiter = ',', value_name = "a,b,...")]
+    pub shadow: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -96,8 +96,13 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn status(_args: StatusArgs) -> anyhow::Result<()> {
-    bail!("carousel status is not built yet")
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let text = carousel::status::fetch(&args.metrics_url).await?;
+    print!(
+        "{}",
+        carousel::status::render(&carousel::status::parse(&text))
+    );
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -123,6 +128,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             redirect_port: args.redirect_port,
         },
     };
+    let shadow = args
+        .shadow
+        .iter()
+        .map(|name| {
+            balance::algorithms()
+                .find(|known| known == name)
+                .with_context(|| {
+                    let known: Vec<&str> = balance::algorithms().collect();
+                    format!(
+                        "--shadow {name}: no such algorithm (known: {})",
+                        known.join(", ")
+                    )
+                })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let config = FileRun {
         path,
         scope: Scope {
@@ -137,6 +157,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 keepalive: (!args.tcp_keepalive.is_zero()).then_some(args.tcp_keepalive),
             },
             max_connections: args.max_connections,
+            shadow,
             mode,
             balance: balance::BuildOptions {
                 seed: args.seed,

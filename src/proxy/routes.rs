@@ -5,13 +5,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use metrics::{Counter, Gauge, Histogram, Label};
 
 use crate::addr::{ClientAddr, PodAddr, ServiceAddr};
-use crate::balance::{self, AffinityStats, Backend, Backends, BuildOptions, Picker};
+use crate::balance::{self, AffinityStats, Backend, Backends, Balancer, BuildOptions, Picker};
 use crate::model::{Balancing, Endpoint, Locality, ServiceKey, ServicePort, ServiceTable, Traffic};
 use crate::proxy::ejection::Ejection;
 use crate::telemetry::{names, Telemetry};
@@ -29,6 +29,11 @@ pub struct EndpointStats {
     pub connection_duration: Histogram,
     /// `carousel_endpoint_ejections_total`: failed connects that took the endpoint out.
     pub ejections: Counter,
+    /// `carousel_endpoint_weight`: its weight while it takes new connections, else 0.
+    pub weight: Gauge,
+    /// Picks of this endpoint, read by the fairness task (`fairness.rs`): a plain
+    /// atomic because a metrics counter cannot be read back.
+    pub picks: AtomicU64,
 }
 
 impl EndpointStats {
@@ -54,6 +59,8 @@ impl EndpointStats {
             connect_duration: telemetry.histogram(names::CONNECT_DURATION, labels(&[])),
             connection_duration: telemetry.histogram(names::CONNECTION_DURATION, labels(&[])),
             ejections: telemetry.counter(names::EJECTIONS_TOTAL, labels(&[])),
+            weight: telemetry.gauge(names::ENDPOINT_WEIGHT, labels(&[])),
+            picks: AtomicU64::new(0),
         }
     }
 }
@@ -68,6 +75,7 @@ pub struct RouteEndpoint {
     /// Passive health: kept across table changes like the counter.
     pub ejection: Arc<Ejection>,
     pub stats: Arc<EndpointStats>,
+    pub weight: u32,
 }
 
 /// One Service port: where its connections may go and how the next one is chosen.
@@ -81,12 +89,36 @@ pub struct Route {
     balancer: Picker,
     /// `carousel_connections_total{outcome="no_endpoint"}`.
     pub no_endpoint: Counter,
+    /// Algorithms evaluated beside the real one (`carousel run --shadow`).
+    shadows: Vec<Shadow>,
+}
+
+/// An algorithm that picks beside the real one without deciding anything: each pick
+/// only counts, in `carousel_shadow_picks_total`. It sees the same open-connection
+/// counts as the real balancer and no ClientIP affinity.
+#[derive(Debug)]
+struct Shadow {
+    balancer: Box<dyn Balancer>,
+    /// Parallel to the route's endpoints, resolved when the route is built.
+    picks: Vec<Counter>,
 }
 
 impl Route {
     /// The index of the endpoint for a new connection from `client`.
     pub fn pick(&self, client: ClientAddr) -> Option<usize> {
-        self.balancer.pick(client.ip())
+        let picked = self.balancer.pick(client.ip());
+        if let Some(i) = picked {
+            self.endpoints[i]
+                .stats
+                .picks
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        for shadow in &self.shadows {
+            if let Some(i) = shadow.balancer.pick(client.ip()) {
+                shadow.picks[i].increment(1);
+            }
+        }
+        picked
     }
 
     pub fn algorithm(&self) -> &'static str {
@@ -126,6 +158,15 @@ impl RouteTable {
         self.by_port.values()
     }
 
+    /// Every Service port's route for ClusterIP traffic: one per port, as the
+    /// per-port series (`carousel_fairness_jain`) want.
+    pub fn internal_routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.by_port
+            .iter()
+            .filter(|((_, _, traffic), _)| *traffic == Traffic::Internal)
+            .map(|(_, route)| route)
+    }
+
     /// Builds the table for `table`, seen from `here`, reusing what `previous` knew.
     ///
     /// A Service port gets one route for ClusterIP traffic and, when its traffic
@@ -137,6 +178,7 @@ impl RouteTable {
         telemetry: &Telemetry,
         options: &BuildOptions,
         here: &Locality,
+        shadow: &[&'static str],
     ) -> RouteTable {
         let mut routes = RouteTable::default();
         for service in table.services.values() {
@@ -156,6 +198,7 @@ impl RouteTable {
                         .map(Arc::as_ref)],
                     telemetry,
                     options,
+                    shadow,
                 ));
                 let external = if external_endpoints == internal_endpoints {
                     internal.clone()
@@ -175,6 +218,7 @@ impl RouteTable {
                         &known,
                         telemetry,
                         options,
+                        shadow,
                     ))
                 };
                 for ip in &service.cluster_ips {
@@ -211,7 +255,8 @@ fn port_labels(service: &ServiceKey, port: &ServicePort) -> Vec<Label> {
 
 /// One route over `eligible`. Endpoints that `known` routes already had keep their
 /// open-connection counter and metric handles; `known[0]`, the previous route of the
-/// same kind, hands its balancer state on.
+/// same kind, hands its balancer state (and its shadows') on.
+#[allow(clippy::too_many_arguments)]
 fn build_route(
     service: &ServiceKey,
     balancing: &Balancing,
@@ -220,6 +265,7 @@ fn build_route(
     known: &[Option<&Route>],
     telemetry: &Telemetry,
     options: &BuildOptions,
+    shadow: &[&'static str],
 ) -> Route {
     let base = port_labels(service, port);
     let previous = known.first().copied().flatten();
@@ -232,16 +278,21 @@ fn build_route(
     let endpoints: Vec<RouteEndpoint> = eligible
         .iter()
         .map(|e| match known.get(&e.addr) {
-            Some(prev) if prev.pod == e.pod => (*prev).clone(),
+            Some(prev) if prev.pod == e.pod => RouteEndpoint {
+                weight: e.weight,
+                ..(*prev).clone()
+            },
             _ => RouteEndpoint {
                 addr: e.addr,
                 pod: e.pod.clone(),
                 active: Arc::default(),
                 ejection: Arc::default(),
                 stats: Arc::new(EndpointStats::new(telemetry, &base, e.addr, &e.pod)),
+                weight: e.weight,
             },
         })
         .collect();
+    set_weights(previous, &endpoints);
     let backends: Backends = eligible
         .iter()
         .zip(&endpoints)
@@ -255,6 +306,9 @@ fn build_route(
         Some(_) => affinity_stats(telemetry, &base),
         None => AffinityStats::default(),
     };
+    let shadows = build_shadows(
+        previous, shadow, &backends, &endpoints, telemetry, &base, options,
+    );
     let balancer = balance::rebuild_or_build(
         previous.map(|p| &p.balancer),
         balancing,
@@ -262,6 +316,7 @@ fn build_route(
         options,
         affinity_stats,
     );
+
     let mut no_endpoint_labels = base;
     no_endpoint_labels.extend([
         Label::new("endpoint", ""),
@@ -274,7 +329,58 @@ fn build_route(
         endpoints,
         balancer,
         no_endpoint: telemetry.counter(names::CONNECTIONS_TOTAL, no_endpoint_labels),
+        shadows,
     }
+}
+
+/// `carousel_endpoint_weight`: the endpoints' weights now, and 0 for those of the
+/// previous route that take no new connections any more.
+fn set_weights(previous: Option<&Route>, endpoints: &[RouteEndpoint]) {
+    for gone in previous
+        .iter()
+        .flat_map(|p| &p.endpoints)
+        .filter(|old| !endpoints.iter().any(|e| Arc::ptr_eq(&e.stats, &old.stats)))
+    {
+        gone.stats.weight.set(0.0);
+    }
+    for e in endpoints {
+        e.stats.weight.set(f64::from(e.weight));
+    }
+}
+
+/// The shadow balancers of a route, each carrying its state over from the previous
+/// route's shadow of the same name, with its counters resolved once here.
+fn build_shadows(
+    previous: Option<&Route>,
+    names: &[&'static str],
+    backends: &Backends,
+    endpoints: &[RouteEndpoint],
+    telemetry: &Telemetry,
+    base: &[Label],
+    options: &BuildOptions,
+) -> Vec<Shadow> {
+    names
+        .iter()
+        .filter_map(|name| {
+            let carried = previous
+                .and_then(|p| p.shadows.iter().find(|s| s.balancer.name() == *name))
+                .map(|s| s.balancer.rebuild(backends.clone()));
+            let balancer = carried.or_else(|| balance::build(name, backends.clone(), options))?;
+            let picks = endpoints
+                .iter()
+                .map(|e| {
+                    let mut labels = base.to_vec();
+                    labels.extend([
+                        Label::new("algorithm", *name),
+                        Label::new("endpoint", e.addr.to_string()),
+                        Label::new("pod", e.pod.to_string()),
+                    ]);
+                    telemetry.counter(names::SHADOW_PICKS_TOTAL, labels)
+                })
+                .collect();
+            Some(Shadow { balancer, picks })
+        })
+        .collect()
 }
 
 /// The `carousel_affinity_*` handles of a Service port with ClientIP affinity.
@@ -411,6 +517,7 @@ mod tests {
                     &telemetry,
                     &options,
                     &Locality::default(),
+                    &[],
                 );
                 for client in 0..200 {
                     let pod = picked(&routes, client);
@@ -440,6 +547,7 @@ mod tests {
             &telemetry,
             &options,
             &Locality::default(),
+            &[],
         );
         let sticky = picked(&first, 1);
         assert_eq!(picked(&first, 1), sticky);
@@ -455,6 +563,7 @@ mod tests {
             &telemetry,
             &options,
             &Locality::default(),
+            &[],
         );
         let moved = picked(&drained, 1);
         assert_ne!(moved, sticky);
