@@ -99,7 +99,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
         concurrency: 8,
         requests_per_connection: 1,
         connections: cap(4000, 400),
-        duration: scale(1000, 180),
+        duration: scale(1000, 150),
         affinity: false,
         events: Vec::new(),
         many_clients: true,
@@ -120,7 +120,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
                 pods,
                 concurrency: 16,
                 connections: cap(6000, 1200),
-                duration: scale(1500, 350),
+                duration: scale(1200, 300),
                 many_clients: false,
                 ..base
             }]
@@ -145,7 +145,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
             concurrency: 6,
             requests_per_connection: if quick { 60 } else { 400 },
             connections: 6,
-            duration: scale(1000, 180),
+            duration: scale(1000, 150),
             many_clients: false,
             ..base
         }],
@@ -156,7 +156,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
                 clients: 200,
                 affinity,
                 connections: cap(3000, 600),
-                duration: scale(800, 160),
+                duration: scale(800, 120),
                 ..base.clone()
             })
             .collect(),
@@ -164,7 +164,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
             name: "rolling-update",
             clients: 100,
             connections: 100_000,
-            duration: scale(1500, 300),
+            duration: scale(1200, 250),
             events: (0..4)
                 .map(|i| Event {
                     at: 0.2 + 0.15 * i as f64,
@@ -181,7 +181,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
             pods: four[..2].to_vec(),
             clients: 100,
             connections: 100_000,
-            duration: scale(1200, 250),
+            duration: scale(1200, 200),
             events: vec![
                 Event {
                     at: 0.3,
