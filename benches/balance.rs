@@ -1,11 +1,15 @@
 //! What a balancer costs: `pick()` for every algorithm at 3 to 10 000 endpoints, a
 //! ClientIP affinity hit, and building each balancer from 10 000 endpoints.
 //!
+//! `baseline/*` measures the floor on this machine, for reading the rest on a busy one:
+//! one atomic add (every shared-state pick does at least one) and one clock read (every
+//! affinity lookup does one).
+//!
 //! cargo bench --bench balance -- --warm-up-time 1 --measurement-time 2
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use carousel::addr::PodAddr;
@@ -45,6 +49,16 @@ fn options() -> BuildOptions {
         seed: Some(42),
         ..Default::default()
     }
+}
+
+fn baseline(c: &mut Criterion) {
+    let counter = AtomicUsize::new(0);
+    c.bench_function("baseline/fetch_add", |b| {
+        b.iter(|| counter.fetch_add(1, Ordering::Relaxed))
+    });
+    c.bench_function("baseline/instant_now", |b| {
+        b.iter(tokio::time::Instant::now)
+    });
 }
 
 fn pick(c: &mut Criterion) {
@@ -105,5 +119,5 @@ fn build(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, pick, affinity_hit, build);
+criterion_group!(benches, baseline, pick, affinity_hit, build);
 criterion_main!(benches);

@@ -16,7 +16,7 @@ use std::time::Duration;
 use metrics::{Counter, Gauge};
 use tokio::time::Instant;
 
-use super::sample::entropy;
+use super::sample::{entropy, mix};
 use super::{Backend, Balancer};
 use crate::addr::PodAddr;
 
@@ -95,9 +95,10 @@ fn key(client: IpAddr) -> u128 {
     }
 }
 
-/// The shards' hasher: one folded multiply of the address under keys drawn at random
-/// per map. std's SipHash would cost as much as the rest of a hit; with secret keys an
-/// outsider still cannot pick client addresses that pile into one bucket.
+/// The shards' hasher: a folded multiply of the address under keys drawn at random per
+/// map, then SplitMix64's finalizer so that the low bits (hashbrown's bucket index) are
+/// as good as the high ones. std's SipHash would cost as much as the rest of a hit; with
+/// secret keys an outsider still cannot pick client addresses that pile into one bucket.
 #[derive(Clone, Copy, Debug)]
 struct Keys(u64, u64);
 
@@ -140,7 +141,7 @@ impl Hasher for ClientHasher {
     }
 
     fn finish(&self) -> u64 {
-        self.hash
+        mix(self.hash)
     }
 }
 

@@ -139,20 +139,18 @@ async fn connect(
 ) -> Result<(TcpStream, &RouteEndpoint), ForwardError> {
     let n = route.endpoints.len();
     let first = route.pick(peer).ok_or(ForwardError::NoEndpoint)?;
-    let now = now_ms();
     let in_turn = (0..n).map(|i| &route.endpoints[(first + i) % n]);
-    let mut candidates: Vec<&RouteEndpoint> = in_turn
-        .clone()
-        .filter(|e| !e.ejection.is_ejected(now))
-        .take(config.connect_attempts)
-        .collect();
-    if candidates.is_empty() {
-        // Every endpoint is ejected: trying one beats refusing the client outright.
-        candidates.extend(in_turn.take(config.connect_attempts));
-    }
-    let attempts = candidates.len();
+    let now = now_ms();
+    // No allocation on this path: the endpoints in turn from the pick, ejected ones
+    // left out, or, when every one is ejected, all of them: trying beats refusing.
+    let all_ejected = in_turn.clone().all(|e| e.ejection.is_ejected(now));
+    let candidates = in_turn
+        .filter(|e| all_ejected || !e.ejection.is_ejected(now))
+        .take(config.connect_attempts);
+    let mut attempts = 0;
     let mut last = None;
     for endpoint in candidates {
+        attempts += 1;
         let started = Instant::now();
         let socket = socket_for(endpoint.addr, config).map_err(ForwardError::Local)?;
         let result =
