@@ -32,7 +32,10 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 fn main() {
     if std::env::var_os("CAROUSEL_BENCH_IN_NETNS").is_none() {
         let ns = format!("cx-nftbench-{}", std::process::id());
-        let ok = Command::new("ip").args(["netns", "add", &ns]).status().map(|s| s.success());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &ns])
+            .status()
+            .map(|s| s.success());
         if ok.ok() != Some(true) {
             eprintln!("nft_sync: needs root and ip(8); skipped");
             return;
@@ -47,7 +50,10 @@ fn main() {
         assert!(status.expect("bench ran").success(), "nft_sync failed");
         return;
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let all = redirects(0..SERVICES);
         let mut full = Vec::new();
@@ -61,16 +67,26 @@ fn main() {
             // One Service replaced by another: two element changes.
             let changed = redirects((0..SERVICES - 1).chain([SERVICES + run as u32]));
             let started = Instant::now();
-            apply(&render_diff(&all, &changed)).await.expect("change applies");
+            apply(&render_diff(&all, &changed))
+                .await
+                .expect("change applies");
             one.push(started.elapsed());
-            apply(&render_diff(&changed, &all)).await.expect("change reverts");
+            apply(&render_diff(&changed, &all))
+                .await
+                .expect("change reverts");
         }
         let render_started = Instant::now();
         let _ = render_full(&all, 10262);
         let render = render_started.elapsed();
         println!("nft_sync: {SERVICES} Services, median of {RUNS} runs");
-        println!("  whole table, one transaction (render + nft -f): {:?}", median(full));
+        println!(
+            "  whole table, one transaction (render + nft -f): {:?}",
+            median(full)
+        );
         println!("  of which rendering the script:                 {render:?}");
-        println!("  one Service changed (element diff):            {:?}", median(one));
+        println!(
+            "  one Service changed (element diff):            {:?}",
+            median(one)
+        );
     });
 }

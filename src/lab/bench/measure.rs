@@ -36,6 +36,9 @@ pub struct Observed {
     pub duration_ms: f64,
 }
 
+/// Endpoint changes closer than this are one change for `moved_fraction`.
+const SAME_CHANGE_MS: f64 = 5.0;
+
 /// How many windows the run is cut into for the share-over-time view.
 pub const WINDOWS: usize = 10;
 
@@ -80,7 +83,16 @@ pub fn measure(
         .map(|(s, t)| s / t)
         .collect();
     let [p50, p99, p999] = stats::latency_percentiles(&mut observed.latencies_ms);
-    let changes: Vec<f64> = observed.phases.iter().skip(1).map(|p| p.at_ms).collect();
+    // Changes pushed together (two pods added at once) count as one.
+    let mut changes: Vec<f64> = Vec::new();
+    for phase in observed.phases.iter().skip(1) {
+        if changes
+            .last()
+            .is_none_or(|last| phase.at_ms - last > SAME_CHANGE_MS)
+        {
+            changes.push(phase.at_ms);
+        }
+    }
     let windows = windows(&answered, n, observed.duration_ms);
     RunResult {
         scenario: scenario.to_string(),

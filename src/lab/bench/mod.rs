@@ -322,6 +322,7 @@ pub async fn run_one(
             deadline,
             latencies.clone(),
             names.clone(),
+            options.seed,
         )));
     }
 
@@ -405,6 +406,17 @@ pub async fn run_one(
     ))
 }
 
+/// The client of connection `n`: drawn from a hash of `n` and the seed, because taking
+/// clients in turn would march in step with round-robin and make every client look
+/// sticky.
+fn client_of(n: usize, seed: u64, clients: usize) -> usize {
+    // SplitMix64's finalizer: consecutive inputs give unrelated outputs.
+    let mut z = (n as u64) ^ seed.rotate_left(29);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    ((z ^ (z >> 31)) % clients.max(1) as u64) as usize
+}
+
 /// One client worker: connection after connection until the budget or the deadline.
 #[allow(clippy::too_many_arguments)]
 async fn worker(
@@ -417,6 +429,7 @@ async fn worker(
     deadline: Instant,
     latencies: Arc<Mutex<Vec<f64>>>,
     names: Vec<String>,
+    seed: u64,
 ) -> Vec<Record> {
     let mut records = Vec::new();
     let mut mine = Vec::new();
@@ -425,7 +438,7 @@ async fn worker(
         if n >= budget || Instant::now() >= deadline {
             break;
         }
-        let client = n % clients.len();
+        let client = client_of(n, seed, clients.len());
         let started = Instant::now();
         let mut record = Record {
             client: client as u32,

@@ -95,7 +95,7 @@ impl Report {
             let _ = writeln!(out, "== {scenario}");
             let _ = writeln!(
                 out,
-                "  {:<22} {:>6} {:>4} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>6}  shares (target)",
+                "  {:<30} {:>6} {:>4} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>6}  shares (target)",
                 "algorithm", "conns", "fail", "jain", "max/mn", "dev", "p50ms", "p99ms", "p999ms", "sticky", "moved"
             );
             for r in self.results.iter().filter(|r| r.scenario == scenario) {
@@ -119,7 +119,7 @@ impl Report {
                     .collect();
                 let _ = writeln!(
                     out,
-                    "  {:<22} {:>6} {:>4} {:>6.3} {:>6.2} {:>6.3} {:>7.2} {:>7.2} {:>7.2} {:>6} {:>6}  {}",
+                    "  {:<30} {:>6} {:>4} {:>6.3} {:>6.2} {:>6.3} {:>7.2} {:>7.2} {:>7.2} {:>6} {:>6}  {}",
                     name,
                     r.connections,
                     r.failed_connections,

@@ -27,7 +27,7 @@ pub struct Event {
 pub struct Scenario {
     pub name: &'static str,
     pub pods: Vec<PodSpec>,
-    /// Distinct client addresses; connection `i` comes from client `i % clients`.
+    /// Distinct client addresses; each connection comes from one drawn by the seed.
     pub clients: usize,
     /// Connections open at once (one worker each, one connection after another).
     pub concurrency: usize,
@@ -153,7 +153,8 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
             .into_iter()
             .map(|affinity| Scenario {
                 name: "sticky",
-                clients: 200,
+                // Enough connections per client for stickiness to show in a quick run.
+                clients: if quick { 48 } else { 200 },
                 affinity,
                 connections: cap(3000, 600),
                 duration: scale(800, 120),
