@@ -287,7 +287,7 @@ pub async fn run_one(
         async { tokio::time::sleep(Duration::from_secs(1)).await },
     ));
     let mut started = false;
-    for _ in 0..400 {
+    for _ in 0..2000 {
         if telemetry.health().last_sync().is_some() {
             started = true;
             break;
@@ -295,7 +295,7 @@ pub async fn run_one(
         if proxy.is_finished() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     if !started {
         stop.cancel();

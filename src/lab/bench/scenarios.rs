@@ -99,7 +99,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
         concurrency: 8,
         requests_per_connection: 1,
         connections: cap(4000, 400),
-        duration: scale(1000, 150),
+        duration: scale(1000, 100),
         affinity: false,
         events: Vec::new(),
         many_clients: true,
@@ -120,7 +120,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
                 pods,
                 concurrency: 16,
                 connections: cap(6000, 1200),
-                duration: scale(1200, 300),
+                duration: scale(1000, 220),
                 many_clients: false,
                 ..base
             }]
@@ -133,7 +133,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
                 name: "canary",
                 pods,
                 // A multiple of the weights' sum, so that a perfect split is possible.
-                connections: cap(3200, 400),
+                connections: cap(3200, 320),
                 duration: scale(1500, 400),
                 many_clients: false,
                 ..base
@@ -145,7 +145,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
             concurrency: 6,
             requests_per_connection: if quick { 60 } else { 400 },
             connections: 6,
-            duration: scale(1000, 150),
+            duration: scale(1000, 100),
             many_clients: false,
             ..base
         }],
@@ -157,7 +157,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
                 clients: if quick { 48 } else { 200 },
                 affinity,
                 connections: cap(3000, 600),
-                duration: scale(800, 120),
+                duration: scale(700, 90),
                 ..base.clone()
             })
             .collect(),
@@ -165,7 +165,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
             name: "rolling-update",
             clients: 100,
             connections: 100_000,
-            duration: scale(1200, 250),
+            duration: scale(1200, 200),
             events: (0..4)
                 .map(|i| Event {
                     at: 0.2 + 0.15 * i as f64,
@@ -182,7 +182,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
             pods: four[..2].to_vec(),
             clients: 100,
             connections: 100_000,
-            duration: scale(1200, 200),
+            duration: scale(1200, 160),
             events: vec![
                 Event {
                     at: 0.3,
