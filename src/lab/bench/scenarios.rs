@@ -99,7 +99,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
         concurrency: 8,
         requests_per_connection: 1,
         connections: cap(4000, 400),
-        duration: scale(1000, 100),
+        duration: scale(800, 100),
         affinity: false,
         events: Vec::new(),
         many_clients: true,
@@ -145,7 +145,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
             concurrency: 6,
             requests_per_connection: if quick { 60 } else { 400 },
             connections: 6,
-            duration: scale(1000, 100),
+            duration: scale(800, 100),
             many_clients: false,
             ..base
         }],
@@ -165,7 +165,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
             name: "rolling-update",
             clients: 100,
             connections: 100_000,
-            duration: scale(1200, 200),
+            duration: scale(1000, 200),
             events: (0..4)
                 .map(|i| Event {
                     at: 0.2 + 0.15 * i as f64,
@@ -182,7 +182,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
             pods: four[..2].to_vec(),
             clients: 100,
             connections: 100_000,
-            duration: scale(1200, 160),
+            duration: scale(1000, 160),
             events: vec![
                 Event {
                     at: 0.3,
