@@ -236,6 +236,8 @@ pub fn service(svc: &core::Service) -> Result<Option<ServiceFront>, FieldError> 
 
     let mut warnings = Vec::new();
     let mut ports = Vec::new();
+    // TCP port number -> index of the first port with it.
+    let mut tcp_ports: HashMap<u16, usize> = HashMap::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let port = parse_port(format!("spec.ports[{i}].port"), p.port)?;
         let name = p.name.clone().unwrap_or_default();
@@ -251,6 +253,14 @@ pub fn service(svc: &core::Service) -> Result<Option<ServiceFront>, FieldError> 
                 protocol: protocol.to_string(),
             });
             continue;
+        }
+        // Kubernetes refuses two ports of one protocol with one number: both would be the
+        // same listener, and the second would silently take the first one's traffic.
+        if let Some(first) = tcp_ports.insert(port, i) {
+            return Err(FieldError::new(
+                format!("spec.ports[{i}].port"),
+                format!("{port} is also spec.ports[{first}].port"),
+            ));
         }
         let node_port = p
             .node_port
@@ -885,6 +895,19 @@ mod tests {
         assert_eq!(err.field, "spec.ports[0].targetPort");
         let err = service_error("clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: ''}]");
         assert_eq!(err.field, "spec.ports[0].targetPort");
+    }
+
+    #[test]
+    fn a_port_number_twice_is_refused_unless_the_protocols_differ() {
+        let err = service_error(
+            "clusterIP: 10.96.0.10, ports: [{name: a, port: 80}, {name: b, port: 81}, {name: c, port: 80}]",
+        );
+        assert_eq!(err.field, "spec.ports[2].port");
+        assert_eq!(err.message, "80 is also spec.ports[0].port");
+        let f = front(
+            "clusterIP: 10.96.0.10, ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53}]",
+        );
+        assert_eq!(f.ports.len(), 1);
     }
 
     #[test]

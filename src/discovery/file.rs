@@ -87,6 +87,9 @@ struct Objects {
 
 /// Parses and converts the text of a state file.
 pub fn parse(text: &str, scope: &Scope) -> Result<Loaded, StateFileError> {
+    // Editors on Windows start UTF-8 files with a byte-order mark; kubectl skips it, and
+    // the YAML parser would not see the first document for what it is.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut objects = Objects::default();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let document = i + 1;
@@ -133,6 +136,8 @@ fn add_object(objects: &mut Objects, value: Value, at: Location) -> Result<(), S
     let name = value
         .get("metadata")
         .and_then(|m| field(m, "name"))
+        .filter(|n| !n.is_empty())
+        .map(one_line)
         .unwrap_or_else(|| "(unnamed)".into());
     let invalid = |error: FieldError| StateFileError::Invalid {
         at: at.clone(),
@@ -153,9 +158,11 @@ fn add_object(objects: &mut Objects, value: Value, at: Location) -> Result<(), S
                 }
             };
             for (i, item) in items.into_iter().enumerate() {
+                // The items of a List inside a List are named by the outer item that holds
+                // them: numbering them afresh would point at another object.
                 let at = Location {
                     document: at.document,
-                    item: Some(i + 1),
+                    item: Some(at.item.unwrap_or(i + 1)),
                 };
                 add_object(objects, item, at)?;
             }
@@ -193,9 +200,20 @@ fn add_object(objects: &mut Objects, value: Value, at: Location) -> Result<(), S
 /// Deserializes into a k8s-openapi type, naming the field at fault on failure.
 fn typed<T: DeserializeOwned>(value: Value) -> Result<T, FieldError> {
     serde_path_to_error::deserialize(value).map_err(|e| FieldError {
-        field: e.path().to_string(),
+        field: one_line(e.path().to_string()),
         message: e.inner().to_string(),
     })
+}
+
+/// Text from the file as it may stand in a refusal: a name or a map key with a newline
+/// would otherwise split the one log line that reports it, so such text is quoted and
+/// escaped.
+fn one_line(text: String) -> String {
+    if text.chars().any(char::is_control) {
+        format!("{text:?}")
+    } else {
+        text
+    }
 }
 
 /// Watches the state file and publishes every good version on `tables`.

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use metrics::Counter;
 use socket2::SockRef;
+#[cfg(target_os = "linux")]
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::proxy::ejection::now_ms;
@@ -142,7 +144,7 @@ async fn copy_buffered(
     loop {
         from.readable().await.map_err(|e| from_side.error(e))?;
         let buf = buf.get_or_insert_with(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
-        let n = match from.try_read(buf) {
+        let n = match read_some(from, buf) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(from_side.error(e)),
@@ -162,6 +164,32 @@ async fn copy_buffered(
             return Ok(Ended::Bulk);
         }
     }
+}
+
+/// Reads what the socket holds. A read shorter than the buffer means the socket is
+/// drained for now, so its readiness is cleared at once: the next read waits for the
+/// next event instead of spending a system call to learn that nothing is there.
+#[cfg(target_os = "linux")]
+fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    let result = from.try_io(Interest::READABLE, || {
+        got = rustix::io::read(from, &mut *buf)?;
+        if got > 0 && got < buf.len() {
+            // tokio clears readiness on WouldBlock only, and only if no event came since.
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(got)
+        }
+    });
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    from.try_read(buf)
 }
 
 async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
