@@ -20,7 +20,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Proxy the Services of a state file (or, later, of a cluster).
+    /// Proxy the Services of a cluster (or of a state file).
     Run(Box<RunArgs>),
     /// The whole thing on one machine: pods, a Service and traffic, no cluster needed.
     Demo(DemoArgs),
@@ -58,8 +58,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME")]
     pub service_proxy_name: Option<String>,
 
-    /// Further restrict the Services handled (a label selector).
-    #[arg(long, value_name = "LABEL_SELECTOR")]
+    /// Further restrict the Services handled (a label selector, applied by the API server).
+    #[arg(long, value_name = "LABEL_SELECTOR", conflicts_with = "from_file")]
     pub service_selector: Option<String>,
 
     /// This node's name, for node-local traffic policies.

@@ -3,13 +3,14 @@
 use std::future::Future;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use carousel::config::{BenchArgs, Cli, Command, ProxyMode, RunArgs, StatusArgs};
 use carousel::dataplane::nftables;
 use carousel::discovery::convert::Scope;
+use carousel::discovery::kube::SourceConfig;
 use carousel::model::Locality;
 use carousel::proxy::{ForwardConfig, Mode, ProxyConfig};
-use carousel::run::{self, FileRun};
+use carousel::run::{self, ClusterRun, FileRun};
 use carousel::telemetry::Telemetry;
 use carousel::{balance, lab};
 use clap::Parser;
@@ -106,20 +107,26 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let Some(path) = args.from_file.clone() else {
-        bail!("the Kubernetes API source is not built yet: pass --from-file STATE.yaml");
-    };
-    if args.service_selector.is_some() {
-        bail!("--service-selector applies to the Kubernetes API source, which is not built yet");
-    }
-    let cidrs = if args.nodeport_addresses.is_empty() {
+    let in_cluster = args.from_file.is_none();
+    let cidrs = if !args.nodeport_addresses.is_empty() {
+        args.nodeport_addresses.clone()
+    } else if in_cluster {
+        // kube-proxy's default: node ports on every address of the node.
+        vec![
+            "0.0.0.0/0".parse().expect("valid CIDR"),
+            "::/0".parse().expect("valid CIDR"),
+        ]
+    } else {
         vec![IpNet::from(std::net::IpAddr::from(
             std::net::Ipv4Addr::LOCALHOST,
         ))]
-    } else {
-        args.nodeport_addresses.clone()
     };
-    let mode = match args.proxy_mode.unwrap_or(ProxyMode::Bind) {
+    let default_mode = if in_cluster {
+        ProxyMode::Nftables
+    } else {
+        ProxyMode::Bind
+    };
+    let mode = match args.proxy_mode.unwrap_or(default_mode) {
         ProxyMode::Bind => Mode::Bind {
             nodeport_addresses: run::nodeport_ips(&cidrs)
                 .context("cannot list this host's addresses")?,
@@ -143,30 +150,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let config = FileRun {
-        path,
-        scope: Scope {
-            proxy_name: args.service_proxy_name.clone(),
+    let scope = Scope {
+        proxy_name: args.service_proxy_name.clone(),
+    };
+    let proxy = ProxyConfig {
+        forward: ForwardConfig {
+            connect_timeout: args.connect_timeout,
+            connect_attempts: args.connect_attempts.into(),
+            mark: None,
+            idle_timeout: args.tcp_idle_timeout,
+            keepalive: (!args.tcp_keepalive.is_zero()).then_some(args.tcp_keepalive),
         },
-        proxy: ProxyConfig {
-            forward: ForwardConfig {
-                connect_timeout: args.connect_timeout,
-                connect_attempts: args.connect_attempts.into(),
-                mark: None,
-                idle_timeout: args.tcp_idle_timeout,
-                keepalive: (!args.tcp_keepalive.is_zero()).then_some(args.tcp_keepalive),
-            },
-            max_connections: args.max_connections,
-            shadow,
-            mode,
-            balance: balance::BuildOptions {
-                seed: args.seed,
-                ..Default::default()
-            },
-            locality: Locality {
-                node: args.node_name.as_deref().map(Into::into),
-                zone: args.zone.as_deref().map(Into::into),
-            },
+        max_connections: args.max_connections,
+        shadow,
+        mode,
+        balance: balance::BuildOptions {
+            seed: args.seed,
+            ..Default::default()
+        },
+        // In a cluster without --zone, the zone comes from this node's Node object.
+        locality: Locality {
+            node: args.node_name.as_deref().map(Into::into),
+            zone: args.zone.as_deref().map(Into::into),
         },
     };
     let metrics = tokio::net::TcpListener::bind(args.metrics_bind_address)
@@ -177,7 +182,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot serve health on {}", args.healthz_bind_address))?;
     tracing::info!(metrics = %args.metrics_bind_address, health = %args.healthz_bind_address, "serving telemetry");
     let (shutdown, abandon) = signals(args.drain_timeout);
-    run::run_from_file(config, Telemetry::new(), metrics, health, shutdown, abandon).await?;
+    match args.from_file {
+        Some(path) => {
+            let config = FileRun { path, scope, proxy };
+            run::run_from_file(config, Telemetry::new(), metrics, health, shutdown, abandon)
+                .await?;
+        }
+        None => {
+            let config = ClusterRun {
+                kubeconfig: args.kubeconfig,
+                scope,
+                source: SourceConfig {
+                    proxy_name: args.service_proxy_name,
+                    service_selector: args.service_selector,
+                    node_name: args.node_name,
+                    zone: args.zone,
+                },
+                proxy,
+            };
+            run::run_from_cluster(config, Telemetry::new(), metrics, health, shutdown, abandon)
+                .await?;
+        }
+    }
     Ok(())
 }
 

@@ -183,14 +183,18 @@ pub struct Endpoint {
 }
 
 /// An immutable snapshot of every Service carousel handles, keyed and sorted by Service.
+///
+/// Each Service sits behind an `Arc`, so that the API source publishes a new snapshot
+/// after one Service changed by sharing every other one: a copy costs a map of
+/// pointers, not a copy of every endpoint.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceTable {
-    pub services: BTreeMap<ServiceKey, Service>,
+    pub services: BTreeMap<ServiceKey, Arc<Service>>,
 }
 
 impl ServiceTable {
     pub fn get(&self, key: &ServiceKey) -> Option<&Service> {
-        self.services.get(key)
+        self.services.get(key).map(Arc::as_ref)
     }
 
     pub fn len(&self) -> usize {

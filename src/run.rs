@@ -15,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::discovery::convert::Scope;
 use crate::discovery::file::{self, StateFileError};
+use crate::discovery::kube::{self, KubeError, SourceConfig};
+use crate::discovery::store::Store;
+use crate::model::ServiceTable;
 use crate::proxy::{self, ProxyConfig, ProxyError};
 use crate::telemetry::{self, Endpoints, Telemetry};
 
@@ -32,6 +35,11 @@ pub enum RunError {
     StateFile(#[from] StateFileError),
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
+    /// The discovery source stopped before it produced a first table.
+    #[error("the discovery source stopped before its first sync")]
+    SourceEnded,
 }
 
 /// Proxies the Services of a state file until `shutdown` resolves, then drains open
@@ -60,10 +68,79 @@ pub async fn run_from_file(
         telemetry.clone(),
         initial,
     ));
+    let start = Start {
+        updates,
+        wait_for_first: false,
+        zone: None,
+        source,
+    };
     serve(
-        run.proxy, updates, source, telemetry, metrics, health, shutdown, abandon,
+        run.proxy, start, telemetry, metrics, health, shutdown, abandon,
     )
     .await
+}
+
+/// What `carousel run` needs to proxy a cluster's Services.
+#[derive(Clone, Debug)]
+pub struct ClusterRun {
+    /// `--kubeconfig`; without it, in-cluster, then `$KUBECONFIG`, then `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    pub scope: Scope,
+    pub source: SourceConfig,
+    pub proxy: ProxyConfig,
+}
+
+/// Proxies the Services of a cluster until `shutdown` resolves, then drains as
+/// `run_from_file` does.
+///
+/// Health stays 503 until every watch has listed once and the first table is applied;
+/// when the API server goes away, the last table keeps serving while the watches
+/// reconnect with backoff.
+pub async fn run_from_cluster(
+    run: ClusterRun,
+    telemetry: Arc<Telemetry>,
+    metrics: TcpListener,
+    health: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    abandon: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let client = kube::connect(run.kubeconfig.as_deref()).await?;
+    let store = Store::new(
+        run.scope,
+        run.source.node_name.as_deref(),
+        run.source.zone.clone(),
+    );
+    // The proxy is only handed the channel once the first real table is on it: until
+    // then the empty placeholder must not count as a sync.
+    let (tables, updates) = watch::channel(Arc::new(ServiceTable::default()));
+    let (zone, zones) = watch::channel(None);
+    let source = tokio::spawn(kube::run(
+        client,
+        run.source,
+        store,
+        kube::Outputs { tables, zone },
+        telemetry.clone(),
+    ));
+    let start = Start {
+        updates,
+        wait_for_first: true,
+        zone: Some(zones),
+        source,
+    };
+    serve(
+        run.proxy, start, telemetry, metrics, health, shutdown, abandon,
+    )
+    .await
+}
+
+/// A running discovery source, as `serve` takes it.
+struct Start {
+    updates: watch::Receiver<Arc<ServiceTable>>,
+    /// The channel holds a placeholder until the source's first sync publishes.
+    wait_for_first: bool,
+    /// The zone the source learnt from this node's Node, for a proxy given none.
+    zone: Option<watch::Receiver<Option<Arc<str>>>>,
+    source: JoinHandle<()>,
 }
 
 /// Runs the proxy on the tables a discovery `source` task publishes on `updates`, with
@@ -71,9 +148,8 @@ pub async fn run_from_file(
 /// drain, so that `/readyz` says "not ready" while connections finish.
 #[allow(clippy::too_many_arguments)]
 async fn serve(
-    config: ProxyConfig,
-    updates: watch::Receiver<Arc<crate::model::ServiceTable>>,
-    source: JoinHandle<()>,
+    mut config: ProxyConfig,
+    start: Start,
     telemetry: Arc<Telemetry>,
     metrics: TcpListener,
     health: TcpListener,
@@ -96,8 +172,41 @@ async fn serve(
         )),
     ];
     let upkeep = tokio::spawn(telemetry.clone().upkeep());
-    // A failure to start ends the proxy at once, without waiting for a signal.
-    let result = proxy::run(config, updates, telemetry, shutdown, abandon).await;
+    let Start {
+        mut updates,
+        wait_for_first,
+        zone,
+        source,
+    } = start;
+    tokio::pin!(shutdown);
+    let first = async {
+        if wait_for_first {
+            // A source that ends before its first table leaves nothing to serve.
+            updates.changed().await.is_ok()
+        } else {
+            true
+        }
+    };
+    let result = tokio::select! {
+        // Stopped before the first sync: there is nothing to drain.
+        () = &mut shutdown => Ok(()),
+        ready = first => if ready {
+            if let (None, Some(zone)) = (&config.locality.zone, zone) {
+                config.locality.zone = zone.borrow().clone();
+            }
+            tracing::info!(
+                node = config.locality.node.as_deref().unwrap_or("(unknown)"),
+                zone = config.locality.zone.as_deref().unwrap_or("(none)"),
+                "starting the proxy"
+            );
+            // A failure to start ends the proxy at once, without waiting for a signal.
+            proxy::run(config, updates, telemetry, shutdown, abandon)
+                .await
+                .map_err(RunError::from)
+        } else {
+            Err(RunError::SourceEnded)
+        },
+    };
     source.abort();
     upkeep.abort();
     servers_stop.cancel();

@@ -362,3 +362,83 @@ async fn descriptor_exhaustion_backs_off_and_recovers() {
     // count a few dozen; a busy loop would count hundreds of thousands.
     assert!((1.0..=200.0).contains(&errors), "accept errors: {errors}");
 }
+
+#[tokio::test]
+async fn run_serves_a_cluster_through_a_kubeconfig() {
+    let api = common::fake_apiserver::FakeApiServer::start().await;
+    let _pod = Pod::start("in-cluster", "127.66.11.10:9000".parse().unwrap())
+        .await
+        .unwrap();
+    api.apply(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "cli", "namespace": "test"},
+        "spec": {"clusterIP": "127.66.11.1", "ports": [{"name": "web", "port": 8080, "targetPort": 9000}]},
+    }));
+    api.apply(serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "cli-1", "namespace": "test", "labels": {"kubernetes.io/service-name": "cli"}},
+        "addressType": "IPv4", "ports": [{"name": "web", "port": 9000}],
+        "endpoints": [{"addresses": ["127.66.11.10"], "targetRef": {"kind": "Pod", "name": "in-cluster"}}],
+    }));
+    let mut child = Command::new(BIN)
+        .args(["run", "--kubeconfig"])
+        .arg(api.kubeconfig())
+        .args([
+            "--proxy-mode",
+            "bind",
+            "--metrics-bind-address",
+            "127.66.11.2:10249",
+            "--healthz-bind-address",
+            "127.66.11.2:10256",
+        ])
+        .env_remove("NODE_NAME")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let health = "127.66.11.2:10256".parse().unwrap();
+    eventually("carousel reports healthy", || async {
+        matches!(http_get(health, "/healthz").await, Ok((200, _)))
+    })
+    .await;
+    let service = "127.66.11.1:8080".parse().unwrap();
+    let answer = ask(
+        "127.0.0.1".parse().unwrap(),
+        service,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(answer.unwrap(), "in-cluster");
+
+    let pid = child.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test]
+async fn service_selector_is_refused_with_a_state_file() {
+    let output = Command::new(BIN)
+        .args([
+            "run",
+            "--from-file",
+            "state.yaml",
+            "--service-selector",
+            "a=b",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--service-selector"), "{stderr}");
+}

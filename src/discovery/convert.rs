@@ -503,37 +503,49 @@ pub fn join(
     let mut table = ServiceTable::default();
     let mut warnings = Vec::new();
     for front in services {
-        if front.proxy_name != scope.proxy_name {
-            continue;
-        }
         let slices = by_service.get(&front.key).map(Vec::as_slice).unwrap_or(&[]);
-        let ports = front
-            .ports
-            .iter()
-            .map(|p| ServicePort {
-                name: p.name.clone(),
-                port: p.port,
-                node_port: p.node_port,
-                endpoints: endpoints_for(p, slices, &front.weights, pods),
-            })
-            .collect();
-        warnings.extend(front.warnings.iter().cloned());
-        table.services.insert(
-            front.key.clone(),
-            Service {
-                key: front.key.clone(),
-                cluster_ips: front.cluster_ips.clone(),
-                external_ips: front.external_ips.clone(),
-                load_balancer_ips: front.load_balancer_ips.clone(),
-                ports,
-                balancing: front.balancing.clone(),
-                external_traffic_local: front.external_traffic_local,
-                internal_traffic_local: front.internal_traffic_local,
-                prefer_close: front.prefer_close,
-            },
-        );
+        if let Some(service) = join_service(front, slices, pods, scope) {
+            warnings.extend(front.warnings.iter().cloned());
+            table.services.insert(front.key.clone(), Arc::new(service));
+        }
     }
     (table, warnings)
+}
+
+/// Joins one Service with its slices, or `None` when the Service is not in `scope`.
+///
+/// The API source keeps Services and slices converted and calls this for the one
+/// Service an event touched, instead of joining the whole table again.
+pub fn join_service(
+    front: &ServiceFront,
+    slices: &[&SliceView],
+    pods: &PodLabels,
+    scope: &Scope,
+) -> Option<Service> {
+    if front.proxy_name != scope.proxy_name {
+        return None;
+    }
+    let ports = front
+        .ports
+        .iter()
+        .map(|p| ServicePort {
+            name: p.name.clone(),
+            port: p.port,
+            node_port: p.node_port,
+            endpoints: endpoints_for(p, slices, &front.weights, pods),
+        })
+        .collect();
+    Some(Service {
+        key: front.key.clone(),
+        cluster_ips: front.cluster_ips.clone(),
+        external_ips: front.external_ips.clone(),
+        load_balancer_ips: front.load_balancer_ips.clone(),
+        ports,
+        balancing: front.balancing.clone(),
+        external_traffic_local: front.external_traffic_local,
+        internal_traffic_local: front.internal_traffic_local,
+        prefer_close: front.prefer_close,
+    })
 }
 
 /// The slice port that serves a Service port: the one named like the Service port (the

@@ -487,7 +487,7 @@ mod tests {
             prefer_close: false,
         };
         ServiceTable {
-            services: [(key, service)].into(),
+            services: [(key, Arc::new(service))].into(),
         }
     }
 

@@ -353,3 +353,106 @@ pub fn pattern(seed: u64, i: u64) -> u8 {
     let x = (i ^ seed.rotate_left(17)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (x >> 56) as u8
 }
+
+pub mod fake_apiserver;
+
+/// A carousel running in this process against a (fake) API server, in bind mode.
+pub struct ClusterCarousel {
+    pub telemetry: Arc<Telemetry>,
+    pub metrics: SocketAddr,
+    pub health: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), run::RunError>>,
+}
+
+/// The flags of `carousel run` that the cluster tests vary.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterFlags {
+    pub proxy_name: Option<String>,
+    pub service_selector: Option<String>,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+}
+
+impl ClusterCarousel {
+    /// Starts carousel with the kubeconfig of `api`; does not wait for the first sync.
+    pub async fn start(api: &fake_apiserver::FakeApiServer, flags: ClusterFlags) -> Self {
+        let telemetry = Telemetry::new();
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let health = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (metrics_addr, health_addr) =
+            (metrics.local_addr().unwrap(), health.local_addr().unwrap());
+        let config = run::ClusterRun {
+            kubeconfig: Some(api.kubeconfig().to_owned()),
+            scope: Scope {
+                proxy_name: flags.proxy_name.clone(),
+            },
+            source: carousel::discovery::kube::SourceConfig {
+                proxy_name: flags.proxy_name,
+                service_selector: flags.service_selector,
+                node_name: flags.node_name.clone(),
+                zone: flags.zone.clone(),
+            },
+            proxy: ProxyConfig {
+                forward: ForwardConfig {
+                    connect_timeout: Duration::from_secs(1),
+                    ..ForwardConfig::default()
+                },
+                mode: Mode::Bind {
+                    nodeport_addresses: Vec::new(),
+                },
+                balance: BuildOptions {
+                    seed: Some(7),
+                    ..BuildOptions::default()
+                },
+                locality: carousel::model::Locality {
+                    node: flags.node_name.as_deref().map(Into::into),
+                    zone: flags.zone.as_deref().map(Into::into),
+                },
+                ..ProxyConfig::default()
+            },
+        };
+        let stop = CancellationToken::new();
+        // Stopping a test carousel drains nothing: the abandon future is ready at once.
+        let task = tokio::spawn(run::run_from_cluster(
+            config,
+            telemetry.clone(),
+            metrics,
+            health,
+            stop.clone().cancelled_owned(),
+            std::future::ready(()),
+        ));
+        ClusterCarousel {
+            telemetry,
+            metrics: metrics_addr,
+            health: health_addr,
+            stop,
+            task,
+        }
+    }
+
+    /// Starts carousel and waits for its first applied table.
+    pub async fn synced(api: &fake_apiserver::FakeApiServer, flags: ClusterFlags) -> Self {
+        let c = Self::start(api, flags).await;
+        eventually("the first table is applied", || async {
+            c.telemetry.health().last_sync().is_some()
+        })
+        .await;
+        c
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task
+            .await
+            .expect("carousel task")
+            .expect("carousel run");
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        http_get(self.metrics, "/metrics")
+            .await
+            .expect("GET /metrics")
+            .1
+    }
+}

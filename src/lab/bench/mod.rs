@@ -206,7 +206,7 @@ fn table(
         prefer_close: false,
     };
     ServiceTable {
-        services: [(key, svc)].into(),
+        services: [(key, Arc::new(svc))].into(),
     }
 }
 

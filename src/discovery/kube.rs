@@ -1,0 +1,316 @@
+//! The Kubernetes API source: kube-runtime watchers on Services, EndpointSlices, this
+//! node's Node and (only while some Service weighs by label) pod metadata, fed into the
+//! `Store`, whose table is published on the watch channel, bursts coalesced.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::stream::{self, BoxStream, SelectAll};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::PartialObjectMeta;
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::discovery::convert::{LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
+use crate::discovery::store::Store;
+use crate::model::ServiceTable;
+use crate::telemetry::{names, Telemetry};
+
+/// The label kube-proxy leaves alone: headless Services get no proxying.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+
+/// Events closer together than this are applied in one table: the first change after a
+/// quiet spell is published at once, the rest of a burst at most this often.
+pub const COALESCE: Duration = Duration::from_millis(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// `--kubeconfig` names a file that cannot be read or used.
+    #[error("cannot use kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// Neither the in-cluster environment nor a kubeconfig file is there.
+    #[error("no cluster to talk to: not in a pod ({in_cluster}), and no usable kubeconfig ($KUBECONFIG or ~/.kube/config: {kubeconfig})")]
+    NoConfig {
+        in_cluster: kube::config::InClusterError,
+        kubeconfig: kube::config::KubeconfigError,
+    },
+    /// The client cannot be built from the configuration (e.g. bad TLS material).
+    #[error("cannot build a Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+/// What the source watches, from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct SourceConfig {
+    /// `--service-proxy-name`.
+    pub proxy_name: Option<String>,
+    /// `--service-selector`, appended to the ownership selector.
+    pub service_selector: Option<String>,
+    /// `--node-name` (or `$NODE_NAME`): whose Node gives the zone.
+    pub node_name: Option<String>,
+    /// `--zone`: overrides the Node's label (and the Node is then not watched).
+    pub zone: Option<String>,
+}
+
+/// The label selector of the Service watch: ownership by `service-proxy-name` the way
+/// kube-proxy reads it, no headless Services, then the user's own selector.
+pub fn service_label_selector(proxy_name: Option<&str>, extra: Option<&str>) -> String {
+    let mut selector = match proxy_name {
+        Some(name) => format!("{LABEL_SERVICE_PROXY_NAME}={name}"),
+        None => format!("!{LABEL_SERVICE_PROXY_NAME}"),
+    };
+    selector.push_str(&format!(",!{LABEL_HEADLESS}"));
+    if let Some(extra) = extra.map(str::trim).filter(|s| !s.is_empty()) {
+        selector.push(',');
+        selector.push_str(extra);
+    }
+    selector
+}
+
+/// A client for the cluster: `kubeconfig` when given; else the in-cluster service
+/// account, then `$KUBECONFIG`, then `~/.kube/config`.
+pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = |source| KubeError::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            };
+            let kc = Kubeconfig::read_from(path).map_err(file)?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(file)?
+        }
+        // In a pod the service account is the point of the DaemonSet, even when a
+        // kubeconfig happens to be mounted too.
+        None => match kube::Config::incluster() {
+            Ok(config) => config,
+            Err(in_cluster) => kube::Config::from_kubeconfig(&KubeConfigOptions::default())
+                .await
+                .map_err(|kubeconfig| KubeError::NoConfig {
+                    in_cluster,
+                    kubeconfig,
+                })?,
+        },
+    };
+    tracing::info!(server = %config.cluster_url, "talking to the Kubernetes API");
+    Client::try_from(config).map_err(KubeError::Client)
+}
+
+/// One watcher event of any kind, or a watcher's (retried) error.
+// Each event is moved once, from its stream into the store: boxing the large variants
+// would only add an allocation per event.
+#[allow(clippy::large_enum_variant)]
+enum Update {
+    Service(Event<core::Service>),
+    Slice(Event<discovery::EndpointSlice>),
+    Node(Event<core::Node>),
+    Pod(Event<PartialObjectMeta<core::Pod>>),
+    Error(&'static str, watcher::Error),
+}
+
+type Updates = BoxStream<'static, Update>;
+
+fn tag<T: 'static + Send>(
+    kind: &'static str,
+    wrap: fn(Event<T>) -> Update,
+    events: impl futures::Stream<Item = Result<Event<T>, watcher::Error>> + Send + 'static,
+) -> Updates {
+    // The default backoff (0.8 s doubling to 30 s, with jitter) paces reconnection
+    // when the API server is away; each error still reaches the log.
+    events
+        .default_backoff()
+        .map(move |r| match r {
+            Ok(event) => wrap(event),
+            Err(e) => Update::Error(kind, e),
+        })
+        .boxed()
+}
+
+/// Where the source publishes.
+#[derive(Debug)]
+pub struct Outputs {
+    /// A table after the first full sync, and after every change.
+    pub tables: watch::Sender<Arc<ServiceTable>>,
+    /// This node's zone as its Node says, set before the first table.
+    pub zone: watch::Sender<Option<Arc<str>>>,
+}
+
+/// Watches the cluster and publishes on `outputs` until the table channel has no
+/// receiver left.
+pub async fn run(
+    client: Client,
+    config: SourceConfig,
+    store: Store,
+    outputs: Outputs,
+    telemetry: Arc<Telemetry>,
+) {
+    let mut store = store;
+    let Outputs { tables, zone } = outputs;
+    let selector = service_label_selector(
+        config.proxy_name.as_deref(),
+        config.service_selector.as_deref(),
+    );
+    tracing::info!(%selector, "watching Services");
+    let mut watches: SelectAll<Updates> = stream::select_all([
+        tag(
+            "Service",
+            Update::Service,
+            watcher(
+                Api::<core::Service>::all(client.clone()),
+                watcher::Config::default().labels(&selector),
+            ),
+        ),
+        tag(
+            "EndpointSlice",
+            Update::Slice,
+            watcher(
+                Api::<discovery::EndpointSlice>::all(client.clone()),
+                // Slices that name no Service are of no use; hand-written ones for
+                // selector-less Services carry the label too.
+                watcher::Config::default().labels(LABEL_SERVICE_NAME),
+            ),
+        ),
+    ]);
+    if let (true, Some(node)) = (store.watches_node(), &config.node_name) {
+        watches.push(tag(
+            "Node",
+            Update::Node,
+            watcher(
+                Api::<core::Node>::all(client.clone()),
+                watcher::Config::default().fields(&format!("metadata.name={node}")),
+            ),
+        ));
+    }
+    let mut pods: Option<Updates> = None;
+    let programming = telemetry.histogram(names::NETWORK_PROGRAMMING_DURATION, Vec::new());
+    let mut last_publish: Option<Instant> = None;
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let update = tokio::select! {
+            update = watches.next() => match update {
+                Some(update) => Some(update),
+                // Watchers retry for ever; they end only if kube-runtime gives up.
+                None => return,
+            },
+            Some(update) = next_of(&mut pods), if pods.is_some() => Some(update),
+            () = sleep_until(deadline), if deadline.is_some() => None,
+            () = tables.closed() => return,
+        };
+        match update {
+            Some(Update::Service(e)) => store.apply_service(e),
+            Some(Update::Slice(e)) => store.apply_slice(e),
+            Some(Update::Node(e)) => store.apply_node(e),
+            Some(Update::Pod(e)) => store.apply_pod(e),
+            Some(Update::Error(kind, error)) => {
+                tracing::warn!(kind, %error, "watch interrupted, retrying; serving the last table")
+            }
+            // The deadline passed.
+            None => deadline = None,
+        }
+        let errors = store.take_config_errors();
+        if errors > 0 {
+            telemetry.config_errors().increment(errors);
+        }
+        match (store.needs_pods(), pods.is_some()) {
+            (true, false) => {
+                tracing::info!("a Service weighs pods by label: watching pod metadata");
+                pods = Some(tag(
+                    "Pod",
+                    Update::Pod,
+                    // Metadata only (PartialObjectMetadata): no pod specs in memory.
+                    watcher(
+                        Api::<PartialObjectMeta<core::Pod>>::all(client.clone()),
+                        watcher::Config::default(),
+                    ),
+                ));
+            }
+            (false, true) => {
+                tracing::info!("no Service weighs pods by label: pod watch stopped");
+                pods = None;
+                store.forget_pods();
+            }
+            _ => {}
+        }
+        if !store.has_pending() || deadline.is_some() {
+            continue;
+        }
+        let now = Instant::now();
+        match last_publish {
+            Some(at) if now < at + COALESCE => deadline = Some(at + COALESCE),
+            _ => {
+                if publish(&mut store, &tables, &zone, &programming) {
+                    last_publish = Some(now);
+                }
+            }
+        }
+    }
+}
+
+/// Publishes the store's table if it changed; true if it did.
+fn publish(
+    store: &mut Store,
+    tables: &watch::Sender<Arc<ServiceTable>>,
+    zone: &watch::Sender<Option<Arc<str>>>,
+    programming: &metrics::Histogram,
+) -> bool {
+    let flushed = store.flush();
+    let Some(table) = flushed.table else {
+        return false;
+    };
+    let here = store.zone().map(Arc::<str>::from);
+    zone.send_if_modified(|known| {
+        if *known == here {
+            return false;
+        }
+        // The proxy takes its locality once, at its start (the first table).
+        if !flushed.first {
+            tracing::warn!(
+                zone = here.as_deref().unwrap_or("(none)"),
+                "this node's zone label changed; zone preferences follow it after a restart"
+            );
+        }
+        *known = here.clone();
+        true
+    });
+    // Debug, not info: a busy cluster publishes many times a second.
+    tracing::debug!(
+        services = table.len(),
+        slices = store.slice_count(),
+        pods = store.pod_count(),
+        "publishing a table"
+    );
+    tables.send_replace(Arc::new(table));
+    let now = SystemTime::now();
+    for at in flushed.triggers {
+        // A trigger time ahead of this clock (skew) counts as instant, not negative.
+        programming.record(now.duration_since(at).unwrap_or_default().as_secs_f64());
+    }
+    true
+}
+
+async fn next_of(stream: &mut Option<Updates>) -> Option<Update> {
+    match stream {
+        Some(s) => Pin::new(s).next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,934 @@
+//! The API source's memory: every watched object kept converted (a `ServiceFront` per
+//! Service, a `SliceView` per slice, pod labels, this node's zone), fed with watcher
+//! events, and the `ServiceTable` patched one Service at a time. No I/O: tests feed it
+//! synthetic `Init`/`InitApply`/`InitDone`/`Apply`/`Delete` streams.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::Hash;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::PartialObjectMeta;
+use kube::runtime::watcher::Event;
+
+use crate::discovery::convert::{self, PodLabels, Scope, ServiceFront, SliceView, Warning};
+use crate::model::{ServiceKey, ServiceTable};
+
+/// The EndpointSlice controller's stamp of when the change behind a slice happened.
+pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// The Node label that names its zone.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+
+/// Trigger times kept between two publications at most; beyond that the oldest
+/// measurements are dropped rather than letting a stalled publisher grow memory.
+const MAX_PENDING_TRIGGERS: usize = 10_000;
+
+/// `namespace/name` of an EndpointSlice or a Pod.
+type ObjectKey = (String, String);
+
+/// The live objects of one kind, and the fresh buffer a relist fills.
+///
+/// kube-runtime's watcher announces a relist with `Init`, lists with `InitApply` and
+/// closes with `InitDone`: the buffer replaces the live map whole at `InitDone`, so that
+/// an object deleted while the watch was broken disappears and none is counted twice.
+#[derive(Debug)]
+struct Relisted<K, V> {
+    live: HashMap<K, V>,
+    relist: Option<HashMap<K, V>>,
+    /// Whether one list has completed, ever.
+    listed: bool,
+}
+
+impl<K, V> Default for Relisted<K, V> {
+    fn default() -> Self {
+        Self {
+            live: HashMap::new(),
+            relist: None,
+            listed: false,
+        }
+    }
+}
+
+impl<K: Eq + Hash, V> Relisted<K, V> {
+    fn begin(&mut self) {
+        self.relist = Some(HashMap::new());
+    }
+
+    /// Files an object of the list; outside a relist (it does not happen with
+    /// kube-runtime) it goes live.
+    fn listed(&mut self, key: K, value: V) {
+        self.relist
+            .as_mut()
+            .unwrap_or(&mut self.live)
+            .insert(key, value);
+    }
+
+    /// Swaps the buffer in and returns the map it replaced.
+    fn finish(&mut self) -> HashMap<K, V> {
+        self.listed = true;
+        match self.relist.take() {
+            Some(fresh) => std::mem::replace(&mut self.live, fresh),
+            None => HashMap::new(),
+        }
+    }
+}
+
+/// What the publisher should know after a flush.
+#[derive(Debug, Default)]
+pub struct Flushed {
+    /// The new table, when it differs from the last one published (the first one is
+    /// always new).
+    pub table: Option<ServiceTable>,
+    /// Trigger times of the slice changes this table is the first to contain.
+    pub triggers: Vec<SystemTime>,
+    /// This is the first table: the cluster has just been listed in full.
+    pub first: bool,
+}
+
+/// The converted cluster state and the table built from it.
+#[derive(Debug)]
+pub struct Store {
+    scope: Scope,
+    /// `--zone`: wins over the Node's label.
+    zone_override: Option<String>,
+    /// Whether this node's Node object is watched (a node name is known and no
+    /// `--zone` was given).
+    watch_node: bool,
+    services: Relisted<ServiceKey, ServiceFront>,
+    slices: Relisted<ObjectKey, SliceView>,
+    pods: Relisted<ObjectKey, BTreeMap<String, String>>,
+    /// `None` until the Node list completes.
+    node_zone: Relisted<String, Option<String>>,
+    /// Slice names per Service, so that an event rebuilds only its Service.
+    slices_by_service: HashMap<ServiceKey, BTreeSet<ObjectKey>>,
+    /// Services with `carousel.dev/weights` rules: the only ones pod labels matter to.
+    weighted: BTreeSet<ServiceKey>,
+    /// Services to rebuild at the next flush.
+    dirty: BTreeSet<ServiceKey>,
+    table: ServiceTable,
+    /// The table differs from the last one published.
+    changed: bool,
+    published: bool,
+    triggers: Vec<SystemTime>,
+    config_errors: u64,
+}
+
+impl Store {
+    /// An empty store. `node_name` and `zone` come from `--node-name` and `--zone`.
+    pub fn new(scope: Scope, node_name: Option<&str>, zone: Option<String>) -> Self {
+        Self {
+            watch_node: node_name.is_some() && zone.is_none(),
+            zone_override: zone,
+            scope,
+            services: Relisted::default(),
+            slices: Relisted::default(),
+            pods: Relisted::default(),
+            node_zone: Relisted::default(),
+            slices_by_service: HashMap::new(),
+            weighted: BTreeSet::new(),
+            dirty: BTreeSet::new(),
+            table: ServiceTable::default(),
+            changed: false,
+            published: false,
+            triggers: Vec::new(),
+            config_errors: 0,
+        }
+    }
+
+    /// Whether the Node object is to be watched.
+    pub fn watches_node(&self) -> bool {
+        self.watch_node
+    }
+
+    /// This node's zone: `--zone`, else the Node's `topology.kubernetes.io/zone`.
+    pub fn zone(&self) -> Option<&str> {
+        self.zone_override
+            .as_deref()
+            .or_else(|| self.node_zone.live.values().next()?.as_deref())
+    }
+
+    /// Whether pod labels are needed: some Service weighs its pods by label.
+    pub fn needs_pods(&self) -> bool {
+        !self.weighted.is_empty()
+    }
+
+    /// Every watch has listed once: the table reflects the cluster.
+    pub fn is_synced(&self) -> bool {
+        self.services.listed
+            && self.slices.listed
+            && (self.node_zone.listed || !self.watch_node)
+            && (self.pods.listed || !self.needs_pods())
+    }
+
+    /// Whether a flush may publish something.
+    pub fn has_pending(&self) -> bool {
+        let work = self.changed || !self.dirty.is_empty();
+        if self.published {
+            work
+        } else {
+            self.is_synced()
+        }
+    }
+
+    /// Configuration errors seen since the last call (for `carousel_config_errors_total`).
+    pub fn take_config_errors(&mut self) -> u64 {
+        std::mem::take(&mut self.config_errors)
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.live.len()
+    }
+
+    pub fn slice_count(&self) -> usize {
+        self.slices.live.len()
+    }
+
+    pub fn pod_count(&self) -> usize {
+        self.pods.live.len()
+    }
+
+    // ---- Services ----
+
+    pub fn apply_service(&mut self, event: Event<core::Service>) {
+        match event {
+            Event::Init => self.services.begin(),
+            Event::InitApply(svc) => {
+                if let Some((key, front)) = self.convert_service(&svc) {
+                    self.services.listed(key, front);
+                }
+            }
+            Event::InitDone => {
+                let old = self.services.finish();
+                let keys: BTreeSet<ServiceKey> = old
+                    .keys()
+                    .chain(self.services.live.keys())
+                    .cloned()
+                    .collect();
+                for key in keys {
+                    if old.get(&key) != self.services.live.get(&key) {
+                        self.service_changed(&key);
+                    }
+                }
+            }
+            Event::Apply(svc) => {
+                if let Some((key, front)) = self.convert_service(&svc) {
+                    if self.services.live.get(&key) != Some(&front) {
+                        self.services.live.insert(key.clone(), front);
+                        self.service_changed(&key);
+                    }
+                }
+            }
+            Event::Delete(svc) => {
+                if let Ok(name) = object_name(&svc.metadata) {
+                    let key = ServiceKey::new(object_namespace(&svc.metadata), name);
+                    if self.services.live.remove(&key).is_some() {
+                        self.service_changed(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Converts a Service, or reports it. A Service that stopped converting (it became
+    /// headless, or broke) leaves the table; `None` means "nothing to file".
+    fn convert_service(&mut self, svc: &core::Service) -> Option<(ServiceKey, ServiceFront)> {
+        let key = ServiceKey::new(
+            object_namespace(&svc.metadata),
+            object_name(&svc.metadata).ok()?,
+        );
+        match convert::service(svc) {
+            Ok(Some(front)) => {
+                let before = self.services.live.get(&key).map(|f| f.warnings.as_slice());
+                self.config_errors += report_warnings(before.unwrap_or_default(), &front.warnings);
+                Some((key, front))
+            }
+            Ok(None) => {
+                // Headless or ExternalName now: forget any earlier form.
+                if self.services.live.remove(&key).is_some() {
+                    self.service_changed(&key);
+                }
+                None
+            }
+            Err(error) => {
+                tracing::error!(service = %key, %error, "Service refused, keeping what was known of it");
+                self.config_errors += 1;
+                let known = self.services.live.get(&key).cloned();
+                known.map(|front| (key, front))
+            }
+        }
+    }
+
+    fn service_changed(&mut self, key: &ServiceKey) {
+        let weighted = self
+            .services
+            .live
+            .get(key)
+            .is_some_and(|f| !f.weights.is_empty());
+        if weighted {
+            self.weighted.insert(key.clone());
+        } else {
+            self.weighted.remove(key);
+        }
+        self.dirty.insert(key.clone());
+    }
+
+    // ---- EndpointSlices ----
+
+    pub fn apply_slice(&mut self, event: Event<discovery::EndpointSlice>) {
+        match event {
+            Event::Init => self.slices.begin(),
+            Event::InitApply(slice) => {
+                if let Some((key, view)) = self.convert_slice(&slice) {
+                    self.slices.listed(key, view);
+                }
+            }
+            Event::InitDone => {
+                let old = self.slices.finish();
+                self.slices_by_service.clear();
+                for (key, view) in &self.slices.live {
+                    self.slices_by_service
+                        .entry(view.service.clone())
+                        .or_default()
+                        .insert(key.clone());
+                }
+                for (key, view) in &old {
+                    if self.slices.live.get(key) != Some(view) {
+                        self.dirty.insert(view.service.clone());
+                    }
+                }
+                for (key, view) in &self.slices.live {
+                    if old.get(key) != Some(view) {
+                        self.dirty.insert(view.service.clone());
+                    }
+                }
+            }
+            Event::Apply(slice) => {
+                let Some((key, view)) = self.convert_slice(&slice) else {
+                    // Not a slice carousel uses (any more): FQDN, or no Service label.
+                    if let Ok(name) = object_name(&slice.metadata) {
+                        let key = (object_namespace(&slice.metadata).to_string(), name.into());
+                        self.remove_slice(&key);
+                    }
+                    return;
+                };
+                if self.slices.live.get(&key) == Some(&view) {
+                    return;
+                }
+                if let Some(at) = trigger_time(&slice.metadata) {
+                    if self.triggers.len() >= MAX_PENDING_TRIGGERS {
+                        self.triggers.remove(0);
+                    }
+                    self.triggers.push(at);
+                }
+                self.remove_slice(&key);
+                self.slices_by_service
+                    .entry(view.service.clone())
+                    .or_default()
+                    .insert(key.clone());
+                self.dirty.insert(view.service.clone());
+                self.slices.live.insert(key, view);
+            }
+            Event::Delete(slice) => {
+                if let Ok(name) = object_name(&slice.metadata) {
+                    let key = (object_namespace(&slice.metadata).to_string(), name.into());
+                    self.remove_slice(&key);
+                }
+            }
+        }
+    }
+
+    fn remove_slice(&mut self, key: &ObjectKey) {
+        let Some(old) = self.slices.live.remove(key) else {
+            return;
+        };
+        if let Some(names) = self.slices_by_service.get_mut(&old.service) {
+            names.remove(key);
+            if names.is_empty() {
+                self.slices_by_service.remove(&old.service);
+            }
+        }
+        self.dirty.insert(old.service);
+    }
+
+    fn convert_slice(
+        &mut self,
+        slice: &discovery::EndpointSlice,
+    ) -> Option<(ObjectKey, SliceView)> {
+        let meta = &slice.metadata;
+        let key = (
+            object_namespace(meta).to_string(),
+            object_name(meta).ok()?.to_string(),
+        );
+        match convert::slice(slice) {
+            Ok(view) => view.map(|v| (key, v)),
+            Err(error) => {
+                tracing::error!(slice = %format!("{}/{}", key.0, key.1), %error, "EndpointSlice refused, keeping what was known of it");
+                self.config_errors += 1;
+                let known = self.slices.live.get(&key).cloned();
+                known.map(|view| (key, view))
+            }
+        }
+    }
+
+    // ---- Pods (metadata only) ----
+
+    pub fn apply_pod(&mut self, event: Event<PartialObjectMeta<core::Pod>>) {
+        match event {
+            Event::Init => self.pods.begin(),
+            Event::InitApply(pod) => {
+                if let Some((key, labels)) = pod_labels(&pod.metadata) {
+                    self.pods.listed(key, labels);
+                }
+            }
+            Event::InitDone => {
+                let old = self.pods.finish();
+                if old != self.pods.live {
+                    self.dirty.extend(self.weighted.iter().cloned());
+                }
+            }
+            Event::Apply(pod) => {
+                let Some((key, labels)) = pod_labels(&pod.metadata) else {
+                    return;
+                };
+                // Most pod updates are status changes: only a label change matters.
+                if self.pods.live.get(&key) != Some(&labels) {
+                    self.pods.live.insert(key.clone(), labels);
+                    self.pod_changed(&key);
+                }
+            }
+            Event::Delete(pod) => {
+                if let Some((key, _)) = pod_labels(&pod.metadata) {
+                    if self.pods.live.remove(&key).is_some() {
+                        self.pod_changed(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Marks the weighted Services that have this pod behind them.
+    fn pod_changed(&mut self, pod: &ObjectKey) {
+        for service in &self.weighted {
+            let behind = self.slices_by_service.get(service).is_some_and(|names| {
+                names
+                    .iter()
+                    .filter_map(|n| self.slices.live.get(n))
+                    .flat_map(|s| &s.endpoints)
+                    .any(|e| e.pod.as_ref() == Some(pod))
+            });
+            if behind {
+                self.dirty.insert(service.clone());
+            }
+        }
+    }
+
+    /// Drops every pod: the pod watch stopped because no Service weighs by label.
+    pub fn forget_pods(&mut self) {
+        self.pods = Relisted::default();
+    }
+
+    // ---- this node ----
+
+    // The zone goes to the proxy (`Locality`), not into the table: the table does not
+    // depend on it, so a zone change rebuilds nothing here.
+
+    pub fn apply_node(&mut self, event: Event<core::Node>) {
+        let before = self.zone().map(str::to_owned);
+        match event {
+            Event::Init => self.node_zone.begin(),
+            Event::InitApply(node) => {
+                if let Ok(name) = object_name(&node.metadata) {
+                    self.node_zone.listed(name.to_string(), node_zone(&node));
+                }
+            }
+            Event::InitDone => {
+                self.node_zone.finish();
+            }
+            Event::Apply(node) => {
+                if let Ok(name) = object_name(&node.metadata) {
+                    self.node_zone
+                        .live
+                        .insert(name.to_string(), node_zone(&node));
+                }
+            }
+            Event::Delete(node) => {
+                if let Ok(name) = object_name(&node.metadata) {
+                    self.node_zone.live.remove(name);
+                }
+            }
+        }
+        if self.zone() != before.as_deref() {
+            tracing::info!(zone = self.zone().unwrap_or("(none)"), "this node's zone");
+        }
+    }
+
+    // ---- the table ----
+
+    /// Rebuilds the Services touched since the last flush, and hands out the table
+    /// when it changed (never before the first full sync).
+    pub fn flush(&mut self) -> Flushed {
+        if !self.is_synced() && !self.published {
+            return Flushed::default();
+        }
+        for key in std::mem::take(&mut self.dirty) {
+            self.rebuild(&key);
+        }
+        if self.published && !self.changed {
+            return Flushed::default();
+        }
+        let first = !self.published;
+        self.published = true;
+        self.changed = false;
+        Flushed {
+            table: Some(self.table.clone()),
+            triggers: std::mem::take(&mut self.triggers),
+            first,
+        }
+    }
+
+    /// Joins one Service again from its converted parts.
+    fn rebuild(&mut self, key: &ServiceKey) {
+        let joined = self.services.live.get(key).and_then(|front| {
+            let slices: Vec<&SliceView> = self
+                .slices_by_service
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter_map(|n| self.slices.live.get(n))
+                .collect();
+            let pods: &PodLabels = &self.pods.live;
+            convert::join_service(front, &slices, pods, &self.scope)
+        });
+        match joined {
+            Some(service) => {
+                if self.table.get(key) != Some(&service) {
+                    self.table.services.insert(key.clone(), Arc::new(service));
+                    self.changed = true;
+                }
+            }
+            None => {
+                if self.table.services.remove(key).is_some() {
+                    self.changed = true;
+                }
+            }
+        }
+    }
+}
+
+/// Logs the warnings that are new; returns how many of them are configuration errors.
+fn report_warnings(before: &[Warning], after: &[Warning]) -> u64 {
+    let mut errors = 0;
+    for w in after.iter().filter(|w| !before.contains(w)) {
+        tracing::warn!("{w}");
+        if w.is_config_error() {
+            errors += 1;
+        }
+    }
+    errors
+}
+
+fn object_namespace(meta: &ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or("default")
+}
+
+fn object_name(meta: &ObjectMeta) -> Result<&str, ()> {
+    meta.name.as_deref().filter(|n| !n.is_empty()).ok_or(())
+}
+
+fn pod_labels(meta: &ObjectMeta) -> Option<(ObjectKey, BTreeMap<String, String>)> {
+    let key = (
+        object_namespace(meta).to_string(),
+        object_name(meta).ok()?.to_string(),
+    );
+    Some((key, meta.labels.clone().unwrap_or_default()))
+}
+
+fn node_zone(node: &core::Node) -> Option<String> {
+    node.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned()
+}
+
+/// `endpoints.kubernetes.io/last-change-trigger-time`, when present and RFC 3339.
+fn trigger_time(meta: &ObjectMeta) -> Option<SystemTime> {
+    let text = meta.annotations.as_ref()?.get(ANNOTATION_TRIGGER_TIME)?;
+    humantime::parse_rfc3339_weak(text.trim()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn service(name: &str, ip: &str, annotations: serde_json::Value) -> core::Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "shop", "annotations": annotations},
+            "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
+        }))
+        .expect("test Service")
+    }
+
+    fn svc(name: &str, ip: &str) -> core::Service {
+        service(name, ip, json!({}))
+    }
+
+    /// A slice of Service `of` with one ready endpoint per `(ip, pod)`.
+    fn slice(name: &str, of: &str, endpoints: &[(&str, &str)]) -> discovery::EndpointSlice {
+        slice_at(name, of, endpoints, None)
+    }
+
+    fn slice_at(
+        name: &str,
+        of: &str,
+        endpoints: &[(&str, &str)],
+        trigger: Option<&str>,
+    ) -> discovery::EndpointSlice {
+        let endpoints: Vec<_> = endpoints
+            .iter()
+            .map(|(ip, pod)| json!({"addresses": [ip], "targetRef": {"kind": "Pod", "name": pod}}))
+            .collect();
+        let annotations = match trigger {
+            Some(t) => json!({ANNOTATION_TRIGGER_TIME: t}),
+            None => json!({}),
+        };
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "shop", "annotations": annotations,
+                         "labels": {convert::LABEL_SERVICE_NAME: of}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": endpoints,
+        }))
+        .expect("test slice")
+    }
+
+    fn pod(name: &str, labels: &[(&str, &str)]) -> PartialObjectMeta<core::Pod> {
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        serde_json::from_value(json!({
+            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+            "metadata": {"name": name, "namespace": "shop", "labels": labels},
+        }))
+        .expect("test pod metadata")
+    }
+
+    fn node(zone: Option<&str>) -> core::Node {
+        let labels = match zone {
+            Some(z) => json!({LABEL_ZONE: z}),
+            None => json!({}),
+        };
+        serde_json::from_value(json!({"metadata": {"name": "node-a", "labels": labels}}))
+            .expect("test Node")
+    }
+
+    fn key(name: &str) -> ServiceKey {
+        ServiceKey::new("shop", name)
+    }
+
+    /// A store that has listed one Service `web` with slice `web-1` (10.1.0.1, 10.1.0.2).
+    fn synced() -> Store {
+        let mut store = Store::new(Scope::default(), None, None);
+        store.apply_service(Event::Init);
+        store.apply_service(Event::InitApply(svc("web", "10.96.0.10")));
+        store.apply_service(Event::InitDone);
+        store.apply_slice(Event::Init);
+        store.apply_slice(Event::InitApply(slice(
+            "web-1",
+            "web",
+            &[("10.1.0.1", "a"), ("10.1.0.2", "b")],
+        )));
+        store.apply_slice(Event::InitDone);
+        store
+    }
+
+    /// `ip:port` of every endpoint of the first port of `shop/name`.
+    fn endpoints(table: &ServiceTable, name: &str) -> Vec<String> {
+        table.get(&key(name)).expect("service in the table").ports[0]
+            .endpoints
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect()
+    }
+
+    fn flush_table(store: &mut Store) -> ServiceTable {
+        store.flush().table.expect("a new table")
+    }
+
+    #[test]
+    fn nothing_is_published_before_every_watch_has_listed() {
+        let mut store = Store::new(Scope::default(), None, None);
+        store.apply_service(Event::Init);
+        store.apply_service(Event::InitApply(svc("web", "10.96.0.10")));
+        store.apply_service(Event::InitDone);
+        assert!(!store.is_synced() && !store.has_pending());
+        assert!(store.flush().table.is_none());
+        store.apply_slice(Event::Init);
+        store.apply_slice(Event::InitDone);
+        assert!(store.is_synced() && store.has_pending());
+        let table = flush_table(&mut store);
+        assert_eq!(table.len(), 1);
+        assert!(endpoints(&table, "web").is_empty());
+        // Nothing changed since: nothing to publish.
+        assert!(!store.has_pending());
+        assert!(store.flush().table.is_none());
+    }
+
+    #[test]
+    fn an_empty_cluster_still_publishes_its_first_table() {
+        let mut store = Store::new(Scope::default(), None, None);
+        for _ in 0..2 {
+            store.apply_service(Event::Init);
+            store.apply_service(Event::InitDone);
+        }
+        store.apply_slice(Event::Init);
+        store.apply_slice(Event::InitDone);
+        assert!(flush_table(&mut store).is_empty());
+    }
+
+    #[test]
+    fn the_node_watch_and_the_pod_watch_gate_the_first_sync_when_needed() {
+        let mut store = Store::new(Scope::default(), Some("node-a"), None);
+        assert!(store.watches_node());
+        store.apply_service(Event::Init);
+        let weighted = service(
+            "web",
+            "10.96.0.10",
+            json!({"carousel.dev/weights": "version=custom:3"}),
+        );
+        store.apply_service(Event::InitApply(weighted));
+        store.apply_service(Event::InitDone);
+        store.apply_slice(Event::Init);
+        store.apply_slice(Event::InitDone);
+        assert!(store.needs_pods());
+        assert!(!store.is_synced(), "the Node has not listed");
+        store.apply_node(Event::Init);
+        store.apply_node(Event::InitApply(node(Some("zone-a"))));
+        store.apply_node(Event::InitDone);
+        assert_eq!(store.zone(), Some("zone-a"));
+        assert!(!store.is_synced(), "the pods have not listed");
+        store.apply_pod(Event::Init);
+        store.apply_pod(Event::InitDone);
+        assert!(store.is_synced());
+        // --zone wins, and the Node is then not watched at all.
+        let store = Store::new(Scope::default(), Some("node-a"), Some("zone-z".into()));
+        assert!(!store.watches_node());
+        assert_eq!(store.zone(), Some("zone-z"));
+    }
+
+    #[test]
+    fn apply_and_delete_rebuild_only_the_touched_service() {
+        let mut store = synced();
+        store.apply_service(Event::Apply(svc("api", "10.96.0.11")));
+        store.apply_slice(Event::Apply(slice("api-1", "api", &[("10.2.0.1", "x")])));
+        let table = flush_table(&mut store);
+        assert_eq!(endpoints(&table, "api"), ["10.2.0.1:8080"]);
+        assert_eq!(endpoints(&table, "web"), ["10.1.0.1:8080", "10.1.0.2:8080"]);
+
+        store.apply_slice(Event::Apply(slice("web-1", "web", &[("10.1.0.2", "b")])));
+        assert_eq!(store.dirty, BTreeSet::from([key("web")]));
+        let table = flush_table(&mut store);
+        assert_eq!(endpoints(&table, "web"), ["10.1.0.2:8080"]);
+
+        store.apply_slice(Event::Delete(slice("api-1", "api", &[])));
+        let table = flush_table(&mut store);
+        assert!(endpoints(&table, "api").is_empty());
+        store.apply_service(Event::Delete(svc("api", "10.96.0.11")));
+        let table = flush_table(&mut store);
+        assert!(table.get(&key("api")).is_none());
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn an_unchanged_object_publishes_nothing() {
+        let mut store = synced();
+        flush_table(&mut store);
+        store.apply_service(Event::Apply(svc("web", "10.96.0.10")));
+        store.apply_slice(Event::Apply(slice(
+            "web-1",
+            "web",
+            &[("10.1.0.1", "a"), ("10.1.0.2", "b")],
+        )));
+        assert!(!store.has_pending());
+        assert!(store.flush().table.is_none());
+    }
+
+    #[test]
+    fn a_relist_drops_what_vanished_and_duplicates_nothing() {
+        let mut store = synced();
+        store.apply_service(Event::Apply(svc("api", "10.96.0.11")));
+        store.apply_slice(Event::Apply(slice("api-1", "api", &[("10.2.0.1", "x")])));
+        store.apply_slice(Event::Apply(slice("web-2", "web", &[("10.1.0.3", "c")])));
+        flush_table(&mut store);
+
+        // A 410 Gone: the watcher relists. In between, `api` and slice `web-2` were
+        // deleted and `web-1` changed, and no event said so.
+        store.apply_service(Event::Init);
+        store.apply_slice(Event::Init);
+        // Until InitDone the old state stands.
+        store.apply_service(Event::InitApply(svc("web", "10.96.0.10")));
+        store.apply_slice(Event::InitApply(slice(
+            "web-1",
+            "web",
+            &[("10.1.0.2", "b"), ("10.1.0.4", "d")],
+        )));
+        assert!(
+            store.flush().table.is_none(),
+            "nothing is swapped in mid-relist"
+        );
+        store.apply_service(Event::InitDone);
+        store.apply_slice(Event::InitDone);
+        let table = flush_table(&mut store);
+        assert_eq!(table.len(), 1, "{table:?}");
+        assert_eq!(endpoints(&table, "web"), ["10.1.0.2:8080", "10.1.0.4:8080"]);
+        assert_eq!(store.slice_count(), 1);
+        assert_eq!(store.slices_by_service.len(), 1);
+    }
+
+    #[test]
+    fn a_relist_of_the_same_objects_changes_nothing() {
+        let mut store = synced();
+        let before = flush_table(&mut store);
+        for _ in 0..3 {
+            store.apply_slice(Event::Init);
+            store.apply_slice(Event::InitApply(slice(
+                "web-1",
+                "web",
+                &[("10.1.0.1", "a"), ("10.1.0.2", "b")],
+            )));
+            store.apply_slice(Event::InitDone);
+        }
+        assert!(store.flush().table.is_none());
+        assert_eq!(store.table, before);
+    }
+
+    #[test]
+    fn a_service_that_turns_headless_leaves_the_table() {
+        let mut store = synced();
+        flush_table(&mut store);
+        store.apply_service(Event::Apply(svc("web", "None")));
+        assert!(flush_table(&mut store).is_empty());
+    }
+
+    #[test]
+    fn a_broken_update_keeps_the_last_good_form_and_counts_an_error() {
+        let mut store = synced();
+        flush_table(&mut store);
+        store.apply_service(Event::Apply(svc("web", "not-an-ip")));
+        assert_eq!(store.take_config_errors(), 1);
+        assert!(store.flush().table.is_none());
+        assert_eq!(store.take_config_errors(), 0);
+    }
+
+    #[test]
+    fn pod_labels_weigh_endpoints_and_only_label_changes_count() {
+        let mut store = synced();
+        flush_table(&mut store);
+        assert!(!store.needs_pods());
+        let weighted = service(
+            "web",
+            "10.96.0.10",
+            json!({"carousel.dev/weights": "version=custom:3,version=original:1"}),
+        );
+        store.apply_service(Event::Apply(weighted));
+        assert!(store.needs_pods());
+        store.apply_pod(Event::Init);
+        store.apply_pod(Event::InitApply(pod("a", &[("version", "custom")])));
+        store.apply_pod(Event::InitApply(pod("b", &[("version", "original")])));
+        store.apply_pod(Event::InitDone);
+        let weights = |t: &ServiceTable| -> Vec<u32> {
+            t.get(&key("web")).unwrap().ports[0]
+                .endpoints
+                .iter()
+                .map(|e| e.weight)
+                .collect()
+        };
+        assert_eq!(weights(&flush_table(&mut store)), [3, 1]);
+
+        // A status-only update: same labels, nothing to do.
+        store.apply_pod(Event::Apply(pod("a", &[("version", "custom")])));
+        assert!(store.dirty.is_empty());
+        // A pod no slice points at: nothing to do either.
+        store.apply_pod(Event::Apply(pod("zz", &[("version", "custom")])));
+        assert!(store.dirty.is_empty());
+        store.apply_pod(Event::Apply(pod("b", &[("version", "custom")])));
+        assert_eq!(weights(&flush_table(&mut store)), [3, 3]);
+
+        // The annotation goes: the pods are no longer needed and are forgotten.
+        store.apply_service(Event::Apply(svc("web", "10.96.0.10")));
+        assert!(!store.needs_pods());
+        store.forget_pods();
+        assert_eq!(store.pod_count(), 0);
+        assert_eq!(weights(&flush_table(&mut store)), [1, 1]);
+    }
+
+    #[test]
+    fn the_zone_follows_the_node_label() {
+        let mut store = Store::new(Scope::default(), Some("node-a"), None);
+        store.apply_node(Event::Init);
+        store.apply_node(Event::InitApply(node(None)));
+        store.apply_node(Event::InitDone);
+        assert_eq!(store.zone(), None);
+        store.apply_node(Event::Apply(node(Some("zone-b"))));
+        assert_eq!(store.zone(), Some("zone-b"));
+        // A relist that no longer finds the Node forgets its zone.
+        store.apply_node(Event::Init);
+        store.apply_node(Event::InitDone);
+        assert_eq!(store.zone(), None);
+    }
+
+    #[test]
+    fn slice_changes_hand_over_their_trigger_times_once() {
+        let mut store = synced();
+        flush_table(&mut store);
+        store.apply_slice(Event::Apply(slice_at(
+            "web-1",
+            "web",
+            &[("10.1.0.9", "z")],
+            Some("2024-05-01T10:00:00Z"),
+        )));
+        let flushed = store.flush();
+        assert!(flushed.table.is_some());
+        let expected = SystemTime::UNIX_EPOCH + Duration::from_secs(1_714_557_600);
+        assert_eq!(flushed.triggers, [expected]);
+        // The same slice again is no change, so no second measurement.
+        store.apply_slice(Event::Apply(slice_at(
+            "web-1",
+            "web",
+            &[("10.1.0.9", "z")],
+            Some("2024-05-01T10:00:00Z"),
+        )));
+        assert!(store.flush().triggers.is_empty());
+    }
+
+    #[test]
+    fn memory_stays_flat_over_many_events() {
+        let mut store = synced();
+        for round in 0..2_000u32 {
+            let name = format!("churn-{}", round % 7);
+            let ip = format!("10.3.{}.{}", (round / 250) % 250, round % 250 + 1);
+            store.apply_service(Event::Apply(svc(&name, "10.96.1.1")));
+            store.apply_slice(Event::Apply(slice_at(
+                &format!("{name}-1"),
+                &name,
+                &[(ip.as_str(), "p")],
+                Some("2024-05-01T10:00:00Z"),
+            )));
+            if round % 3 == 0 {
+                store.apply_slice(Event::Delete(slice(&format!("{name}-1"), &name, &[])));
+                store.apply_service(Event::Delete(svc(&name, "10.96.1.1")));
+            }
+            store.flush();
+        }
+        assert!(store.service_count() <= 8);
+        assert!(store.slice_count() <= 8);
+        assert!(store.table.len() <= 8);
+        assert!(store.slices_by_service.len() <= 8);
+        assert!(store.triggers.is_empty());
+    }
+}
