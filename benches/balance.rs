@@ -105,6 +105,15 @@ fn affinity_hit(c: &mut Criterion) {
             picker.pick(black_box(clients[i]))
         })
     });
+    // As the data path calls it: with the clock reading the connection already took.
+    let now = tokio::time::Instant::now();
+    c.bench_function("affinity/hit_at/1000", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % CLIENTS;
+            picker.pick_at(black_box(clients[i]), now)
+        })
+    });
 }
 
 fn build(c: &mut Criterion) {

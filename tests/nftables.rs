@@ -529,3 +529,31 @@ fn weights_and_client_ip_affinity_hold_in_nftables_mode() {
         .collect();
     assert_eq!(used.len(), 2, "new clients are still balanced: {answer}");
 }
+
+#[test]
+fn external_and_load_balancer_ips_are_redirected_too() {
+    let names = ["ext-a", "ext-b"];
+    let mut lab = Lab::new(&names);
+    let mut svc = Svc::new("exposed", "10.96.0.60", 80, pods_named(&names, Lab::pod_v4));
+    svc.spec.push("externalIPs: [10.97.0.100]".into());
+    svc.load_balancer_ips.push("10.98.0.1".into());
+    lab.write_state(&svc.state());
+    lab.start_carousel();
+
+    let want = counts(&[("ext-a", 5), ("ext-b", 5)]);
+    assert_eq!(
+        lab.spread("client", "10.97.0.100", 80, 10),
+        want,
+        "an external IP"
+    );
+    assert_eq!(
+        lab.spread("client", "10.98.0.1", 80, 10),
+        want,
+        "a load-balancer IP"
+    );
+    let set = lab.nft("list set inet carousel services4");
+    assert!(
+        set.contains("10.97.0.100 . 80") && set.contains("10.98.0.1 . 80"),
+        "{set}"
+    );
+}

@@ -227,7 +227,18 @@ impl Affinity {
         backends: &[Backend],
         balancer: &dyn Balancer,
     ) -> Option<usize> {
-        let now = Instant::now();
+        self.pick_at(client, Instant::now(), backends, balancer)
+    }
+
+    /// [`Affinity::pick`] at a time the caller already read: the data path reads the
+    /// clock once per connection, and a clock read costs as much as the lookup here.
+    pub fn pick_at(
+        &self,
+        client: IpAddr,
+        now: Instant,
+        backends: &[Backend],
+        balancer: &dyn Balancer,
+    ) -> Option<usize> {
         let (shard, client_key) = (self.clients.shard(client), key(client));
         let lookup = {
             let mut map = lock(shard);

@@ -140,8 +140,13 @@ pub struct Picker {
 impl Picker {
     /// The index into the backends of the endpoint for a new connection from `client`.
     pub fn pick(&self, client: IpAddr) -> Option<usize> {
+        self.pick_at(client, tokio::time::Instant::now())
+    }
+
+    /// [`Picker::pick`] at `now`, a clock reading the caller already has.
+    pub fn pick_at(&self, client: IpAddr, now: tokio::time::Instant) -> Option<usize> {
         match &self.affinity {
-            Some(affinity) => affinity.pick(client, &self.backends, self.balancer.as_ref()),
+            Some(affinity) => affinity.pick_at(client, now, &self.backends, self.balancer.as_ref()),
             None => self.balancer.pick(client),
         }
     }

@@ -12,7 +12,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::addr::{ClientAddr, PodAddr};
 use crate::proxy::copy::{copy_both_ways, CopyError};
-use crate::proxy::ejection::now_ms;
+use crate::proxy::ejection::{ms_at, now_ms};
 use crate::proxy::routes::{Route, RouteEndpoint};
 
 /// How connections are forwarded.
@@ -138,9 +138,11 @@ async fn connect(
     config: ForwardConfig,
 ) -> Result<(TcpStream, &RouteEndpoint), ForwardError> {
     let n = route.endpoints.len();
-    let first = route.pick(peer).ok_or(ForwardError::NoEndpoint)?;
+    // One clock reading serves the affinity lookup and the ejection checks.
+    let clock = tokio::time::Instant::now();
+    let first = route.pick_at(peer, clock).ok_or(ForwardError::NoEndpoint)?;
     let in_turn = (0..n).map(|i| &route.endpoints[(first + i) % n]);
-    let now = now_ms();
+    let now = ms_at(clock);
     // No allocation on this path: the endpoints in turn from the pick, ejected ones
     // left out, or, when every one is ejected, all of them: trying beats refusing.
     let all_ejected = in_turn.clone().all(|e| e.ejection.is_ejected(now));

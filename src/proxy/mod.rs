@@ -201,7 +201,7 @@ pub async fn run(
         let table = tables.borrow_and_update().clone();
         let started = Instant::now();
         let previous = routes.load_full();
-        let next = RouteTable::build(
+        let next = RouteTable::build_with_shadows(
             &table,
             &previous,
             &telemetry,

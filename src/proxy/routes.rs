@@ -12,7 +12,9 @@ use metrics::{Counter, Gauge, Histogram, Label};
 
 use crate::addr::{ClientAddr, PodAddr, ServiceAddr};
 use crate::balance::{self, AffinityStats, Backend, Backends, Balancer, BuildOptions, Picker};
-use crate::model::{Balancing, Endpoint, Locality, ServiceKey, ServicePort, ServiceTable, Traffic};
+use crate::model::{
+    Balancing, Endpoint, Locality, Service, ServiceKey, ServicePort, ServiceTable, Traffic,
+};
 use crate::proxy::ejection::Ejection;
 use crate::telemetry::{names, Telemetry};
 
@@ -105,8 +107,22 @@ struct Shadow {
 
 impl Route {
     /// The index of the endpoint for a new connection from `client`.
+    /// [`Route::pick`] at `now`, the connection's own clock reading.
+    pub fn pick_at(&self, client: ClientAddr, now: tokio::time::Instant) -> Option<usize> {
+        let picked = self.balancer.pick_at(client.ip(), now);
+        self.count(client, picked);
+        picked
+    }
+
+    /// The index of the endpoint for a new connection from `client`.
     pub fn pick(&self, client: ClientAddr) -> Option<usize> {
         let picked = self.balancer.pick(client.ip());
+        self.count(client, picked);
+        picked
+    }
+
+    /// Counts a pick for the fairness gauge, and where each shadow would have gone.
+    fn count(&self, client: ClientAddr, picked: Option<usize>) {
         if let Some(i) = picked {
             self.endpoints[i]
                 .stats
@@ -118,7 +134,6 @@ impl Route {
                 shadow.picks[i].increment(1);
             }
         }
-        picked
     }
 
     pub fn algorithm(&self) -> &'static str {
@@ -132,6 +147,9 @@ pub struct RouteTable {
     by_addr: HashMap<ServiceAddr, Arc<Route>>,
     by_node_port: HashMap<u16, Arc<Route>>,
     by_port: HashMap<(ServiceKey, String, Traffic), Arc<Route>>,
+    /// The Services the routes were built from: a Service that is the very same `Arc`
+    /// in the next table keeps its routes as they are, without a rebuild.
+    built_from: HashMap<ServiceKey, Arc<Service>>,
 }
 
 impl RouteTable {
@@ -178,48 +196,44 @@ impl RouteTable {
         telemetry: &Telemetry,
         options: &BuildOptions,
         here: &Locality,
+    ) -> RouteTable {
+        Self::build_with_shadows(table, previous, telemetry, options, here, &[])
+    }
+
+    /// [`RouteTable::build`], with the `shadow` algorithms evaluated beside each
+    /// Service's own (`carousel run --shadow`).
+    pub fn build_with_shadows(
+        table: &ServiceTable,
+        previous: &RouteTable,
+        telemetry: &Telemetry,
+        options: &BuildOptions,
+        here: &Locality,
         shadow: &[&'static str],
     ) -> RouteTable {
         let mut routes = RouteTable::default();
         for service in table.services.values() {
+            routes
+                .built_from
+                .insert(service.key.clone(), service.clone());
+            let unchanged = previous
+                .built_from
+                .get(&service.key)
+                .is_some_and(|before| Arc::ptr_eq(before, service));
             for port in &service.ports {
-                set_endpoint_gauges(telemetry, &service.key, port);
                 let key = |traffic| (service.key.clone(), port.label(), traffic);
-                let internal_endpoints = port.select(service, Traffic::Internal, here);
-                let external_endpoints = port.select(service, Traffic::External, here);
-                let internal = Arc::new(build_route(
-                    &service.key,
-                    &service.balancing,
-                    port,
-                    internal_endpoints.clone(),
-                    &[previous
-                        .by_port
-                        .get(&key(Traffic::Internal))
-                        .map(Arc::as_ref)],
-                    telemetry,
-                    options,
-                    shadow,
-                ));
-                let external = if external_endpoints == internal_endpoints {
-                    internal.clone()
-                } else {
-                    let known = [
-                        previous
-                            .by_port
-                            .get(&key(Traffic::External))
-                            .map(Arc::as_ref),
-                        Some(internal.as_ref()),
-                    ];
-                    Arc::new(build_route(
-                        &service.key,
-                        &service.balancing,
-                        port,
-                        external_endpoints,
-                        &known,
-                        telemetry,
-                        options,
-                        shadow,
-                    ))
+                let reused = match (
+                    unchanged,
+                    previous.by_port.get(&key(Traffic::Internal)),
+                    previous.by_port.get(&key(Traffic::External)),
+                ) {
+                    (true, Some(internal), Some(external)) => {
+                        Some((internal.clone(), external.clone()))
+                    }
+                    _ => None,
+                };
+                let (internal, external) = match reused {
+                    Some(pair) => pair,
+                    None => build_pair(service, port, previous, telemetry, options, here, shadow),
                 };
                 for ip in &service.cluster_ips {
                     let addr = ServiceAddr(SocketAddr::new(*ip, port.port));
@@ -242,6 +256,58 @@ impl RouteTable {
         }
         routes
     }
+}
+
+/// The routes of one Service port: one for ClusterIP traffic and one for external
+/// traffic, the same route when both see the same endpoints.
+fn build_pair(
+    service: &Service,
+    port: &ServicePort,
+    previous: &RouteTable,
+    telemetry: &Telemetry,
+    options: &BuildOptions,
+    here: &Locality,
+    shadow: &[&'static str],
+) -> (Arc<Route>, Arc<Route>) {
+    set_endpoint_gauges(telemetry, &service.key, port);
+    let key = |traffic| (service.key.clone(), port.label(), traffic);
+    let internal_endpoints = port.select(service, Traffic::Internal, here);
+    let external_endpoints = port.select(service, Traffic::External, here);
+    let internal = Arc::new(build_route(
+        &service.key,
+        &service.balancing,
+        port,
+        internal_endpoints.clone(),
+        &[previous
+            .by_port
+            .get(&key(Traffic::Internal))
+            .map(Arc::as_ref)],
+        telemetry,
+        options,
+        shadow,
+    ));
+    let external = if external_endpoints == internal_endpoints {
+        internal.clone()
+    } else {
+        let known = [
+            previous
+                .by_port
+                .get(&key(Traffic::External))
+                .map(Arc::as_ref),
+            Some(internal.as_ref()),
+        ];
+        Arc::new(build_route(
+            &service.key,
+            &service.balancing,
+            port,
+            external_endpoints,
+            &known,
+            telemetry,
+            options,
+            shadow,
+        ))
+    };
+    (internal, external)
 }
 
 /// The metric labels every series of a Service port carries.
@@ -517,7 +583,6 @@ mod tests {
                     &telemetry,
                     &options,
                     &Locality::default(),
-                    &[],
                 );
                 for client in 0..200 {
                     let pod = picked(&routes, client);
@@ -547,7 +612,6 @@ mod tests {
             &telemetry,
             &options,
             &Locality::default(),
-            &[],
         );
         let sticky = picked(&first, 1);
         assert_eq!(picked(&first, 1), sticky);
@@ -563,7 +627,6 @@ mod tests {
             &telemetry,
             &options,
             &Locality::default(),
-            &[],
         );
         let moved = picked(&drained, 1);
         assert_ne!(moved, sticky);
@@ -576,5 +639,33 @@ mod tests {
             ),
             "{metrics}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_untouched_service_keeps_its_routes_and_a_changed_one_is_rebuilt() {
+        let telemetry = Telemetry::new();
+        let options = BuildOptions::default();
+        let here = Locality::default();
+        let first = table(
+            "round-robin",
+            None,
+            vec![endpoint(1, true, 1), endpoint(2, true, 1)],
+        );
+        let routes = RouteTable::build(&first, &RouteTable::default(), &telemetry, &options, &here);
+        let before = routes.routes().next().unwrap().clone();
+
+        // The same Arc<Service> in a new table: the very same route, not a rebuild.
+        let same = ServiceTable {
+            services: first.services.clone(),
+        };
+        let again = RouteTable::build(&same, &routes, &telemetry, &options, &here);
+        assert!(Arc::ptr_eq(again.routes().next().unwrap(), &before));
+
+        // A changed Service: a new route over the new endpoints.
+        let changed = table("round-robin", None, vec![endpoint(1, true, 1)]);
+        let rebuilt = RouteTable::build(&changed, &again, &telemetry, &options, &here);
+        let after = rebuilt.routes().next().unwrap();
+        assert!(!Arc::ptr_eq(after, &before));
+        assert_eq!(after.endpoints.len(), 1);
     }
 }

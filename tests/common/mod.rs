@@ -77,6 +77,8 @@ pub struct Svc {
     pub spec: Vec<String>,
     /// Annotations of the Service.
     pub annotations: Vec<(String, String)>,
+    /// `status.loadBalancer.ingress[].ip`.
+    pub load_balancer_ips: Vec<String>,
 }
 
 impl Svc {
@@ -89,6 +91,7 @@ impl Svc {
             endpoints,
             spec: Vec::new(),
             annotations: Vec::new(),
+            load_balancer_ips: Vec::new(),
         }
     }
 
@@ -132,6 +135,19 @@ pub fn state_yaml(services: &[Svc]) -> String {
             port = s.port,
         )
         .unwrap();
+        if !s.load_balancer_ips.is_empty() {
+            let ingress: Vec<String> = s
+                .load_balancer_ips
+                .iter()
+                .map(|ip| format!("{{ip: {ip}}}"))
+                .collect();
+            writeln!(
+                y,
+                "status: {{loadBalancer: {{ingress: [{}]}}}}",
+                ingress.join(", ")
+            )
+            .unwrap();
+        }
         let mut groups: Vec<(u16, bool)> = s
             .endpoints
             .iter()
