@@ -24,6 +24,10 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// The whole thing on one machine: pods, a Service and traffic, no cluster needed.
     Demo(DemoArgs),
+    /// Run the balancers side by side on the same load, over the real data path.
+    Bench(BenchArgs),
+    /// Services, pods and their share of connections, from a running carousel's /metrics.
+    Status(StatusArgs),
     /// Remove every rule carousel installed (its nftables table), and nothing else.
     Cleanup,
 }
@@ -109,6 +113,11 @@ pub struct RunArgs {
     /// Seed for the balancers that draw random numbers (reproducible runs).
     #[arg(long)]
     pub seed: Option<u64>,
+
+    /// Also run these algorithms beside each Service's own, only counting where they
+    /// would have sent each connection (carousel_shadow_picks_total).
+    #[arg(long, value_delimiter = ',', value_name = "a,b,...")]
+    pub shadow: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -116,4 +125,54 @@ pub struct DemoArgs {
     /// Connections per phase.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(10..=100_000))]
     pub connections: u32,
+}
+
+/// `carousel bench --help` lists the scenarios, one line each (kept in step with
+/// `lab::bench::scenarios::ABOUT` by a test).
+pub const BENCH_SCENARIOS_HELP: &str = "Scenarios:
+  uniform         four equal pods, many clients: the baseline spread
+  slow-pod        one pod ten times slower: p99/p999 per algorithm
+  canary          custom:original weights 3:1: observed against target share
+  keepalive       six long-lived connections, many requests each: balancing is per connection
+  sticky          many client addresses with ClientIP affinity off and on: stickiness, imbalance
+  rolling-update  pods replaced one by one under load: failed connections, clients moved
+  scale-up        two pods join mid-run: how fast each algorithm gives them their share";
+
+#[derive(Debug, Args)]
+#[command(after_help = BENCH_SCENARIOS_HELP)]
+pub struct BenchArgs {
+    /// The scenario to run, or all.
+    #[arg(long, default_value = "all", value_name = "NAME|all")]
+    pub scenario: String,
+
+    /// The algorithms to compare (default: every one).
+    #[arg(long, value_delimiter = ',', value_name = "a,b,...")]
+    pub algorithms: Vec<String>,
+
+    /// Write the results as JSON (the format of DESIGN.md, "Lab output").
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Write one self-contained HTML page with the charts.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+
+    /// Seed for the balancers that draw random numbers.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+
+    /// Shorter runs (under 10 s in all), for a first look and for tests.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The /metrics of the carousel to ask.
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:10249/metrics",
+        value_name = "URL"
+    )]
+    pub metrics_url: String,
 }

@@ -13,4 +13,5 @@ pub mod lab;
 pub mod model;
 pub mod proxy;
 pub mod run;
+pub mod status;
 pub mod telemetry;

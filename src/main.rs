@@ -4,7 +4,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context;
-use carousel::config::{Cli, Command, ProxyMode, RunArgs};
+use carousel::config::{BenchArgs, Cli, Command, ProxyMode, RunArgs, StatusArgs};
 use carousel::dataplane::nftables;
 use carousel::discovery::convert::Scope;
 use carousel::discovery::kube::SourceConfig;
@@ -23,7 +23,7 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Demo(_) => "warn",
+        Command::Demo(_) | Command::Bench(_) | Command::Status(_) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -40,6 +40,8 @@ async fn main() -> anyhow::Result<()> {
                 .context("the demo did not finish in 60 s")?
                 .context("the demo failed")
         }
+        Command::Bench(args) => bench(args).await,
+        Command::Status(args) => status(args).await,
         Command::Cleanup => {
             nftables::apply(&nftables::render_cleanup())
                 .await
@@ -51,6 +53,57 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let options = lab::bench::BenchOptions {
+        scenarios: vec![args.scenario.clone()],
+        algorithms: args.algorithms.clone(),
+        seed: args.seed,
+        quick: args.quick,
+        ..Default::default()
+    };
+    let progress = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40.cyan/blue} {pos}/{len} {elapsed} {msg}")
+            .expect("the template is valid"),
+    );
+    let started = std::time::Instant::now();
+    // Every run is bounded; this is the backstop should one not be.
+    let report = tokio::time::timeout(
+        Duration::from_secs(300),
+        lab::bench::run(&options, &progress),
+    )
+    .await
+    .context("the bench did not finish in 300 s")?
+    .context("the bench failed")?;
+    progress.finish_and_clear();
+    print!("{}", report.table());
+    println!(
+        "{} runs in {:.1} s (seed {})",
+        report.results.len(),
+        started.elapsed().as_secs_f64(),
+        report.seed
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, report.to_json())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("JSON: {}", path.display());
+    }
+    if let Some(path) = &args.html {
+        std::fs::write(path, report.html())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("HTML: {}", path.display());
+    }
+    Ok(())
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let text = carousel::status::fetch(&args.metrics_url).await?;
+    print!(
+        "{}",
+        carousel::status::render(&carousel::status::parse(&text))
+    );
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -82,6 +135,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             redirect_port: args.redirect_port,
         },
     };
+    let shadow = args
+        .shadow
+        .iter()
+        .map(|name| {
+            balance::algorithms()
+                .find(|known| known == name)
+                .with_context(|| {
+                    let known: Vec<&str> = balance::algorithms().collect();
+                    format!(
+                        "--shadow {name}: no such algorithm (known: {})",
+                        known.join(", ")
+                    )
+                })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let scope = Scope {
         proxy_name: args.service_proxy_name.clone(),
     };
@@ -94,6 +162,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             keepalive: (!args.tcp_keepalive.is_zero()).then_some(args.tcp_keepalive),
         },
         max_connections: args.max_connections,
+        shadow,
         mode,
         balance: balance::BuildOptions {
             seed: args.seed,

@@ -36,6 +36,9 @@ pub mod names {
     pub const ACCEPT_ERRORS_TOTAL: &str = "carousel_accept_errors_total";
     pub const AFFINITY_LOOKUPS_TOTAL: &str = "carousel_affinity_lookups_total";
     pub const AFFINITY_ENTRIES: &str = "carousel_affinity_entries";
+    pub const ENDPOINT_WEIGHT: &str = "carousel_endpoint_weight";
+    pub const FAIRNESS_JAIN: &str = "carousel_fairness_jain";
+    pub const SHADOW_PICKS_TOTAL: &str = "carousel_shadow_picks_total";
 }
 
 /// Histogram buckets for everything measured in seconds: 100 µs to 5 min.

@@ -4,6 +4,7 @@
 
 pub mod copy;
 pub mod ejection;
+pub mod fairness;
 pub mod forward;
 pub mod listener;
 pub mod original_dst;
@@ -58,6 +59,8 @@ pub struct ProxyConfig {
     pub locality: Locality,
     /// Connections beyond this many open ones are refused at once.
     pub max_connections: Option<usize>,
+    /// Algorithms evaluated beside each Service's own (`--shadow`): registry names.
+    pub shadow: Vec<&'static str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -188,16 +191,23 @@ pub async fn run(
     let routes = &accepting.routes;
     let mut intake = Intake::start(&config.mode, &accepting)?;
     let sync_duration = telemetry.histogram(names::SYNC_DURATION, Vec::new());
+    let fairness = tokio::spawn(fairness::track(
+        routes.clone(),
+        telemetry.clone(),
+        fairness::TICK,
+        fairness::WINDOW_TICKS,
+    ));
     loop {
         let table = tables.borrow_and_update().clone();
         let started = Instant::now();
         let previous = routes.load_full();
-        let next = RouteTable::build(
+        let next = RouteTable::build_with_shadows(
             &table,
             &previous,
             &telemetry,
             &config.balance,
             &config.locality,
+            &config.shadow,
         );
         routes::clear_removed(&telemetry, &previous, &next);
         routes.store(Arc::new(next));
@@ -219,6 +229,7 @@ pub async fn run(
             },
         }
     }
+    fairness.abort();
     telemetry.health().draining();
     intake.stop_accepting();
     accepting.connections.close();

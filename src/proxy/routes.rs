@@ -5,13 +5,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use metrics::{Counter, Gauge, Histogram, Label};
 
 use crate::addr::{ClientAddr, PodAddr, ServiceAddr};
-use crate::balance::{self, AffinityStats, Backend, Backends, BuildOptions, Picker};
+use crate::balance::{self, AffinityStats, Backend, Backends, Balancer, BuildOptions, Picker};
 use crate::model::{
     Balancing, Endpoint, Locality, Service, ServiceKey, ServicePort, ServiceTable, Traffic,
 };
@@ -31,6 +31,11 @@ pub struct EndpointStats {
     pub connection_duration: Histogram,
     /// `carousel_endpoint_ejections_total`: failed connects that took the endpoint out.
     pub ejections: Counter,
+    /// `carousel_endpoint_weight`: its weight while it takes new connections, else 0.
+    pub weight: Gauge,
+    /// Picks of this endpoint, read by the fairness task (`fairness.rs`): a plain
+    /// atomic because a metrics counter cannot be read back.
+    pub picks: AtomicU64,
 }
 
 impl EndpointStats {
@@ -56,6 +61,8 @@ impl EndpointStats {
             connect_duration: telemetry.histogram(names::CONNECT_DURATION, labels(&[])),
             connection_duration: telemetry.histogram(names::CONNECTION_DURATION, labels(&[])),
             ejections: telemetry.counter(names::EJECTIONS_TOTAL, labels(&[])),
+            weight: telemetry.gauge(names::ENDPOINT_WEIGHT, labels(&[])),
+            picks: AtomicU64::new(0),
         }
     }
 }
@@ -70,6 +77,7 @@ pub struct RouteEndpoint {
     /// Passive health: kept across table changes like the counter.
     pub ejection: Arc<Ejection>,
     pub stats: Arc<EndpointStats>,
+    pub weight: u32,
 }
 
 /// One Service port: where its connections may go and how the next one is chosen.
@@ -83,17 +91,49 @@ pub struct Route {
     balancer: Picker,
     /// `carousel_connections_total{outcome="no_endpoint"}`.
     pub no_endpoint: Counter,
+    /// Algorithms evaluated beside the real one (`carousel run --shadow`).
+    shadows: Vec<Shadow>,
+}
+
+/// An algorithm that picks beside the real one without deciding anything: each pick
+/// only counts, in `carousel_shadow_picks_total`. It sees the same open-connection
+/// counts as the real balancer and no ClientIP affinity.
+#[derive(Debug)]
+struct Shadow {
+    balancer: Box<dyn Balancer>,
+    /// Parallel to the route's endpoints, resolved when the route is built.
+    picks: Vec<Counter>,
 }
 
 impl Route {
     /// The index of the endpoint for a new connection from `client`.
     /// [`Route::pick`] at `now`, the connection's own clock reading.
     pub fn pick_at(&self, client: ClientAddr, now: tokio::time::Instant) -> Option<usize> {
-        self.balancer.pick_at(client.ip(), now)
+        let picked = self.balancer.pick_at(client.ip(), now);
+        self.count(client, picked);
+        picked
     }
 
+    /// The index of the endpoint for a new connection from `client`.
     pub fn pick(&self, client: ClientAddr) -> Option<usize> {
-        self.balancer.pick(client.ip())
+        let picked = self.balancer.pick(client.ip());
+        self.count(client, picked);
+        picked
+    }
+
+    /// Counts a pick for the fairness gauge, and where each shadow would have gone.
+    fn count(&self, client: ClientAddr, picked: Option<usize>) {
+        if let Some(i) = picked {
+            self.endpoints[i]
+                .stats
+                .picks
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        for shadow in &self.shadows {
+            if let Some(i) = shadow.balancer.pick(client.ip()) {
+                shadow.picks[i].increment(1);
+            }
+        }
     }
 
     pub fn algorithm(&self) -> &'static str {
@@ -137,6 +177,15 @@ impl RouteTable {
         self.by_port.values()
     }
 
+    /// Every Service port's route for ClusterIP traffic: one per port, as the
+    /// per-port series (`carousel_fairness_jain`) want.
+    pub fn internal_routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.by_port
+            .iter()
+            .filter(|((_, _, traffic), _)| *traffic == Traffic::Internal)
+            .map(|(_, route)| route)
+    }
+
     /// Builds the table for `table`, seen from `here`, reusing what `previous` knew.
     ///
     /// A Service port gets one route for ClusterIP traffic and, when its traffic
@@ -148,6 +197,19 @@ impl RouteTable {
         telemetry: &Telemetry,
         options: &BuildOptions,
         here: &Locality,
+    ) -> RouteTable {
+        Self::build_with_shadows(table, previous, telemetry, options, here, &[])
+    }
+
+    /// [`RouteTable::build`], with the `shadow` algorithms evaluated beside each
+    /// Service's own (`carousel run --shadow`).
+    pub fn build_with_shadows(
+        table: &ServiceTable,
+        previous: &RouteTable,
+        telemetry: &Telemetry,
+        options: &BuildOptions,
+        here: &Locality,
+        shadow: &[&'static str],
     ) -> RouteTable {
         // Sized like the previous table: a rebuild of a large table never rehashes.
         let mut routes = RouteTable {
@@ -178,7 +240,7 @@ impl RouteTable {
                 };
                 let (internal, external) = match reused {
                     Some(pair) => pair,
-                    None => build_pair(service, port, previous, telemetry, options, here),
+                    None => build_pair(service, port, previous, telemetry, options, here, shadow),
                 };
                 for ip in &service.cluster_ips {
                     let addr = ServiceAddr(SocketAddr::new(*ip, port.port));
@@ -212,6 +274,7 @@ fn build_pair(
     telemetry: &Telemetry,
     options: &BuildOptions,
     here: &Locality,
+    shadow: &[&'static str],
 ) -> (Arc<Route>, Arc<Route>) {
     set_endpoint_gauges(telemetry, &service.key, port);
     let key = |traffic| (service.key.clone(), port.port, traffic);
@@ -228,6 +291,7 @@ fn build_pair(
             .map(Arc::as_ref)],
         telemetry,
         options,
+        shadow,
     ));
     let external = if external_endpoints == internal_endpoints {
         internal.clone()
@@ -247,6 +311,7 @@ fn build_pair(
             &known,
             telemetry,
             options,
+            shadow,
         ))
     };
     (internal, external)
@@ -263,7 +328,8 @@ fn port_labels(service: &ServiceKey, port: &ServicePort) -> Vec<Label> {
 
 /// One route over `eligible`. Endpoints that `known` routes already had keep their
 /// open-connection counter and metric handles; `known[0]`, the previous route of the
-/// same kind, hands its balancer state on.
+/// same kind, hands its balancer state (and its shadows') on.
+#[allow(clippy::too_many_arguments)]
 fn build_route(
     service: &ServiceKey,
     balancing: &Balancing,
@@ -272,6 +338,7 @@ fn build_route(
     known: &[Option<&Route>],
     telemetry: &Telemetry,
     options: &BuildOptions,
+    shadow: &[&'static str],
 ) -> Route {
     let base = port_labels(service, port);
     let previous = known.first().copied().flatten();
@@ -284,16 +351,21 @@ fn build_route(
     let endpoints: Vec<RouteEndpoint> = eligible
         .iter()
         .map(|e| match known.get(&e.addr) {
-            Some(prev) if prev.pod == e.pod => (*prev).clone(),
+            Some(prev) if prev.pod == e.pod => RouteEndpoint {
+                weight: e.weight,
+                ..(*prev).clone()
+            },
             _ => RouteEndpoint {
                 addr: e.addr,
                 pod: e.pod.clone(),
                 active: Arc::default(),
                 ejection: Arc::default(),
                 stats: Arc::new(EndpointStats::new(telemetry, &base, e.addr, &e.pod)),
+                weight: e.weight,
             },
         })
         .collect();
+    set_weights(previous, &endpoints);
     let backends: Backends = eligible
         .iter()
         .zip(&endpoints)
@@ -307,6 +379,9 @@ fn build_route(
         Some(_) => affinity_stats(telemetry, &base),
         None => AffinityStats::default(),
     };
+    let shadows = build_shadows(
+        previous, shadow, &backends, &endpoints, telemetry, &base, options,
+    );
     let balancer = balance::rebuild_or_build(
         previous.map(|p| &p.balancer),
         balancing,
@@ -314,6 +389,7 @@ fn build_route(
         options,
         affinity_stats,
     );
+
     let mut no_endpoint_labels = base;
     no_endpoint_labels.extend([
         Label::new("endpoint", ""),
@@ -326,7 +402,58 @@ fn build_route(
         endpoints,
         balancer,
         no_endpoint: telemetry.counter(names::CONNECTIONS_TOTAL, no_endpoint_labels),
+        shadows,
     }
+}
+
+/// `carousel_endpoint_weight`: the endpoints' weights now, and 0 for those of the
+/// previous route that take no new connections any more.
+fn set_weights(previous: Option<&Route>, endpoints: &[RouteEndpoint]) {
+    for gone in previous
+        .iter()
+        .flat_map(|p| &p.endpoints)
+        .filter(|old| !endpoints.iter().any(|e| Arc::ptr_eq(&e.stats, &old.stats)))
+    {
+        gone.stats.weight.set(0.0);
+    }
+    for e in endpoints {
+        e.stats.weight.set(f64::from(e.weight));
+    }
+}
+
+/// The shadow balancers of a route, each carrying its state over from the previous
+/// route's shadow of the same name, with its counters resolved once here.
+fn build_shadows(
+    previous: Option<&Route>,
+    names: &[&'static str],
+    backends: &Backends,
+    endpoints: &[RouteEndpoint],
+    telemetry: &Telemetry,
+    base: &[Label],
+    options: &BuildOptions,
+) -> Vec<Shadow> {
+    names
+        .iter()
+        .filter_map(|name| {
+            let carried = previous
+                .and_then(|p| p.shadows.iter().find(|s| s.balancer.name() == *name))
+                .map(|s| s.balancer.rebuild(backends.clone()));
+            let balancer = carried.or_else(|| balance::build(name, backends.clone(), options))?;
+            let picks = endpoints
+                .iter()
+                .map(|e| {
+                    let mut labels = base.to_vec();
+                    labels.extend([
+                        Label::new("algorithm", *name),
+                        Label::new("endpoint", e.addr.to_string()),
+                        Label::new("pod", e.pod.to_string()),
+                    ]);
+                    telemetry.counter(names::SHADOW_PICKS_TOTAL, labels)
+                })
+                .collect();
+            Some(Shadow { balancer, picks })
+        })
+        .collect()
 }
 
 /// The `carousel_affinity_*` handles of a Service port with ClientIP affinity.

@@ -1,0 +1,185 @@
+//! The load of the bench: pods that take a service time per request (optionally with
+//! limited concurrency) and answer their name, and clients that connect from a chosen
+//! 127.x source address and send requests over one connection.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+/// One request: a single byte, so that a request never straddles two reads.
+const REQUEST: u8 = b'?';
+
+/// How a pod serves.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: String,
+    /// Relative share the Service gives it (`carousel.dev/weights`).
+    pub weight: u32,
+    /// Time spent on each request.
+    pub service_time: Duration,
+    /// Requests served at once; the others wait their turn (None: no limit).
+    pub concurrency: Option<usize>,
+}
+
+impl PodSpec {
+    pub fn new(name: &str, service_time: Duration) -> Self {
+        Self {
+            name: name.to_string(),
+            weight: 1,
+            service_time,
+            concurrency: None,
+        }
+    }
+}
+
+/// A running pod: answers each request byte with its name and a newline.
+#[derive(Debug)]
+pub struct BenchPod {
+    pub name: String,
+    pub addr: SocketAddr,
+    open: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl BenchPod {
+    pub async fn start(spec: &PodSpec, addr: SocketAddr) -> io::Result<BenchPod> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let open = Arc::new(AtomicU64::new(0));
+        let pod = Served {
+            reply: format!("{}\n", spec.name).into_bytes().into(),
+            service_time: spec.service_time,
+            limit: spec.concurrency.map(|n| Arc::new(Semaphore::new(n))),
+            open: open.clone(),
+        };
+        let task = tokio::spawn(accept(listener, Arc::new(pod)));
+        Ok(BenchPod {
+            name: spec.name.clone(),
+            addr,
+            open,
+            task,
+        })
+    }
+
+    /// Connections open to this pod right now.
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for BenchPod {
+    fn drop(&mut self) {
+        // Stops accepting; connections already taken finish on their own.
+        self.task.abort();
+    }
+}
+
+#[derive(Debug)]
+struct Served {
+    reply: Arc<[u8]>,
+    service_time: Duration,
+    limit: Option<Arc<Semaphore>>,
+    open: Arc<AtomicU64>,
+}
+
+async fn accept(listener: TcpListener, pod: Arc<Served>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        };
+        let pod = pod.clone();
+        pod.open.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let _ = serve(stream, &pod).await;
+            pod.open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+async fn serve(mut stream: TcpStream, pod: &Served) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte).await? == 1 {
+        // The permit is held for the service time only: a queued request waits here,
+        // which is what a busy single-threaded pod does to its callers.
+        let _permit = match &pod.limit {
+            Some(limit) => Some(
+                limit
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed"),
+            ),
+            None => None,
+        };
+        tokio::time::sleep(pod.service_time).await;
+        stream.write_all(&pod.reply).await?;
+    }
+    Ok(())
+}
+
+/// A client connection through the Service.
+#[derive(Debug)]
+pub struct Client {
+    stream: BufReader<TcpStream>,
+    line: String,
+}
+
+impl Client {
+    /// Connects from `source` (any port) to `service`: binding first is what makes the
+    /// proxy, its affinity and its hashing see `source` as the client.
+    pub async fn connect(source: IpAddr, service: SocketAddr) -> io::Result<Client> {
+        let socket = match service {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        let stream = socket.connect(service).await?;
+        stream.set_nodelay(true)?;
+        Ok(Client {
+            stream: BufReader::new(stream),
+            line: String::new(),
+        })
+    }
+
+    /// Sends one request and returns the name of the pod that answered it.
+    pub async fn request(&mut self) -> io::Result<&str> {
+        self.stream.get_mut().write_all(&[REQUEST]).await?;
+        self.line.clear();
+        if self.stream.read_line(&mut self.line).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the connection closed without an answer",
+            ));
+        }
+        Ok(self.line.trim_end())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[tokio::test]
+    async fn a_pod_answers_every_request_with_its_name() {
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 55, 199, 10));
+        let spec = PodSpec::new("pod-a", Duration::from_millis(1));
+        let pod = BenchPod::start(&spec, SocketAddr::new(ip, 0))
+            .await
+            .unwrap();
+        let source = IpAddr::V4(Ipv4Addr::new(127, 55, 199, 20));
+        let mut client = Client::connect(source, pod.addr).await.unwrap();
+        for _ in 0..3 {
+            assert_eq!(client.request().await.unwrap(), "pod-a");
+        }
+        assert_eq!(pod.open(), 1);
+    }
+}

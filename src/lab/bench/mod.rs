@@ -1,0 +1,485 @@
+//! `carousel bench`: runs each scenario once per balancer over carousel's real data path
+//! (the proxy in bind mode, in process) with in-process pods and many client addresses.
+//!
+//! Every run gets its own addresses inside one 127.N.0.0/16: run `r` puts its Service at
+//! 127.N.(B+r).1 and its pods at 127.N.(B+r).10.., and clients connect from
+//! 127.N.200-255.x, so that runs never meet each other's lingering sockets.
+
+pub mod load;
+pub mod measure;
+pub mod report;
+pub mod scenarios;
+pub mod stats;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressBar;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::addr::PodAddr;
+use crate::balance::{self, BuildOptions};
+use crate::model::{Balancing, Endpoint, Service, ServiceKey, ServicePort, ServiceTable};
+use crate::proxy::{self, ProxyConfig};
+use crate::telemetry::Telemetry;
+use load::{BenchPod, Client, PodSpec};
+use measure::{Observed, Phase, Record};
+use report::{Report, RunResult};
+use scenarios::{Change, Scenario};
+
+const PORT: u16 = 8000;
+/// No single connect or request waits longer: a run always ends.
+const STEP_TIMEOUT: Duration = Duration::from_secs(2);
+/// First third octet of the client addresses.
+const CLIENT_BLOCK: u8 = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("unknown scenario {0:?} (known: {known})", known = scenarios::names().collect::<Vec<_>>().join(", "))]
+    UnknownScenario(String),
+    #[error("unknown algorithm {0:?} (known: {known})", known = balance::algorithms().collect::<Vec<_>>().join(", "))]
+    UnknownAlgorithm(String),
+    #[error("{runs} runs do not fit in the address blocks from {first} to {CLIENT_BLOCK}")]
+    TooManyRuns { runs: usize, first: u8 },
+    #[error("cannot start pod {pod} on {addr}: {source}")]
+    Pod {
+        pod: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the proxy did not start on {0}")]
+    ProxyStart(SocketAddr),
+    #[error("the proxy failed: {0}")]
+    Proxy(#[from] proxy::ProxyError),
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Scenario names; empty: all.
+    pub scenarios: Vec<String>,
+    /// Algorithm names; empty: all.
+    pub algorithms: Vec<String>,
+    pub seed: u64,
+    pub quick: bool,
+    /// The second octet of the 127.x.0.0/16 the bench uses.
+    pub net: u8,
+    /// The third octet of the first run's block.
+    pub first_block: u8,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            scenarios: Vec::new(),
+            algorithms: Vec::new(),
+            seed: 42,
+            quick: false,
+            net: 56,
+            first_block: 0,
+        }
+    }
+}
+
+/// The scenarios to run, checked against the registry.
+pub fn plan(options: &BenchOptions) -> Result<Vec<(Scenario, &'static str)>, BenchError> {
+    let names: Vec<String> = if options.scenarios.is_empty() || options.scenarios == ["all"] {
+        scenarios::names().map(String::from).collect()
+    } else {
+        options.scenarios.clone()
+    };
+    let algorithms: Vec<&'static str> = if options.algorithms.is_empty() {
+        balance::algorithms().collect()
+    } else {
+        options
+            .algorithms
+            .iter()
+            .map(|a| {
+                balance::algorithms()
+                    .find(|known| known == a)
+                    .ok_or_else(|| BenchError::UnknownAlgorithm(a.clone()))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let mut runs = Vec::new();
+    for name in names {
+        let built = scenarios::build(&name, options.quick);
+        if built.is_empty() {
+            return Err(BenchError::UnknownScenario(name));
+        }
+        for scenario in built {
+            for algorithm in &algorithms {
+                runs.push((scenario.clone(), *algorithm));
+            }
+        }
+    }
+    if options.first_block as usize + runs.len() > CLIENT_BLOCK as usize {
+        return Err(BenchError::TooManyRuns {
+            runs: runs.len(),
+            first: options.first_block,
+        });
+    }
+    Ok(runs)
+}
+
+/// Runs every planned scenario × algorithm, one after the other, ticking `progress`.
+pub async fn run(options: &BenchOptions, progress: &ProgressBar) -> Result<Report, BenchError> {
+    let runs = plan(options)?;
+    progress.set_length(runs.len() as u64);
+    let mut results = Vec::with_capacity(runs.len());
+    for (i, (scenario, algorithm)) in runs.iter().enumerate() {
+        progress.set_message(format!("{} / {algorithm}", scenario.name));
+        let block = options.first_block + i as u8;
+        results.push(run_one(scenario, algorithm, options, block).await?);
+        progress.inc(1);
+    }
+    Ok(Report {
+        version: report::VERSION,
+        seed: options.seed,
+        quick: options.quick,
+        results,
+    })
+}
+
+fn v4(net: u8, block: u8, host: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, net, block, host))
+}
+
+/// Client `i`'s address: 127.net.200.1, .2, … .250, then 127.net.201.1, …
+pub fn client_addr(net: u8, i: usize) -> IpAddr {
+    v4(net, CLIENT_BLOCK + (i / 250) as u8, (i % 250) as u8 + 1)
+}
+
+/// A pod in the Service's table.
+#[derive(Clone, Debug)]
+struct Member {
+    index: usize,
+    addr: SocketAddr,
+    weight: u32,
+    terminating: bool,
+}
+
+/// The Service as the proxy sees it: one port, the members as endpoints.
+fn table(
+    service: SocketAddr,
+    algorithm: &str,
+    affinity: bool,
+    members: &[Member],
+    names: &[String],
+) -> ServiceTable {
+    let key = ServiceKey::new("bench", "svc");
+    let endpoints = members
+        .iter()
+        .map(|m| Endpoint {
+            addr: PodAddr(m.addr),
+            pod: names[m.index].as_str().into(),
+            node: None,
+            zone: None,
+            zone_hints: Vec::new(),
+            ready: !m.terminating,
+            serving: true,
+            terminating: m.terminating,
+            weight: m.weight,
+        })
+        .collect();
+    let svc = Service {
+        key: key.clone(),
+        cluster_ips: vec![service.ip()],
+        external_ips: Vec::new(),
+        load_balancer_ips: Vec::new(),
+        ports: vec![ServicePort {
+            name: "tcp".into(),
+            port: service.port(),
+            node_port: None,
+            endpoints,
+        }],
+        balancing: Balancing {
+            algorithm: algorithm.to_string(),
+            affinity: affinity.then_some(crate::model::DEFAULT_AFFINITY_TIMEOUT),
+        },
+        external_traffic_local: false,
+        internal_traffic_local: false,
+        prefer_close: false,
+    };
+    ServiceTable {
+        services: [(key, Arc::new(svc))].into(),
+    }
+}
+
+/// Target shares of every pod of the run under `members` (terminating ones get none).
+fn targets(members: &[Member], pods: usize) -> Vec<f64> {
+    let mut t = vec![0.0; pods];
+    let total: u32 = members
+        .iter()
+        .filter(|m| !m.terminating)
+        .map(|m| m.weight)
+        .sum();
+    for m in members.iter().filter(|m| !m.terminating) {
+        t[m.index] = f64::from(m.weight) / f64::from(total.max(1));
+    }
+    t
+}
+
+/// One scenario under one algorithm, on addresses block `block`.
+pub async fn run_one(
+    scenario: &Scenario,
+    algorithm: &str,
+    options: &BenchOptions,
+    block: u8,
+) -> Result<RunResult, BenchError> {
+    let service = SocketAddr::new(v4(options.net, block, 1), PORT);
+    // Every pod the run will see, initial ones first: indices are stable for the report.
+    let mut specs: Vec<PodSpec> = scenario.pods.clone();
+    for event in &scenario.events {
+        match &event.change {
+            Change::Add(spec) | Change::Replace(_, spec) => specs.push(spec.clone()),
+        }
+    }
+    let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+    let addr_of = |i: usize| SocketAddr::new(v4(options.net, block, 10 + i as u8), PORT);
+    let mut running: Vec<Option<BenchPod>> = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        // Pods that join later are started now too: the proxy does not know them yet.
+        let pod = BenchPod::start(spec, addr_of(i))
+            .await
+            .map_err(|source| BenchError::Pod {
+                pod: spec.name.clone(),
+                addr: addr_of(i),
+                source,
+            })?;
+        running.push(Some(pod));
+    }
+    let mut members: Vec<Member> = (0..scenario.pods.len())
+        .map(|i| Member {
+            index: i,
+            addr: addr_of(i),
+            weight: specs[i].weight,
+            terminating: false,
+        })
+        .collect();
+
+    let telemetry = Telemetry::new();
+    let (tables, updates) = watch::channel(Arc::new(table(
+        service,
+        algorithm,
+        scenario.affinity,
+        &members,
+        &names,
+    )));
+    let stop = CancellationToken::new();
+    let config = ProxyConfig {
+        balance: BuildOptions {
+            seed: Some(options.seed),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let proxy = tokio::spawn(proxy::run(
+        config,
+        updates,
+        telemetry.clone(),
+        stop.clone().cancelled_owned(),
+        // The clients have finished when the proxy stops; a straggler is not waited for long.
+        async { tokio::time::sleep(Duration::from_secs(1)).await },
+    ));
+    let mut started = false;
+    for _ in 0..2000 {
+        if telemetry.health().last_sync().is_some() {
+            started = true;
+            break;
+        }
+        if proxy.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    if !started {
+        stop.cancel();
+        proxy.await.expect("the proxy task does not panic")?;
+        return Err(BenchError::ProxyStart(service));
+    }
+
+    let begin = Instant::now();
+    let deadline = begin + scenario.duration;
+    let issued = Arc::new(AtomicUsize::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let clients: Arc<[IpAddr]> = (0..scenario.clients)
+        .map(|i| client_addr(options.net, i))
+        .collect();
+    let mut workers = Vec::new();
+    for _ in 0..scenario.concurrency {
+        workers.push(tokio::spawn(worker(
+            service,
+            clients.clone(),
+            issued.clone(),
+            scenario.connections,
+            scenario.requests_per_connection,
+            begin,
+            deadline,
+            latencies.clone(),
+            names.clone(),
+            options.seed,
+        )));
+    }
+
+    // The events, in time order, while the workers run.
+    let mut phases = vec![Phase {
+        at_ms: 0.0,
+        targets: targets(&members, specs.len()),
+    }];
+    // The pods of the events follow the initial ones in `specs`, in event order.
+    for (new_index, event) in (scenario.pods.len()..).zip(&scenario.events) {
+        let at = begin + scenario.duration.mul_f64(event.at);
+        tokio::time::sleep_until(at.into()).await;
+        let new = Member {
+            index: new_index,
+            addr: addr_of(new_index),
+            weight: specs[new_index].weight,
+            terminating: false,
+        };
+        members.push(new);
+        let old = match event.change {
+            Change::Replace(old, _) => {
+                members
+                    .iter_mut()
+                    .filter(|m| m.index == old)
+                    .for_each(|m| m.terminating = true);
+                Some(old)
+            }
+            Change::Add(_) => None,
+        };
+        let push = |members: &[Member]| {
+            tables.send_replace(Arc::new(table(
+                service,
+                algorithm,
+                scenario.affinity,
+                members,
+                &names,
+            )));
+        };
+        push(&members);
+        phases.push(Phase {
+            at_ms: begin.elapsed().as_secs_f64() * 1000.0,
+            targets: targets(&members, specs.len()),
+        });
+        if let Some(old) = old {
+            // As a kubelet would: the old pod goes once its connections are done (and
+            // the proxy has had time to take it out), and only then leaves the slice.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            for _ in 0..100 {
+                if running[old].as_ref().is_none_or(|p| p.open() == 0) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            running[old] = None;
+            members.retain(|m| m.index != old);
+            push(&members);
+        }
+    }
+
+    let mut records = Vec::new();
+    for w in workers {
+        records.extend(w.await.expect("a bench worker does not panic"));
+    }
+    let duration_ms = begin.elapsed().as_secs_f64() * 1000.0;
+    stop.cancel();
+    proxy.await.expect("the proxy task does not panic")?;
+    drop(running);
+    let latencies_ms = std::mem::take(&mut *latencies.lock().expect("not poisoned"));
+    Ok(measure::measure(
+        scenario.name,
+        algorithm,
+        scenario.affinity,
+        scenario.many_clients,
+        Observed {
+            pods: names,
+            records,
+            latencies_ms,
+            phases,
+            duration_ms,
+        },
+    ))
+}
+
+/// The client of connection `n`: drawn from a hash of `n` and the seed, because taking
+/// clients in turn would march in step with round-robin and make every client look
+/// sticky.
+fn client_of(n: usize, seed: u64, clients: usize) -> usize {
+    // SplitMix64's finalizer: consecutive inputs give unrelated outputs.
+    let mut z = (n as u64) ^ seed.rotate_left(29);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    ((z ^ (z >> 31)) % clients.max(1) as u64) as usize
+}
+
+/// One client worker: connection after connection until the budget or the deadline.
+#[allow(clippy::too_many_arguments)]
+async fn worker(
+    service: SocketAddr,
+    clients: Arc<[IpAddr]>,
+    issued: Arc<AtomicUsize>,
+    budget: usize,
+    requests_per_connection: u32,
+    begin: Instant,
+    deadline: Instant,
+    latencies: Arc<Mutex<Vec<f64>>>,
+    names: Vec<String>,
+    seed: u64,
+) -> Vec<Record> {
+    let mut records = Vec::new();
+    let mut mine = Vec::new();
+    loop {
+        let n = issued.fetch_add(1, Ordering::Relaxed);
+        if n >= budget || Instant::now() >= deadline {
+            break;
+        }
+        let client = client_of(n, seed, clients.len());
+        let started = Instant::now();
+        let mut record = Record {
+            client: client as u32,
+            start_ms: started.duration_since(begin).as_secs_f64() * 1000.0,
+            pod: None,
+            requests: 0,
+            failed: false,
+        };
+        let connected =
+            tokio::time::timeout(STEP_TIMEOUT, Client::connect(clients[client], service)).await;
+        let mut conn = match connected {
+            Ok(Ok(conn)) => conn,
+            _ => {
+                record.failed = true;
+                records.push(record);
+                continue;
+            }
+        };
+        // The first request's latency includes the connect, as a client sees it.
+        let mut sent = started;
+        for r in 0..requests_per_connection {
+            if r > 0 && Instant::now() >= deadline {
+                break;
+            }
+            match tokio::time::timeout(STEP_TIMEOUT, conn.request()).await {
+                Ok(Ok(pod)) => {
+                    mine.push(sent.elapsed().as_secs_f64() * 1000.0);
+                    if record.pod.is_none() {
+                        record.pod = names.iter().position(|n| n == pod);
+                    }
+                    record.requests += 1;
+                }
+                _ => {
+                    record.failed = true;
+                    break;
+                }
+            }
+            sent = Instant::now();
+        }
+        records.push(record);
+    }
+    latencies.lock().expect("not poisoned").extend(mine);
+    records
+}

@@ -1,0 +1,356 @@
+//! What the bench reports and how: the JSON of DESIGN.md ("Lab output"), a table for
+//! the terminal, and one self-contained HTML page with inline SVG charts.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// The version of the JSON format; fields may be added, none renamed.
+pub const VERSION: u32 = 1;
+
+/// The whole run: `carousel bench --json FILE`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub version: u32,
+    pub seed: u64,
+    pub quick: bool,
+    pub results: Vec<RunResult>,
+}
+
+/// One scenario under one algorithm.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunResult {
+    pub scenario: String,
+    pub algorithm: String,
+    pub connections: u64,
+    pub failed_connections: u64,
+    pub pods: Vec<PodResult>,
+    /// Jain's index of each pod's request share over its target share (1: every pod
+    /// got exactly its target).
+    pub jain_fairness: f64,
+    /// The busiest pod's share over target, against the mean of the same.
+    pub max_mean_ratio: f64,
+    pub latency_ms: Latency,
+    /// Share of a client's connections that reached its most frequent pod.
+    pub stickiness: Option<f64>,
+    /// Share of clients whose pod changed across an endpoint change.
+    pub moved_fraction: Option<f64>,
+    // Added fields beyond DESIGN.md's.
+    /// ClientIP affinity on the Service.
+    pub affinity: bool,
+    pub requests: u64,
+    /// The largest distance between a pod's request share and its target share.
+    pub max_target_deviation: f64,
+    /// After the first endpoint change, the time until every pod stays within 5 points
+    /// of its target share (window resolution); None when it never does or nothing changed.
+    pub converged_ms: Option<f64>,
+    /// Connection shares over equal slices of the run, pods in the order of `pods`.
+    pub windows: Vec<Window>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodResult {
+    pub pod: String,
+    pub target_share: f64,
+    pub connection_share: f64,
+    pub request_share: f64,
+    pub connections: u64,
+    pub requests: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Window {
+    pub start_ms: f64,
+    pub end_ms: f64,
+    pub connection_share: Vec<f64>,
+}
+
+impl Report {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("the report serializes")
+    }
+
+    /// The scenarios in the order they ran, each once.
+    pub fn scenarios(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::new();
+        for r in &self.results {
+            if !names.contains(&r.scenario.as_str()) {
+                names.push(&r.scenario);
+            }
+        }
+        names
+    }
+
+    /// The table printed at the end of `carousel bench`.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        for scenario in self.scenarios() {
+            let _ = writeln!(out, "== {scenario}");
+            let _ = writeln!(
+                out,
+                "  {:<30} {:>6} {:>4} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>6}  shares (target)",
+                "algorithm", "conns", "fail", "jain", "max/mn", "dev", "p50ms", "p99ms", "p999ms", "sticky", "moved"
+            );
+            for r in self.results.iter().filter(|r| r.scenario == scenario) {
+                let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+                let name = if r.affinity {
+                    format!("{}+affinity", r.algorithm)
+                } else {
+                    r.algorithm.clone()
+                };
+                let shares: Vec<String> = r
+                    .pods
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{} {:.0}% ({:.0}%)",
+                            p.pod,
+                            100.0 * p.request_share,
+                            100.0 * p.target_share
+                        )
+                    })
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "  {:<30} {:>6} {:>4} {:>6.3} {:>6.2} {:>6.3} {:>7.2} {:>7.2} {:>7.2} {:>6} {:>6}  {}",
+                    name,
+                    r.connections,
+                    r.failed_connections,
+                    r.jain_fairness,
+                    r.max_mean_ratio,
+                    r.max_target_deviation,
+                    r.latency_ms.p50,
+                    r.latency_ms.p99,
+                    r.latency_ms.p999,
+                    opt(r.stickiness),
+                    opt(r.moved_fraction),
+                    shares.join(", ")
+                );
+            }
+            let _ = writeln!(out);
+        }
+        out
+    }
+
+    /// One self-contained page (XHTML, so any XML parser can check it): per scenario a
+    /// chart of share against target, one of latency percentiles, and for scenarios
+    /// whose pods change, the share over time per algorithm.
+    pub fn html(&self) -> String {
+        let mut out = String::new();
+        out.push_str("<!DOCTYPE html>\n<html xmlns=\"http://www.w3.org/1999/xhtml\" lang=\"en\">\n<head>\n<meta charset=\"utf-8\"/>\n<title>carousel bench</title>\n<style>\nbody{font-family:sans-serif;margin:2em;color:#222}\nsvg{display:block;margin:0.5em 0 1.5em 0}\ntable{border-collapse:collapse;font-size:0.85em}\ntd,th{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd}\n</style>\n</head>\n<body>\n");
+        let _ = writeln!(
+            out,
+            "<h1>carousel bench</h1>\n<p>seed {}{}; every number measured through carousel's data path.</p>",
+            self.seed,
+            if self.quick { ", quick run" } else { "" }
+        );
+        for scenario in self.scenarios() {
+            let results: Vec<&RunResult> = self
+                .results
+                .iter()
+                .filter(|r| r.scenario == scenario)
+                .collect();
+            let _ = writeln!(
+                out,
+                "<section id=\"scenario-{0}\">\n<h2>{0}</h2>",
+                escape(scenario)
+            );
+            out.push_str(&share_chart(scenario, &results));
+            out.push_str(&latency_chart(&results));
+            if results.iter().any(|r| r.moved_fraction.is_some()) {
+                for r in &results {
+                    out.push_str(&time_chart(r));
+                }
+            }
+            out.push_str(&html_table(&results));
+            out.push_str("</section>\n");
+        }
+        out.push_str("</body>\n</html>\n");
+        out
+    }
+}
+
+const COLORS: &[&str] = &[
+    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
+    "#9c755f", "#bab0ac",
+];
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn label(r: &RunResult) -> String {
+    if r.affinity {
+        format!("{} +affinity", r.algorithm)
+    } else {
+        r.algorithm.clone()
+    }
+}
+
+/// Stacked bars, one row per algorithm under a row for the target: each pod's share
+/// of requests as a coloured segment.
+fn share_chart(scenario: &str, results: &[&RunResult]) -> String {
+    let (left, width, row) = (190.0, 600.0, 22.0);
+    let rows = results.len() + 1;
+    let height = row * rows as f64 + 40.0;
+    let mut svg = format!(
+        "<svg class=\"chart scenario-chart\" data-scenario=\"{}\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\">\n<text x=\"0\" y=\"14\" font-size=\"13\">share of requests per pod, against the target</text>\n",
+        escape(scenario),
+        left + width + 20.0
+    );
+    let bar = |svg: &mut String, y: f64, name: &str, shares: Vec<f64>| {
+        let _ = writeln!(
+            svg,
+            "<text x=\"0\" y=\"{}\" font-size=\"12\">{}</text>",
+            y + 15.0,
+            escape(name)
+        );
+        let mut x = left;
+        for (i, s) in shares.iter().enumerate() {
+            let w = s * width;
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{:.1}\" fill=\"{}\"><title>{:.1}%</title></rect>",
+                row - 4.0,
+                COLORS[i % COLORS.len()],
+                100.0 * s
+            );
+            x += w;
+        }
+    };
+    let Some(first) = results.first() else {
+        svg.push_str("</svg>\n");
+        return svg;
+    };
+    bar(
+        &mut svg,
+        24.0,
+        "target",
+        first.pods.iter().map(|p| p.target_share).collect(),
+    );
+    for (i, r) in results.iter().enumerate() {
+        let y = 24.0 + row * (i + 1) as f64;
+        bar(
+            &mut svg,
+            y,
+            &label(r),
+            r.pods.iter().map(|p| p.request_share).collect(),
+        );
+    }
+    let mut x = left;
+    for (i, p) in first.pods.iter().enumerate() {
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\">{}</text>",
+            height - 12.0,
+            COLORS[i % COLORS.len()],
+            x + 13.0,
+            height - 3.0,
+            escape(&p.pod)
+        );
+        x += 100.0;
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// p50, p99 and p999 per algorithm as grouped bars on a shared linear scale.
+fn latency_chart(results: &[&RunResult]) -> String {
+    let (left, width, group) = (190.0, 560.0, 36.0);
+    let height = group * results.len() as f64 + 30.0;
+    let max = results
+        .iter()
+        .map(|r| r.latency_ms.p999)
+        .fold(0.001, f64::max);
+    let mut svg = format!(
+        "<svg class=\"chart latency-chart\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\">\n<text x=\"0\" y=\"14\" font-size=\"13\">latency per request (ms): p50, p99, p999</text>\n",
+        left + width + 90.0
+    );
+    for (i, r) in results.iter().enumerate() {
+        let y = 22.0 + group * i as f64;
+        let _ = writeln!(
+            svg,
+            "<text x=\"0\" y=\"{:.1}\" font-size=\"12\">{}</text>",
+            y + 18.0,
+            escape(&label(r))
+        );
+        let values = [r.latency_ms.p50, r.latency_ms.p99, r.latency_ms.p999];
+        for (j, v) in values.iter().enumerate() {
+            let w = (v / max * width).max(1.0);
+            let yy = y + 10.0 * j as f64;
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{left}\" y=\"{yy:.1}\" width=\"{w:.1}\" height=\"9\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\">{v:.2}</text>",
+                COLORS[j],
+                left + w + 4.0,
+                yy + 8.0
+            );
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Stacked columns of the connection share per pod, one per window of the run.
+fn time_chart(r: &RunResult) -> String {
+    let (left, col, height) = (190.0, 40.0, 120.0);
+    let mut svg = format!(
+        "<svg class=\"chart time-chart\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\">\n<text x=\"0\" y=\"14\" font-size=\"12\">{}: share over time</text>\n",
+        left + col * r.windows.len() as f64 + 20.0,
+        height + 30.0,
+        escape(&label(r))
+    );
+    for (i, w) in r.windows.iter().enumerate() {
+        let x = left + col * i as f64;
+        let mut y = 20.0 + height;
+        for (p, s) in w.connection_share.iter().enumerate() {
+            let h = s * height;
+            y -= h;
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{}\"><title>{} {:.0}-{:.0} ms: {:.1}%</title></rect>",
+                col - 4.0,
+                COLORS[p % COLORS.len()],
+                escape(&r.pods[p].pod),
+                w.start_ms,
+                w.end_ms,
+                100.0 * s
+            );
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn html_table(results: &[&RunResult]) -> String {
+    let mut t = String::from("<table>\n<tr><th>algorithm</th><th>connections</th><th>failed</th><th>Jain</th><th>max/mean</th><th>p50 ms</th><th>p99 ms</th><th>p999 ms</th><th>stickiness</th><th>moved</th></tr>\n");
+    for r in results {
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+        let _ = writeln!(
+            t,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td>{}</td></tr>",
+            escape(&label(r)),
+            r.connections,
+            r.failed_connections,
+            r.jain_fairness,
+            r.max_mean_ratio,
+            r.latency_ms.p50,
+            r.latency_ms.p99,
+            r.latency_ms.p999,
+            opt(r.stickiness),
+            opt(r.moved_fraction)
+        );
+    }
+    t.push_str("</table>\n");
+    t
+}

@@ -1,0 +1,236 @@
+//! The bench's scenarios: which pods serve, who the clients are, how long the load
+//! runs and what changes on the way. Data only; `mod.rs` runs them.
+
+use std::time::Duration;
+
+use crate::lab::bench::load::PodSpec;
+
+/// A change to the Service's pods during the load.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// A new pod joins.
+    Add(PodSpec),
+    /// The pod at this index of the initial list is replaced by a new one: the new pod
+    /// is ready first, the old one terminates and leaves once its connections are done.
+    Replace(usize, PodSpec),
+}
+
+/// A change and when it happens, as a fraction of the run's duration.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub at: f64,
+    pub change: Change,
+}
+
+/// One scenario, run once per algorithm.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub pods: Vec<PodSpec>,
+    /// Distinct client addresses; each connection comes from one drawn by the seed.
+    pub clients: usize,
+    /// Connections open at once (one worker each, one connection after another).
+    pub concurrency: usize,
+    pub requests_per_connection: u32,
+    /// The run stops at this many connections or at `duration`, whichever comes first.
+    pub connections: usize,
+    pub duration: Duration,
+    /// ClientIP session affinity on the Service.
+    pub affinity: bool,
+    pub events: Vec<Event>,
+    /// Whether clients are many enough for stickiness to mean something.
+    pub many_clients: bool,
+}
+
+/// Every scenario name with its one-line description, for `--help` and `--scenario`.
+pub const ABOUT: &[(&str, &str)] = &[
+    (
+        "uniform",
+        "four equal pods, many clients: the baseline spread",
+    ),
+    (
+        "slow-pod",
+        "one pod ten times slower: p99/p999 per algorithm",
+    ),
+    (
+        "canary",
+        "custom:original weights 3:1: observed against target share",
+    ),
+    (
+        "keepalive",
+        "six long-lived connections, many requests each: balancing is per connection",
+    ),
+    (
+        "sticky",
+        "many client addresses with ClientIP affinity off and on: stickiness, imbalance",
+    ),
+    (
+        "rolling-update",
+        "pods replaced one by one under load: failed connections, clients moved",
+    ),
+    (
+        "scale-up",
+        "two pods join mid-run: how fast each algorithm gives them their share",
+    ),
+];
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn pods(names: &[&str], service_time: Duration) -> Vec<PodSpec> {
+    names
+        .iter()
+        .map(|n| PodSpec::new(n, service_time))
+        .collect()
+}
+
+/// The scenario `name` (sticky yields two: affinity off, then on), sized for a quick
+/// or a full run; empty for an unknown name.
+pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
+    // A quick run keeps every scenario to a fraction of a second per algorithm.
+    let scale = |full: u64, short: u64| if quick { ms(short) } else { ms(full) };
+    let cap = |full: usize, short: usize| if quick { short } else { full };
+    let four = pods(&["pod-a", "pod-b", "pod-c", "pod-d"], ms(1));
+    let base = Scenario {
+        name: "uniform",
+        pods: four.clone(),
+        clients: 64,
+        concurrency: 8,
+        requests_per_connection: 1,
+        connections: cap(4000, 400),
+        duration: scale(800, 100),
+        affinity: false,
+        events: Vec::new(),
+        many_clients: true,
+    };
+    match name {
+        "uniform" => vec![base],
+        "slow-pod" => {
+            let mut pods = pods(&["pod-a", "pod-b", "pod-c", "pod-d"], ms(2));
+            // Ten times slower and able to serve only two at once: it queues.
+            pods[3] = PodSpec {
+                name: "pod-slow".into(),
+                service_time: ms(20),
+                concurrency: Some(2),
+                weight: 1,
+            };
+            vec![Scenario {
+                name: "slow-pod",
+                pods,
+                concurrency: 16,
+                connections: cap(6000, 1200),
+                duration: scale(1000, 220),
+                many_clients: false,
+                ..base
+            }]
+        }
+        "canary" => {
+            let mut pods = pods(&["custom-1", "custom-2", "original-1", "original-2"], ms(1));
+            pods[0].weight = 3;
+            pods[1].weight = 3;
+            vec![Scenario {
+                name: "canary",
+                pods,
+                // A multiple of the weights' sum, so that a perfect split is possible.
+                connections: cap(3200, 320),
+                duration: scale(1500, 400),
+                many_clients: false,
+                ..base
+            }]
+        }
+        "keepalive" => vec![Scenario {
+            name: "keepalive",
+            clients: 6,
+            concurrency: 6,
+            requests_per_connection: if quick { 60 } else { 400 },
+            connections: 6,
+            duration: scale(800, 100),
+            many_clients: false,
+            ..base
+        }],
+        "sticky" => [false, true]
+            .into_iter()
+            .map(|affinity| Scenario {
+                name: "sticky",
+                // Enough connections per client for stickiness to show in a quick run.
+                clients: if quick { 48 } else { 200 },
+                affinity,
+                connections: cap(3000, 600),
+                duration: scale(700, 90),
+                ..base.clone()
+            })
+            .collect(),
+        "rolling-update" => vec![Scenario {
+            name: "rolling-update",
+            clients: 100,
+            connections: 100_000,
+            duration: scale(1000, 200),
+            events: (0..4)
+                .map(|i| Event {
+                    at: 0.2 + 0.15 * i as f64,
+                    change: Change::Replace(
+                        i,
+                        PodSpec::new(&format!("{}-v2", four[i].name), ms(1)),
+                    ),
+                })
+                .collect(),
+            ..base.clone()
+        }],
+        "scale-up" => vec![Scenario {
+            name: "scale-up",
+            pods: four[..2].to_vec(),
+            clients: 100,
+            connections: 100_000,
+            duration: scale(1000, 160),
+            events: vec![
+                Event {
+                    at: 0.3,
+                    change: Change::Add(four[2].clone()),
+                },
+                Event {
+                    at: 0.3,
+                    change: Change::Add(four[3].clone()),
+                },
+            ],
+            ..base
+        }],
+        _ => Vec::new(),
+    }
+}
+
+/// Every scenario name, in the order they run.
+pub fn names() -> impl Iterator<Item = &'static str> {
+    ABOUT.iter().map(|(name, _)| *name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_scenario_is_built() {
+        for name in names() {
+            for quick in [true, false] {
+                let built = build(name, quick);
+                assert!(!built.is_empty(), "{name}");
+                assert!(built.iter().all(|s| s.name == name));
+            }
+        }
+        assert!(build("no-such", true).is_empty());
+        assert_eq!(build("sticky", true).len(), 2);
+    }
+
+    #[test]
+    fn the_help_lists_every_scenario_in_one_line() {
+        let help = crate::config::BENCH_SCENARIOS_HELP;
+        for (name, about) in ABOUT {
+            assert!(
+                help.lines()
+                    .any(|l| l.trim_start().starts_with(name) && l.ends_with(about)),
+                "{name}: {help}"
+            );
+        }
+        assert_eq!(help.lines().count(), ABOUT.len() + 1);
+    }
+}

@@ -1,0 +1,217 @@
+//! `carousel bench` through the library, on real sockets in 127.55.0.0/16: each test
+//! takes its own blocks of third octets so that tests running at once never collide.
+
+use carousel::lab::bench::{self, report::Report, BenchOptions};
+use indicatif::ProgressBar;
+
+const NET: u8 = 55;
+
+async fn quick(scenarios: &[&str], algorithms: &[&str], first_block: u8, seed: u64) -> Report {
+    let options = BenchOptions {
+        scenarios: scenarios.iter().map(|s| s.to_string()).collect(),
+        algorithms: algorithms.iter().map(|s| s.to_string()).collect(),
+        seed,
+        quick: true,
+        net: NET,
+        first_block,
+    };
+    bench::run(&options, &ProgressBar::hidden()).await.unwrap()
+}
+
+fn close(a: f64, b: f64, tolerance: f64) -> bool {
+    (a - b).abs() <= tolerance
+}
+
+/// A small well-formedness check: every tag closes in order, attributes are quoted.
+fn check_balanced(html: &str) -> Result<(), String> {
+    let mut stack: Vec<String> = Vec::new();
+    let mut rest = html;
+    while let Some(open) = rest.find('<') {
+        rest = &rest[open + 1..];
+        let close = rest.find('>').ok_or("a tag does not end")?;
+        let tag = &rest[..close];
+        rest = &rest[close + 1..];
+        if tag.starts_with('!') {
+            continue;
+        }
+        if let Some(name) = tag.strip_prefix('/') {
+            let top = stack.pop().ok_or(format!("</{name}> closes nothing"))?;
+            if top != name.trim() {
+                return Err(format!("</{name}> closes <{top}>"));
+            }
+        } else if !tag.ends_with('/') {
+            let name = tag.split_whitespace().next().ok_or("an empty tag")?;
+            stack.push(name.to_string());
+        }
+        if tag.matches('"').count() % 2 != 0 {
+            return Err(format!("unbalanced quotes in <{tag}>"));
+        }
+    }
+    if stack.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("unclosed: {stack:?}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_quick_gives_the_documented_json_and_html() {
+    let report = quick(&["all"], &[], 0, 42).await;
+    let scenarios: Vec<&str> = bench::scenarios::names().collect();
+    assert_eq!(report.scenarios(), scenarios);
+
+    // The JSON has DESIGN.md's field names.
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["version"], 1);
+    assert_eq!(json["seed"], 42);
+    let results = json["results"].as_array().unwrap();
+    // Sticky runs with affinity off and on.
+    assert_eq!(results.len(), (scenarios.len() + 1) * 6);
+    for r in results {
+        for field in [
+            "scenario",
+            "algorithm",
+            "connections",
+            "failed_connections",
+            "pods",
+            "jain_fairness",
+            "max_mean_ratio",
+            "latency_ms",
+            "stickiness",
+            "moved_fraction",
+        ] {
+            assert!(r.get(field).is_some(), "{field} missing in {r}");
+        }
+        for q in ["p50", "p99", "p999"] {
+            assert!(r["latency_ms"][q].as_f64().unwrap() > 0.0, "{r}");
+        }
+        let pods = r["pods"].as_array().unwrap();
+        for share in ["target_share", "connection_share", "request_share"] {
+            let sum: f64 = pods.iter().map(|p| p[share].as_f64().unwrap()).sum();
+            assert!(close(sum, 1.0, 1e-6), "{share} sums to {sum} in {r}");
+        }
+        assert!(r["connections"].as_u64().unwrap() > 0);
+    }
+
+    // The 3:1 canary: weighted algorithms give custom three quarters.
+    for algorithm in ["weighted-round-robin", "maglev", "random"] {
+        let canary = report
+            .results
+            .iter()
+            .find(|r| r.scenario == "canary" && r.algorithm == algorithm)
+            .unwrap();
+        let custom: f64 = canary
+            .pods
+            .iter()
+            .filter(|p| p.pod.starts_with("custom"))
+            .map(|p| p.connection_share)
+            .sum();
+        let target: f64 = canary
+            .pods
+            .iter()
+            .filter(|p| p.pod.starts_with("custom"))
+            .map(|p| p.target_share)
+            .sum();
+        assert!(close(target, 0.75, 1e-9));
+        if algorithm == "weighted-round-robin" {
+            assert!(
+                close(custom, 0.75, 0.03),
+                "{algorithm}: custom got {custom}"
+            );
+        }
+    }
+
+    // Stickiness where clients are many, moves where pods change.
+    for r in &report.results {
+        assert_eq!(
+            r.moved_fraction.is_some(),
+            matches!(r.scenario.as_str(), "rolling-update" | "scale-up"),
+            "{} {}",
+            r.scenario,
+            r.algorithm
+        );
+        if r.scenario == "sticky" && r.affinity {
+            assert!(r.stickiness.unwrap() > 0.99, "{r:?}");
+        }
+        if r.scenario == "rolling-update" {
+            assert_eq!(r.failed_connections, 0, "{} lost connections", r.algorithm);
+        }
+    }
+
+    // One self-contained page, one chart per scenario.
+    let html = report.html();
+    check_balanced(&html).unwrap();
+    assert_eq!(
+        html.matches("class=\"chart scenario-chart\"").count(),
+        scenarios.len()
+    );
+    for scenario in &scenarios {
+        assert!(html.contains(&format!("data-scenario=\"{scenario}\"")));
+    }
+    assert!(!html.contains("<script"));
+    assert!(!html.contains("http://") || !html.contains("src=\"http"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_pod_hurts_round_robin_more_than_load_aware_balancers() {
+    let report = quick(
+        &["slow-pod"],
+        &["round-robin", "least-connections", "power-of-two-choices"],
+        60,
+        7,
+    )
+    .await;
+    let p99 = |algorithm: &str| {
+        report
+            .results
+            .iter()
+            .find(|r| r.algorithm == algorithm)
+            .unwrap()
+            .latency_ms
+            .p99
+    };
+    let best = p99("least-connections").min(p99("power-of-two-choices"));
+    assert!(best < 0.7 * p99("round-robin"), "{}", report.table());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_loses_no_connection() {
+    let report = quick(&["rolling-update"], &["round-robin", "maglev"], 70, 42).await;
+    for r in &report.results {
+        assert_eq!(r.failed_connections, 0, "{}", report.table());
+        assert!(r.moved_fraction.is_some());
+        // Every pod was replaced: the old ones end with no target, the new ones share it.
+        assert_eq!(r.pods.len(), 8);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_seed_gives_the_same_picks() {
+    let mut scenario = bench::scenarios::build("uniform", true).remove(0);
+    // One connection at a time, so that the order of picks is the order of draws.
+    scenario.concurrency = 1;
+    scenario.connections = 120;
+    scenario.duration = std::time::Duration::from_secs(20);
+    let options = |seed| BenchOptions {
+        seed,
+        quick: true,
+        net: NET,
+        ..Default::default()
+    };
+    let mut picks = Vec::new();
+    for (block, seed) in [(80, 5), (81, 5), (82, 6)] {
+        let result = bench::run_one(&scenario, "random", &options(seed), block)
+            .await
+            .unwrap();
+        assert_eq!(result.connections, 120);
+        picks.push(
+            result
+                .pods
+                .iter()
+                .map(|p| p.connections)
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(picks[0], picks[1]);
+    assert_ne!(picks[0], picks[2]);
+}
