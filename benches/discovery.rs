@@ -131,7 +131,8 @@ fn one_slice_change(c: &mut Criterion) {
     let telemetry = Telemetry::new();
     let options = BuildOptions::default();
     let here = Locality::default();
-    store.apply_slice(Event::Apply(slices[0].clone()));
+    turn ^= 1;
+    store.apply_slice(Event::Apply(slices[turn].clone()));
     let table = store.flush().table.expect("a changed table");
     let started = std::time::Instant::now();
     let mut routes = RouteTable::build(&table, &RouteTable::default(), &telemetry, &options, &here);
