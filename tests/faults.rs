@@ -21,18 +21,6 @@ fn client_ip() -> std::net::IpAddr {
     "127.0.0.1".parse().unwrap()
 }
 
-async fn pods(names: &[&str]) -> Vec<Pod> {
-    let mut pods = Vec::new();
-    for name in names {
-        pods.push(
-            Pod::start(name, "127.0.0.1:0".parse().unwrap())
-                .await
-                .unwrap(),
-        );
-    }
-    pods
-}
-
 /// Asks `n` times; returns the answers by pod and the number of failed connections.
 async fn tally(service: SocketAddr, n: usize) -> (BTreeMap<String, usize>, usize) {
     let mut counts = BTreeMap::new();

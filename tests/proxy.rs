@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use carousel::lab::backend::{ask, Pod};
+use carousel::lab::backend::ask;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -16,18 +16,6 @@ const ASK: Duration = Duration::from_secs(5);
 
 fn local(ip: &str) -> IpAddr {
     ip.parse().unwrap()
-}
-
-async fn pods(names: &[&str]) -> Vec<Pod> {
-    let mut pods = Vec::new();
-    for name in names {
-        pods.push(
-            Pod::start(name, "127.0.0.1:0".parse().unwrap())
-                .await
-                .unwrap(),
-        );
-    }
-    pods
 }
 
 /// Asks `n` times and counts answers by pod; panics on any failed connection.

@@ -356,6 +356,16 @@ pub async fn echo_server(ip: &str) -> (SocketAddr, JoinHandle<()>) {
     (addr, task)
 }
 
+/// Pods on 127.0.0.1 (ports from the OS) that answer their names.
+pub async fn pods(names: &[&str]) -> Vec<carousel::lab::backend::Pod> {
+    let mut pods = Vec::new();
+    for name in names {
+        let pod = carousel::lab::backend::Pod::start(name, "127.0.0.1:0".parse().unwrap());
+        pods.push(pod.await.unwrap());
+    }
+    pods
+}
+
 /// A port on `ip` that nothing listens on: connecting there is refused.
 pub async fn refusing_addr(ip: &str) -> SocketAddr {
     let listener = TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0))
