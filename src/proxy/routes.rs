@@ -141,16 +141,21 @@ impl Route {
     }
 }
 
+/// Maps keyed by addresses and names carousel chose itself: a fast hash (foldhash)
+/// instead of SipHash, since no client picks these keys. The data path looks one up per
+/// connection and a rebuild inserts every Service.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// The whole lookup table, swapped atomically on every change.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    by_addr: HashMap<ServiceAddr, Arc<Route>>,
-    by_node_port: HashMap<u16, Arc<Route>>,
+    by_addr: FastMap<ServiceAddr, Arc<Route>>,
+    by_node_port: FastMap<u16, Arc<Route>>,
     /// Keyed by port number, not label: no string is built to look a route up.
-    by_port: HashMap<(ServiceKey, u16, Traffic), Arc<Route>>,
+    by_port: FastMap<(ServiceKey, u16, Traffic), Arc<Route>>,
     /// The Services the routes were built from: a Service that is the very same `Arc`
     /// in the next table keeps its routes as they are, without a rebuild.
-    built_from: HashMap<ServiceKey, Arc<Service>>,
+    built_from: FastMap<ServiceKey, Arc<Service>>,
 }
 
 impl RouteTable {
@@ -213,10 +218,13 @@ impl RouteTable {
     ) -> RouteTable {
         // Sized like the previous table: a rebuild of a large table never rehashes.
         let mut routes = RouteTable {
-            by_addr: HashMap::with_capacity(previous.by_addr.len()),
-            by_node_port: HashMap::with_capacity(previous.by_node_port.len()),
-            by_port: HashMap::with_capacity(previous.by_port.len()),
-            built_from: HashMap::with_capacity(table.services.len()),
+            by_addr: FastMap::with_capacity_and_hasher(previous.by_addr.len(), Default::default()),
+            by_node_port: FastMap::with_capacity_and_hasher(
+                previous.by_node_port.len(),
+                Default::default(),
+            ),
+            by_port: FastMap::with_capacity_and_hasher(previous.by_port.len(), Default::default()),
+            built_from: FastMap::with_capacity_and_hasher(table.services.len(), Default::default()),
         };
         for service in table.services.values() {
             routes
