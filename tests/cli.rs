@@ -62,18 +62,7 @@ async fn run_serves_a_state_file_and_exits_cleanly_on_sigterm() {
     assert_eq!(status, 200);
     assert!(body.contains(r#"pod="solo",outcome="ok"} 1"#), "{body}");
 
-    let pid = child.id().unwrap().to_string();
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(PATIENCE, child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .unwrap();
-    assert!(status.success(), "exit status {status}");
+    sigterm_and_expect_a_clean_exit(&mut child).await;
 }
 
 #[tokio::test]
@@ -411,18 +400,7 @@ async fn run_serves_a_cluster_through_a_kubeconfig() {
     .await;
     assert_eq!(answer.unwrap(), "in-cluster");
 
-    let pid = child.id().unwrap().to_string();
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(PATIENCE, child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .unwrap();
-    assert!(status.success(), "exit status {status}");
+    sigterm_and_expect_a_clean_exit(&mut child).await;
 }
 
 #[tokio::test]
@@ -441,4 +419,20 @@ async fn service_selector_is_refused_with_a_state_file() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--service-selector"), "{stderr}");
+}
+
+/// Sends SIGTERM to `child` and checks that it exits 0 in time.
+async fn sigterm_and_expect_a_clean_exit(child: &mut tokio::process::Child) {
+    let pid = child.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
 }

@@ -208,6 +208,16 @@ pub(crate) mod testing {
     use super::*;
     use std::net::{Ipv4Addr, SocketAddr};
 
+    /// How many of `picks` picks (from one client) each of `n` endpoints got.
+    pub fn counts(b: &dyn Balancer, n: usize, picks: usize) -> Vec<usize> {
+        let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let mut counts = vec![0; n];
+        for _ in 0..picks {
+            counts[b.pick(client).expect("a pick")] += 1;
+        }
+        counts
+    }
+
     /// `n` backends at 10.244.0.1.. with the given weights (1 when `weights` is short).
     pub fn backends(n: usize, weights: &[u32]) -> Backends {
         (0..n)

@@ -59,19 +59,11 @@ impl Balancer for RoundRobin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::testing::backends;
+    use crate::balance::testing::{backends, counts};
     use proptest::prelude::*;
     use std::net::Ipv4Addr;
 
     const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-
-    fn counts(b: &dyn Balancer, n: usize, picks: usize) -> Vec<usize> {
-        let mut counts = vec![0; n];
-        for _ in 0..picks {
-            counts[b.pick(CLIENT).unwrap()] += 1;
-        }
-        counts
-    }
 
     #[test]
     fn empty_set_picks_nothing() {

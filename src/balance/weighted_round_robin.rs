@@ -212,19 +212,11 @@ fn schedule(shares: &[u64]) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::testing::backends;
+    use crate::balance::testing::{backends, counts};
     use proptest::prelude::*;
     use std::net::Ipv4Addr;
 
     const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-
-    fn counts(b: &dyn Balancer, n: usize, picks: usize) -> Vec<u64> {
-        let mut counts = vec![0; n];
-        for _ in 0..picks {
-            counts[b.pick(CLIENT).unwrap()] += 1;
-        }
-        counts
-    }
 
     #[test]
     fn empty_set_picks_nothing() {
@@ -296,7 +288,7 @@ mod tests {
             for _ in 0..skip { b.pick(CLIENT); }
             let c = counts(&b, weights.len(), b.cycle_len() * cycles);
             for (n, w) in c.iter().zip(&weights) {
-                prop_assert_eq!(*n, u64::from(*w) / g * cycles as u64);
+                prop_assert_eq!(*n as u64, u64::from(*w) / g * cycles as u64);
             }
         }
 
