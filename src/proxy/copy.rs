@@ -55,7 +55,7 @@ pub async fn copy_both_ways(
     to_client: &Counter,
     idle_timeout: Option<Duration>,
 ) -> Result<(), CopyError> {
-    let activity = AtomicU64::new(now_ms());
+    let activity = Activity::new(idle_timeout.is_some());
     let copy = async {
         tokio::try_join!(
             copy_one_way(
@@ -82,11 +82,34 @@ pub async fn copy_both_ways(
     }
 }
 
+/// When bytes last moved, on the proxy's millisecond clock. Kept only when an idle
+/// timeout asks for it: otherwise a chunk costs no clock reading.
+pub(crate) struct Activity {
+    last_ms: AtomicU64,
+    tracked: bool,
+}
+
+impl Activity {
+    fn new(tracked: bool) -> Self {
+        Self {
+            last_ms: AtomicU64::new(if tracked { now_ms() } else { 0 }),
+            tracked,
+        }
+    }
+
+    /// Records that bytes moved just now.
+    pub(crate) fn touch(&self) {
+        if self.tracked {
+            self.last_ms.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+}
+
 /// Resolves once `limit` has passed since the last recorded activity.
-async fn idle(activity: &AtomicU64, limit: Duration) {
+async fn idle(activity: &Activity, limit: Duration) {
     let limit_ms = limit.as_millis() as u64;
     loop {
-        let quiet_until = activity.load(Ordering::Relaxed) + limit_ms;
+        let quiet_until = activity.last_ms.load(Ordering::Relaxed) + limit_ms;
         let now = now_ms();
         if now >= quiet_until {
             return;
@@ -106,7 +129,7 @@ async fn copy_one_way(
     from: (&TcpStream, Side),
     to: (&TcpStream, Side),
     bytes: &Counter,
-    activity: &AtomicU64,
+    activity: &Activity,
 ) -> Result<(), CopyError> {
     #[cfg(target_os = "linux")]
     {
@@ -136,7 +159,7 @@ async fn copy_buffered(
     (from, from_side): (&TcpStream, Side),
     (to, to_side): (&TcpStream, Side),
     bytes: &Counter,
-    activity: &AtomicU64,
+    activity: &Activity,
     switch_after: Option<u64>,
 ) -> Result<Ended, CopyError> {
     let mut buf: Option<Box<[u8]>> = None;
@@ -158,7 +181,7 @@ async fn copy_buffered(
             .await
             .map_err(|e| to_side.error(e))?;
         bytes.increment(n as u64);
-        activity.store(now_ms(), Ordering::Relaxed);
+        activity.touch();
         moved += n as u64;
         if switch_after.is_some_and(|limit| moved >= limit) {
             return Ok(Ended::Bulk);

@@ -5,7 +5,6 @@
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics::Counter;
 use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
@@ -13,8 +12,7 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::copy::{CopyError, Side};
-use crate::proxy::ejection::now_ms;
+use super::copy::{Activity, CopyError, Side};
 
 /// The pipe's capacity: one splice moves up to this much.
 const PIPE_SIZE: usize = 256 * 1024;
@@ -46,7 +44,7 @@ pub async fn copy(
     (to, to_side): (&TcpStream, Side),
     pipe: &Pipe,
     bytes: &Counter,
-    activity: &AtomicU64,
+    activity: &Activity,
 ) -> Result<(), CopyError> {
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     loop {
@@ -78,6 +76,6 @@ pub async fn copy(
             }
         }
         bytes.increment(n as u64);
-        activity.store(now_ms(), Ordering::Relaxed);
+        activity.touch();
     }
 }
