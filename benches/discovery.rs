@@ -111,7 +111,7 @@ fn one_slice_change(c: &mut Criterion) {
             b.iter(|| {
                 turn ^= 1;
                 store.apply_slice(Event::Apply(slices[turn].clone()));
-                let table = store.flush().table.expect("a changed table");
+                let table = Arc::new(store.flush().table.expect("a changed table"));
                 Arc::new(table)
             })
         },
@@ -133,7 +133,7 @@ fn one_slice_change(c: &mut Criterion) {
     let here = Locality::default();
     turn ^= 1;
     store.apply_slice(Event::Apply(slices[turn].clone()));
-    let table = store.flush().table.expect("a changed table");
+    let table = Arc::new(store.flush().table.expect("a changed table"));
     let started = std::time::Instant::now();
     let mut routes = RouteTable::build(&table, &RouteTable::default(), &telemetry, &options, &here);
     println!(
@@ -146,7 +146,7 @@ fn one_slice_change(c: &mut Criterion) {
             b.iter(|| {
                 turn ^= 1;
                 store.apply_slice(Event::Apply(slices[turn].clone()));
-                let table = store.flush().table.expect("a changed table");
+                let table = Arc::new(store.flush().table.expect("a changed table"));
                 routes = RouteTable::build(&table, &routes, &telemetry, &options, &here);
             })
         },

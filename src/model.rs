@@ -190,6 +190,9 @@ pub struct Endpoint {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceTable {
     pub services: BTreeMap<ServiceKey, Arc<Service>>,
+    /// This node's zone, as the source knows it (its Node's label, or `--zone`): zone
+    /// preferences follow it, so a new label reaches the proxy as a new table.
+    pub zone: Option<Arc<str>>,
 }
 
 impl ServiceTable {

@@ -71,7 +71,6 @@ pub async fn run_from_file(
     let start = Start {
         updates,
         wait_for_first: false,
-        zone: None,
         source,
     };
     serve(
@@ -113,18 +112,16 @@ pub async fn run_from_cluster(
     // The proxy is only handed the channel once the first real table is on it: until
     // then the empty placeholder must not count as a sync.
     let (tables, updates) = watch::channel(Arc::new(ServiceTable::default()));
-    let (zone, zones) = watch::channel(None);
     let source = tokio::spawn(kube::run(
         client,
         run.source,
         store,
-        kube::Outputs { tables, zone },
+        kube::Outputs { tables },
         telemetry.clone(),
     ));
     let start = Start {
         updates,
         wait_for_first: true,
-        zone: Some(zones),
         source,
     };
     serve(
@@ -138,8 +135,6 @@ struct Start {
     updates: watch::Receiver<Arc<ServiceTable>>,
     /// The channel holds a placeholder until the source's first sync publishes.
     wait_for_first: bool,
-    /// The zone the source learnt from this node's Node, for a proxy given none.
-    zone: Option<watch::Receiver<Option<Arc<str>>>>,
     source: JoinHandle<()>,
 }
 
@@ -148,7 +143,7 @@ struct Start {
 /// drain, so that `/readyz` says "not ready" while connections finish.
 #[allow(clippy::too_many_arguments)]
 async fn serve(
-    mut config: ProxyConfig,
+    config: ProxyConfig,
     start: Start,
     telemetry: Arc<Telemetry>,
     metrics: TcpListener,
@@ -175,7 +170,6 @@ async fn serve(
     let Start {
         mut updates,
         wait_for_first,
-        zone,
         source,
     } = start;
     tokio::pin!(shutdown);
@@ -191,12 +185,8 @@ async fn serve(
         // Stopped before the first sync: there is nothing to drain.
         () = &mut shutdown => Ok(()),
         ready = first => if ready {
-            if let (None, Some(zone)) = (&config.locality.zone, zone) {
-                config.locality.zone = zone.borrow().clone();
-            }
             tracing::info!(
                 node = config.locality.node.as_deref().unwrap_or("(unknown)"),
-                zone = config.locality.zone.as_deref().unwrap_or("(none)"),
                 "starting the proxy"
             );
             // A failure to start ends the proxy at once, without waiting for a signal.

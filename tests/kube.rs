@@ -557,7 +557,7 @@ async fn internal_traffic_policy_local_keeps_to_this_node() {
 }
 
 #[tokio::test]
-async fn prefer_close_follows_the_zone_of_this_nodes_node_object() {
+async fn prefer_close_follows_the_zone_of_this_nodes_node_object_as_it_changes() {
     let api = FakeApiServer::start().await;
     let p = pods(6, 10, &["a-1", "b-1", "a-2"]).await;
     api.apply(node_object("node-z", "zone-a"));
@@ -585,6 +585,9 @@ async fn prefer_close_follows_the_zone_of_this_nodes_node_object() {
         node_watch.contains("fieldSelector=metadata.name%3Dnode-z"),
         "{node_watch}"
     );
+    // The node is relabelled: zone preferences follow at once, without a restart.
+    api.apply(node_object("node-z", "zone-b"));
+    settles_on(addr(6, 1), &["b-1"]).await;
     carousel.stop().await;
 }
 

@@ -144,8 +144,6 @@ fn tag<T: 'static + Send>(
 pub struct Outputs {
     /// A table after the first full sync, and after every change.
     pub tables: watch::Sender<Arc<ServiceTable>>,
-    /// This node's zone as its Node says, set before the first table.
-    pub zone: watch::Sender<Option<Arc<str>>>,
 }
 
 /// Watches the cluster and publishes on `outputs` until the table channel has no
@@ -158,7 +156,7 @@ pub async fn run(
     telemetry: Arc<Telemetry>,
 ) {
     let mut store = store;
-    let Outputs { tables, zone } = outputs;
+    let Outputs { tables } = outputs;
     let selector = service_label_selector(
         config.proxy_name.as_deref(),
         config.service_selector.as_deref(),
@@ -251,7 +249,7 @@ pub async fn run(
         match last_publish {
             Some(at) if now < at + COALESCE => deadline = Some(at + COALESCE),
             _ => {
-                if publish(&mut store, &tables, &zone, &programming) {
+                if publish(&mut store, &tables, &programming) {
                     last_publish = Some(now);
                 }
             }
@@ -263,28 +261,12 @@ pub async fn run(
 fn publish(
     store: &mut Store,
     tables: &watch::Sender<Arc<ServiceTable>>,
-    zone: &watch::Sender<Option<Arc<str>>>,
     programming: &metrics::Histogram,
 ) -> bool {
     let flushed = store.flush();
     let Some(table) = flushed.table else {
         return false;
     };
-    let here = store.zone().map(Arc::<str>::from);
-    zone.send_if_modified(|known| {
-        if *known == here {
-            return false;
-        }
-        // The proxy takes its locality once, at its start (the first table).
-        if !flushed.first {
-            tracing::warn!(
-                zone = here.as_deref().unwrap_or("(none)"),
-                "this node's zone label changed; zone preferences follow it after a restart"
-            );
-        }
-        *known = here.clone();
-        true
-    });
     // Debug, not info: a busy cluster publishes many times a second.
     tracing::debug!(
         services = table.len(),

@@ -84,8 +84,6 @@ pub struct Flushed {
     pub table: Option<ServiceTable>,
     /// Trigger times of the slice changes this table is the first to contain.
     pub triggers: Vec<SystemTime>,
-    /// This is the first table: the cluster has just been listed in full.
-    pub first: bool,
 }
 
 /// The converted cluster state and the table built from it.
@@ -119,6 +117,7 @@ pub struct Store {
 impl Store {
     /// An empty store. `node_name` and `zone` come from `--node-name` and `--zone`.
     pub fn new(scope: Scope, node_name: Option<&str>, zone: Option<String>) -> Self {
+        let zone_table = zone.as_deref().map(Arc::from);
         Self {
             watch_node: node_name.is_some() && zone.is_none(),
             zone_override: zone,
@@ -130,7 +129,10 @@ impl Store {
             slices_by_service: HashMap::new(),
             weighted: BTreeSet::new(),
             dirty: BTreeSet::new(),
-            table: ServiceTable::default(),
+            table: ServiceTable {
+                zone: zone_table,
+                ..ServiceTable::default()
+            },
             changed: false,
             published: false,
             triggers: Vec::new(),
@@ -432,8 +434,8 @@ impl Store {
 
     // ---- this node ----
 
-    // The zone goes to the proxy (`Locality`), not into the table: the table does not
-    // depend on it, so a zone change rebuilds nothing here.
+    // The zone rides along with the table (`ServiceTable::zone`): the Services do not
+    // depend on it, so a zone change rebuilds nothing here, but it is published.
 
     pub fn apply_node(&mut self, event: Event<core::Node>) {
         let before = self.zone().map(str::to_owned);
@@ -462,6 +464,8 @@ impl Store {
         }
         if self.zone() != before.as_deref() {
             tracing::info!(zone = self.zone().unwrap_or("(none)"), "this node's zone");
+            self.table.zone = self.zone().map(Arc::from);
+            self.changed = true;
         }
     }
 
@@ -479,13 +483,11 @@ impl Store {
         if self.published && !self.changed {
             return Flushed::default();
         }
-        let first = !self.published;
         self.published = true;
         self.changed = false;
         Flushed {
             table: Some(self.table.clone()),
             triggers: std::mem::take(&mut self.triggers),
-            first,
         }
     }
 

@@ -55,7 +55,8 @@ pub struct ProxyConfig {
     pub forward: ForwardConfig,
     pub mode: Mode,
     pub balance: BuildOptions,
-    /// This node and its zone, for traffic policies and topology-aware routing.
+    /// This node, for traffic policies, and its zone (`--zone`) for topology-aware
+    /// routing; without one, the zone is the table's (`ServiceTable::zone`).
     pub locality: Locality,
     /// Connections beyond this many open ones are refused at once.
     pub max_connections: Option<usize>,
@@ -201,15 +202,18 @@ pub async fn run(
         let table = tables.borrow_and_update().clone();
         let started = Instant::now();
         let previous = routes.load_full();
+        let here = Locality {
+            node: config.locality.node.clone(),
+            zone: config.locality.zone.clone().or_else(|| table.zone.clone()),
+        };
         let next = RouteTable::build_with_shadows(
             &table,
             &previous,
             &telemetry,
             &config.balance,
-            &config.locality,
+            &here,
             &config.shadow,
         );
-        routes::clear_removed(&telemetry, &previous, &next);
         routes.store(Arc::new(next));
         match intake.sync(&accepting).await {
             Ok(()) => {
