@@ -118,11 +118,13 @@ async fn idle(activity: &Activity, limit: Duration) {
     }
 }
 
-/// Bytes one direction moves through a buffer before it switches to splice(2): short
-/// exchanges stay at two syscalls a chunk with no pipe to set up, and bulk transfers stop
-/// copying through user space.
+/// Reads in a row that fill the whole buffer before a direction switches to splice(2).
+/// A full read means the sender outpaces the copy: a bulk transfer, where copying
+/// through user space is what the CPU spends its time on. Request/response traffic,
+/// however long the connection lives, reads short messages and stays at one read and
+/// one write a message, fewer system calls than splice's two plus a pipe.
 #[cfg(target_os = "linux")]
-const SPLICE_AFTER: u64 = 128 * 1024;
+const SPLICE_AFTER_FULL_READS: u32 = 4;
 
 /// Copies until end of stream, then shuts down the writer: the half-close passes on.
 async fn copy_one_way(
@@ -133,7 +135,9 @@ async fn copy_one_way(
 ) -> Result<(), CopyError> {
     #[cfg(target_os = "linux")]
     {
-        if copy_buffered(from, to, bytes, activity, Some(SPLICE_AFTER)).await? == Ended::Eof {
+        if copy_buffered(from, to, bytes, activity, Some(SPLICE_AFTER_FULL_READS)).await?
+            == Ended::Eof
+        {
             return Ok(());
         }
         match super::splice::Pipe::new() {
@@ -151,7 +155,7 @@ async fn copy_one_way(
 enum Ended {
     /// The stream ended and the half-close was passed on.
     Eof,
-    /// `switch_after` bytes went through; the caller takes over.
+    /// `switch_after` full reads came in a row: a bulk transfer; the caller takes over.
     Bulk,
 }
 
@@ -160,10 +164,10 @@ async fn copy_buffered(
     (to, to_side): (&TcpStream, Side),
     bytes: &Counter,
     activity: &Activity,
-    switch_after: Option<u64>,
+    switch_after: Option<u32>,
 ) -> Result<Ended, CopyError> {
     let mut buf: Option<Box<[u8]>> = None;
-    let mut moved = 0u64;
+    let mut full_reads = 0u32;
     loop {
         from.readable().await.map_err(|e| from_side.error(e))?;
         let buf = buf.get_or_insert_with(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
@@ -182,8 +186,8 @@ async fn copy_buffered(
             .map_err(|e| to_side.error(e))?;
         bytes.increment(n as u64);
         activity.touch();
-        moved += n as u64;
-        if switch_after.is_some_and(|limit| moved >= limit) {
+        full_reads = if n == buf.len() { full_reads + 1 } else { 0 };
+        if switch_after.is_some_and(|limit| full_reads >= limit) {
             return Ok(Ended::Bulk);
         }
     }
@@ -225,4 +229,75 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Both ends of a fresh loopback connection.
+    async fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dialed = TcpStream::connect(listener.local_addr().unwrap());
+        let (dialed, accepted) = tokio::join!(dialed, listener.accept());
+        (dialed.unwrap(), accepted.unwrap().0)
+    }
+
+    /// The buffered copy `from` → `to`, as a direction starts out.
+    async fn copy(from: &TcpStream, to: &TcpStream) -> Ended {
+        copy_buffered(
+            (from, Side::Client),
+            (to, Side::Endpoint),
+            &Counter::noop(),
+            &Activity::new(false),
+            Some(SPLICE_AFTER_FULL_READS),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn request_response_traffic_stays_buffered_however_long_it_lasts() {
+        let (mut client, from) = connected().await;
+        let (to, mut server) = connected().await;
+        // 400 messages of 1 KiB, each sent once the previous one arrived: 400 KiB in
+        // all, and never a read that fills the buffer.
+        let (arrived, mut next) = tokio::sync::mpsc::channel::<()>(1);
+        let sender = async move {
+            for _ in 0..400 {
+                client.write_all(&[7u8; 1024]).await.unwrap();
+                next.recv().await.unwrap();
+            }
+            client.shutdown().await.unwrap();
+        };
+        let receiver = async move {
+            let mut message = [0u8; 1024];
+            for _ in 0..400 {
+                server.read_exact(&mut message).await.unwrap();
+                arrived.send(()).await.unwrap();
+            }
+        };
+        let (ended, (), ()) = tokio::join!(copy(&from, &to), sender, receiver);
+        assert_eq!(ended, Ended::Eof);
+    }
+
+    #[tokio::test]
+    async fn a_bulk_transfer_hands_over_to_splice() {
+        let (mut client, from) = connected().await;
+        let (to, mut server) = connected().await;
+        // As fast as the sockets take it; both tasks end when the sockets close.
+        let sender = tokio::spawn(async move {
+            let _ = client.write_all(&vec![7u8; 8 << 20]).await;
+        });
+        let receiver = tokio::spawn(async move {
+            let mut sink = vec![0u8; 64 * 1024];
+            while server.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        });
+        assert_eq!(copy(&from, &to).await, Ended::Bulk);
+        drop((from, to));
+        sender.abort();
+        receiver.abort();
+    }
 }

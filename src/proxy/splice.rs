@@ -50,11 +50,20 @@ pub async fn copy(
     loop {
         let n = loop {
             from.readable().await.map_err(|e| from_side.error(e))?;
+            // The pipe is empty here, so a splice short of its capacity drained the
+            // socket: readiness is cleared at once, as for a short read (`copy.rs`).
+            let mut got = 0;
             let filled = from.try_io(Interest::READABLE, || {
-                splice(from, None, &pipe.write, None, pipe.capacity, flags).map_err(io::Error::from)
+                got = splice(from, None, &pipe.write, None, pipe.capacity, flags)?;
+                if got > 0 && got < pipe.capacity {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(got)
+                }
             });
             match filled {
                 Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => break got,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(from_side.error(e)),
             }
