@@ -1,7 +1,10 @@
 //! Copies one connection's bytes both ways until both sides are done, carrying each
-//! side's half-close to the other. A direction allocates its buffer only when its first
-//! bytes arrive, so an idle connection costs its sockets and nothing more.
+//! side's half-close to the other. A connection owns no buffer: every chunk is read into
+//! its thread's one scratch buffer and written on at once, and only the part a slow peer
+//! cannot take yet is kept, until it is written. An idle connection, even one that has
+//! carried traffic, costs its sockets and its task and nothing more.
 
+use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,8 +18,14 @@ use tokio::net::TcpStream;
 
 use crate::proxy::ejection::now_ms;
 
-/// Bytes buffered per direction of a connection.
+/// The most one read takes in.
 pub const BUFFER_SIZE: usize = 16 * 1024;
+
+thread_local! {
+    /// What every connection on this thread reads into. Borrowed only between a read
+    /// and the write that follows it, never across an await.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; BUFFER_SIZE].into_boxed_slice());
+}
 
 /// What ended a connection early, and on whose side.
 #[derive(Debug, thiserror::Error)]
@@ -166,31 +175,65 @@ async fn copy_buffered(
     activity: &Activity,
     switch_after: Option<u32>,
 ) -> Result<Ended, CopyError> {
-    let mut buf: Option<Box<[u8]>> = None;
+    // What `to` could not take yet: empty, and unallocated, while the peer keeps up.
+    let mut rest = Vec::new();
     let mut full_reads = 0u32;
     loop {
         from.readable().await.map_err(|e| from_side.error(e))?;
-        let buf = buf.get_or_insert_with(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
-        let n = match read_some(from, buf) {
+        let relayed = SCRATCH
+            .with_borrow_mut(|buf| relay_chunk((from, from_side), (to, to_side), buf, &mut rest));
+        let n = match relayed {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(from_side.error(e)),
+            Err(Relay::Empty) => continue,
+            Err(Relay::Failed(e)) => return Err(e),
         };
         if n == 0 {
             // The peer may be gone already; then there is nobody left to tell.
             let _ = SockRef::from(to).shutdown(Shutdown::Write);
             return Ok(Ended::Eof);
         }
-        write_all(to, &buf[..n])
-            .await
-            .map_err(|e| to_side.error(e))?;
+        if !rest.is_empty() {
+            write_all(to, &rest).await.map_err(|e| to_side.error(e))?;
+            // A peer that was slow once keeps no memory for it.
+            rest = Vec::new();
+        }
         bytes.increment(n as u64);
         activity.touch();
-        full_reads = if n == buf.len() { full_reads + 1 } else { 0 };
+        full_reads = if n == BUFFER_SIZE { full_reads + 1 } else { 0 };
         if switch_after.is_some_and(|limit| full_reads >= limit) {
             return Ok(Ended::Bulk);
         }
     }
+}
+
+/// Why a chunk moved nothing.
+enum Relay {
+    /// The socket had nothing after all (its readiness was stale).
+    Empty,
+    Failed(CopyError),
+}
+
+/// Reads one chunk from `from` into `buf` and writes it to `to` at once; what `to`
+/// cannot take now goes to `rest`. Returns the chunk's length, 0 at end of stream.
+fn relay_chunk(
+    (from, from_side): (&TcpStream, Side),
+    (to, to_side): (&TcpStream, Side),
+    buf: &mut [u8],
+    rest: &mut Vec<u8>,
+) -> Result<usize, Relay> {
+    let n = match read_some(from, buf) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(Relay::Empty),
+        Err(e) => return Err(Relay::Failed(from_side.error(e))),
+    };
+    let written = match to.try_write(&buf[..n]) {
+        _ if n == 0 => 0,
+        Ok(written) => written,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(Relay::Failed(to_side.error(e))),
+    };
+    rest.extend_from_slice(&buf[written..n]);
+    Ok(n)
 }
 
 /// Reads what the socket holds. A read shorter than the buffer means the socket is
@@ -245,14 +288,15 @@ mod tests {
         (dialed.unwrap(), accepted.unwrap().0)
     }
 
-    /// The buffered copy `from` → `to`, as a direction starts out.
-    async fn copy(from: &TcpStream, to: &TcpStream) -> Ended {
+    /// The buffered copy `from` → `to`: as a direction starts out, or with `None`
+    /// the portable path, which never hands over.
+    async fn copy(from: &TcpStream, to: &TcpStream, switch_after: Option<u32>) -> Ended {
         copy_buffered(
             (from, Side::Client),
             (to, Side::Endpoint),
             &Counter::noop(),
             &Activity::new(false),
-            Some(SPLICE_AFTER_FULL_READS),
+            switch_after,
         )
         .await
         .unwrap()
@@ -279,8 +323,46 @@ mod tests {
                 arrived.send(()).await.unwrap();
             }
         };
-        let (ended, (), ()) = tokio::join!(copy(&from, &to), sender, receiver);
+        let (ended, (), ()) = tokio::join!(
+            copy(&from, &to, Some(SPLICE_AFTER_FULL_READS)),
+            sender,
+            receiver
+        );
         assert_eq!(ended, Ended::Eof);
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_gets_every_byte_in_order() {
+        let (mut client, from) = connected().await;
+        let (to, mut server) = connected().await;
+        let sent: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        let expected = sent.clone();
+        let sender = async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+        };
+        // Small reads with a yield between them: the copy meets a full socket, keeps
+        // the part of a chunk it could not write, and writes it before reading on.
+        let receiver = async move {
+            let mut got = Vec::new();
+            let mut piece = [0u8; 1024];
+            loop {
+                let n = server.read(&mut piece).await.unwrap();
+                if n == 0 {
+                    break got;
+                }
+                got.extend_from_slice(&piece[..n]);
+                tokio::task::yield_now().await;
+            }
+        };
+        let (ended, (), got) = tokio::join!(copy(&from, &to, None), sender, receiver);
+        assert_eq!(ended, Ended::Eof);
+        assert!(
+            got == expected,
+            "{} bytes arrived of {}",
+            got.len(),
+            expected.len()
+        );
     }
 
     #[tokio::test]
@@ -295,7 +377,10 @@ mod tests {
             let mut sink = vec![0u8; 64 * 1024];
             while server.read(&mut sink).await.is_ok_and(|n| n > 0) {}
         });
-        assert_eq!(copy(&from, &to).await, Ended::Bulk);
+        assert_eq!(
+            copy(&from, &to, Some(SPLICE_AFTER_FULL_READS)).await,
+            Ended::Bulk
+        );
         drop((from, to));
         sender.abort();
         receiver.abort();
