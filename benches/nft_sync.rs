@@ -1,6 +1,7 @@
-//! Rule sync cost with real nftables, in a network namespace of its own: the whole
-//! table for 10 000 Services in one transaction, then one Service changed. Needs root
-//! and nft(8). Prints medians of a few runs.
+//! Rule sync cost with real nftables, in a network namespace of its own, through
+//! `Rules::sync` as the proxy calls it: the whole table for 10 000 Services in one
+//! transaction (a first sync: `nft -f`), then one Service changed (an element change
+//! over netlink). Needs root and nft(8). Prints medians of a few runs.
 //!
 //! cargo bench --bench nft_sync
 
@@ -9,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use carousel::addr::ServiceAddr;
-use carousel::dataplane::nftables::{apply, render_diff, render_full, Redirects};
+use carousel::dataplane::nftables::{render_full, Redirects, Rules};
 
 const SERVICES: u32 = 10_000;
 const RUNS: usize = 5;
@@ -50,6 +51,10 @@ fn main() {
         assert!(status.expect("bench ran").success(), "nft_sync failed");
         return;
     }
+    // A refused change would be rewritten whole, and say so here.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -59,33 +64,30 @@ fn main() {
         let mut full = Vec::new();
         let mut one = Vec::new();
         for run in 0..RUNS {
-            let script = render_full(&all, 10262);
+            // A fresh `Rules` syncs the whole table first.
+            let mut rules = Rules::new(10262);
             let started = Instant::now();
-            apply(&script).await.expect("full table applies");
+            rules.sync(all.clone()).await.expect("full table applies");
             full.push(started.elapsed());
 
             // One Service replaced by another: two element changes.
             let changed = redirects((0..SERVICES - 1).chain([SERVICES + run as u32]));
             let started = Instant::now();
-            apply(&render_diff(&all, &changed))
-                .await
-                .expect("change applies");
+            rules.sync(changed).await.expect("change applies");
             one.push(started.elapsed());
-            apply(&render_diff(&changed, &all))
-                .await
-                .expect("change reverts");
+            rules.sync(all.clone()).await.expect("change reverts");
         }
         let render_started = Instant::now();
         let _ = render_full(&all, 10262);
         let render = render_started.elapsed();
         println!("nft_sync: {SERVICES} Services, median of {RUNS} runs");
         println!(
-            "  whole table, one transaction (render + nft -f): {:?}",
+            "  whole table, one transaction (render + nft -f):       {:?}",
             median(full)
         );
-        println!("  of which rendering the script:                 {render:?}");
+        println!("  of which rendering the script:                       {render:?}");
         println!(
-            "  one Service changed (element diff):            {:?}",
+            "  one Service changed (diff + netlink batch, 2 changes): {:?}",
             median(one)
         );
     });

@@ -256,6 +256,22 @@ impl Lab {
         pods
     }
 
+    /// Waits until carousel's `set` holds `element`, as `nft list set` prints it.
+    fn wait_for_element(&self, set: &str, element: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self
+            .nft(&format!("list set inet carousel {set}"))
+            .contains(element)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{element} never reached set {set}:\n{}",
+                self.log()
+            );
+            sleep(Duration::from_millis(50));
+        }
+    }
+
     fn nft(&self, args: &str) -> String {
         let out = run(self.in_ns("node", "nft").args(args.split_whitespace()));
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -358,7 +374,7 @@ fn carousels_own_connections_skip_the_redirect_even_to_a_service_address() {
 }
 
 #[test]
-fn a_reload_changes_the_rules_and_the_table_holds_nothing_stale() {
+fn a_reload_changes_the_elements_over_netlink_and_the_table_holds_nothing_stale() {
     let names = ["r-a", "r-b"];
     let mut lab = Lab::new(&names);
     let first = Svc::new("first", "10.96.0.20", 80, pods_named(&names, Lab::pod_v4));
@@ -366,23 +382,84 @@ fn a_reload_changes_the_rules_and_the_table_holds_nothing_stale() {
     lab.start_carousel();
     assert_eq!(lab.spread("client", "10.96.0.20", 80, 4).len(), 2);
 
-    let second = Svc::new("second", "10.96.0.21", 81, pods_named(&names, Lab::pod_v4));
-    lab.write_state(&second.state());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !lab
-        .nft("list set inet carousel services4")
-        .contains("10.96.0.21 . 81")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the new Service never reached the rules"
-        );
-        sleep(Duration::from_millis(50));
-    }
+    // A change to each of the three sets: their keys differ in layout.
+    let mut second = Svc::new("second", "10.96.0.21", 81, pods_named(&names, Lab::pod_v4));
+    second.node_port = Some(30085);
+    let six = Svc::new("six", "fd00:96::21", 80, pods_named(&names, Lab::pod_v6));
+    lab.write_state(&state_yaml(&[second, six]));
+    lab.wait_for_element("services4", "10.96.0.21 . 81");
+    lab.wait_for_element("services6", "fd00:96::21 . 80");
+    lab.wait_for_element("nodeports", "30085");
     assert!(!lab
         .nft("list set inet carousel services4")
         .contains("10.96.0.20"));
-    assert_eq!(lab.spread("client", "10.96.0.21", 81, 4).len(), 2);
+    let want = counts(&[("r-a", 2), ("r-b", 2)]);
+    assert_eq!(
+        lab.spread("client", "10.96.0.21", 81, 4),
+        want,
+        "new ClusterIP"
+    );
+    assert_eq!(lab.spread("client", "fd00:96::21", 80, 4), want, "new IPv6");
+    assert_eq!(
+        lab.spread("client", "10.0.0.1", 30085, 4),
+        want,
+        "new node port"
+    );
+
+    // And back: every element of the second state goes.
+    lab.write_state(&first.state());
+    lab.wait_for_element("services4", "10.96.0.20 . 80");
+    assert!(!lab
+        .nft("list set inet carousel services4")
+        .contains("10.96.0.21"));
+    assert!(!lab.nft("list set inet carousel services6").contains("fd00"));
+    assert!(!lab
+        .nft("list set inet carousel nodeports")
+        .contains("30085"));
+    assert_eq!(lab.spread("client", "10.96.0.20", 80, 4), want);
+    assert!(
+        !lab.log().contains("refused"),
+        "every change went over netlink, none was rewritten whole:\n{}",
+        lab.log()
+    );
+}
+
+#[test]
+fn a_change_the_kernel_refuses_falls_back_to_rewriting_the_whole_table() {
+    let names = ["f-a"];
+    let mut lab = Lab::new(&names);
+    let svc = |name: &str, ip: &str| Svc::new(name, ip, 80, pods_named(&names, Lab::pod_v4));
+    lab.write_state(&state_yaml(&[
+        svc("gone", "10.96.0.70"),
+        svc("kept", "10.96.0.71"),
+    ]));
+    lab.start_carousel();
+
+    // Someone else edits carousel's table: the element carousel is about to remove is
+    // gone already, so the kernel refuses the removal, and the whole batch with it.
+    lab.nft("delete element inet carousel services4 { 10.96.0.70 . 80 }");
+    lab.write_state(&state_yaml(&[
+        svc("kept", "10.96.0.71"),
+        svc("new", "10.96.0.72"),
+    ]));
+    lab.wait_for_element("services4", "10.96.0.72 . 80");
+    let set = lab.nft("list set inet carousel services4");
+    assert!(
+        set.contains("10.96.0.71 . 80") && !set.contains("10.96.0.70"),
+        "{set}"
+    );
+    assert_eq!(
+        lab.spread("client", "10.96.0.72", 80, 3),
+        counts(&[("f-a", 3)])
+    );
+    let log = lab.log();
+    assert!(
+        log.contains("rewriting carousel's table")
+            && log.contains("refused to delete 10.96.0.70 . 80 in set services4")
+            && log.contains("No such file or directory"),
+        "the refusal is reported with its element and errno:\n{log}"
+    );
+    assert_eq!(lab.nft("list tables").matches("carousel").count(), 1);
 }
 
 #[test]

@@ -1,18 +1,21 @@
 //! carousel's own nftables table, `inet carousel`: rendered by pure functions from the
-//! set of Service addresses, applied by `nft -f` as one atomic transaction per change.
+//! set of Service addresses, and applied as one atomic transaction per change.
 //!
 //! The rules never change after start-up; what changes is the content of three sets
 //! (IPv4 and IPv6 Service addresses with their ports, and node ports), so a table change
 //! is a transaction of element additions and removals, never a rewrite of the world.
+//! The whole table (at start-up, and whenever a change is refused) is a script for
+//! `nft -f`; element changes go to the kernel over netlink (`netlink.rs`).
 
 use std::collections::BTreeSet;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Stdio;
 
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+use super::netlink::{self, NetlinkError};
 use crate::addr::ServiceAddr;
 
 /// The table carousel owns; it touches nothing else.
@@ -57,10 +60,7 @@ pub fn render_full(redirects: &Redirects, listen_port: u16) -> String {
     writeln!(s, "  set services4 {{\n    type ipv4_addr . inet_service").unwrap();
     elements(
         &mut s,
-        redirects
-            .v4
-            .iter()
-            .map(|(ip, port)| format!("{ip} . {port}")),
+        redirects.v4.iter().map(|&(ip, p)| Element::V4(ip, p)),
     );
     writeln!(
         s,
@@ -69,13 +69,13 @@ pub fn render_full(redirects: &Redirects, listen_port: u16) -> String {
     .unwrap();
     elements(
         &mut s,
-        redirects
-            .v6
-            .iter()
-            .map(|(ip, port)| format!("{ip} . {port}")),
+        redirects.v6.iter().map(|&(ip, p)| Element::V6(ip, p)),
     );
     writeln!(s, "  }}\n  set nodeports {{\n    type inet_service").unwrap();
-    elements(&mut s, redirects.node_ports.iter().map(u16::to_string));
+    elements(
+        &mut s,
+        redirects.node_ports.iter().map(|&p| Element::NodePort(p)),
+    );
     writeln!(s, "  }}").unwrap();
     for (chain, hook, priority, skip_own) in [
         ("prerouting", "prerouting", "dstnat", false),
@@ -111,44 +111,102 @@ pub fn render_full(redirects: &Redirects, listen_port: u16) -> String {
     s
 }
 
-fn elements(s: &mut String, items: impl Iterator<Item = String>) {
-    let items: Vec<String> = items.collect();
-    if !items.is_empty() {
-        writeln!(s, "    elements = {{ {} }}", items.join(", ")).unwrap();
+fn elements(s: &mut String, mut items: impl Iterator<Item = Element>) {
+    if let Some(first) = items.next() {
+        write!(s, "    elements = {{ {first}").unwrap();
+        items.for_each(|e| write!(s, ", {e}").unwrap());
+        writeln!(s, " }}").unwrap();
     }
 }
 
-/// The transaction that turns `old` into `new`: element removals and additions only.
-/// Empty when nothing changed.
-pub fn render_diff(old: &Redirects, new: &Redirects) -> String {
-    let mut s = String::new();
-    let mut set_diff = |set: &str, old: Vec<String>, new: Vec<String>| {
-        let (old, new): (BTreeSet<String>, BTreeSet<String>) =
-            (old.into_iter().collect(), new.into_iter().collect());
-        let gone: Vec<&String> = old.difference(&new).collect();
-        let came: Vec<&String> = new.difference(&old).collect();
-        if !gone.is_empty() {
-            writeln!(s, "delete element inet {TABLE} {set} {{ {} }}", join(&gone)).unwrap();
-        }
-        if !came.is_empty() {
-            writeln!(s, "add element inet {TABLE} {set} {{ {} }}", join(&came)).unwrap();
-        }
-    };
-    let v4 = |r: &Redirects| r.v4.iter().map(|(ip, p)| format!("{ip} . {p}")).collect();
-    let v6 = |r: &Redirects| r.v6.iter().map(|(ip, p)| format!("{ip} . {p}")).collect();
-    let np = |r: &Redirects| r.node_ports.iter().map(u16::to_string).collect();
-    set_diff("services4", v4(old), v4(new));
-    set_diff("services6", v6(old), v6(new));
-    set_diff("nodeports", np(old), np(new));
-    s
+/// One element of carousel's sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Element {
+    /// An IPv4 Service address and port, in `services4`.
+    V4(Ipv4Addr, u16),
+    /// An IPv6 Service address and port, in `services6`.
+    V6(Ipv6Addr, u16),
+    /// A node port, in `nodeports`.
+    NodePort(u16),
 }
 
-fn join(items: &[&String]) -> String {
-    items
-        .iter()
-        .map(|s| s.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
+impl Element {
+    /// The set that holds it.
+    pub fn set(&self) -> &'static str {
+        match self {
+            Element::V4(..) => "services4",
+            Element::V6(..) => "services6",
+            Element::NodePort(_) => "nodeports",
+        }
+    }
+
+    /// The key as nf_tables stores it: in network byte order, and in a concatenation
+    /// (`addr . port`) each field padded with zeros to a multiple of 4 bytes, so an IPv4
+    /// element is 8 bytes and an IPv6 one 20; a lone port is 2 bytes.
+    pub fn key(&self) -> Vec<u8> {
+        let (addr, port): (&[u8], u16) = match self {
+            Element::V4(ip, port) => (&ip.octets(), *port),
+            Element::V6(ip, port) => (&ip.octets(), *port),
+            Element::NodePort(port) => return port.to_be_bytes().to_vec(),
+        };
+        let mut key = addr.to_vec();
+        key.extend(port.to_be_bytes());
+        key.extend([0, 0]);
+        key
+    }
+}
+
+/// As nft writes it.
+impl fmt::Display for Element {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Element::V4(ip, port) => write!(f, "{ip} . {port}"),
+            Element::V6(ip, port) => write!(f, "{ip} . {port}"),
+            Element::NodePort(port) => write!(f, "{port}"),
+        }
+    }
+}
+
+/// What a change does to an element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Delete,
+    Add,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::Delete => "delete",
+            Op::Add => "add",
+        })
+    }
+}
+
+/// One element added or removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub op: Op,
+    pub element: Element,
+}
+
+/// The element changes that turn `old` into `new`: removals first, then additions, set
+/// by set. Empty when nothing changed.
+pub fn diff(old: &Redirects, new: &Redirects) -> Vec<Change> {
+    let mut changes = Vec::new();
+    for (op, from, to) in [(Op::Delete, old, new), (Op::Add, new, old)] {
+        let mut push = |element| changes.push(Change { op, element });
+        from.v4
+            .difference(&to.v4)
+            .for_each(|&(ip, port)| push(Element::V4(ip, port)));
+        from.v6
+            .difference(&to.v6)
+            .for_each(|&(ip, port)| push(Element::V6(ip, port)));
+        from.node_ports
+            .difference(&to.node_ports)
+            .for_each(|&port| push(Element::NodePort(port)));
+    }
+    changes
 }
 
 /// Removes carousel's table, and nothing else. Succeeds when there is none.
@@ -199,6 +257,8 @@ pub async fn apply(script: &str) -> Result<(), NftError> {
 pub struct Rules {
     listen_port: u16,
     applied: Option<Redirects>,
+    /// Element changes go through it, opened at the first and kept (see `netlink`).
+    socket: Option<netlink::Socket>,
 }
 
 impl Rules {
@@ -206,15 +266,16 @@ impl Rules {
         Self {
             listen_port,
             applied: None,
+            socket: None,
         }
     }
 
-    /// Brings the table to `wanted`: the whole table the first time (converging after a
-    /// crash), element changes after that, and the whole table again if a change fails
-    /// (someone else edited carousel's table).
+    /// Brings the table to `wanted`: the whole table with `nft -f` the first time
+    /// (converging after a crash), element changes over netlink after that, and the
+    /// whole table again if a change is refused (someone else edited carousel's table).
     pub async fn sync(&mut self, wanted: Redirects) -> Result<(), NftError> {
         let result = match &self.applied {
-            Some(old) => match apply(&render_diff(old, &wanted)).await {
+            Some(old) => match self.change_elements(diff(old, &wanted)).await {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     tracing::warn!(error = %e, "incremental rule change refused; rewriting carousel's table");
@@ -233,6 +294,26 @@ impl Rules {
                 Err(e)
             }
         }
+    }
+
+    /// Applies `changes` in one transaction on the kept socket, off the async threads
+    /// (a large change keeps the kernel busy for a while).
+    async fn change_elements(&mut self, changes: Vec<Change>) -> Result<(), NetlinkError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut socket = match self.socket.take() {
+            Some(socket) => socket,
+            None => netlink::Socket::open()?,
+        };
+        let (socket, result) = tokio::task::spawn_blocking(move || {
+            let result = socket.apply(TABLE, &changes);
+            (socket, result)
+        })
+        .await
+        .map_err(|e| NetlinkError::Io(std::io::Error::other(e)))?;
+        self.socket = Some(socket);
+        result
     }
 }
 
@@ -268,14 +349,42 @@ mod tests {
     #[test]
     fn a_change_touches_only_the_elements_that_changed() {
         let old = Redirects::new([sa("10.96.0.10:80"), sa("10.96.0.11:443")], [30080]);
-        let new = Redirects::new([sa("10.96.0.11:443"), sa("10.96.0.12:80")], [30080, 30081]);
-        assert_eq!(
-            render_diff(&old, &new),
-            "delete element inet carousel services4 { 10.96.0.10 . 80 }\n\
-             add element inet carousel services4 { 10.96.0.12 . 80 }\n\
-             add element inet carousel nodeports { 30081 }\n"
+        let new = Redirects::new(
+            [
+                sa("10.96.0.11:443"),
+                sa("10.96.0.12:80"),
+                sa("[fd00:10:96::b]:443"),
+            ],
+            [30080, 30081],
         );
-        assert_eq!(render_diff(&new, &new), "");
+        let change = |op, element| Change { op, element };
+        assert_eq!(
+            diff(&old, &new),
+            [
+                change(Op::Delete, Element::V4(Ipv4Addr::new(10, 96, 0, 10), 80)),
+                change(Op::Add, Element::V4(Ipv4Addr::new(10, 96, 0, 12), 80)),
+                change(Op::Add, Element::V6("fd00:10:96::b".parse().unwrap(), 443)),
+                change(Op::Add, Element::NodePort(30081)),
+            ]
+        );
+        assert_eq!(diff(&new, &new), []);
+    }
+
+    #[test]
+    fn elements_read_as_nft_writes_them_and_keys_are_laid_out_as_nf_tables_stores_them() {
+        // As `nft --debug=netlink` shows the same elements: each field of a
+        // concatenation padded to 4 bytes, a lone port 2 bytes.
+        let v4 = Element::V4(Ipv4Addr::new(10, 96, 0, 10), 80);
+        assert_eq!(v4.to_string(), "10.96.0.10 . 80");
+        assert_eq!(v4.key(), [10, 96, 0, 10, 0, 80, 0, 0]);
+        let v6 = Element::V6("fd00:10:96::b".parse().unwrap(), 443);
+        assert_eq!(v6.to_string(), "fd00:10:96::b . 443");
+        assert_eq!(
+            v6.key(),
+            [0xfd, 0, 0, 0x10, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xb, 0x01, 0xbb, 0, 0]
+        );
+        assert_eq!(Element::NodePort(30081).to_string(), "30081");
+        assert_eq!(Element::NodePort(30081).key(), [0x75, 0x81]);
     }
 
     #[test]
