@@ -7,7 +7,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::Counter;
@@ -91,11 +91,13 @@ pub async fn copy_both_ways(
     }
 }
 
-/// When bytes last moved, on the proxy's millisecond clock. Kept only when an idle
-/// timeout asks for it: otherwise a chunk costs no clock reading.
+/// What the two directions of a connection share: when bytes last moved, on the
+/// proxy's millisecond clock (kept only when an idle timeout asks for it: otherwise a
+/// chunk costs no clock reading), and whether one direction has ended.
 pub(crate) struct Activity {
     last_ms: AtomicU64,
     tracked: bool,
+    one_ended: AtomicBool,
 }
 
 impl Activity {
@@ -103,6 +105,17 @@ impl Activity {
         Self {
             last_ms: AtomicU64::new(if tracked { now_ms() } else { 0 }),
             tracked,
+            one_ended: AtomicBool::new(false),
+        }
+    }
+
+    /// Passes a direction's end of stream on to `to` as a half-close. The direction
+    /// that ends second skips it: the connection closes at once, and the close tells
+    /// `to` the same, one system call fewer per connection.
+    pub(crate) fn pass_on_end(&self, to: &TcpStream) {
+        if !self.one_ended.swap(true, Ordering::Relaxed) {
+            // The peer may be gone already; then there is nobody left to tell.
+            let _ = SockRef::from(to).shutdown(Shutdown::Write);
         }
     }
 
@@ -188,8 +201,7 @@ async fn copy_buffered(
             Err(Relay::Failed(e)) => return Err(e),
         };
         if n == 0 {
-            // The peer may be gone already; then there is nobody left to tell.
-            let _ = SockRef::from(to).shutdown(Shutdown::Write);
+            activity.pass_on_end(to);
             return Ok(Ended::Eof);
         }
         if !rest.is_empty() {
@@ -226,8 +238,10 @@ fn relay_chunk(
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(Relay::Empty),
         Err(e) => return Err(Relay::Failed(from_side.error(e))),
     };
+    if n == 0 {
+        return Ok(0);
+    }
     let written = match to.try_write(&buf[..n]) {
-        _ if n == 0 => 0,
         Ok(written) => written,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(Relay::Failed(to_side.error(e))),

@@ -3,12 +3,10 @@
 //! are what the CPU spends its time on.
 
 use std::io;
-use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 
 use metrics::Counter;
 use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
-use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -69,7 +67,7 @@ pub async fn copy(
             }
         };
         if n == 0 {
-            let _ = SockRef::from(to).shutdown(Shutdown::Write);
+            activity.pass_on_end(to);
             return Ok(());
         }
         let mut pending = n;
