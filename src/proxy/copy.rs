@@ -148,7 +148,7 @@ async fn idle(activity: &Activity, limit: Duration) {
 #[cfg(target_os = "linux")]
 const SPLICE_AFTER_FULL_READS: u32 = 4;
 
-/// Copies until end of stream, then shuts down the writer: the half-close passes on.
+/// Copies until end of stream, then passes the end on (`Activity::pass_on_end`).
 async fn copy_one_way(
     from: (&TcpStream, Side),
     to: (&TcpStream, Side),
@@ -175,7 +175,7 @@ async fn copy_one_way(
 
 #[derive(Debug, PartialEq, Eq)]
 enum Ended {
-    /// The stream ended and the half-close was passed on.
+    /// The stream ended, and the end was passed on.
     Eof,
     /// `switch_after` full reads came in a row: a bulk transfer; the caller takes over.
     Bulk,

@@ -36,7 +36,7 @@ impl Pipe {
     }
 }
 
-/// Copies `from` → `to` through `pipe` until end of stream, then passes the half-close on.
+/// Copies `from` → `to` through `pipe` until end of stream, then passes the end on.
 pub async fn copy(
     (from, from_side): (&TcpStream, Side),
     (to, to_side): (&TcpStream, Side),
