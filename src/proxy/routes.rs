@@ -260,14 +260,12 @@ impl RouteTable {
     fn remove(&mut self, service: &Service, now: Option<&Service>, telemetry: &Telemetry) {
         let owned = |route: &Arc<Route>| route.service == service.key;
         for port in &service.ports {
-            for traffic in [Traffic::Internal, Traffic::External] {
-                let removed = self
-                    .by_port
-                    .remove(&(service.key.clone(), port.port, traffic));
-                let kept = now.is_some_and(|n| n.ports.iter().any(|p| p.port == port.port));
-                if let (Some(route), Traffic::Internal, false) = (removed, traffic, kept) {
-                    zero_endpoint_gauges(telemetry, &service.key, &route.port);
-                }
+            let key = |traffic| (service.key.clone(), port.port, traffic);
+            let internal = self.by_port.remove(&key(Traffic::Internal));
+            self.by_port.remove(&key(Traffic::External));
+            let kept = now.is_some_and(|n| n.ports.iter().any(|p| p.port == port.port));
+            if let (Some(route), false) = (internal, kept) {
+                zero_endpoint_gauges(telemetry, &service.key, &route.port);
             }
             for ip in service
                 .cluster_ips
@@ -275,8 +273,7 @@ impl RouteTable {
                 .chain(&service.external_ips)
                 .chain(&service.load_balancer_ips)
             {
-                let ip = *ip;
-                let addr = ServiceAddr(SocketAddr::new(ip, port.port));
+                let addr = ServiceAddr(SocketAddr::new(*ip, port.port));
                 if self.by_addr.get(&addr).is_some_and(owned) {
                     self.by_addr.remove(&addr);
                 }
