@@ -33,7 +33,8 @@ mod floor {
 
     const BUFFER: usize = 16 * 1024;
 
-    /// What a completion is for; the low byte of its user data, the slot above it.
+    /// What a completion is for: the low byte of its user data (the direction is the
+    /// next byte, the connection's slot the bits above).
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
     enum Op {
         Accept = 0,
