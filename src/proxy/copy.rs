@@ -409,19 +409,20 @@ mod tests {
     /// Segments `socket` has received so far, from TCP_INFO.
     fn segments_in(socket: &TcpStream) -> u32 {
         use std::os::fd::AsRawFd;
-        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        // SAFETY: getsockopt(TCP_INFO) has no safe wrapper in the crates at hand; it
-        // writes at most `len` bytes into `info`, a plain C struct of integers that
-        // lives for the call.
-        let rc = unsafe {
-            libc::getsockopt(
+        // SAFETY: getsockopt(TCP_INFO) has no safe wrapper in the crates at hand.
+        // `tcp_info` holds integers only, so all zeroes is a valid value, and the call
+        // writes at most `len` bytes into it.
+        let (rc, info) = unsafe {
+            let mut info: libc::tcp_info = std::mem::zeroed();
+            let rc = libc::getsockopt(
                 socket.as_raw_fd(),
                 libc::IPPROTO_TCP,
                 libc::TCP_INFO,
                 (&mut info as *mut libc::tcp_info).cast(),
                 &mut len,
-            )
+            );
+            (rc, info)
         };
         assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
         info.tcpi_segs_in
@@ -443,7 +444,10 @@ mod tests {
             .await
             .unwrap()
             .is_read_closed()
-        {}
+        {
+            // Let the reactor record the end, should it come in an event of its own.
+            tokio::task::yield_now().await;
+        }
         let before = segments_in(&client);
         assert_eq!(copy(&endpoint_side, &client_side, None).await, Ended::Eof);
         let mut answer = Vec::new();
