@@ -181,11 +181,10 @@ mod floor {
                 Op::Recv if result < 0 => self.fail(slot),
                 Op::Recv if result == 0 => {
                     conn.ways[way].done = true;
-                    let (_, to) = conn.ends(way);
-                    let to = if to == conn.client.as_raw_fd() {
-                        &conn.client
-                    } else {
+                    let to = if way == 0 {
                         &conn.backend
+                    } else {
+                        &conn.client
                     };
                     let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
                 }
