@@ -61,14 +61,18 @@ mod floor {
     }
 
     impl Connection {
-        /// (from, to) of direction `way`.
-        fn ends(&self, way: usize) -> (i32, i32) {
-            let (c, b) = (self.client.as_raw_fd(), self.backend.as_raw_fd());
+        /// The socket direction `way` reads from.
+        fn from(&self, way: usize) -> &OwnedFd {
             if way == 0 {
-                (c, b)
+                &self.client
             } else {
-                (b, c)
+                &self.backend
             }
+        }
+
+        /// The socket direction `way` writes to.
+        fn to(&self, way: usize) -> &OwnedFd {
+            self.from(1 - way)
         }
     }
 
@@ -97,7 +101,7 @@ mod floor {
     impl Relay {
         fn recv(&mut self, slot: usize, way: usize) {
             let conn = self.slots[slot].as_mut().expect("live slot");
-            let (from, _) = conn.ends(way);
+            let from = conn.from(way).as_raw_fd();
             let buf = &mut conn.ways[way].buf;
             conn.in_flight += 1;
             self.queued.push(
@@ -109,7 +113,7 @@ mod floor {
 
         fn send(&mut self, slot: usize, way: usize) {
             let conn = self.slots[slot].as_mut().expect("live slot");
-            let (_, to) = conn.ends(way);
+            let to = conn.to(way).as_raw_fd();
             let dir = &conn.ways[way];
             let pending = &dir.buf[dir.sent..dir.len];
             conn.in_flight += 1;
@@ -181,12 +185,8 @@ mod floor {
                 Op::Recv if result < 0 => self.fail(slot),
                 Op::Recv if result == 0 => {
                     conn.ways[way].done = true;
-                    let to = if way == 0 {
-                        &conn.backend
-                    } else {
-                        &conn.client
-                    };
-                    let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+                    let _ =
+                        socket2::SockRef::from(conn.to(way)).shutdown(std::net::Shutdown::Write);
                 }
                 Op::Recv => {
                     conn.ways[way].len = result as usize;
@@ -239,6 +239,9 @@ mod floor {
                 .user_data(user_data(0, 0, Op::Accept))
         };
         relay.queued.push(accept());
+        // Completions are copied out before handling them (handling pushes entries);
+        // the one vector serves every turn.
+        let mut done: Vec<(u64, i32, u32)> = Vec::new();
         loop {
             {
                 let mut sq = ring.submission();
@@ -252,11 +255,12 @@ mod floor {
                 }
             }
             ring.submit_and_wait(1)?;
-            let done: Vec<(u64, i32, u32)> = ring
-                .completion()
-                .map(|c| (c.user_data(), c.result(), c.flags()))
-                .collect();
-            for (data, result, flags) in done {
+            done.clear();
+            done.extend(
+                ring.completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            for &(data, result, flags) in &done {
                 let (slot, way, op) = decode(data);
                 if op != Op::Accept {
                     relay.completed(slot, way, op, result);
