@@ -195,6 +195,7 @@ fn slice_change_to_traffic(c: &mut Criterion) {
         }));
         api.apply(bench_slice(&pods[0]));
         let config = ClusterRun {
+            master: None,
             kubeconfig: Some(api.kubeconfig().to_owned()),
             scope: Scope::default(),
             source: SourceConfig::default(),

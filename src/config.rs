@@ -46,6 +46,13 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "from_file")]
     pub kubeconfig: Option<PathBuf>,
 
+    /// The API server, e.g. https://10.0.0.10:6443, in place of the in-cluster address or the
+    /// kubeconfig's server (credentials still come from them). Needed where carousel
+    /// replaces kube-proxy: the in-cluster address is a ClusterIP only a working proxy
+    /// routes. Empty: not set.
+    #[arg(long, value_name = "URL", value_parser = parse_master, conflicts_with = "from_file")]
+    pub master: Option<String>,
+
     /// Proxy the Services of this file of Kubernetes objects instead of a cluster's; reloaded on change.
     #[arg(long, value_name = "STATE.yaml")]
     pub from_file: Option<PathBuf>,
@@ -54,7 +61,8 @@ pub struct RunArgs {
     #[arg(long, value_enum)]
     pub proxy_mode: Option<ProxyMode>,
 
-    /// Own only Services labelled service.kubernetes.io/service-proxy-name=NAME.
+    /// Own only Services labelled service.kubernetes.io/service-proxy-name=NAME (empty:
+    /// not set, so only Services without that label, as kube-proxy).
     #[arg(long, value_name = "NAME")]
     pub service_proxy_name: Option<String>,
 
@@ -118,6 +126,34 @@ pub struct RunArgs {
     /// would have sent each connection (carousel_shadow_picks_total).
     #[arg(long, value_delimiter = ',', value_name = "a,b,...")]
     pub shadow: Vec<String>,
+}
+
+impl RunArgs {
+    /// `--master`, unless empty.
+    pub fn master(&self) -> Option<&str> {
+        self.master.as_deref().filter(|m| !m.is_empty())
+    }
+
+    /// `--service-proxy-name`, unless empty.
+    pub fn service_proxy_name(&self) -> Option<&str> {
+        self.service_proxy_name.as_deref().filter(|n| !n.is_empty())
+    }
+}
+
+/// An http(s) URL with a host, or empty (a ConfigMap value that leaves it unset).
+fn parse_master(value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        return Ok(String::new());
+    }
+    let uri: hyper::Uri = value
+        .parse()
+        .map_err(|e| format!("{value:?} is not a URL: {e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("https" | "http"), Some(host)) if !host.is_empty() => Ok(value.to_string()),
+        _ => Err(format!(
+            "{value:?} is not an API server URL such as https://10.0.0.10:6443"
+        )),
+    }
 }
 
 #[derive(Debug, Args)]

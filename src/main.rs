@@ -26,10 +26,15 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(_) | Command::Bench(_) | Command::Status(_) => "warn",
         _ => "info",
     };
+    let mut filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // kube's client logs every failed request at error; carousel logs an outage once
+    // (discovery::backoff). Unless RUST_LOG asks for kube_client itself.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("kube_client")) {
+        filter = filter.add_directive("kube_client::client::builder=off".parse()?);
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
@@ -150,8 +155,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let proxy_name = args.service_proxy_name().map(str::to_owned);
     let scope = Scope {
-        proxy_name: args.service_proxy_name.clone(),
+        proxy_name: proxy_name.clone(),
     };
     let proxy = ProxyConfig {
         forward: ForwardConfig {
@@ -190,10 +196,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => {
             let config = ClusterRun {
+                master: args.master().map(str::to_owned),
                 kubeconfig: args.kubeconfig,
                 scope,
                 source: SourceConfig {
-                    proxy_name: args.service_proxy_name,
+                    proxy_name,
                     service_selector: args.service_selector,
                     node_name: args.node_name,
                     zone: args.zone,

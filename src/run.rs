@@ -84,6 +84,8 @@ pub async fn run_from_file(
 pub struct ClusterRun {
     /// `--kubeconfig`; without it, in-cluster, then `$KUBECONFIG`, then `~/.kube/config`.
     pub kubeconfig: Option<PathBuf>,
+    /// `--master`: the API server's URL, replacing the configuration's.
+    pub master: Option<String>,
     pub scope: Scope,
     pub source: SourceConfig,
     pub proxy: ProxyConfig,
@@ -103,7 +105,7 @@ pub async fn run_from_cluster(
     shutdown: impl Future<Output = ()>,
     abandon: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let client = kube::connect(run.kubeconfig.as_deref()).await?;
+    let cluster = kube::connect(run.kubeconfig.as_deref(), run.master.as_deref()).await?;
     let store = Store::new(
         run.scope,
         run.source.node_name.as_deref(),
@@ -113,7 +115,7 @@ pub async fn run_from_cluster(
     // then the empty placeholder must not count as a sync.
     let (tables, updates) = watch::channel(Arc::new(ServiceTable::default()));
     let source = tokio::spawn(kube::run(
-        client,
+        cluster,
         run.source,
         store,
         kube::Outputs { tables },

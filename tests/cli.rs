@@ -403,6 +403,62 @@ async fn run_serves_a_cluster_through_a_kubeconfig() {
     sigterm_and_expect_a_clean_exit(&mut child).await;
 }
 
+/// An API server address where nothing listens: one warning names it and the cause,
+/// however many attempts follow; `--master` without a scheme is refused at once.
+#[tokio::test]
+async fn a_wrong_api_address_is_named_once() {
+    let dead = refusing_addr("127.66.12.1").await;
+    let mut child = Command::new(BIN)
+        .args(["run", "--master", &format!("http://{dead}")])
+        .args([
+            "--proxy-mode",
+            "bind",
+            "--metrics-bind-address",
+            "127.66.12.2:0",
+            "--healthz-bind-address",
+            "127.66.12.2:0",
+        ])
+        .env("HOME", "/nonexistent")
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Several attempts of both watches: 0, 0.4-0.8, 1.2-2.4, 2.8-5.6 s.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    sigterm_and_expect_a_clean_exit(&mut child).await;
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one line for the outage:\n{stderr}");
+    assert!(
+        warnings[0].contains(&dead.to_string()) && warnings[0].contains("Connection refused"),
+        "the line names the server and the cause: {}",
+        warnings[0]
+    );
+
+    let output = Command::new(BIN)
+        .args(["run", "--master", "kubernetes-api:6443"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--master") && stderr.contains("kubernetes-api:6443"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn service_selector_is_refused_with_a_state_file() {
     let output = Command::new(BIN)

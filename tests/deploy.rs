@@ -5,9 +5,10 @@
 //! Kubernetes OpenAPI schemas (tests/deploy/validate.sh, the kubernetes-validate package).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
+
+mod common;
 
 use carousel::config::{Cli, Command, ProxyMode};
 use clap::Parser;
@@ -123,15 +124,48 @@ fn objects_under(dir: &Path) -> Vec<Doc> {
         .collect()
 }
 
-/// The objects that `kubectl apply -k deploy/` installs (deploy/ itself, not examples/).
-fn install_objects() -> Vec<Doc> {
-    let mut docs = Vec::new();
-    for path in files_under(&deploy_dir(), &["yaml", "yml"]) {
-        if path.parent() == Some(deploy_dir().as_path()) && !is_kustomization(&path) {
-            docs.extend(read_docs(&path));
+/// The two ways to install carousel: `kubectl apply -k` of these directories.
+const OVERLAYS: [Overlay; 2] = [Overlay::BesideKubeProxy, Overlay::ReplaceKubeProxy];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Overlay {
+    /// `deploy/`: Services labelled service-proxy-name=carousel, kube-proxy's ports left.
+    BesideKubeProxy,
+    /// `deploy/replace-kube-proxy/`: every Service, kube-proxy's ports, --master.
+    ReplaceKubeProxy,
+}
+
+impl Overlay {
+    fn dir(self) -> PathBuf {
+        match self {
+            Overlay::BesideKubeProxy => deploy_dir(),
+            Overlay::ReplaceKubeProxy => deploy_dir().join("replace-kube-proxy"),
         }
     }
-    docs
+
+    /// The YAML that `kubectl apply -k` of this overlay applies (`kubectl kustomize`).
+    fn render(self) -> String {
+        let out = Process::new("kubectl")
+            .arg("kustomize")
+            .arg(self.dir())
+            .output()
+            .expect("kubectl (kubectl kustomize renders the overlays)");
+        assert!(
+            out.status.success(),
+            "kubectl kustomize {}: {}",
+            relative(&self.dir()),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("UTF-8")
+    }
+
+    /// The objects it installs.
+    fn objects(self) -> Vec<Doc> {
+        parse_docs(
+            &format!("kubectl kustomize {}", relative(&self.dir())),
+            &self.render(),
+        )
+    }
 }
 
 fn at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
@@ -254,7 +288,7 @@ fn rbac_grants_only_reading_services_endpointslices_nodes_and_pods() {
 
     // Not vacuous: carousel's role exists, is bound to its ServiceAccount, and grants
     // what carousel needs.
-    let installed = install_objects();
+    let installed = Overlay::BesideKubeProxy.objects();
     only(&installed, "ServiceAccount", "carousel");
     let roles: Vec<&Doc> = installed
         .iter()
@@ -368,8 +402,8 @@ struct DaemonSet {
 }
 
 impl DaemonSet {
-    fn load() -> Self {
-        let installed = install_objects();
+    fn load(overlay: Overlay) -> Self {
+        let installed = overlay.objects();
         let doc = only(&installed, "DaemonSet", "carousel").clone();
         assert_eq!(doc.namespace(), "kube-system", "{}", doc.origin);
         Self { doc, installed }
@@ -521,7 +555,13 @@ fn no_ref_left(args: &[String]) {
 
 #[test]
 fn daemonset_is_locked_down() {
-    let ds = DaemonSet::load();
+    for overlay in OVERLAYS {
+        daemonset_is_locked_down_in(overlay);
+    }
+}
+
+fn daemonset_is_locked_down_in(overlay: Overlay) {
+    let ds = DaemonSet::load(overlay);
     let spec = &ds.doc.value["spec"];
     let pod = ds.pod();
     let c = ds.container();
@@ -625,43 +665,103 @@ fn daemonset_is_locked_down() {
         str_at(c, &["readinessProbe", "httpGet", "path"]),
         Some("/readyz")
     );
-    for kind in ["requests", "limits"] {
-        for resource in ["cpu", "memory"] {
-            assert!(
-                at(c, &["resources", kind, resource]).is_some(),
-                "resources.{kind}.{resource} is not set"
-            );
-        }
+    for resource in ["cpu", "memory"] {
+        assert!(
+            at(c, &["resources", "requests", resource]).is_some(),
+            "resources.requests.{resource} is not set"
+        );
     }
+    assert!(
+        at(c, &["resources", "limits", "memory"]).is_some(),
+        "resources.limits.memory is not set"
+    );
+    // kube-proxy has no CPU limit either: throttling would stall the node's Services.
+    assert!(
+        at(c, &["resources", "limits", "cpu"]).is_none(),
+        "a CPU limit throttles every Service connection of the node"
+    );
+    // The image is kustomize's to set.
+    assert_eq!(
+        str_at(c, &["image"]),
+        Some("carousel:latest"),
+        "{overlay:?}"
+    );
 }
+
+/// Ports a Kubernetes node's own components hold by default: the kubelet (10248,
+/// 10250, 10255), kube-proxy (10249, 10256), the controller manager (10257), the
+/// scheduler (10259), and carousel's redirect listener (10262).
+const KUBELET_PORTS: [u16; 3] = [10248, 10250, 10255];
+const KUBE_PROXY_PORTS: [u16; 2] = [10249, 10256];
+const CONTROL_PLANE_PORTS: [u16; 2] = [10257, 10259];
 
 #[test]
 fn daemonset_args_are_accepted_by_carousels_parser() {
-    let ds = DaemonSet::load();
-    let container = ds.container();
-    assert!(
-        at(container, &["command"]).is_none(),
-        "command overrides the image's entrypoint (/usr/local/bin/carousel)"
-    );
+    for overlay in OVERLAYS {
+        daemonset_args_are_accepted_in(overlay);
+    }
+}
+
+/// `carousel run` as the rendered DaemonSet starts it, parsed by carousel's own parser.
+fn parsed_args(ds: &DaemonSet) -> carousel::config::RunArgs {
     let args = ds.args();
     no_ref_left(&args);
     assert_eq!(args.first().map(String::as_str), Some("run"), "{args:?}");
-
     let cli = Cli::try_parse_from(std::iter::once("carousel".to_string()).chain(args.clone()))
         .unwrap_or_else(|e| panic!("carousel refuses {args:?}:\n{e}"));
     let Command::Run(run) = cli.command else {
         panic!("{args:?} is not `carousel run`");
     };
+    *run
+}
+
+fn daemonset_args_are_accepted_in(overlay: Overlay) {
+    let ds = DaemonSet::load(overlay);
+    let container = ds.container();
+    assert!(
+        at(container, &["command"]).is_none(),
+        "command overrides the image's entrypoint (/usr/local/bin/carousel)"
+    );
+    let run = parsed_args(&ds);
     assert_eq!(run.proxy_mode, Some(ProxyMode::Nftables));
     assert!(
         run.from_file.is_none(),
         "a DaemonSet reads the cluster, not a file"
     );
-    assert_eq!(
-        run.metrics_bind_address,
-        "127.0.0.1:10249".parse::<SocketAddr>().unwrap()
+    let metrics = run.metrics_bind_address;
+    assert!(
+        metrics.ip().is_loopback(),
+        "--metrics-bind-address {metrics}"
     );
     let health = run.healthz_bind_address;
+    let ports = [metrics.port(), health.port()];
+    match overlay {
+        Overlay::BesideKubeProxy => {
+            for port in ports {
+                assert!(
+                    !KUBELET_PORTS.contains(&port)
+                        && !KUBE_PROXY_PORTS.contains(&port)
+                        && !CONTROL_PLANE_PORTS.contains(&port)
+                        && port != run.redirect_port,
+                    "{overlay:?}: port {port} is held by a node component"
+                );
+            }
+            assert_eq!(run.service_proxy_name(), Some("carousel"));
+            assert_eq!(
+                run.master(),
+                None,
+                "beside kube-proxy the in-cluster address works"
+            );
+        }
+        Overlay::ReplaceKubeProxy => {
+            assert_eq!(ports, KUBE_PROXY_PORTS, "{overlay:?}: kube-proxy's ports");
+            assert_eq!(run.service_proxy_name(), None, "{overlay:?}: every Service");
+            assert!(
+                run.master().is_some(),
+                "{overlay:?}: the in-cluster API address is a ClusterIP nobody routes"
+            );
+        }
+    }
     assert!(
         health.ip().is_unspecified(),
         "the kubelet probes the node's address; {health} does not listen there"
@@ -716,7 +816,7 @@ fn daemonset_args_are_accepted_by_carousels_parser() {
 #[test]
 fn a_bad_configmap_value_is_caught() {
     // The test above is only worth something if a wrong value makes it fail.
-    let ds = DaemonSet::load();
+    let ds = DaemonSet::load(Overlay::BesideKubeProxy);
     let mut env = ds.env();
     for value in env.values_mut() {
         if value.ends_with('s') && value.trim_end_matches('s').parse::<u32>().is_ok() {
@@ -732,6 +832,237 @@ fn a_bad_configmap_value_is_caught() {
         .map(|a| expand(a, &env))
         .collect();
     assert!(Cli::try_parse_from(std::iter::once("carousel".to_string()).chain(args)).is_err());
+
+    // An API server address that is no URL is refused with the flag named.
+    let mut env = ds.env();
+    env.insert("CAROUSEL_MASTER".into(), "kubernetes-api:6443".into());
+    let args = strings_at(ds.container(), &["args"])
+        .iter()
+        .map(|a| expand(a, &env))
+        .collect::<Vec<_>>();
+    let error = Cli::try_parse_from(std::iter::once("carousel".to_string()).chain(args))
+        .expect_err("a master without a scheme")
+        .to_string();
+    assert!(error.contains("--master"), "{error}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The rendered DaemonSet, run
+// ---------------------------------------------------------------------------------------
+
+const BIN: &str = env!("CARGO_BIN_EXE_carousel");
+const AGENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/netns/agent.py");
+
+/// A network namespace playing a node, with the processes started in it; removed on
+/// drop, pass or fail (carousel's nftables table goes with it).
+struct Node {
+    netns: String,
+    children: Vec<std::process::Child>,
+}
+
+impl Node {
+    fn new(overlay: Overlay) -> Node {
+        let netns = format!("cd{}-{overlay:?}", std::process::id());
+        let node = Node {
+            netns,
+            children: Vec::new(),
+        };
+        let ns = node.netns.as_str();
+        for args in [
+            format!("netns add {ns}"),
+            format!("-n {ns} link set lo up"),
+            // A pod address on the node, and a route for the Service range, so that the
+            // node's own processes can dial a ClusterIP before the output hook redirects.
+            format!("-n {ns} link add pods type veth peer name pods-peer"),
+            format!("-n {ns} addr add 10.244.0.2/24 dev pods"),
+            format!("-n {ns} link set pods up"),
+            format!("-n {ns} link set pods-peer up"),
+            format!("-n {ns} route add 10.96.0.0/12 dev pods"),
+        ] {
+            let out = Process::new("ip")
+                .args(args.split_whitespace())
+                .output()
+                .expect("ip");
+            assert!(
+                out.status.success(),
+                "ip {args}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        node
+    }
+
+    fn exec(&self, program: &str) -> Process {
+        let mut cmd = Process::new("ip");
+        cmd.args(["netns", "exec", &self.netns, program]);
+        cmd
+    }
+
+    /// Starts `cmd` and keeps it until the node goes.
+    fn spawn(&mut self, mut cmd: Process) -> &mut std::process::Child {
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        self.children.push(child);
+        self.children.last_mut().unwrap()
+    }
+
+    /// One GET from inside the node: "STATUS\nBODY", or "" when nothing answers.
+    fn get(&self, url: &str) -> String {
+        let out = self
+            .exec("python3")
+            .args([AGENT, "get", url])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Process::new("ip")
+            .args(["netns", "delete", &self.netns])
+            .status();
+    }
+}
+
+/// A process that holds `addr` in the node, as kube-proxy holds its ports.
+fn hold(node: &mut Node, addr: &str) {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let mut cmd = node.exec("python3");
+    cmd.args([
+        "-c",
+        &format!(
+            "import socket,sys,time\ns=socket.socket()\ns.bind(({host:?},{port}))\ns.listen()\nprint('held',flush=True)\ntime.sleep(600)"
+        ),
+    ])
+    .stdout(std::process::Stdio::piped());
+    let child = node.spawn(cmd);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "held", "could not hold {addr}");
+}
+
+/// Each overlay's DaemonSet, its command line as the kubelet would expand it, run in a
+/// namespace of its own against the fake API server: it gets ready on the probe's port
+/// and forwards a connection to a ClusterIP in nftables mode. Beside kube-proxy, other
+/// processes hold kube-proxy's 10249 and 10256; in its place, the API server is reached
+/// through the `master` value the user sets, with no kubeconfig.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rendered_daemonsets_run_and_forward() {
+    for overlay in OVERLAYS {
+        run_rendered_daemonset(overlay).await;
+    }
+}
+
+async fn run_rendered_daemonset(overlay: Overlay) {
+    use common::fake_apiserver::FakeApiServer;
+    use serde_json::json;
+
+    let ds = DaemonSet::load(overlay);
+    let mut node = Node::new(overlay);
+    if overlay == Overlay::BesideKubeProxy {
+        hold(&mut node, "127.0.0.1:10249");
+        hold(&mut node, "0.0.0.0:10256");
+    }
+    let api = FakeApiServer::start_on_std(common::listen_in_netns(
+        &node.netns,
+        "127.0.0.1:0".parse().unwrap(),
+    ));
+    let mut pod = node.exec("python3");
+    pod.args([AGENT, "serve", "pod-a", "8080"])
+        .stdout(std::process::Stdio::null());
+    node.spawn(pod);
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default", "labels": match overlay {
+            Overlay::BesideKubeProxy => json!({"service.kubernetes.io/service-proxy-name": "carousel"}),
+            Overlay::ReplaceKubeProxy => json!({}),
+        }},
+        "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+    }));
+    api.apply(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["10.244.0.2"], "conditions": {"ready": true},
+                       "targetRef": {"kind": "Pod", "name": "pod-a", "namespace": "default"}}],
+    }));
+
+    // The user's one setting in kube-proxy's place: the API server's address.
+    let mut env = ds.env();
+    let server = format!("http://{}", api.addr);
+    let mut cmd = node.exec(BIN);
+    match overlay {
+        Overlay::BesideKubeProxy => {
+            // In a pod the service account reaches the in-cluster address; here a
+            // kubeconfig stands in for it.
+            cmd.env("KUBECONFIG", api.kubeconfig());
+        }
+        Overlay::ReplaceKubeProxy => {
+            env.insert("CAROUSEL_MASTER".into(), server.clone());
+            cmd.env_remove("KUBECONFIG").env("HOME", "/nonexistent");
+        }
+    }
+    let args: Vec<String> = strings_at(ds.container(), &["args"])
+        .iter()
+        .map(|a| expand(a, &env))
+        .collect();
+    no_ref_left(&args);
+    let log = tempfile::NamedTempFile::new().unwrap();
+    cmd.args(&args)
+        .env("NODE_NAME", "node-under-test")
+        .env("RUST_LOG", &env["RUST_LOG"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log.reopen().unwrap());
+    node.spawn(cmd);
+    let log = || std::fs::read_to_string(log.path()).unwrap_or_default();
+
+    let port = ds.probe_port("readinessProbe");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !node
+        .get(&format!("http://127.0.0.1:{port}/readyz"))
+        .starts_with("200")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{overlay:?}: not ready on the probe's port {port}:\n{}",
+            log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(node
+        .get(&format!(
+            "http://127.0.0.1:{}/healthz",
+            ds.probe_port("livenessProbe")
+        ))
+        .starts_with("200"));
+
+    let out = node
+        .exec("python3")
+        .args([AGENT, "ask", "10.96.0.10", "80", "5"])
+        .output()
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{overlay:?}: agent: {e}: {out:?}"));
+    assert_eq!(answer["errors"], 0, "{overlay:?}: {answer}\n{}", log());
+    assert_eq!(answer["seen"]["-"]["pod-a"], 5, "{overlay:?}: {answer}");
+    if overlay == Overlay::ReplaceKubeProxy {
+        assert!(
+            log().contains(&server),
+            "the log names the API server:\n{}",
+            log()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -776,7 +1107,7 @@ fn kubechaos_example_is_a_weighted_canary_that_carousel_understands() {
     assert_eq!(rules.len(), 2, "{weights:?}");
 
     // The Service is carousel's: it carries the proxy name the DaemonSet is given.
-    let ds = DaemonSet::load();
+    let ds = DaemonSet::load(Overlay::BesideKubeProxy);
     let proxy_name = ds
         .args()
         .iter()
@@ -910,8 +1241,12 @@ fn kustomizations_list_every_manifest_of_their_directory() {
         .iter()
         .map(|k| k.parent().unwrap().to_path_buf())
         .collect();
-    assert!(dirs.contains(&deploy_dir()), "deploy/kustomization.yaml");
-    assert!(dirs.contains(&deploy_dir().join("examples/kubechaos")));
+    for dir in ["", "base", "replace-kube-proxy", "examples/kubechaos"] {
+        assert!(
+            dirs.contains(&deploy_dir().join(dir)),
+            "deploy/{dir}: no kustomization.yaml"
+        );
+    }
 
     for path in &kustomizations {
         let docs = read_docs(path);
@@ -923,7 +1258,15 @@ fn kustomizations_list_every_manifest_of_their_directory() {
             Some("kustomize.config.k8s.io/v1beta1")
         );
         let dir = path.parent().unwrap();
-        let listed: BTreeSet<String> = strings_at(k, &["resources"]).into_iter().collect();
+        // Resources, and the patches an overlay applies to them.
+        let listed: BTreeSet<String> = strings_at(k, &["resources"])
+            .into_iter()
+            .chain(
+                seq_at(k, &["patches"])
+                    .iter()
+                    .filter_map(|p| str_at(p, &["path"]).map(str::to_string)),
+            )
+            .collect();
         for resource in &listed {
             assert!(
                 dir.join(resource).exists(),
@@ -949,12 +1292,32 @@ fn kustomizations_list_every_manifest_of_their_directory() {
         );
     }
 
-    let top = read_docs(&deploy_dir().join("kustomization.yaml"));
-    let listed: BTreeSet<String> = strings_at(&top[0].value, &["resources"])
+    let base = read_docs(&deploy_dir().join("base/kustomization.yaml"));
+    let listed: BTreeSet<String> = strings_at(&base[0].value, &["resources"])
         .into_iter()
         .collect();
     for file in ["rbac.yaml", "configmap.yaml", "daemonset.yaml"] {
-        assert!(listed.contains(file), "deploy/kustomization.yaml: {file}");
+        assert!(
+            listed.contains(file),
+            "deploy/base/kustomization.yaml: {file}"
+        );
+    }
+    for overlay in OVERLAYS {
+        let kinds: BTreeSet<String> = overlay
+            .objects()
+            .iter()
+            .map(|d| format!("{} {}", d.kind(), d.name()))
+            .collect();
+        for object in [
+            "DaemonSet carousel",
+            "ConfigMap carousel-config",
+            "ServiceAccount carousel",
+        ] {
+            assert!(
+                kinds.contains(object),
+                "{overlay:?} lacks {object}: {kinds:?}"
+            );
+        }
     }
 }
 
@@ -1150,9 +1513,16 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
 
     // Then every Kubernetes object under deploy/. The items of a `kind: List` are
     // written out as documents of their own, since the schemas have no List.
+    // Patches are partial objects: the overlays they are part of are validated whole,
+    // as `kubectl kustomize` renders them.
     let mut files = Vec::new();
+    for overlay in OVERLAYS {
+        let out = scratch.join(format!("{overlay:?}.yaml"));
+        std::fs::write(&out, overlay.render()).unwrap();
+        files.push(out);
+    }
     for path in files_under(&deploy_dir(), &["yaml", "yml"]) {
-        if is_kustomization(&path) {
+        if is_kustomization(&path) || path.parent() == Some(&Overlay::ReplaceKubeProxy.dir()) {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap();
@@ -1173,7 +1543,7 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
             files.push(path);
         }
     }
-    assert!(files.len() >= 6, "too few manifests found: {files:?}");
+    assert!(files.len() >= 8, "too few manifests found: {files:?}");
     let (ok, out) = validate(&files);
     assert!(ok, "{out}");
     for file in &files {

@@ -647,6 +647,76 @@ async fn an_api_server_outage_keeps_serving_and_catches_up_after() {
     carousel.stop().await;
 }
 
+/// The times of the dropped requests for `path`.
+fn dropped_at(api: &FakeApiServer, path: &str) -> Vec<std::time::Instant> {
+    api.dropped_requests()
+        .into_iter()
+        .filter(|(_, p)| p == path)
+        .map(|(at, _)| at)
+        .collect()
+}
+
+/// Against an API server that drops every request, each watch retries after pauses that
+/// double (0.8 s doubling, jittered into the upper half of each window), not about once a
+/// second; once a list completes, the next failure starts again from the first pause.
+#[tokio::test]
+async fn a_failing_api_server_is_retried_with_doubling_pauses() {
+    const WINDOW: Duration = Duration::from_secs(13);
+    let api = FakeApiServer::start().await;
+    api.fail_requests(true);
+    let carousel = ClusterCarousel::start(&api, ClusterFlags::default()).await;
+    tokio::time::sleep(WINDOW).await;
+    let paths = [
+        "/api/v1/services",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+    ];
+    for path in paths {
+        let times = dropped_at(&api, path);
+        let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        // Pauses in [0.4, 0.8), [0.8, 1.6), [1.6, 3.2), [3.2, 6.4), [6.4, 12.8): 5 or 6
+        // attempts in 13 s. A retry about once a second would make 9 or more.
+        assert!(
+            (5..=6).contains(&times.len()),
+            "{path}: {} attempts in {WINDOW:?}, gaps {gaps:?}",
+            times.len()
+        );
+        // Each pause is drawn from a window twice the last one's: every gap is longer.
+        assert!(
+            gaps.windows(2).all(|g| g[1] > g[0]),
+            "{path}: the pauses do not grow: {gaps:?}"
+        );
+        assert!(gaps[0] >= Duration::from_millis(400), "{path}: {gaps:?}");
+    }
+    // Unhealthy all along: there never was a first table.
+    assert!(carousel.telemetry.health().last_sync().is_none());
+
+    // Back: the lists complete and the first table is applied.
+    api.fail_requests(false);
+    eventually_within(
+        Duration::from_secs(30),
+        "the first sync after the outage",
+        || async { carousel.telemetry.health().last_sync().is_some() },
+    )
+    .await;
+    // A new failure starts from the first pause again: the completed list reset it.
+    api.fail_requests(true);
+    let before = dropped_at(&api, paths[0]).len();
+    api.expire_watches();
+    eventually_within(
+        Duration::from_secs(10),
+        "two attempts after the reset",
+        || async { dropped_at(&api, paths[0]).len() >= before + 2 },
+    )
+    .await;
+    let times = dropped_at(&api, paths[0]);
+    let gap = times[before + 1] - times[before];
+    assert!(
+        gap < Duration::from_millis(800) + Duration::from_millis(300),
+        "the first pause after a completed list is under 0.8 s, was {gap:?}"
+    );
+    carousel.stop().await;
+}
+
 #[tokio::test]
 async fn a_410_gone_relists_without_duplicates_or_leftovers() {
     let api = FakeApiServer::start().await;
@@ -770,8 +840,11 @@ fn the_fake_servers_label_selectors() {
 
 #[test]
 fn rbac_grants_read_only_access_to_what_the_watches_need() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/rbac.yaml"))
-        .expect("deploy/rbac.yaml");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/base/rbac.yaml"
+    ))
+    .expect("deploy/base/rbac.yaml");
     let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).expect("YAML"))
         .collect();

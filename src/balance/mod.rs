@@ -8,7 +8,7 @@ mod maglev;
 mod power_of_two_choices;
 mod random;
 mod round_robin;
-mod sample;
+pub(crate) mod sample;
 mod weighted_round_robin;
 
 use std::fmt;

@@ -14,11 +14,11 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::{self, watcher, Event};
-use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::discovery::backoff::{self, Backoff, Outage};
 use crate::discovery::convert::{LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
 use crate::discovery::store::Store;
 use crate::model::ServiceTable;
@@ -46,6 +46,9 @@ pub enum KubeError {
         in_cluster: kube::config::InClusterError,
         kubeconfig: kube::config::KubeconfigError,
     },
+    /// `--master` is not a URL.
+    #[error("--master {master}: {reason}")]
+    Master { master: String, reason: String },
     /// The client cannot be built from the configuration (e.g. bad TLS material).
     #[error("cannot build a Kubernetes client: {0}")]
     Client(#[source] kube::Error),
@@ -79,10 +82,30 @@ pub fn service_label_selector(proxy_name: Option<&str>, extra: Option<&str>) -> 
     selector
 }
 
+/// A client, and the API server it talks to (for the log).
+#[derive(Clone)]
+pub struct Cluster {
+    pub client: Client,
+    pub server: String,
+}
+
 /// A client for the cluster: `kubeconfig` when given; else the in-cluster service
-/// account, then `$KUBECONFIG`, then `~/.kube/config`.
-pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
-    let config = match kubeconfig {
+/// account, then `$KUBECONFIG`, then `~/.kube/config`. `master` replaces the server of
+/// whichever is used, and stands alone (no credentials) when there is none, as
+/// kube-proxy's `--master` does.
+pub async fn connect(
+    kubeconfig: Option<&Path>,
+    master: Option<&str>,
+) -> Result<Cluster, KubeError> {
+    let master = master
+        .map(|m| {
+            m.parse::<hyper::Uri>().map_err(|e| KubeError::Master {
+                master: m.to_string(),
+                reason: e.to_string(),
+            })
+        })
+        .transpose()?;
+    let mut config = match kubeconfig {
         Some(path) => {
             let file = |source| KubeError::Kubeconfig {
                 path: path.display().to_string(),
@@ -97,16 +120,29 @@ pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
         // kubeconfig happens to be mounted too.
         None => match kube::Config::incluster() {
             Ok(config) => config,
-            Err(in_cluster) => kube::Config::from_kubeconfig(&KubeConfigOptions::default())
-                .await
-                .map_err(|kubeconfig| KubeError::NoConfig {
-                    in_cluster,
-                    kubeconfig,
-                })?,
+            Err(in_cluster) => {
+                match kube::Config::from_kubeconfig(&KubeConfigOptions::default()).await {
+                    Ok(config) => config,
+                    Err(_) if master.is_some() => {
+                        kube::Config::new(master.clone().expect("checked"))
+                    }
+                    Err(kubeconfig) => {
+                        return Err(KubeError::NoConfig {
+                            in_cluster,
+                            kubeconfig,
+                        })
+                    }
+                }
+            }
         },
     };
-    tracing::info!(server = %config.cluster_url, "talking to the Kubernetes API");
-    Client::try_from(config).map_err(KubeError::Client)
+    if let Some(master) = master {
+        config.cluster_url = master;
+    }
+    let server = config.cluster_url.to_string();
+    tracing::info!(%server, "talking to the Kubernetes API");
+    let client = Client::try_from(config).map_err(KubeError::Client)?;
+    Ok(Cluster { client, server })
 }
 
 /// One watcher event of any kind, or a watcher's (retried) error.
@@ -118,7 +154,6 @@ enum Update {
     Slice(Event<discovery::EndpointSlice>),
     Node(Event<core::Node>),
     Pod(Event<PartialObjectMeta<core::Pod>>),
-    Error(&'static str, watcher::Error),
 }
 
 type Updates = BoxStream<'static, Update>;
@@ -127,15 +162,11 @@ fn tag<T: 'static + Send>(
     kind: &'static str,
     wrap: fn(Event<T>) -> Update,
     events: impl futures::Stream<Item = Result<Event<T>, watcher::Error>> + Send + 'static,
+    outage: &Arc<Outage>,
 ) -> Updates {
-    // The default backoff (0.8 s doubling to 30 s, with jitter) paces reconnection
-    // when the API server is away; each error still reaches the log.
-    events
-        .default_backoff()
-        .map(move |r| match r {
-            Ok(event) => wrap(event),
-            Err(e) => Update::Error(kind, e),
-        })
+    // Errors are paced and logged there; only events come out.
+    backoff::paced(kind, events, Backoff::default(), outage.clone())
+        .map(wrap)
         .boxed()
 }
 
@@ -149,7 +180,7 @@ pub struct Outputs {
 /// Watches the cluster and publishes on `outputs` until the table channel has no
 /// receiver left.
 pub async fn run(
-    client: Client,
+    cluster: Cluster,
     config: SourceConfig,
     store: Store,
     outputs: Outputs,
@@ -157,6 +188,8 @@ pub async fn run(
 ) {
     let mut store = store;
     let Outputs { tables } = outputs;
+    let Cluster { client, server } = cluster;
+    let outage = Outage::new(server);
     let selector = service_label_selector(
         config.proxy_name.as_deref(),
         config.service_selector.as_deref(),
@@ -170,6 +203,7 @@ pub async fn run(
                 Api::<core::Service>::all(client.clone()),
                 watcher::Config::default().labels(&selector),
             ),
+            &outage,
         ),
         tag(
             "EndpointSlice",
@@ -180,6 +214,7 @@ pub async fn run(
                 // selector-less Services carry the label too.
                 watcher::Config::default().labels(LABEL_SERVICE_NAME),
             ),
+            &outage,
         ),
     ]);
     if let (true, Some(node)) = (store.watches_node(), &config.node_name) {
@@ -190,6 +225,7 @@ pub async fn run(
                 Api::<core::Node>::all(client.clone()),
                 watcher::Config::default().fields(&format!("metadata.name={node}")),
             ),
+            &outage,
         ));
     }
     let mut pods: Option<Updates> = None;
@@ -212,9 +248,6 @@ pub async fn run(
             Some(Update::Slice(e)) => store.apply_slice(e),
             Some(Update::Node(e)) => store.apply_node(e),
             Some(Update::Pod(e)) => store.apply_pod(e),
-            Some(Update::Error(kind, error)) => {
-                tracing::warn!(kind, %error, "watch interrupted, retrying; serving the last table")
-            }
             // The deadline passed.
             None => deadline = None,
         }
@@ -233,6 +266,7 @@ pub async fn run(
                         Api::<PartialObjectMeta<core::Pod>>::all(client.clone()),
                         watcher::Config::default(),
                     ),
+                    &outage,
                 ));
             }
             (false, true) => {

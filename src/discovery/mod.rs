@@ -2,6 +2,7 @@
 //! Kubernetes API. Both convert objects with the same pure functions in `convert` and
 //! publish whole `ServiceTable` snapshots on a watch channel.
 
+pub mod backoff;
 pub mod convert;
 pub mod file;
 pub mod kube;

@@ -123,6 +123,10 @@ struct Shared {
     signals: broadcast::Sender<Signal>,
     /// While true, list requests wait (the API server is up but slow to list).
     hold_lists: watch::Sender<bool>,
+    /// While true, every request is dropped with its connection, unanswered.
+    failing: std::sync::atomic::AtomicBool,
+    /// The requests dropped so far: when, and the path.
+    dropped: Mutex<Vec<(std::time::Instant, String)>>,
 }
 
 /// A fake API server; see the module doc.
@@ -139,6 +143,17 @@ impl FakeApiServer {
     /// Starts a server on 127.0.0.1 (port from the OS) with no objects.
     pub async fn start() -> FakeApiServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_on(listener)
+    }
+
+    /// Starts a server on a listener of the caller's (one bound in a network namespace,
+    /// say); `restart` cannot bind its address again from here.
+    pub fn start_on_std(listener: std::net::TcpListener) -> FakeApiServer {
+        listener.set_nonblocking(true).expect("non-blocking");
+        Self::start_on(TcpListener::from_std(listener).expect("a tokio listener"))
+    }
+
+    fn start_on(listener: TcpListener) -> FakeApiServer {
         let addr = listener.local_addr().expect("local addr");
         let dir = tempfile::tempdir().expect("temp dir");
         let kubeconfig = dir.path().join("kubeconfig");
@@ -152,6 +167,8 @@ impl FakeApiServer {
                 }),
                 signals: broadcast::channel(4096).0,
                 hold_lists: watch::channel(false).0,
+                failing: false.into(),
+                dropped: Mutex::default(),
             }),
             running: Mutex::new(None),
             _dir: dir,
@@ -275,6 +292,19 @@ impl FakeApiServer {
         let _ = self.shared.signals.send(Signal::Expire);
     }
 
+    /// From now on, drops every request with its connection, unanswered: an API server
+    /// that is there but cannot serve (a client sees the connection close).
+    pub fn fail_requests(&self, failing: bool) {
+        self.shared
+            .failing
+            .store(failing, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The requests dropped so far, with when they came, oldest first.
+    pub fn dropped_requests(&self) -> Vec<(std::time::Instant, String)> {
+        self.shared.dropped.lock().unwrap().clone()
+    }
+
     /// Every request so far, as `GET path?query`.
     pub fn requests(&self) -> Vec<String> {
         self.shared.state.lock().unwrap().requests.clone()
@@ -297,7 +327,19 @@ impl Drop for FakeApiServer {
 async fn serve_connection(shared: Arc<Shared>, stream: tokio::net::TcpStream) {
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+        async move {
+            if shared.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                let path = req.uri().path().to_string();
+                shared
+                    .dropped
+                    .lock()
+                    .unwrap()
+                    .push((std::time::Instant::now(), path));
+                // A service error makes hyper close the connection without an answer.
+                return Err(std::io::Error::other("failing on purpose"));
+            }
+            Ok(handle(shared, req).await)
+        }
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(stream), service)

@@ -382,6 +382,28 @@ pub fn pattern(seed: u64, i: u64) -> u8 {
 
 pub mod fake_apiserver;
 
+/// A TCP listener on `addr` inside the network namespace `netns` (`ip netns add`): a
+/// socket stays in the namespace it was made in, so a thread enters the namespace, binds,
+/// and hands the listener back to a process that lives outside it.
+pub fn listen_in_netns(netns: &str, addr: SocketAddr) -> std::net::TcpListener {
+    let path = format!("/run/netns/{netns}");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+                // SAFETY: setns(2) on a descriptor that is open for the whole call; it
+                // changes only this short-lived thread's network namespace.
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET)
+                };
+                assert_eq!(rc, 0, "setns {path}: {}", io::Error::last_os_error());
+                std::net::TcpListener::bind(addr).expect("bind in the namespace")
+            })
+            .join()
+            .expect("the binding thread")
+    })
+}
+
 /// A carousel running in this process against a (fake) API server, in bind mode.
 pub struct ClusterCarousel {
     pub telemetry: Arc<Telemetry>,
@@ -410,6 +432,7 @@ impl ClusterCarousel {
             (metrics.local_addr().unwrap(), health.local_addr().unwrap());
         let config = run::ClusterRun {
             kubeconfig: Some(api.kubeconfig().to_owned()),
+            master: None,
             scope: Scope {
                 proxy_name: flags.proxy_name.clone(),
             },
