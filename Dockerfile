@@ -13,9 +13,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/carousel /usr/local/bin/carousel
 
 FROM debian:bookworm-slim
-# nftables is what --proxy-mode nftables drives; the rest of carousel needs only libc.
+# nft(8) and ip(8) are what --proxy-mode nftables drives (its table, its policy route);
+# the rest of carousel needs only libc.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends nftables \
+    && apt-get install -y --no-install-recommends nftables iproute2 \
     && apt-get clean && rm -rf /var/lib/apt/lists/*
 COPY --from=build /usr/local/bin/carousel /usr/local/bin/carousel
 # No file capabilities: a binary whose file capabilities a container cannot grant is not

@@ -48,12 +48,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench(args).await,
         Command::Status(args) => status(args).await,
         Command::Cleanup => {
-            nftables::apply(&nftables::render_cleanup())
+            nftables::cleanup()
                 .await
-                .context("cannot remove carousel's nftables table")?;
+                .context("cannot remove carousel's rules")?;
             println!(
-                "carousel's nftables table (inet {}) is gone",
-                nftables::TABLE
+                "carousel's nftables table (inet {}) and policy routes (table {}) are gone",
+                nftables::TABLE,
+                carousel::dataplane::policy_route::TABLE
             );
             Ok(())
         }

@@ -831,7 +831,14 @@ fn a_bad_configmap_value_is_caught() {
         .iter()
         .map(|a| expand(a, &env))
         .collect();
-    assert!(Cli::try_parse_from(std::iter::once("carousel".to_string()).chain(args)).is_err());
+    let error = Cli::try_parse_from(std::iter::once("carousel".to_string()).chain(args))
+        .expect_err("a duration that does not parse")
+        .to_string();
+    // The pod stops with the flag and the value named.
+    assert!(
+        error.contains("two seconds") && error.contains("timeout <"),
+        "{error}"
+    );
 
     // An API server address that is no URL is refused with the flag named.
     let mut env = ds.env();

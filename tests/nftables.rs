@@ -276,6 +276,71 @@ impl Lab {
         let out = run(self.in_ns("node", "nft").args(args.split_whitespace()));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+
+    /// `ip ARGS` in the node, its output.
+    fn node_ip(&self, args: &str) -> String {
+        let out = run(self.in_ns("node", "ip").args(args.split_whitespace()));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A client pod wired as Calico, Cilium and the AWS VPC CNI wire pods: a /32 (and a
+    /// /128) on eth0 with the default route via 169.254.1.1 on-link (IPv6: via the host
+    /// veth's link-local address); the host veth has no IPv4 address and answers ARP by
+    /// proxy_arp, and the node routes the /32 to it.
+    fn add_calico_client(&mut self, role: &str) {
+        let node = self.ns("node");
+        let pod = self.add_ns(role);
+        let (v4, v6) = ("10.244.200.2", "fd00:244:200::2");
+        let sysctl = |ns: &str, key: &str| {
+            run(Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", key]));
+        };
+        ip(&format!(
+            "-n {node} link add cali1 type veth peer name eth0 netns {pod}"
+        ));
+        ip(&format!(
+            "-n {node} link set cali1 address ee:ee:ee:ee:ee:ee"
+        ));
+        sysctl(&node, "net.ipv4.conf.cali1.proxy_arp=1");
+        sysctl(&node, "net.ipv6.conf.cali1.accept_dad=0");
+        sysctl(&pod, "net.ipv6.conf.eth0.accept_dad=0");
+        ip(&format!("-n {node} link set cali1 up"));
+        ip(&format!("-n {node} route add {v4}/32 dev cali1"));
+        ip(&format!("-n {node} -6 route add {v6}/128 dev cali1"));
+        ip(&format!("-n {pod} addr add {v4}/32 dev eth0"));
+        ip(&format!("-n {pod} addr add {v6}/128 dev eth0 nodad"));
+        ip(&format!("-n {pod} link set eth0 up"));
+        ip(&format!(
+            "-n {pod} route add 169.254.1.1 dev eth0 scope link"
+        ));
+        ip(&format!(
+            "-n {pod} route add default via 169.254.1.1 dev eth0"
+        ));
+        ip(&format!(
+            "-n {pod} -6 route add default via fe80::ecee:eeff:feee:eeee dev eth0"
+        ));
+        let host_v4 = self.node_ip("-4 addr show dev cali1");
+        assert!(
+            !host_v4.contains("inet "),
+            "an address-less host veth: {host_v4}"
+        );
+    }
+
+    /// A client pod behind a bridge with an address, as flannel's cni0.
+    fn add_bridge_client(&mut self, role: &str) {
+        let node = self.ns("node");
+        let pod = self.add_ns(role);
+        ip(&format!("-n {node} link add cni0 type bridge"));
+        ip(&format!("-n {node} addr add 10.244.201.1/24 dev cni0"));
+        ip(&format!("-n {node} link set cni0 up"));
+        ip(&format!(
+            "-n {node} link add veth1 type veth peer name eth0 netns {pod}"
+        ));
+        ip(&format!("-n {node} link set veth1 master cni0"));
+        ip(&format!("-n {node} link set veth1 up"));
+        ip(&format!("-n {pod} addr add 10.244.201.2/24 dev eth0"));
+        ip(&format!("-n {pod} link set eth0 up"));
+        ip(&format!("-n {pod} route add default via 10.244.201.1"));
+    }
 }
 
 impl Drop for Lab {
@@ -296,6 +361,15 @@ fn pods_named(names: &[&str], addr: impl Fn(usize) -> SocketAddr) -> Vec<Ep> {
         .iter()
         .enumerate()
         .map(|(i, n)| Ep::ready(addr(i + 1), n))
+        .collect()
+}
+
+/// The lines of `ip route show table all` that belong to these tables.
+fn tables(routes: &str, ids: &[&str]) -> String {
+    routes
+        .lines()
+        .filter(|l| ids.iter().any(|id| l.contains(&format!(" table {id} "))))
+        .map(|l| format!("{l}\n"))
         .collect()
 }
 
@@ -334,6 +408,49 @@ fn cluster_ips_and_node_ports_reach_every_pod_in_turn() {
         metrics.contains(r#"pod="pod-a",outcome="ok"} 60"#),
         "{metrics}"
     );
+}
+
+/// Every way a connection reaches a Service on a node: pods on an address-less veth
+/// (Calico style, IPv4 and IPv6) and behind an addressed bridge (flannel style), a client
+/// outside the node, and a process on the node; to ClusterIPs and to a node port.
+#[test]
+fn every_cni_wiring_reaches_cluster_ips_and_node_ports() {
+    let names = ["cni-a", "cni-b"];
+    let mut lab = Lab::new(&names);
+    lab.add_calico_client("calico");
+    lab.add_bridge_client("flannel");
+    // Calico's nodes route 169.254.1.1 somewhere (their default route): proxy_arp
+    // answers only for an address the node has a route to.
+    ip(&format!(
+        "-n {} route add default via 10.0.0.2",
+        lab.ns("node")
+    ));
+    let mut v4 = Svc::new("web4", "10.96.0.70", 80, pods_named(&names, Lab::pod_v4));
+    v4.node_port = Some(30070);
+    let v6 = Svc::new("web6", "fd00:96::70", 80, pods_named(&names, Lab::pod_v6));
+    lab.write_state(&state_yaml(&[v4, v6]));
+    lab.start_carousel();
+
+    let want = counts(&[("cni-a", 5), ("cni-b", 5)]);
+    for (role, host, port) in [
+        ("calico", "10.96.0.70", 80),
+        ("calico", "fd00:96::70", 80),
+        ("calico", "10.0.0.1", 30070),
+        ("flannel", "10.96.0.70", 80),
+        ("flannel", "10.244.201.1", 30070),
+        ("client", "10.96.0.70", 80),
+        ("client", "fd00:96::70", 80),
+        ("client", "10.0.0.1", 30070),
+        ("node", "10.96.0.70", 80),
+        ("node", "fd00:96::70", 80),
+        ("node", "10.0.0.1", 30070),
+    ] {
+        assert_eq!(
+            lab.spread(role, host, port, 10),
+            want,
+            "from {role} to {host}:{port}"
+        );
+    }
 }
 
 #[test]
@@ -480,9 +597,41 @@ fn restarts_converge_and_cleanup_removes_only_carousels_table() {
         vec![Ep::ready(Lab::pod_v4(1), "c-a")],
     );
     lab.write_state(&state_yaml(&[svc]));
+    // Someone else's policy routing, which carousel must never touch either.
+    let node = lab.ns("node");
+    ip(&format!(
+        "-n {node} rule add priority 1000 fwmark 0x99 lookup 99"
+    ));
+    ip(&format!(
+        "-n {node} route add local default dev lo table 99"
+    ));
+    let policy = |lab: &Lab| {
+        [
+            lab.node_ip("-4 rule show"),
+            lab.node_ip("-6 rule show"),
+            lab.node_ip("-4 route show table 99"),
+            tables(&lab.node_ip("-4 route show table all"), &["99", "17218"]),
+            tables(&lab.node_ip("-6 route show table all"), &["99", "17218"]),
+        ]
+        .join("")
+    };
+    let before = policy(&lab);
 
     lab.start_carousel();
     let ruleset = lab.nft("list ruleset");
+    let installed = policy(&lab);
+    for family in ["-4", "-6"] {
+        assert!(
+            lab.node_ip(&format!("{family} rule show"))
+                .contains("fwmark 0x4342 lookup 17218"),
+            "carousel's {family} policy rule:\n{installed}"
+        );
+        assert!(
+            lab.node_ip(&format!("{family} route show table all"))
+                .contains("local default dev lo table 17218"),
+            "carousel's {family} route"
+        );
+    }
     // A crash leaves the rules behind; the next start converges to the same table.
     assert!(!lab.signal_carousel("-KILL"));
     lab.start_carousel();
@@ -490,6 +639,11 @@ fn restarts_converge_and_cleanup_removes_only_carousels_table() {
         lab.nft("list ruleset"),
         ruleset,
         "restart after a crash: no duplicates"
+    );
+    assert_eq!(
+        policy(&lab),
+        installed,
+        "restart after a crash: one rule, one route"
     );
     assert_eq!(lab.nft("list tables").matches("carousel").count(), 1);
     assert_eq!(
@@ -505,6 +659,11 @@ fn restarts_converge_and_cleanup_removes_only_carousels_table() {
     );
     assert_eq!(lab.nft("list tables"), "table inet bystander\n");
     assert_eq!(lab.nft("list table inet bystander"), bystander);
+    assert_eq!(
+        policy(&lab),
+        before,
+        "the policy routes are gone, the bystander's kept"
+    );
 
     // `carousel cleanup` after a crash does the same.
     lab.start_carousel();
@@ -513,6 +672,7 @@ fn restarts_converge_and_cleanup_removes_only_carousels_table() {
     run(lab.in_ns("node", BIN).arg("cleanup"));
     assert_eq!(lab.nft("list tables"), "table inet bystander\n");
     assert_eq!(lab.nft("list table inet bystander"), bystander);
+    assert_eq!(policy(&lab), before);
 }
 
 #[test]

@@ -1,5 +1,7 @@
-//! The node data plane: nftables rules that redirect Service traffic to carousel's
-//! redirect listener (`--proxy-mode nftables`), and their removal.
+//! The node data plane: nftables rules that intercept Service traffic for carousel's
+//! transparent listener (`--proxy-mode nftables`), the policy route that delivers it, and
+//! their removal.
 
 pub mod netlink;
 pub mod nftables;
+pub mod policy_route;

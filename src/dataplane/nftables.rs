@@ -1,6 +1,20 @@
 //! carousel's own nftables table, `inet carousel`: rendered by pure functions from the
 //! set of Service addresses, and applied as one atomic transaction per change.
 //!
+//! Service traffic is intercepted with TPROXY, not REDIRECT: the packet keeps its
+//! destination and is delivered to carousel's transparent listener, whose accepted
+//! socket's local address is the Service address the client dialed. REDIRECT rewrote the
+//! destination to the incoming interface's primary address and dropped the packet where
+//! there is none: the host side of a pod's veth under Calico, Cilium or the AWS VPC CNI.
+//! A TPROXY'd packet is delivered locally by a policy route for `INTERCEPT_MARK`
+//! (`policy_route.rs`); the node's own connections are marked in the output hook, so that
+//! the same route sends them through `lo` into prerouting.
+//!
+//! Packets that come in on a bridge (flannel's cni0, the bridge plugin) are redirected
+//! instead: with br_netfilter, as Kubernetes nodes load it, the hooks run at the bridge
+//! and the IP layer drops the socket TPROXY assigned there. Such bridges carry the pods'
+//! gateway address, which is all REDIRECT needs.
+//!
 //! The rules never change after start-up; what changes is the content of three sets
 //! (IPv4 and IPv6 Service addresses with their ports, and node ports), so a table change
 //! is a transaction of element additions and removals, never a rewrite of the world.
@@ -16,13 +30,16 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use super::netlink::{self, NetlinkError};
+use super::policy_route::{self, Family, PolicyRouteError};
 use crate::addr::ServiceAddr;
 
 /// The table carousel owns; it touches nothing else.
 pub const TABLE: &str = "carousel";
-/// The socket mark of carousel's own connections to pods: they skip the redirect, so a
-/// pod whose address happens to equal a Service address is still reached, never looped.
+/// The socket mark of carousel's own connections to pods: they skip the interception, so
+/// a pod whose address happens to equal a Service address is still reached, never looped.
 pub const MARK: u32 = 0x4341;
+/// The packet mark of intercepted traffic, which the policy route delivers locally.
+pub const INTERCEPT_MARK: u32 = 0x4342;
 
 /// What the rules redirect: every Service address and node port carousel proxies.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -77,37 +94,55 @@ pub fn render_full(redirects: &Redirects, listen_port: u16) -> String {
         redirects.node_ports.iter().map(|&p| Element::NodePort(p)),
     );
     writeln!(s, "  }}").unwrap();
-    for (chain, hook, priority, skip_own) in [
-        ("prerouting", "prerouting", "dstnat", false),
-        ("output", "output", "-100", true),
+    let mark = format!("meta mark set {INTERCEPT_MARK:#010x}");
+    // Only packets of a client's direction: a reply to one of carousel's own sockets
+    // (whose port could equal a node port) is never taken over.
+    writeln!(
+        s,
+        "  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n    ct direction reply accept\n    meta iifkind \"bridge\" return"
+    )
+    .unwrap();
+    for (family, matches) in [
+        ("ip", "ip daddr . tcp dport @services4"),
+        ("ip6", "ip6 daddr . tcp dport @services6"),
+        (
+            "ip",
+            "meta nfproto ipv4 fib daddr type local tcp dport @nodeports",
+        ),
+        (
+            "ip6",
+            "meta nfproto ipv6 fib daddr type local tcp dport @nodeports",
+        ),
     ] {
-        writeln!(s, "  chain {chain} {{").unwrap();
         writeln!(
             s,
-            "    type nat hook {hook} priority {priority}; policy accept;"
+            "    {matches} tproxy {family} to :{listen_port} {mark} accept"
         )
         .unwrap();
-        if skip_own {
-            writeln!(s, "    meta mark {MARK:#010x} return").unwrap();
-        }
-        writeln!(
-            s,
-            "    ip daddr . tcp dport @services4 redirect to :{listen_port}"
-        )
-        .unwrap();
-        writeln!(
-            s,
-            "    ip6 daddr . tcp dport @services6 redirect to :{listen_port}"
-        )
-        .unwrap();
-        writeln!(
-            s,
-            "    fib daddr type local tcp dport @nodeports redirect to :{listen_port}"
-        )
-        .unwrap();
-        writeln!(s, "  }}").unwrap();
     }
-    writeln!(s, "}}").unwrap();
+    // The node's own connections to a Service: marked, the policy route sends them
+    // through lo, and prerouting takes them over. A local destination (a node port on
+    // one of the node's addresses) goes through lo anyway.
+    writeln!(
+        s,
+        "  }}\n  chain output {{\n    type route hook output priority mangle; policy accept;\n    meta mark {MARK:#010x} return"
+    )
+    .unwrap();
+    writeln!(s, "    ip daddr . tcp dport @services4 {mark}").unwrap();
+    writeln!(s, "    ip6 daddr . tcp dport @services6 {mark}").unwrap();
+    writeln!(
+        s,
+        "  }}\n  chain bridged {{\n    type nat hook prerouting priority dstnat; policy accept;\n    meta iifkind != \"bridge\" return"
+    )
+    .unwrap();
+    for matches in [
+        "ip daddr . tcp dport @services4",
+        "ip6 daddr . tcp dport @services6",
+        "fib daddr type local tcp dport @nodeports",
+    ] {
+        writeln!(s, "    {matches} redirect to :{listen_port}").unwrap();
+    }
+    writeln!(s, "  }}\n}}").unwrap();
     s
 }
 
@@ -221,6 +256,29 @@ pub enum NftError {
     Spawn(#[source] std::io::Error),
     #[error("nft refused the transaction: {stderr}")]
     Refused { stderr: String },
+    #[error("cannot set the policy route of intercepted traffic: {0}")]
+    Route(#[from] PolicyRouteError),
+}
+
+/// The whole table and the policy routes that deliver what it intercepts. Without an
+/// IPv6 route (a node with IPv6 disabled) IPv4 still works: that is logged, not failed.
+async fn apply_full(wanted: &Redirects, listen_port: u16) -> Result<(), NftError> {
+    policy_route::ensure(Family::V4).await?;
+    if let Err(e) = policy_route::ensure(Family::V6).await {
+        tracing::warn!(error = %e, "no IPv6 policy route: IPv6 Services are not intercepted");
+    }
+    apply(&render_full(wanted, listen_port)).await
+}
+
+/// Removes everything carousel installed on the node, its table and its policy routes,
+/// and nothing else. Succeeds when there is nothing to remove.
+pub async fn cleanup() -> Result<(), NftError> {
+    apply(&render_cleanup()).await?;
+    policy_route::remove(Family::V4).await?;
+    if let Err(e) = policy_route::remove(Family::V6).await {
+        tracing::warn!(error = %e, "cannot remove the IPv6 policy route");
+    }
+    Ok(())
 }
 
 /// Applies `script` with `nft -f -`: the only function here that touches the host.
@@ -279,10 +337,10 @@ impl Rules {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     tracing::warn!(error = %e, "incremental rule change refused; rewriting carousel's table");
-                    apply(&render_full(&wanted, self.listen_port)).await
+                    apply_full(&wanted, self.listen_port).await
                 }
             },
-            None => apply(&render_full(&wanted, self.listen_port)).await,
+            None => apply_full(&wanted, self.listen_port).await,
         };
         match result {
             Ok(()) => {
@@ -343,7 +401,11 @@ mod tests {
     fn an_empty_table_still_has_its_rules() {
         let script = render_full(&Redirects::default(), 15001);
         assert!(!script.contains("elements"));
-        assert_eq!(script.matches("redirect to :15001").count(), 6);
+        assert_eq!(
+            script.matches("to :15001 meta mark set 0x00004342").count(),
+            4
+        );
+        assert_eq!(script.matches("redirect to :15001").count(), 3);
     }
 
     #[test]

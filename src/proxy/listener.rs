@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use metrics::{Counter, Label};
@@ -27,6 +27,23 @@ use crate::telemetry::{names, Telemetry};
 /// inherit TCP_NODELAY and the keepalive settings from it on Linux, which saves those
 /// system calls on every connection.
 pub fn bind(addr: SocketAddr, keepalive: Option<Duration>) -> io::Result<TcpListener> {
+    listen(socket(addr, keepalive)?, addr)
+}
+
+/// A listener for intercepted traffic (IP_TRANSPARENT, IPV6_TRANSPARENT): it accepts
+/// connections to any address that TPROXY hands it, and each accepted socket's local
+/// address is the one the client dialed. Needs CAP_NET_ADMIN.
+pub fn bind_transparent(addr: SocketAddr, keepalive: Option<Duration>) -> io::Result<TcpListener> {
+    let socket = socket(addr, keepalive)?;
+    if addr.is_ipv6() {
+        socket.set_ip_transparent_v6(true)?;
+    } else {
+        socket.set_ip_transparent_v4(true)?;
+    }
+    listen(socket, addr)
+}
+
+fn socket(addr: SocketAddr, keepalive: Option<Duration>) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_tcp_nodelay(true)?;
@@ -37,6 +54,10 @@ pub fn bind(addr: SocketAddr, keepalive: Option<Duration>) -> io::Result<TcpList
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+fn listen(socket: Socket, addr: SocketAddr) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     TcpListener::from_std(socket.into())
@@ -134,8 +155,10 @@ impl Drop for Listeners {
 pub enum Dialed {
     /// Bind mode: the listener's own address is the Service address.
     Listener(ServiceAddr),
-    /// nftables mode: the connection was redirected; conntrack knows where it was going.
-    OriginalDst,
+    /// nftables mode, on a listener at this port: a connection intercepted with TPROXY
+    /// is accepted at the Service address the client dialed; one that was redirected
+    /// (from a bridge) is accepted at this port, and conntrack knows where it was going.
+    Intercepted { listen_port: u16 },
 }
 
 /// What every accept loop shares: the routes, how to forward, the open connections
@@ -196,6 +219,17 @@ impl Drop for Slot {
 /// that it waits for resources instead of spinning on the same error.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// The Service address of an intercepted connection: its local address, unless that is
+/// the listener's own port, where conntrack's original destination says (a redirected
+/// connection, or a Service whose port is the listener's: for it both agree).
+fn intercepted(stream: &TcpStream, listen_port: u16) -> io::Result<ServiceAddr> {
+    let local = stream.local_addr()?;
+    if local.port() != listen_port {
+        return Ok(ServiceAddr(local));
+    }
+    original_dst(stream)
+}
+
 /// Accepts connections and hands each to its own task.
 pub async fn accept_loop(listener: TcpListener, dialed: Dialed, intake: Accepting) {
     loop {
@@ -217,10 +251,10 @@ pub async fn accept_loop(listener: TcpListener, dialed: Dialed, intake: Acceptin
         };
         let target = match dialed {
             Dialed::Listener(addr) => addr,
-            Dialed::OriginalDst => match original_dst(&stream) {
+            Dialed::Intercepted { listen_port } => match intercepted(&stream, listen_port) {
                 Ok(addr) => addr,
                 Err(e) => {
-                    tracing::debug!(%peer, error = %e, "no original destination; not a redirected connection");
+                    tracing::debug!(%peer, error = %e, "no Service address; not an intercepted connection");
                     continue;
                 }
             },

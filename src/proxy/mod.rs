@@ -37,7 +37,8 @@ use routes::RouteTable;
 pub enum Mode {
     /// A listener on every Service address, and on these addresses at every node port.
     Bind { nodeport_addresses: Vec<IpAddr> },
-    /// nftables redirects Service traffic to one listener on this port (all addresses).
+    /// nftables intercepts Service traffic (TPROXY) for one transparent listener on this
+    /// port (all addresses).
     Nftables { redirect_port: u16 },
 }
 
@@ -109,18 +110,21 @@ impl Intake {
                     IpAddr::V6(Ipv6Addr::UNSPECIFIED),
                 ] {
                     let addr = SocketAddr::new(ip, *redirect_port);
-                    let listener = match listener::bind(addr, accepting.forward.keepalive) {
-                        Ok(l) => l,
-                        // A node without IPv6 still proxies IPv4.
-                        Err(e) if ip.is_ipv6() => {
-                            tracing::warn!(%addr, error = %e, "no IPv6 redirect listener");
-                            continue;
-                        }
-                        Err(source) => return Err(ProxyError::Redirect { addr, source }),
-                    };
+                    let listener =
+                        match listener::bind_transparent(addr, accepting.forward.keepalive) {
+                            Ok(l) => l,
+                            // A node without IPv6 still proxies IPv4.
+                            Err(e) if ip.is_ipv6() => {
+                                tracing::warn!(%addr, error = %e, "no IPv6 redirect listener");
+                                continue;
+                            }
+                            Err(source) => return Err(ProxyError::Redirect { addr, source }),
+                        };
                     accept.push(tokio::spawn(listener::accept_loop(
                         listener,
-                        Dialed::OriginalDst,
+                        Dialed::Intercepted {
+                            listen_port: *redirect_port,
+                        },
                         accepting.clone(),
                     )));
                 }
@@ -162,8 +166,8 @@ impl Intake {
     /// In nftables mode, removes carousel's table: carousel leaves nothing behind.
     async fn remove_rules(self) {
         if let Intake::Nftables { .. } = self {
-            if let Err(e) = nftables::apply(&nftables::render_cleanup()).await {
-                tracing::error!(error = %e, "cannot remove carousel's nftables table");
+            if let Err(e) = nftables::cleanup().await {
+                tracing::error!(error = %e, "cannot remove carousel's rules");
             }
         }
     }
