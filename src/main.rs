@@ -181,11 +181,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             zone: args.zone.as_deref().map(Into::into),
         },
     };
-    let metrics = tokio::net::TcpListener::bind(args.metrics_bind_address)
-        .await
+    // Shared with a second carousel of the node (SO_REUSEPORT), as the data path is.
+    let metrics = carousel::proxy::listener::bind(args.metrics_bind_address, None)
         .with_context(|| format!("cannot serve metrics on {}", args.metrics_bind_address))?;
-    let health = tokio::net::TcpListener::bind(args.healthz_bind_address)
-        .await
+    let health = carousel::proxy::listener::bind(args.healthz_bind_address, None)
         .with_context(|| format!("cannot serve health on {}", args.healthz_bind_address))?;
     tracing::info!(metrics = %args.metrics_bind_address, health = %args.healthz_bind_address, "serving telemetry");
     let (shutdown, abandon) = signals(args.drain_timeout);

@@ -167,33 +167,49 @@ impl Lab {
     }
 
     fn start_carousel_with(&mut self, extra: &[&str]) {
-        let child = self
+        let child = self.spawn_carousel("nftables", 0, extra);
+        self.carousel = Some(child);
+    }
+
+    /// A carousel in the node namespace in `mode`, its metrics on 10249 + `offset` and
+    /// health on 10256 + `offset` (its log in carousel-OFFSET.log, or carousel.log for
+    /// offset 0), once it reports healthy.
+    fn spawn_carousel(&self, mode: &str, offset: u16, extra: &[&str]) -> Child {
+        let health = 10256 + offset;
+        let mut child = self
             .in_ns("node", BIN)
-            .args(["run", "--proxy-mode", "nftables", "--from-file"])
+            .args(["run", "--proxy-mode", mode, "--from-file"])
             .arg(self.state_path())
             .args(extra)
-            .args([
-                "--metrics-bind-address",
-                "127.0.0.1:10249",
-                "--healthz-bind-address",
-                "127.0.0.1:10256",
-            ])
+            .arg("--metrics-bind-address")
+            .arg(format!("127.0.0.1:{}", 10249 + offset))
+            .arg("--healthz-bind-address")
+            .arg(format!("127.0.0.1:{health}"))
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.path().join("carousel.log")).unwrap())
+            .stderr(std::fs::File::create(self.log_path(offset)).unwrap())
             .spawn()
             .unwrap();
-        self.carousel = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         while !self
-            .get("http://127.0.0.1:10256/healthz")
+            .get(&format!("http://127.0.0.1:{health}/healthz"))
             .starts_with("200")
         {
-            assert!(
-                Instant::now() < deadline,
-                "carousel did not become healthy:\n{}",
-                self.log()
-            );
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "carousel did not become healthy:\n{}",
+                    std::fs::read_to_string(self.log_path(offset)).unwrap_or_default()
+                );
+            }
             sleep(Duration::from_millis(50));
+        }
+        child
+    }
+
+    fn log_path(&self, offset: u16) -> PathBuf {
+        match offset {
+            0 => self.dir.path().join("carousel.log"),
+            n => self.dir.path().join(format!("carousel-{n}.log")),
         }
     }
 
@@ -453,6 +469,165 @@ fn every_cni_wiring_reaches_cluster_ips_and_node_ports() {
     }
 }
 
+/// Starts `agent.py ARGS` in namespace `role` and keeps it with the lab.
+fn agent(lab: &mut Lab, role: &str, args: &[&str]) -> usize {
+    let child = lab
+        .in_ns(role, "python3")
+        .arg(AGENT)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    lab.children.push(child);
+    lab.children.len() - 1
+}
+
+/// The JSON that the agent `index` printed when it ended.
+fn agent_result(lab: &mut Lab, index: usize) -> Value {
+    let mut out = String::new();
+    std::io::Read::read_to_string(lab.children[index].stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(
+        lab.children[index].wait().unwrap().success(),
+        "agent: {out}"
+    );
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("agent printed {out:?}: {e}"))
+}
+
+/// A rollout on one node: while clients open 200 connections a second and three long
+/// streams run, a second carousel starts beside the first (one listener group) and the
+/// first gets SIGTERM, stops accepting, hands over what waits in its accept queue, and
+/// finishes its streams. No connection fails, every stream comes back byte for byte, and
+/// the rules stay in place throughout.
+fn handover(mode: &str, service_ip: &str) {
+    let names = ["ho-a", "ho-b"];
+    let mut lab = Lab::new(&names);
+    for i in 1..=names.len() {
+        let echo = agent(&mut lab, &format!("pod{i}"), &["echo", "9090"]);
+        let mut line = String::new();
+        BufReader::new(lab.children[echo].stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+    }
+    if mode == "bind" {
+        // Bind mode listens on the Service address itself: the node holds it.
+        ip(&format!(
+            "-n {} addr add {service_ip}/32 dev lo",
+            lab.ns("node")
+        ));
+    }
+    let web = Svc::new("web", service_ip, 80, pods_named(&names, Lab::pod_v4));
+    let streams = Svc::new(
+        "streams",
+        service_ip,
+        90,
+        (1..=names.len())
+            .map(|i| Ep::ready(format!("10.244.{i}.2:9090").parse().unwrap(), names[i - 1]))
+            .collect(),
+    );
+    lab.write_state(&state_yaml(&[web, streams]));
+    let mut first = lab.spawn_carousel(mode, 0, &[]);
+
+    let churn = agent(&mut lab, "client", &["churn", service_ip, "80", "7", "200"]);
+    let long: Vec<usize> = (0..3)
+        .map(|_| {
+            agent(
+                &mut lab,
+                "client",
+                &["stream", service_ip, "90", "4000000", "5"],
+            )
+        })
+        .collect();
+    sleep(Duration::from_secs(1));
+    let second = lab.spawn_carousel(mode, 100, &[]);
+    lab.carousel = Some(second);
+    sleep(Duration::from_millis(500));
+    run(Command::new("kill").args(["-TERM", &first.id().to_string()]));
+
+    let churned = agent_result(&mut lab, churn);
+    for stream in long {
+        let result = agent_result(&mut lab, stream);
+        assert_eq!(
+            result["same"], true,
+            "a long stream through the handover: {result}"
+        );
+    }
+    assert_eq!(
+        churned["errors"],
+        0,
+        "{mode}: connections failed during the handover: {churned}\nfirst:\n{}\nsecond:\n{}",
+        lab.log(),
+        std::fs::read_to_string(lab.log_path(100)).unwrap_or_default()
+    );
+    assert!(churned["ok"].as_u64().unwrap() > 500, "{churned}");
+    let status = first.wait().unwrap();
+    assert!(
+        status.success(),
+        "the first carousel exited {status}:\n{}",
+        lab.log()
+    );
+    // The second took over: it served connections, and serves the next ones alone.
+    let metrics = lab.get("http://127.0.0.1:10349/metrics");
+    assert!(
+        metrics.contains(
+            r#"service="web",port="web",endpoint="10.244.1.2:8080",pod="ho-a",outcome="ok"}"#
+        ),
+        "{metrics}"
+    );
+    assert_eq!(lab.spread("client", service_ip, 80, 10).len(), 2);
+}
+
+/// A listener that closes while another of its group (SO_REUSEPORT) is open hands the
+/// connection waiting in its accept queue to that other listener once carousel has turned
+/// request migration on in its namespace; without it the kernel resets the connection.
+#[test]
+fn a_closing_listener_hands_its_queued_connections_to_its_group() {
+    use carousel::proxy::listener::{bind, migrate_queued_connections_on_close};
+    use tokio::io::AsyncWriteExt;
+
+    let lab = Lab::new(&[]);
+    for migrate in [false, true] {
+        let handed_over = common::in_netns(&lab.ns("node"), move || {
+            if migrate {
+                migrate_queued_connections_on_close();
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let addr: SocketAddr = "127.0.0.1:7100".parse().unwrap();
+                let first = bind(addr, None).unwrap();
+                let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+                // Queued on the first (the only one when it connected), never accepted.
+                let second = bind(addr, None).unwrap();
+                drop(first);
+                let accepted =
+                    tokio::time::timeout(Duration::from_millis(500), second.accept()).await;
+                let written = client.write_all(b"x").await;
+                match accepted {
+                    Ok(Ok(_)) => {
+                        assert!(written.is_ok());
+                        true
+                    }
+                    _ => false,
+                }
+            })
+        });
+        assert_eq!(handed_over, migrate, "request migration {migrate}");
+    }
+}
+
+#[test]
+fn a_rollout_in_nftables_mode_loses_no_connection() {
+    handover("nftables", "10.96.0.90");
+}
+
+#[test]
+fn a_rollout_in_bind_mode_loses_no_connection() {
+    handover("bind", "10.96.0.95");
+}
+
 #[test]
 fn ipv6_services_are_redirected_too() {
     let names = ["six-a", "six-b"];
@@ -651,12 +826,17 @@ fn restarts_converge_and_cleanup_removes_only_carousels_table() {
         counts(&[("c-a", 3)])
     );
 
-    // SIGTERM removes carousel's table and exits 0.
+    // SIGTERM exits 0 and leaves the rules for the next carousel: a restart is no
+    // outage of the node's Services. Only `carousel cleanup` removes them, and nothing
+    // else.
     assert!(
         lab.signal_carousel("-TERM"),
         "exit status after SIGTERM:\n{}",
         lab.log()
     );
+    assert_eq!(lab.nft("list ruleset"), ruleset, "SIGTERM keeps the rules");
+    assert_eq!(policy(&lab), installed, "SIGTERM keeps the policy routes");
+    run(lab.in_ns("node", BIN).arg("cleanup"));
     assert_eq!(lab.nft("list tables"), "table inet bystander\n");
     assert_eq!(lab.nft("list table inet bystander"), bystander);
     assert_eq!(
@@ -665,7 +845,7 @@ fn restarts_converge_and_cleanup_removes_only_carousels_table() {
         "the policy routes are gone, the bystander's kept"
     );
 
-    // `carousel cleanup` after a crash does the same.
+    // After a crash too.
     lab.start_carousel();
     assert!(!lab.signal_carousel("-KILL"));
     assert!(lab.nft("list tables").contains("table inet carousel"));

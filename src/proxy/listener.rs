@@ -46,6 +46,10 @@ pub fn bind_transparent(addr: SocketAddr, keepalive: Option<Duration>) -> io::Re
 fn socket(addr: SocketAddr, keepalive: Option<Duration>) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    // A second carousel on the node (the next version, during a rollout) listens on the
+    // same addresses, in one group with this one, and takes new connections while this
+    // one drains.
+    socket.set_reuse_port(true)?;
     socket.set_tcp_nodelay(true)?;
     if let Some(idle) = keepalive {
         socket.set_tcp_keepalive(&forward::keepalive(idle))?;
@@ -61,6 +65,33 @@ fn listen(socket: Socket, addr: SocketAddr) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     TcpListener::from_std(socket.into())
+}
+
+/// Where the kernel is told what to do with the connections waiting in the accept queue
+/// of a listener that closes while others share its port (SO_REUSEPORT).
+const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Makes the kernel (5.14 and later) hand the connections queued on a closing listener
+/// to another listener of its group, instead of resetting them: so a stopping carousel
+/// loses none of those that were about to be accepted. A per-namespace setting that
+/// changes nothing else; when it cannot be set (a read-only /proc/sys), that is logged.
+pub fn migrate_queued_connections_on_close() {
+    match std::fs::read_to_string(MIGRATE_REQ) {
+        Ok(v) if v.trim() == "1" => {}
+        Ok(_) => {
+            if let Err(e) = std::fs::write(MIGRATE_REQ, "1") {
+                tracing::warn!(path = MIGRATE_REQ, error = %e, "cannot set: connections queued on a stopping carousel's listeners will be reset, not handed to its successor");
+            } else {
+                tracing::info!(
+                    path = MIGRATE_REQ,
+                    "set to 1: a stopping carousel hands its queued connections to its successor"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(path = MIGRATE_REQ, error = %e, "kernel without request migration (5.14+): connections queued on a stopping carousel's listeners will be reset")
+        }
+    }
 }
 
 /// The addresses bind mode listens on for a route table: every Service address, and

@@ -85,55 +85,72 @@ enum Intake {
     },
     Nftables {
         rules: Rules,
+        listen_port: u16,
+        /// Empty until the first route table is built.
         accept: Vec<JoinHandle<()>>,
     },
 }
 
 impl Intake {
-    fn start(mode: &Mode, accepting: &Accepting) -> Result<Self, ProxyError> {
+    fn new(mode: &Mode) -> Self {
         match mode {
-            Mode::Bind { nodeport_addresses } => Ok(Intake::Bind {
+            Mode::Bind { nodeport_addresses } => Intake::Bind {
                 listeners: Listeners::default(),
                 nodeport_addresses: nodeport_addresses.clone(),
-            }),
-            Mode::Nftables { redirect_port } => {
-                let mut accept = Vec::new();
-                let accepting = Accepting {
-                    forward: ForwardConfig {
-                        mark: Some(nftables::MARK),
-                        ..accepting.forward
-                    },
-                    ..accepting.clone()
-                };
-                for ip in [
-                    IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                    IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-                ] {
-                    let addr = SocketAddr::new(ip, *redirect_port);
-                    let listener =
-                        match listener::bind_transparent(addr, accepting.forward.keepalive) {
-                            Ok(l) => l,
-                            // A node without IPv6 still proxies IPv4.
-                            Err(e) if ip.is_ipv6() => {
-                                tracing::warn!(%addr, error = %e, "no IPv6 redirect listener");
-                                continue;
-                            }
-                            Err(source) => return Err(ProxyError::Redirect { addr, source }),
-                        };
-                    accept.push(tokio::spawn(listener::accept_loop(
-                        listener,
-                        Dialed::Intercepted {
-                            listen_port: *redirect_port,
-                        },
-                        accepting.clone(),
-                    )));
-                }
-                Ok(Intake::Nftables {
-                    rules: Rules::new(*redirect_port),
-                    accept,
-                })
-            }
+            },
+            Mode::Nftables { redirect_port } => Intake::Nftables {
+                rules: Rules::new(*redirect_port),
+                listen_port: *redirect_port,
+                accept: Vec::new(),
+            },
         }
+    }
+
+    /// nftables mode: opens the transparent listeners, once the first route table is in
+    /// place. Not before: another carousel of the same listener group (the one this one
+    /// replaces) would share new connections with one that cannot route them yet.
+    fn open(&mut self, accepting: &Accepting) -> Result<(), ProxyError> {
+        let Intake::Nftables {
+            listen_port,
+            accept,
+            ..
+        } = self
+        else {
+            return Ok(());
+        };
+        if !accept.is_empty() {
+            return Ok(());
+        }
+        let accepting = Accepting {
+            forward: ForwardConfig {
+                mark: Some(nftables::MARK),
+                ..accepting.forward
+            },
+            ..accepting.clone()
+        };
+        for ip in [
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        ] {
+            let addr = SocketAddr::new(ip, *listen_port);
+            let listener = match listener::bind_transparent(addr, accepting.forward.keepalive) {
+                Ok(l) => l,
+                // A node without IPv6 still proxies IPv4.
+                Err(e) if ip.is_ipv6() => {
+                    tracing::warn!(%addr, error = %e, "no IPv6 listener");
+                    continue;
+                }
+                Err(source) => return Err(ProxyError::Redirect { addr, source }),
+            };
+            accept.push(tokio::spawn(listener::accept_loop(
+                listener,
+                Dialed::Intercepted {
+                    listen_port: *listen_port,
+                },
+                accepting.clone(),
+            )));
+        }
+        Ok(())
     }
 
     async fn sync(&mut self, accepting: &Accepting) -> Result<(), NftError> {
@@ -155,20 +172,14 @@ impl Intake {
         }
     }
 
-    /// Stops taking new connections. The redirect rules stay until [`Intake::remove_rules`].
+    /// Stops taking new connections: the listeners close, and what waits in their accept
+    /// queues goes to a carousel that shares them (`migrate_queued_connections_on_close`).
+    /// The rules stay: traffic keeps flowing to that carousel, or to the next one to
+    /// start, which converges on them; only `carousel cleanup` removes them.
     fn stop_accepting(&mut self) {
         match self {
             Intake::Bind { listeners, .. } => listeners.close_all(),
             Intake::Nftables { accept, .. } => accept.drain(..).for_each(|task| task.abort()),
-        }
-    }
-
-    /// In nftables mode, removes carousel's table: carousel leaves nothing behind.
-    async fn remove_rules(self) {
-        if let Intake::Nftables { .. } = self {
-            if let Err(e) = nftables::cleanup().await {
-                tracing::error!(error = %e, "cannot remove carousel's rules");
-            }
         }
     }
 }
@@ -177,8 +188,8 @@ impl Intake {
 /// Open connections are never cut by a table change.
 ///
 /// On `shutdown` it stops accepting and reports not-ready at once, then waits for the
-/// open connections to finish, or for `abandon` (a deadline, a second signal), and
-/// removes its rules.
+/// open connections to finish, or for `abandon` (a deadline, a second signal). Its rules
+/// stay, for the carousel that takes over.
 pub async fn run(
     config: ProxyConfig,
     mut tables: watch::Receiver<Arc<ServiceTable>>,
@@ -194,7 +205,8 @@ pub async fn run(
         limit: Arc::new(Limit::new(config.max_connections, &telemetry)),
     };
     let routes = &accepting.routes;
-    let mut intake = Intake::start(&config.mode, &accepting)?;
+    listener::migrate_queued_connections_on_close();
+    let mut intake = Intake::new(&config.mode);
     let sync_duration = telemetry.histogram(names::SYNC_DURATION, Vec::new());
     let fairness = tokio::spawn(fairness::track(
         routes.clone(),
@@ -219,6 +231,8 @@ pub async fn run(
             &config.shadow,
         );
         routes.store(Arc::new(next));
+        // A failure to start ends the proxy at once.
+        intake.open(&accepting)?;
         match intake.sync(&accepting).await {
             Ok(()) => {
                 sync_duration.record(started.elapsed().as_secs_f64());
@@ -249,6 +263,5 @@ pub async fn run(
             () = abandon => tracing::warn!(open = accepting.connections.len(), "drain cut short"),
         }
     }
-    intake.remove_rules().await;
     Ok(())
 }

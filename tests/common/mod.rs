@@ -382,10 +382,9 @@ pub fn pattern(seed: u64, i: u64) -> u8 {
 
 pub mod fake_apiserver;
 
-/// A TCP listener on `addr` inside the network namespace `netns` (`ip netns add`): a
-/// socket stays in the namespace it was made in, so a thread enters the namespace, binds,
-/// and hands the listener back to a process that lives outside it.
-pub fn listen_in_netns(netns: &str, addr: SocketAddr) -> std::net::TcpListener {
+/// Runs `f` on a thread that entered the network namespace `netns` (`ip netns add`):
+/// sockets it makes stay in that namespace, and /proc/sys/net is that namespace's.
+pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
     let path = format!("/run/netns/{netns}");
     std::thread::scope(|scope| {
         scope
@@ -397,10 +396,18 @@ pub fn listen_in_netns(netns: &str, addr: SocketAddr) -> std::net::TcpListener {
                     libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET)
                 };
                 assert_eq!(rc, 0, "setns {path}: {}", io::Error::last_os_error());
-                std::net::TcpListener::bind(addr).expect("bind in the namespace")
+                f()
             })
             .join()
-            .expect("the binding thread")
+            .expect("the thread in the namespace")
+    })
+}
+
+/// A TCP listener on `addr` inside the network namespace `netns`, for a process that
+/// lives outside it.
+pub fn listen_in_netns(netns: &str, addr: SocketAddr) -> std::net::TcpListener {
+    in_netns(netns, || {
+        std::net::TcpListener::bind(addr).expect("bind in the namespace")
     })
 }
 

@@ -6,20 +6,36 @@
   agent.py ask HOST PORT COUNT [SRC...]  COUNT connections (round-robin over the source
                                       addresses), print JSON {source: {pod: n}, "errors": n}
   agent.py get URL                    print the HTTP status and body of one GET
+  agent.py echo PORT                  echo every connection back until it half-closes
+  agent.py churn HOST PORT SECONDS RATE  new connections at RATE a second for SECONDS,
+                                      each asks once; print JSON {"ok": n, "errors": n}
+  agent.py stream HOST PORT BYTES SECONDS  one connection that sends BYTES over SECONDS
+                                      and checks that the echo is the same bytes; print
+                                      JSON {"sent": n, "received": n, "same": bool}
 """
+import hashlib
 import json
+import time
 import socket
 import sys
 import threading
 import urllib.request
 
 
-def serve(name, port):
+def listen_forever(port, handle):
+    """Serve every connection on PORT (IPv4 and IPv6) with HANDLE, on a thread each."""
     srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     srv.bind(("::", int(port)))
     srv.listen(512)
+    print("ready", flush=True)
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+def serve(name, port):
     reply = (name + "\n").encode()
 
     def handle(conn):
@@ -31,10 +47,27 @@ def serve(name, port):
             except OSError:
                 pass
 
-    print("ready", flush=True)
-    while True:
-        conn, _ = srv.accept()
-        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+    listen_forever(port, handle)
+
+
+def exchange(family, host, port, src=None):
+    """One connection: send a line, read the answer to its end; the answer, stripped."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        if src:
+            s.bind((src, 0))
+        s.connect((host, int(port)))
+        s.sendall(b"hello\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    answer = data.decode().strip()
+    if not answer:
+        raise OSError("empty answer")
+    return answer
 
 
 def ask(host, port, count, sources):
@@ -45,27 +78,97 @@ def ask(host, port, count, sources):
     for i in range(int(count)):
         src = sources[i % len(sources)] if sources else None
         try:
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.settimeout(5)
-                if src:
-                    s.bind((src, 0))
-                s.connect((host, int(port)))
-                s.sendall(b"hello\n")
-                data = b""
-                while True:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-            pod = data.decode().strip()
-            if not pod:
-                raise OSError("empty answer")
+            pod = exchange(family, host, port, src)
             by_pod = seen.setdefault(src or "-", {})
             by_pod[pod] = by_pod.get(pod, 0) + 1
         except OSError as e:
             errors += 1
             last_error = str(e)
     print(json.dumps({"seen": seen, "errors": errors, "last_error": last_error}))
+
+
+def echo(port):
+    def handle(conn):
+        with conn:
+            try:
+                while True:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    conn.sendall(chunk)
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    listen_forever(port, handle)
+
+
+def churn(host, port, seconds, rate):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    ok = errors = 0
+    last_error = ""
+    interval = 1.0 / float(rate)
+    start = time.monotonic()
+    n = 0
+    while time.monotonic() - start < float(seconds):
+        due = start + n * interval
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        n += 1
+        try:
+            exchange(family, host, port)
+            ok += 1
+        except OSError as e:
+            errors += 1
+            last_error = str(e)
+    print(json.dumps({"ok": ok, "errors": errors, "last_error": last_error}))
+
+
+def stream(host, port, total, seconds):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    total, seconds = int(total), float(seconds)
+    sent_hash, got_hash = hashlib.sha256(), hashlib.sha256()
+    received = [0]
+    error = [""]
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(30)
+    s.connect((host, int(port)))
+
+    def read():
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got_hash.update(chunk)
+                received[0] += len(chunk)
+        except OSError as e:
+            error[0] = str(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    sent, chunk_no, start = 0, 0, time.monotonic()
+    try:
+        while sent < total:
+            size = min(16384, total - sent)
+            chunk = hashlib.sha256(str(chunk_no).encode()).digest() * (size // 32 + 1)
+            chunk = chunk[:size]
+            s.sendall(chunk)
+            sent_hash.update(chunk)
+            sent += size
+            chunk_no += 1
+            due = start + seconds * sent / total
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        s.shutdown(socket.SHUT_WR)
+    except OSError as e:
+        error[0] = str(e)
+    reader.join()
+    s.close()
+    same = received[0] == sent and sent_hash.digest() == got_hash.digest()
+    print(json.dumps({"sent": sent, "received": received[0], "same": same, "error": error[0]}))
 
 
 def get(url):
@@ -88,5 +191,11 @@ if __name__ == "__main__":
         ask(args[0], args[1], args[2], args[3:])
     elif cmd == "get":
         get(args[0])
+    elif cmd == "echo":
+        echo(args[0])
+    elif cmd == "churn":
+        churn(*args)
+    elif cmd == "stream":
+        stream(*args)
     else:
         sys.exit(f"unknown command {cmd}")
