@@ -97,6 +97,7 @@ fn bench(c: &mut Criterion) {
     let (_tables, updates) = watch::channel(Arc::new(table));
     let _proxy = rt.spawn(proxy::run(
         ProxyConfig::default(),
+        None,
         updates,
         telemetry.clone(),
         std::future::pending(),

@@ -170,6 +170,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         max_connections: args.max_connections,
         shadow,
+        // Per health address: carousels that share it are one node's proxy.
+        handover: Some(format!("carousel/{}", args.healthz_bind_address)),
         mode,
         balance: balance::BuildOptions {
             seed: args.seed,

@@ -18,6 +18,7 @@ use crate::discovery::file::{self, StateFileError};
 use crate::discovery::kube::{self, KubeError, SourceConfig};
 use crate::discovery::store::Store;
 use crate::model::ServiceTable;
+use crate::proxy::handover::Presence;
 use crate::proxy::{self, ProxyConfig, ProxyError};
 use crate::telemetry::{self, Endpoints, Telemetry};
 
@@ -153,6 +154,8 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
     abandon: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    // Said before anything else, so that a carousel being replaced by this one waits.
+    let presence = config.handover.as_deref().map(Presence::starting);
     let servers_stop = CancellationToken::new();
     let servers = [
         tokio::spawn(telemetry::serve(
@@ -192,7 +195,7 @@ async fn serve(
                 "starting the proxy"
             );
             // A failure to start ends the proxy at once, without waiting for a signal.
-            proxy::run(config, updates, telemetry, shutdown, abandon)
+            proxy::run(config, presence, updates, telemetry, shutdown, abandon)
                 .await
                 .map_err(RunError::from)
         } else {

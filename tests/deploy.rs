@@ -641,9 +641,19 @@ fn daemonset_is_locked_down_in(overlay: Overlay) {
         str_at(spec, &["updateStrategy", "type"]),
         Some("RollingUpdate")
     );
+    // The new pod starts before the old one stops: no node is ever without a proxy.
+    let rolling =
+        |field| at(spec, &["updateStrategy", "rollingUpdate", field]).and_then(Value::as_u64);
+    assert_eq!(rolling("maxSurge"), Some(1), "maxSurge");
+    assert_eq!(rolling("maxUnavailable"), Some(0), "maxUnavailable");
+
+    // One init container may be privileged, and it only sets request migration.
+    let inits = seq_at(pod, &["initContainers"]);
+    assert_eq!(inits.len(), 1, "init containers: {inits:?}");
     assert_eq!(
-        at(spec, &["updateStrategy", "rollingUpdate", "maxUnavailable"]).and_then(Value::as_u64),
-        Some(1)
+        strings_at(&inits[0], &["command"]),
+        ["/bin/sh", "-c", MIGRATE_COMMAND],
+        "the privileged init container runs nothing else"
     );
 
     // NODE_NAME from the downward API.
@@ -687,6 +697,9 @@ fn daemonset_is_locked_down_in(overlay: Overlay) {
         "{overlay:?}"
     );
 }
+
+/// What the DaemonSet's privileged init container runs.
+const MIGRATE_COMMAND: &str = "echo 1 > /proc/sys/net/ipv4/tcp_migrate_req";
 
 /// Ports a Kubernetes node's own components hold by default: the kubelet (10248,
 /// 10250, 10255), kube-proxy (10249, 10256), the controller manager (10257), the
@@ -974,6 +987,18 @@ async fn run_rendered_daemonset(overlay: Overlay) {
 
     let ds = DaemonSet::load(overlay);
     let mut node = Node::new(overlay);
+    // The kubelet runs the init containers first, in the node's network namespace.
+    for init in seq_at(ds.pod(), &["initContainers"]) {
+        let command = strings_at(init, &["command"]);
+        let out = node.exec(&command[0]).args(&command[1..]).output().unwrap();
+        assert!(out.status.success(), "{command:?}: {out:?}");
+    }
+    let migrate = node
+        .exec("cat")
+        .arg("/proc/sys/net/ipv4/tcp_migrate_req")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&migrate.stdout).trim(), "1");
     if overlay == Overlay::BesideKubeProxy {
         hold(&mut node, "127.0.0.1:10249");
         hold(&mut node, "0.0.0.0:10256");

@@ -167,54 +167,51 @@ impl Lab {
     }
 
     fn start_carousel_with(&mut self, extra: &[&str]) {
-        let child = self.spawn_carousel("nftables", 0, extra);
+        let child = self.spawn_carousel("nftables", "carousel.log", extra);
+        self.wait_healthy();
         self.carousel = Some(child);
     }
 
-    /// A carousel in the node namespace in `mode`, its metrics on 10249 + `offset` and
-    /// health on 10256 + `offset` (its log in carousel-OFFSET.log, or carousel.log for
-    /// offset 0), once it reports healthy.
-    fn spawn_carousel(&self, mode: &str, offset: u16, extra: &[&str]) -> Child {
-        let health = 10256 + offset;
-        let mut child = self
-            .in_ns("node", BIN)
+    /// A carousel in the node namespace in `mode`, its metrics on 10249 and health on
+    /// 10256, its log in `log`.
+    fn spawn_carousel(&self, mode: &str, log: &str, extra: &[&str]) -> Child {
+        self.in_ns("node", BIN)
             .args(["run", "--proxy-mode", mode, "--from-file"])
             .arg(self.state_path())
             .args(extra)
-            .arg("--metrics-bind-address")
-            .arg(format!("127.0.0.1:{}", 10249 + offset))
-            .arg("--healthz-bind-address")
-            .arg(format!("127.0.0.1:{health}"))
+            .args([
+                "--metrics-bind-address",
+                "127.0.0.1:10249",
+                "--healthz-bind-address",
+                "127.0.0.1:10256",
+            ])
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.log_path(offset)).unwrap())
+            .stderr(std::fs::File::create(self.dir.path().join(log)).unwrap())
             .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !self
-            .get(&format!("http://127.0.0.1:{health}/healthz"))
-            .starts_with("200")
-        {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!(
-                    "carousel did not become healthy:\n{}",
-                    std::fs::read_to_string(self.log_path(offset)).unwrap_or_default()
-                );
-            }
-            sleep(Duration::from_millis(50));
-        }
-        child
+            .unwrap()
     }
 
-    fn log_path(&self, offset: u16) -> PathBuf {
-        match offset {
-            0 => self.dir.path().join("carousel.log"),
-            n => self.dir.path().join(format!("carousel-{n}.log")),
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self
+            .get("http://127.0.0.1:10256/healthz")
+            .starts_with("200")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "carousel did not become healthy:\n{}",
+                self.log()
+            );
+            sleep(Duration::from_millis(50));
         }
+    }
+
+    fn log_named(&self, log: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(log)).unwrap_or_default()
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("carousel.log")).unwrap_or_default()
+        self.log_named("carousel.log")
     }
 
     /// Sends a signal to carousel and waits for it to exit; returns whether it exited 0.
@@ -290,6 +287,12 @@ impl Lab {
 
     fn nft(&self, args: &str) -> String {
         let out = run(self.in_ns("node", "nft").args(args.split_whitespace()));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `ss ARGS` in the node, its output.
+    fn node_ss(&self, args: &str) -> String {
+        let out = run(self.in_ns("node", "ss").args(args.split_whitespace()));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -494,10 +497,11 @@ fn agent_result(lab: &mut Lab, index: usize) -> Value {
 }
 
 /// A rollout on one node: while clients open 200 connections a second and three long
-/// streams run, a second carousel starts beside the first (one listener group) and the
-/// first gets SIGTERM, stops accepting, hands over what waits in its accept queue, and
-/// finishes its streams. No connection fails, every stream comes back byte for byte, and
-/// the rules stay in place throughout.
+/// streams run, a second carousel starts beside the first, on the same addresses and
+/// ports, as a DaemonSet's surge pod does, and the first gets SIGTERM as soon as the
+/// second says it is starting. The first waits until the second is ready, stops
+/// accepting, hands over what waits in its accept queue, and finishes its streams. No
+/// connection fails, every stream comes back byte for byte, and the rules stay.
 fn handover(mode: &str, service_ip: &str) {
     let names = ["ho-a", "ho-b"];
     let mut lab = Lab::new(&names);
@@ -526,7 +530,8 @@ fn handover(mode: &str, service_ip: &str) {
             .collect(),
     );
     lab.write_state(&state_yaml(&[web, streams]));
-    let mut first = lab.spawn_carousel(mode, 0, &[]);
+    let mut first = lab.spawn_carousel(mode, "carousel.log", &[]);
+    lab.wait_healthy();
 
     let churn = agent(&mut lab, "client", &["churn", service_ip, "80", "7", "200"]);
     let long: Vec<usize> = (0..3)
@@ -539,9 +544,23 @@ fn handover(mode: &str, service_ip: &str) {
         })
         .collect();
     sleep(Duration::from_secs(1));
-    let second = lab.spawn_carousel(mode, 100, &[]);
+    let second = lab.spawn_carousel(mode, "second.log", &[]);
     lab.carousel = Some(second);
-    sleep(Duration::from_millis(500));
+    // As soon as the second is there (its name in the node's abstract socket space):
+    // starting, or, from a state file often already, ready.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !["starting", "successor"].iter().any(|role| {
+        lab.node_ss("-xa")
+            .contains(&format!("carousel/127.0.0.1:10256/{role}"))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the second carousel never said it was starting:\n{}\n{}",
+            lab.node_ss("-xa"),
+            lab.log_named("second.log")
+        );
+        sleep(Duration::from_millis(5));
+    }
     run(Command::new("kill").args(["-TERM", &first.id().to_string()]));
 
     let churned = agent_result(&mut lab, churn);
@@ -557,7 +576,7 @@ fn handover(mode: &str, service_ip: &str) {
         0,
         "{mode}: connections failed during the handover: {churned}\nfirst:\n{}\nsecond:\n{}",
         lab.log(),
-        std::fs::read_to_string(lab.log_path(100)).unwrap_or_default()
+        lab.log_named("second.log")
     );
     assert!(churned["ok"].as_u64().unwrap() > 500, "{churned}");
     let status = first.wait().unwrap();
@@ -566,15 +585,20 @@ fn handover(mode: &str, service_ip: &str) {
         "the first carousel exited {status}:\n{}",
         lab.log()
     );
-    // The second took over: it served connections, and serves the next ones alone.
-    let metrics = lab.get("http://127.0.0.1:10349/metrics");
+    assert!(
+        lab.log().contains("a successor is ready: handing over"),
+        "{}",
+        lab.log()
+    );
+    // The second took over: it serves the next connections alone, and counted them.
+    assert_eq!(lab.spread("client", service_ip, 80, 10).len(), 2);
+    let metrics = lab.get("http://127.0.0.1:10249/metrics");
     assert!(
         metrics.contains(
             r#"service="web",port="web",endpoint="10.244.1.2:8080",pod="ho-a",outcome="ok"}"#
         ),
         "{metrics}"
     );
-    assert_eq!(lab.spread("client", service_ip, 80, 10).len(), 2);
 }
 
 /// A listener that closes while another of its group (SO_REUSEPORT) is open hands the

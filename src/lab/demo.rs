@@ -119,6 +119,7 @@ pub async fn run(connections: u32) -> Result<(), DemoError> {
     let (tables, updates) = watch::channel(Arc::new(state(&PHASES[0])?));
     let proxy = tokio::spawn(proxy::run(
         ProxyConfig::default(),
+        None,
         updates,
         telemetry.clone(),
         stop.clone().cancelled_owned(),

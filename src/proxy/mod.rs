@@ -6,6 +6,7 @@ pub mod copy;
 pub mod ejection;
 pub mod fairness;
 pub mod forward;
+pub mod handover;
 pub mod listener;
 pub mod original_dst;
 pub mod routes;
@@ -29,6 +30,7 @@ use crate::model::{Locality, ServiceTable};
 use crate::telemetry::{names, Telemetry};
 
 pub use forward::ForwardConfig;
+use handover::Presence;
 use listener::{Accepting, Dialed, Limit, Listeners};
 use routes::RouteTable;
 
@@ -63,6 +65,10 @@ pub struct ProxyConfig {
     pub max_connections: Option<usize>,
     /// Algorithms evaluated beside each Service's own (`--shadow`): registry names.
     pub shadow: Vec<&'static str>,
+    /// The name under which carousels of one node hand over to each other (`handover`,
+    /// whose `Presence` `run` takes); without one, a stopping carousel stops accepting
+    /// at once.
+    pub handover: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +191,8 @@ impl Intake {
 }
 
 /// Runs the proxy: applies every table that `tables` yields until `shutdown` resolves.
+/// With a `presence`, it is ready to take over once its first table is programmed, and
+/// a stop waits for a starting successor to be ready (`handover`).
 /// Open connections are never cut by a table change.
 ///
 /// On `shutdown` it stops accepting and reports not-ready at once, then waits for the
@@ -192,12 +200,14 @@ impl Intake {
 /// stay, for the carousel that takes over.
 pub async fn run(
     config: ProxyConfig,
+    mut presence: Option<Presence>,
     mut tables: watch::Receiver<Arc<ServiceTable>>,
     telemetry: Arc<Telemetry>,
     shutdown: impl Future<Output = ()>,
     abandon: impl Future<Output = ()>,
 ) -> Result<(), ProxyError> {
     tokio::pin!(shutdown);
+    tokio::pin!(abandon);
     let accepting = Accepting {
         routes: Arc::new(ArcSwap::from_pointee(RouteTable::default())),
         forward: config.forward,
@@ -237,6 +247,9 @@ pub async fn run(
             Ok(()) => {
                 sync_duration.record(started.elapsed().as_secs_f64());
                 telemetry.health().synced();
+                if let Some(presence) = &mut presence {
+                    presence.ready();
+                }
                 tracing::info!(services = table.len(), "table applied");
             }
             // The routes are in place; the rules are retried on the next change.
@@ -253,6 +266,12 @@ pub async fn run(
     }
     fairness.abort();
     telemetry.health().draining();
+    if let Some(presence) = &presence {
+        tokio::select! {
+            () = presence.hand_over() => {}
+            () = &mut abandon => tracing::warn!("stopped before a successor was ready"),
+        }
+    }
     intake.stop_accepting();
     accepting.connections.close();
     let open = accepting.connections.len();
@@ -260,7 +279,7 @@ pub async fn run(
         tracing::info!(open, "draining open connections");
         tokio::select! {
             () = accepting.connections.wait() => tracing::info!("every connection finished"),
-            () = abandon => tracing::warn!(open = accepting.connections.len(), "drain cut short"),
+            () = &mut abandon => tracing::warn!(open = accepting.connections.len(), "drain cut short"),
         }
     }
     Ok(())

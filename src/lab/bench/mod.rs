@@ -281,6 +281,7 @@ pub async fn run_one(
     };
     let proxy = tokio::spawn(proxy::run(
         config,
+        None,
         updates,
         telemetry.clone(),
         stop.clone().cancelled_owned(),
