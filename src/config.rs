@@ -106,6 +106,11 @@ pub struct RunArgs {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// How often the node's rules (or bind mode's listeners) are checked and repaired, as
+    /// kube-proxy's flag; a failed sync is retried sooner, with backoff.
+    #[arg(long, default_value = "30s", value_parser = parse_sync_period)]
+    pub sync_period: Duration,
+
     /// Refuse new connections beyond this many open ones (default: no limit).
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
@@ -138,6 +143,15 @@ impl RunArgs {
     pub fn service_proxy_name(&self) -> Option<&str> {
         self.service_proxy_name.as_deref().filter(|n| !n.is_empty())
     }
+}
+
+/// A duration of at least 100 ms: a shorter period would rewrite the rules in a loop.
+fn parse_sync_period(value: &str) -> Result<Duration, String> {
+    let period = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if period < Duration::from_millis(100) {
+        return Err(format!("{value} is shorter than 100ms"));
+    }
+    Ok(period)
 }
 
 /// An http(s) URL with a host, or empty (a ConfigMap value that leaves it unset).

@@ -5,6 +5,7 @@
 //! connection is handed to an endpoint that the Service port's balancer picks.
 
 pub mod addr;
+pub mod backoff;
 pub mod balance;
 pub mod config;
 pub mod dataplane;

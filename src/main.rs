@@ -170,6 +170,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         max_connections: args.max_connections,
         shadow,
+        sync_period: args.sync_period,
         // Per health address: carousels that share it are one node's proxy.
         handover: Some(format!("carousel/{}", args.healthz_bind_address)),
         mode,

@@ -28,6 +28,7 @@ pub mod names {
     pub const ENDPOINTS: &str = "carousel_endpoints";
     pub const CONFIG_ERRORS_TOTAL: &str = "carousel_config_errors_total";
     pub const SYNC_DURATION: &str = "carousel_sync_duration_seconds";
+    pub const SYNC_ERRORS_TOTAL: &str = "carousel_sync_errors_total";
     /// From an EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time` to
     /// the publication of the first table holding the change (the Kubernetes SLI).
     pub const NETWORK_PROGRAMMING_DURATION: &str = "carousel_network_programming_duration_seconds";

@@ -364,3 +364,46 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout_and_a_busy_one_is_n
     assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
     carousel.stop().await;
 }
+
+/// A Service address that another process holds (a plain listener, no SO_REUSEPORT):
+/// bind mode cannot listen there. The failure is counted as a sync error and retried with
+/// backoff, not left until the next table change; once the address is free, the listener
+/// opens and the Service answers.
+#[tokio::test]
+async fn a_listener_that_cannot_open_is_retried_until_it_can() {
+    let pods = pods(&["retry-a"]).await;
+    let squatter = TcpListener::bind("127.67.0.1:0").await.unwrap();
+    let service = squatter.local_addr().unwrap();
+    let svc = Svc::new(
+        "retry",
+        "127.67.0.1",
+        service.port(),
+        vec![Ep::ready(pods[0].addr, "retry-a")],
+    );
+    let carousel = Carousel::start(&svc.state()).await;
+    eventually("sync errors are counted", || async {
+        metric(
+            &carousel.metrics_text().await,
+            "carousel_sync_errors_total",
+            &[],
+        )
+        .is_some_and(|n| n >= 2.0)
+    })
+    .await;
+    drop(squatter);
+    eventually("the listener opens once the address is free", || async {
+        ask(client_ip(), service, ASK)
+            .await
+            .is_ok_and(|pod| pod == "retry-a")
+    })
+    .await;
+    // Retried with backoff (0.4-0.8 s, then 0.8-1.6 s...), not in a loop.
+    let errors = metric(
+        &carousel.metrics_text().await,
+        "carousel_sync_errors_total",
+        &[],
+    )
+    .unwrap();
+    assert!(errors < 20.0, "{errors} sync errors");
+    carousel.stop().await;
+}

@@ -652,6 +652,65 @@ fn a_rollout_in_bind_mode_loses_no_connection() {
     handover("bind", "10.96.0.95");
 }
 
+/// What someone else does to carousel's rules is repaired within one `--sync-period`:
+/// a flushed ruleset, a deleted table, a deleted policy rule, a deleted set element.
+#[test]
+fn rules_someone_removed_are_restored_within_a_sync_period() {
+    let names = ["fix-a", "fix-b"];
+    let mut lab = Lab::new(&names);
+    let svc = Svc::new("fix", "10.96.0.80", 80, pods_named(&names, Lab::pod_v4));
+    lab.write_state(&svc.state());
+    lab.start_carousel_with(&["--sync-period", "1s"]);
+    let want = counts(&[("fix-a", 2), ("fix-b", 2)]);
+    assert_eq!(lab.spread("client", "10.96.0.80", 80, 4), want);
+    let ruleset = lab.nft("list ruleset");
+    // Each run in the node namespace.
+    let damage: [(&str, &[&str]); 4] = [
+        ("nft flush ruleset", &["nft", "flush", "ruleset"]),
+        (
+            "a deleted table",
+            &["nft", "delete", "table", "inet", "carousel"],
+        ),
+        (
+            "a deleted policy rule",
+            &["ip", "rule", "del", "priority", "17218"],
+        ),
+        (
+            "a deleted set element",
+            &[
+                "nft",
+                "delete element inet carousel services4 { 10.96.0.80 . 80 }",
+            ],
+        ),
+    ];
+    for (what, command) in damage {
+        run(lab.in_ns("node", command[0]).args(&command[1..]));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lab.nft("list ruleset") != ruleset
+            || !lab
+                .node_ip("rule show")
+                .contains("fwmark 0x4342 lookup 17218")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{what} was not repaired:\n{}",
+                lab.log()
+            );
+            sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            lab.spread("client", "10.96.0.80", 80, 4),
+            want,
+            "after {what}"
+        );
+    }
+    let metrics = lab.get("http://127.0.0.1:10249/metrics");
+    assert!(
+        metrics.contains("carousel_sync_errors_total 0"),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn ipv6_services_are_redirected_too() {
     let names = ["six-a", "six-b"];

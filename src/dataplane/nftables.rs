@@ -354,6 +354,13 @@ impl Rules {
         }
     }
 
+    /// Rewrites the whole table and checks the policy routes, whatever was applied
+    /// before: repairs what someone else changed (a flushed ruleset, a deleted element).
+    pub async fn rewrite(&mut self, wanted: Redirects) -> Result<(), NftError> {
+        self.applied = None;
+        self.sync(wanted).await
+    }
+
     /// Applies `changes` in one transaction on the kept socket, off the async threads
     /// (a large change keeps the kernel busy for a while).
     async fn change_elements(&mut self, changes: Vec<Change>) -> Result<(), NetlinkError> {

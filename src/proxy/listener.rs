@@ -122,8 +122,14 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Opens the listeners that are wanted and not open, closes those no longer wanted.
-    pub fn reconcile(&mut self, wanted: &BTreeMap<ServiceAddr, String>, intake: &Accepting) {
+    /// Opens the listeners that are wanted and not open, closes those no longer wanted;
+    /// the number of wanted addresses that could not be listened on (each is reported
+    /// once, and tried again at the next reconcile).
+    pub fn reconcile(
+        &mut self,
+        wanted: &BTreeMap<ServiceAddr, String>,
+        intake: &Accepting,
+    ) -> usize {
         self.open.retain(|addr, task| {
             let keep = wanted.contains_key(addr);
             if !keep {
@@ -155,11 +161,12 @@ impl Listeners {
                         } else {
                             ""
                         };
-                        tracing::error!(%addr, service = %owner, error = %e, "cannot listen{hint}; skipping this address");
+                        tracing::error!(%addr, service = %owner, error = %e, "cannot listen{hint}; retrying");
                     }
                 }
             }
         }
+        self.failed.len()
     }
 
     /// The addresses listened on now.

@@ -16,7 +16,7 @@ mod splice;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
 use crate::addr::ServiceAddr;
+use crate::backoff::Backoff;
 use crate::balance::BuildOptions;
 use crate::dataplane::nftables::{self, NftError, Redirects, Rules};
 use crate::model::{Locality, ServiceTable};
@@ -53,7 +54,7 @@ impl Default for Mode {
 }
 
 /// How the proxy runs.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ProxyConfig {
     pub forward: ForwardConfig,
     pub mode: Mode,
@@ -65,10 +66,31 @@ pub struct ProxyConfig {
     pub max_connections: Option<usize>,
     /// Algorithms evaluated beside each Service's own (`--shadow`): registry names.
     pub shadow: Vec<&'static str>,
+    /// How often the node's rules (or bind mode's listeners) are checked and repaired
+    /// (`--sync-period`).
+    pub sync_period: Duration,
     /// The name under which carousels of one node hand over to each other (`handover`,
     /// whose `Presence` `run` takes); without one, a stopping carousel stops accepting
     /// at once.
     pub handover: Option<String>,
+}
+
+/// kube-proxy's default `--sync-period`.
+pub const SYNC_PERIOD: Duration = Duration::from_secs(30);
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            forward: ForwardConfig::default(),
+            mode: Mode::default(),
+            balance: BuildOptions::default(),
+            locality: Locality::default(),
+            max_connections: None,
+            shadow: Vec::new(),
+            sync_period: SYNC_PERIOD,
+            handover: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +103,23 @@ pub enum ProxyError {
     },
     #[error(transparent)]
     Rules(#[from] NftError),
+}
+
+/// Why a sync of the node (rules, or bind mode's listeners) failed; it is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Rules(#[from] NftError),
+    #[error("{0} Service address(es) could not be listened on")]
+    Listeners(usize),
+}
+
+impl SyncError {
+    /// Whether the table is in force for everything but what failed: bind mode serves
+    /// every Service it could listen for.
+    fn partial(&self) -> bool {
+        matches!(self, SyncError::Listeners(_))
+    }
 }
 
 /// Where traffic comes in, per mode.
@@ -159,7 +198,9 @@ impl Intake {
         Ok(())
     }
 
-    async fn sync(&mut self, accepting: &Accepting) -> Result<(), NftError> {
+    /// Brings the node in line with the route table. `repair`: also what someone else
+    /// may have changed since (the whole table rewritten, the policy route checked).
+    async fn sync(&mut self, accepting: &Accepting, repair: bool) -> Result<(), SyncError> {
         let table = accepting.routes.load();
         match self {
             Intake::Bind {
@@ -167,13 +208,20 @@ impl Intake {
                 nodeport_addresses,
             } => {
                 let wanted = listener::wanted(&table, nodeport_addresses);
-                listeners.reconcile(&wanted, accepting);
-                Ok(())
+                match listeners.reconcile(&wanted, accepting) {
+                    0 => Ok(()),
+                    failed => Err(SyncError::Listeners(failed)),
+                }
             }
             Intake::Nftables { rules, .. } => {
                 let addrs: Vec<ServiceAddr> = table.service_addrs().map(|(a, _)| *a).collect();
                 let redirects = Redirects::new(addrs, table.node_ports().map(|(p, _)| p));
-                rules.sync(redirects).await
+                if repair {
+                    rules.rewrite(redirects).await?;
+                } else {
+                    rules.sync(redirects).await?;
+                }
+                Ok(())
             }
         }
     }
@@ -190,7 +238,37 @@ impl Intake {
     }
 }
 
-/// Runs the proxy: applies every table that `tables` yields until `shutdown` resolves.
+/// Failed syncs in a row: logged once when they start and once when they end.
+#[derive(Debug, Default)]
+struct Failures {
+    count: u64,
+    backoff: Backoff,
+}
+
+impl Failures {
+    /// The pause before the next try.
+    fn failed(&mut self, error: &SyncError) -> Duration {
+        if self.count == 0 {
+            tracing::error!(%error, "cannot program the node; retrying with backoff");
+        } else {
+            tracing::debug!(%error, attempt = self.count + 1, "still cannot program the node");
+        }
+        self.count += 1;
+        self.backoff.next_pause()
+    }
+
+    fn ended(&mut self) {
+        if self.count > 0 {
+            tracing::info!(failed_attempts = self.count, "the node is programmed again");
+            self.count = 0;
+            self.backoff.reset();
+        }
+    }
+}
+
+/// Runs the proxy: applies every table that `tables` yields until `shutdown` resolves,
+/// and every `sync_period` checks and repairs what it programmed (rules someone flushed,
+/// a listener that could not be opened).
 /// With a `presence`, it is ready to take over once its first table is programmed, and
 /// a stop waits for a starting successor to be ready (`handover`).
 /// Open connections are never cut by a table change.
@@ -224,44 +302,65 @@ pub async fn run(
         fairness::TICK,
         fairness::WINDOW_TICKS,
     ));
+    let sync_errors = telemetry.counter(names::SYNC_ERRORS_TOTAL, Vec::new());
+    let mut failures = Failures::default();
+    // What woke the loop: a new table, or the period (or the backoff after a failure).
+    let mut new_table = true;
     loop {
-        let table = tables.borrow_and_update().clone();
         let started = Instant::now();
-        let previous = routes.load_full();
-        let here = Locality {
-            node: config.locality.node.clone(),
-            zone: config.locality.zone.clone().or_else(|| table.zone.clone()),
-        };
-        let next = RouteTable::build_with_shadows(
-            &table,
-            &previous,
-            &telemetry,
-            &config.balance,
-            &here,
-            &config.shadow,
-        );
-        routes.store(Arc::new(next));
-        // A failure to start ends the proxy at once.
-        intake.open(&accepting)?;
-        match intake.sync(&accepting).await {
-            Ok(()) => {
-                sync_duration.record(started.elapsed().as_secs_f64());
-                telemetry.health().synced();
-                if let Some(presence) = &mut presence {
-                    presence.ready();
-                }
-                tracing::info!(services = table.len(), "table applied");
-            }
-            // The routes are in place; the rules are retried on the next change.
-            Err(e) => tracing::error!(error = %e, "cannot apply the redirect rules"),
+        if new_table {
+            let table = tables.borrow_and_update().clone();
+            let previous = routes.load_full();
+            let here = Locality {
+                node: config.locality.node.clone(),
+                zone: config.locality.zone.clone().or_else(|| table.zone.clone()),
+            };
+            let next = RouteTable::build_with_shadows(
+                &table,
+                &previous,
+                &telemetry,
+                &config.balance,
+                &here,
+                &config.shadow,
+            );
+            routes.store(Arc::new(next));
+            // A failure to start ends the proxy at once.
+            intake.open(&accepting)?;
         }
+        // After a failure, everything is checked again, as at each period.
+        let repair = !new_table || failures.count > 0;
+        let result = intake.sync(&accepting, repair).await;
+        if result.as_ref().map_or_else(SyncError::partial, |()| true) {
+            if new_table {
+                sync_duration.record(started.elapsed().as_secs_f64());
+                tracing::info!(services = tables.borrow().len(), "table applied");
+            }
+            telemetry.health().synced();
+            if let Some(presence) = &mut presence {
+                presence.ready();
+            }
+        }
+        let pause = match result {
+            Ok(()) => {
+                failures.ended();
+                config.sync_period
+            }
+            // The routes are in place; the node is tried again after a pause.
+            Err(e) => {
+                sync_errors.increment(1);
+                failures.failed(&e).min(config.sync_period)
+            }
+        };
         tokio::select! {
             _ = &mut shutdown => break,
             changed = tables.changed() => if changed.is_err() {
                 // The source is gone; serve the last table until shutdown.
                 shutdown.as_mut().await;
                 break;
+            } else {
+                new_table = true;
             },
+            () = tokio::time::sleep(pause) => new_table = false,
         }
     }
     fairness.abort();

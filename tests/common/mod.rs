@@ -323,7 +323,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)>
 /// The value of the one series of `name` whose labels include every `label="value"` given.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
         .find(|l| {
             labels
                 .iter()
