@@ -193,6 +193,9 @@ pub struct ServiceTable {
     /// This node's zone, as the source knows it (its Node's label, or `--zone`): zone
     /// preferences follow it, so a new label reaches the proxy as a new table.
     pub zone: Option<Arc<str>>,
+    /// This node is being deleted or drained by the cluster autoscaler (kube-proxy's
+    /// `nodeEligible: false` on `/healthz`).
+    pub node_leaving: bool,
 }
 
 impl ServiceTable {

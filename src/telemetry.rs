@@ -123,11 +123,57 @@ impl Telemetry {
     }
 }
 
-/// Whether the proxy has applied a table yet, and when it last did.
-#[derive(Debug, Default)]
+/// Whether the proxy has applied a table yet, when it last did, and whether a change
+/// has waited too long for it; as kube-proxy's health server judges it.
+#[derive(Debug)]
 pub struct Health {
     last_sync: Mutex<Option<SystemTime>>,
+    /// When the oldest change that is not programmed yet arrived.
+    queued: Mutex<Option<SystemTime>>,
+    /// How long a change may wait before `/healthz` says unhealthy (kube-proxy: twice
+    /// the sync period).
+    timeout: Mutex<Duration>,
     draining: AtomicBool,
+    node_leaving: AtomicBool,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            last_sync: Mutex::default(),
+            queued: Mutex::default(),
+            timeout: Mutex::new(Duration::from_secs(60)),
+            draining: AtomicBool::new(false),
+            node_leaving: AtomicBool::new(false),
+        }
+    }
+}
+
+/// `/healthz` and `/livez` as kube-proxy answers them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthReport {
+    /// The last sync, if any.
+    pub last_updated: Option<SystemTime>,
+    pub current_time: SystemTime,
+    /// Synced once, and no change has waited longer than the timeout.
+    pub healthy: bool,
+    /// Not being deleted or drained by the cluster autoscaler.
+    pub node_eligible: bool,
+}
+
+impl HealthReport {
+    /// kube-proxy's JSON, times in RFC 3339 (Go's zero time for never).
+    pub fn json(&self) -> String {
+        let time = |t: SystemTime| humantime::format_rfc3339_nanos(t).to_string();
+        let last = self
+            .last_updated
+            .map_or_else(|| "0001-01-01T00:00:00Z".to_string(), time);
+        format!(
+            "{{\"lastUpdated\": \"{last}\", \"currentTime\": \"{}\", \"nodeEligible\": {}}}\n",
+            time(self.current_time),
+            self.node_eligible
+        )
+    }
 }
 
 impl Health {
@@ -140,12 +186,43 @@ impl Health {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// A change arrived that is not programmed yet (the oldest one counts).
+    pub fn queued(&self) {
+        let mut queued = self.queued.lock().expect("health lock poisoned");
+        queued.get_or_insert_with(SystemTime::now);
+    }
+
+    /// Everything that arrived is programmed.
     pub fn synced(&self) {
         *self.last_sync.lock().expect("health lock poisoned") = Some(SystemTime::now());
+        *self.queued.lock().expect("health lock poisoned") = None;
     }
 
     pub fn last_sync(&self) -> Option<SystemTime> {
         *self.last_sync.lock().expect("health lock poisoned")
+    }
+
+    pub fn set_timeout(&self, timeout: Duration) {
+        *self.timeout.lock().expect("health lock poisoned") = timeout;
+    }
+
+    pub fn set_node_leaving(&self, leaving: bool) {
+        self.node_leaving.store(leaving, Ordering::Relaxed);
+    }
+
+    /// The state at `now`.
+    pub fn report(&self, now: SystemTime) -> HealthReport {
+        let last_updated = self.last_sync();
+        let queued = *self.queued.lock().expect("health lock poisoned");
+        let timeout = *self.timeout.lock().expect("health lock poisoned");
+        let waited_too_long =
+            queued.is_some_and(|at| now.duration_since(at).unwrap_or_default() > timeout);
+        HealthReport {
+            last_updated,
+            current_time: now,
+            healthy: last_updated.is_some() && !waited_too_long,
+            node_eligible: !self.node_leaving.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -201,13 +278,37 @@ fn respond<B>(telemetry: &Telemetry, which: Endpoints, req: &Request<B>) -> Resp
             .body(Full::new(Bytes::from(body)))
             .expect("static response parts are valid")
     };
+    let json = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts are valid")
+    };
+    let ok_if = |ok: bool| {
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    };
     match (which, req.uri().path()) {
         (Endpoints::Metrics, "/metrics") => reply(StatusCode::OK, telemetry.render()),
+        // kube-proxy's: programmed in time, and (for /healthz, which load balancers ask)
+        // a node that is not leaving.
+        (Endpoints::Health, "/healthz") => {
+            let report = telemetry.health.report(SystemTime::now());
+            json(ok_if(report.healthy && report.node_eligible), report.json())
+        }
+        (Endpoints::Health, "/livez") => {
+            let report = telemetry.health.report(SystemTime::now());
+            json(ok_if(report.healthy), report.json())
+        }
         (Endpoints::Health, "/readyz") if telemetry.health.is_draining() => reply(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: shutting down\n".to_string(),
         ),
-        (Endpoints::Health, "/healthz" | "/readyz") => match telemetry.health.last_sync() {
+        (Endpoints::Health, "/readyz") => match telemetry.health.last_sync() {
             Some(at) => {
                 let secs = at
                     .duration_since(UNIX_EPOCH)
@@ -224,5 +325,55 @@ fn respond<B>(telemetry: &Telemetry, which: Endpoints, req: &Request<B>) -> Resp
             ),
         },
         _ => reply(StatusCode::NOT_FOUND, "not found\n".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn health_follows_kube_proxys_rules() {
+        let health = Health::default();
+        health.set_timeout(Duration::from_secs(60));
+        let never = health.report(SystemTime::now());
+        assert!(!never.healthy, "never synced");
+        assert!(never
+            .json()
+            .contains(r#""lastUpdated": "0001-01-01T00:00:00Z""#));
+
+        health.synced();
+        let now = SystemTime::now();
+        assert!(health.report(now).healthy);
+        // A change waits: healthy within the timeout, unhealthy past it.
+        health.queued();
+        assert!(health.report(now + Duration::from_secs(59)).healthy);
+        assert!(!health.report(now + Duration::from_secs(61)).healthy);
+        health.queued(); // a later change does not restart the clock
+        assert!(!health.report(now + Duration::from_secs(61)).healthy);
+        health.synced();
+        assert!(health.report(now + Duration::from_secs(61)).healthy);
+
+        health.set_node_leaving(true);
+        let leaving = health.report(now);
+        assert!(leaving.healthy && !leaving.node_eligible);
+    }
+
+    #[test]
+    fn the_report_is_kube_proxys_json() {
+        let report = HealthReport {
+            last_updated: Some(at(1_700_000_000)),
+            current_time: at(1_700_000_005),
+            healthy: true,
+            node_eligible: false,
+        };
+        let value: serde_json::Value = serde_json::from_str(&report.json()).unwrap();
+        assert_eq!(value["lastUpdated"], "2023-11-14T22:13:20.000000000Z");
+        assert_eq!(value["currentTime"], "2023-11-14T22:13:25.000000000Z");
+        assert_eq!(value["nodeEligible"], false);
     }
 }

@@ -669,7 +669,7 @@ fn daemonset_is_locked_down_in(overlay: Overlay) {
     // Probes and resources.
     assert_eq!(
         str_at(c, &["livenessProbe", "httpGet", "path"]),
-        Some("/healthz")
+        Some("/livez")
     );
     assert_eq!(
         str_at(c, &["readinessProbe", "httpGet", "path"]),
@@ -1074,7 +1074,7 @@ async fn run_rendered_daemonset(overlay: Overlay) {
     }
     assert!(node
         .get(&format!(
-            "http://127.0.0.1:{}/healthz",
+            "http://127.0.0.1:{}/livez",
             ds.probe_port("livenessProbe")
         ))
         .starts_with("200"));

@@ -815,6 +815,50 @@ async fn health_is_503_until_the_first_full_sync() {
     carousel.stop().await;
 }
 
+/// kube-proxy's health contract: `/healthz` answers its JSON, and turns 503 with
+/// `nodeEligible: false` while this Node carries the cluster autoscaler's deletion taint
+/// (load balancers then stop sending here); `/livez` stays 200, so the pod is not
+/// restarted for it.
+#[tokio::test]
+async fn a_node_the_autoscaler_removes_is_not_eligible() {
+    let api = FakeApiServer::start().await;
+    let p = pods(11, 10, &["el"]).await;
+    api.apply(service("eligible", ip(11, 1), "eligible"));
+    api.apply(slice("eligible-1", "eligible", &[E::ready(&p[0])]));
+    api.apply(node_object("node-el", "zone-a"));
+    let carousel = ClusterCarousel::synced(&api, node_flags("node-el")).await;
+    let (status, body) = http_get(carousel.health, "/healthz").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let report: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["nodeEligible"], true, "{body}");
+    assert!(
+        humantime::parse_rfc3339(report["lastUpdated"].as_str().unwrap()).is_ok()
+            && humantime::parse_rfc3339(report["currentTime"].as_str().unwrap()).is_ok(),
+        "{body}"
+    );
+
+    let mut tainted = node_object("node-el", "zone-a");
+    tainted["spec"] =
+        json!({"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]});
+    api.apply(tainted);
+    eventually("healthz turns 503", || async {
+        matches!(http_get(carousel.health, "/healthz").await, Ok((503, _)))
+    })
+    .await;
+    let (_, body) = http_get(carousel.health, "/healthz").await.unwrap();
+    assert!(body.contains(r#""nodeEligible": false"#), "{body}");
+    assert_eq!(http_get(carousel.health, "/livez").await.unwrap().0, 200);
+    // Still proxying: the node's own pods and clients keep their Services.
+    settles_on(addr(11, 1), &["el"]).await;
+
+    api.apply(node_object("node-el", "zone-a"));
+    eventually("healthz turns 200 again", || async {
+        matches!(http_get(carousel.health, "/healthz").await, Ok((200, _)))
+    })
+    .await;
+    carousel.stop().await;
+}
+
 #[test]
 fn the_fake_servers_label_selectors() {
     let labels: BTreeMap<String, String> = [("app", "web"), ("tier", "front")]

@@ -27,6 +27,8 @@ struct Lab {
     namespaces: Vec<String>,
     children: Vec<Child>,
     carousel: Option<Child>,
+    /// Environment for carousel, beside the test's own.
+    carousel_env: Vec<(String, String)>,
     dir: tempfile::TempDir,
 }
 
@@ -62,6 +64,7 @@ impl Lab {
             namespaces: Vec::new(),
             children: Vec::new(),
             carousel: None,
+            carousel_env: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
         };
         let node = lab.add_ns("node");
@@ -176,6 +179,7 @@ impl Lab {
     /// 10256, its log in `log`.
     fn spawn_carousel(&self, mode: &str, log: &str, extra: &[&str]) -> Child {
         self.in_ns("node", BIN)
+            .envs(self.carousel_env.iter().map(|(k, v)| (k, v)))
             .args(["run", "--proxy-mode", mode, "--from-file"])
             .arg(self.state_path())
             .args(extra)
@@ -202,6 +206,15 @@ impl Lab {
                 "carousel did not become healthy:\n{}",
                 self.log()
             );
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls `done` every 50 ms for up to `patience`; fails naming `what`, with the log.
+    fn until(&self, what: &str, patience: Duration, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + patience;
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}:\n{}", self.log());
             sleep(Duration::from_millis(50));
         }
     }
@@ -685,19 +698,16 @@ fn rules_someone_removed_are_restored_within_a_sync_period() {
     ];
     for (what, command) in damage {
         run(lab.in_ns("node", command[0]).args(&command[1..]));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while lab.nft("list ruleset") != ruleset
-            || !lab
-                .node_ip("rule show")
-                .contains("fwmark 0x4342 lookup 17218")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "{what} was not repaired:\n{}",
-                lab.log()
-            );
-            sleep(Duration::from_millis(50));
-        }
+        lab.until(
+            &format!("{what} was not repaired"),
+            Duration::from_secs(5),
+            || {
+                lab.nft("list ruleset") == ruleset
+                    && lab
+                        .node_ip("rule show")
+                        .contains("fwmark 0x4342 lookup 17218")
+            },
+        );
         assert_eq!(
             lab.spread("client", "10.96.0.80", 80, 4),
             want,
@@ -708,6 +718,73 @@ fn rules_someone_removed_are_restored_within_a_sync_period() {
     assert!(
         metrics.contains("carousel_sync_errors_total 0"),
         "{metrics}"
+    );
+}
+
+/// kube-proxy's health rule: a change that has waited longer than twice the sync period
+/// without being programmed turns `/healthz` (and `/livez`) 503, with the time of the
+/// last sync that worked; once the node can be programmed again, 200.
+#[test]
+fn health_turns_503_while_a_change_cannot_be_programmed() {
+    let mut lab = Lab::new(&["st-a"]);
+    // nft(8) that refuses while the flag file exists.
+    let flag = lab.dir.path().join("refuse");
+    let bin = lab.dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let real =
+        String::from_utf8(run(Command::new("sh").args(["-c", "command -v nft"])).stdout).unwrap();
+    std::fs::write(
+        bin.join("nft"),
+        format!(
+            "#!/bin/sh\nif [ -e {} ]; then echo 'refused by the test' >&2; exit 1; fi\nexec {} \"$@\"\n",
+            flag.display(),
+            real.trim()
+        ),
+    )
+    .unwrap();
+    run(Command::new("chmod").arg("+x").arg(bin.join("nft")));
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    lab.carousel_env.push(("PATH".into(), path));
+    let one = Svc::new(
+        "one",
+        "10.96.0.110",
+        80,
+        vec![Ep::ready(Lab::pod_v4(1), "st-a")],
+    );
+    lab.write_state(&one.state());
+    lab.start_carousel_with(&["--sync-period", "1s"]);
+    assert!(lab.get("http://127.0.0.1:10256/healthz").starts_with("200"));
+
+    std::fs::write(&flag, "").unwrap();
+    lab.nft("delete table inet carousel");
+    let two = Svc::new(
+        "two",
+        "10.96.0.111",
+        80,
+        vec![Ep::ready(Lab::pod_v4(1), "st-a")],
+    );
+    lab.write_state(&state_yaml(&[one.clone(), two.clone()]));
+    lab.until("healthz stayed 200", Duration::from_secs(10), || {
+        lab.get("http://127.0.0.1:10256/healthz").starts_with("503")
+    });
+    assert!(lab.get("http://127.0.0.1:10256/livez").starts_with("503"));
+    let metrics = lab.get("http://127.0.0.1:10249/metrics");
+    let errors: f64 = common::metric(&metrics, "carousel_sync_errors_total", &[]).unwrap();
+    assert!(errors >= 1.0, "{metrics}");
+    assert_eq!(
+        lab.log().matches("cannot program the node").count(),
+        1,
+        "one line per streak:\n{}",
+        lab.log()
+    );
+
+    std::fs::remove_file(&flag).unwrap();
+    lab.until("healthz stayed 503", Duration::from_secs(10), || {
+        lab.get("http://127.0.0.1:10256/healthz").starts_with("200")
+    });
+    assert_eq!(
+        lab.spread("client", "10.96.0.111", 80, 2),
+        counts(&[("st-a", 2)])
     );
 }
 

@@ -92,14 +92,14 @@ pub struct Store {
     scope: Scope,
     /// `--zone`: wins over the Node's label.
     zone_override: Option<String>,
-    /// Whether this node's Node object is watched (a node name is known and no
-    /// `--zone` was given).
+    /// Whether this node's Node object is watched (a node name is known): for its zone
+    /// (unless `--zone`) and whether it is leaving the cluster.
     watch_node: bool,
     services: Relisted<ServiceKey, ServiceFront>,
     slices: Relisted<ObjectKey, SliceView>,
     pods: Relisted<ObjectKey, BTreeMap<String, String>>,
-    /// `None` until the Node list completes.
-    node_zone: Relisted<String, Option<String>>,
+    /// This node's Node, as far as carousel reads it.
+    node: Relisted<String, NodeView>,
     /// Slice names per Service, so that an event rebuilds only its Service.
     slices_by_service: HashMap<ServiceKey, BTreeSet<ObjectKey>>,
     /// Services with `carousel.dev/weights` rules: the only ones pod labels matter to.
@@ -119,13 +119,13 @@ impl Store {
     pub fn new(scope: Scope, node_name: Option<&str>, zone: Option<String>) -> Self {
         let zone_table = zone.as_deref().map(Arc::from);
         Self {
-            watch_node: node_name.is_some() && zone.is_none(),
+            watch_node: node_name.is_some(),
             zone_override: zone,
             scope,
             services: Relisted::default(),
             slices: Relisted::default(),
             pods: Relisted::default(),
-            node_zone: Relisted::default(),
+            node: Relisted::default(),
             slices_by_service: HashMap::new(),
             weighted: BTreeSet::new(),
             dirty: BTreeSet::new(),
@@ -149,7 +149,12 @@ impl Store {
     pub fn zone(&self) -> Option<&str> {
         self.zone_override
             .as_deref()
-            .or_else(|| self.node_zone.live.values().next()?.as_deref())
+            .or_else(|| self.node.live.values().next()?.zone.as_deref())
+    }
+
+    /// Whether this node is being deleted, or drained by the cluster autoscaler.
+    pub fn node_leaving(&self) -> bool {
+        self.node.live.values().any(|n| n.leaving)
     }
 
     /// Whether pod labels are needed: some Service weighs its pods by label.
@@ -161,7 +166,7 @@ impl Store {
     pub fn is_synced(&self) -> bool {
         self.services.listed
             && self.slices.listed
-            && (self.node_zone.listed || !self.watch_node)
+            && (self.node.listed || !self.watch_node)
             && (self.pods.listed || !self.needs_pods())
     }
 
@@ -438,33 +443,41 @@ impl Store {
     // depend on it, so a zone change rebuilds nothing here, but it is published.
 
     pub fn apply_node(&mut self, event: Event<core::Node>) {
-        let before = self.zone().map(str::to_owned);
+        let before = (self.zone().map(str::to_owned), self.node_leaving());
         match event {
-            Event::Init => self.node_zone.begin(),
+            Event::Init => self.node.begin(),
             Event::InitApply(node) => {
                 if let Ok(name) = object_name(&node.metadata) {
-                    self.node_zone.listed(name.to_string(), node_zone(&node));
+                    self.node.listed(name.to_string(), NodeView::from(&node));
                 }
             }
             Event::InitDone => {
-                self.node_zone.finish();
+                self.node.finish();
             }
             Event::Apply(node) => {
                 if let Ok(name) = object_name(&node.metadata) {
-                    self.node_zone
+                    self.node
                         .live
-                        .insert(name.to_string(), node_zone(&node));
+                        .insert(name.to_string(), NodeView::from(&node));
                 }
             }
             Event::Delete(node) => {
                 if let Ok(name) = object_name(&node.metadata) {
-                    self.node_zone.live.remove(name);
+                    self.node.live.remove(name);
                 }
             }
         }
-        if self.zone() != before.as_deref() {
+        if self.zone() != before.0.as_deref() {
             tracing::info!(zone = self.zone().unwrap_or("(none)"), "this node's zone");
             self.table.zone = self.zone().map(Arc::from);
+            self.changed = true;
+        }
+        if self.node_leaving() != before.1 {
+            tracing::info!(
+                leaving = self.node_leaving(),
+                "this node is leaving the cluster"
+            );
+            self.table.node_leaving = self.node_leaving();
             self.changed = true;
         }
     }
@@ -548,8 +561,35 @@ fn pod_labels(meta: &ObjectMeta) -> Option<(ObjectKey, BTreeMap<String, String>)
     Some((key, meta.labels.clone().unwrap_or_default()))
 }
 
-fn node_zone(node: &core::Node) -> Option<String> {
-    node.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned()
+/// The taint the cluster autoscaler puts on a node it is about to remove.
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// What carousel reads of its own Node.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct NodeView {
+    /// `topology.kubernetes.io/zone`.
+    zone: Option<String>,
+    /// Being deleted, or tainted for deletion by the cluster autoscaler: kube-proxy then
+    /// reports `nodeEligible: false`, so that load balancers stop sending here.
+    leaving: bool,
+}
+
+impl From<&core::Node> for NodeView {
+    fn from(node: &core::Node) -> Self {
+        let tainted = node
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.taints.as_ref())
+            .is_some_and(|taints| taints.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
+        Self {
+            zone: node
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_ZONE).cloned()),
+            leaving: node.metadata.deletion_timestamp.is_some() || tainted,
+        }
+    }
 }
 
 /// `endpoints.kubernetes.io/last-change-trigger-time`, when present and RFC 3339.
@@ -717,10 +757,34 @@ mod tests {
         store.apply_pod(Event::Init);
         store.apply_pod(Event::InitDone);
         assert!(store.is_synced());
-        // --zone wins, and the Node is then not watched at all.
-        let store = Store::new(Scope::default(), Some("node-a"), Some("zone-z".into()));
-        assert!(!store.watches_node());
+        // --zone wins over the Node's label; the Node is still watched, for whether it
+        // is leaving.
+        let mut store = Store::new(Scope::default(), Some("node-a"), Some("zone-z".into()));
+        assert!(store.watches_node());
+        store.apply_node(Event::Init);
+        store.apply_node(Event::InitApply(node(Some("zone-a"))));
+        store.apply_node(Event::InitDone);
         assert_eq!(store.zone(), Some("zone-z"));
+        assert!(!store.node_leaving());
+        let mut tainted = node(None);
+        tainted.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            taints: Some(vec![k8s_openapi::api::core::v1::Taint {
+                key: TAINT_TO_BE_DELETED.into(),
+                effect: "NoSchedule".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        store.apply_node(Event::Apply(tainted));
+        assert!(store.node_leaving());
+        store.apply_service(Event::Init);
+        store.apply_service(Event::InitDone);
+        store.apply_slice(Event::Init);
+        store.apply_slice(Event::InitDone);
+        assert!(
+            flush_table(&mut store).node_leaving,
+            "it rides with the table"
+        );
     }
 
     #[test]

@@ -303,6 +303,8 @@ pub async fn run(
         fairness::WINDOW_TICKS,
     ));
     let sync_errors = telemetry.counter(names::SYNC_ERRORS_TOTAL, Vec::new());
+    // kube-proxy's health timeout: a change waiting longer is unhealthy.
+    telemetry.health().set_timeout(config.sync_period * 2);
     let mut failures = Failures::default();
     // What woke the loop: a new table, or the period (or the backoff after a failure).
     let mut new_table = true;
@@ -310,6 +312,8 @@ pub async fn run(
         let started = Instant::now();
         if new_table {
             let table = tables.borrow_and_update().clone();
+            telemetry.health().queued();
+            telemetry.health().set_node_leaving(table.node_leaving);
             let previous = routes.load_full();
             let here = Locality {
                 node: config.locality.node.clone(),

@@ -669,7 +669,7 @@ mod tests {
         };
         Arc::new(ServiceTable {
             services: [(key, Arc::new(service))].into(),
-            zone: None,
+            ..ServiceTable::default()
         })
     }
 
@@ -773,7 +773,7 @@ mod tests {
         // The same Arc<Service> in a new table: the very same route, not a rebuild.
         let same = Arc::new(ServiceTable {
             services: first.services.clone(),
-            zone: None,
+            ..ServiceTable::default()
         });
         let again = RouteTable::build(&same, &routes, &telemetry, &options, &here);
         assert!(Arc::ptr_eq(again.routes().next().unwrap(), &before));
@@ -877,7 +877,7 @@ mod tests {
                     node: Some("here".into()),
                     zone: Some(if zone_a { "a" } else { "b" }.into()),
                 };
-                let table = Arc::new(ServiceTable { services: services.clone(), zone: None });
+                let table = Arc::new(ServiceTable { services: services.clone(), ..ServiceTable::default() });
                 routes = RouteTable::build(&table, &routes, &telemetry, &options, &here);
                 let scratch = RouteTable::build(&table, &RouteTable::default(), &telemetry, &options, &here);
                 proptest::prop_assert_eq!(shape(&routes), shape(&scratch));

@@ -207,7 +207,7 @@ fn table(
     };
     ServiceTable {
         services: [(key, Arc::new(svc))].into(),
-        zone: None,
+        ..ServiceTable::default()
     }
 }
 
