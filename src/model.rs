@@ -52,6 +52,9 @@ pub struct Service {
     /// Topology-aware routing (`trafficDistribution: PreferClose`): prefer the endpoints
     /// hinted for this node's zone.
     pub prefer_close: bool,
+    /// `spec.healthCheckNodePort` of an `externalTrafficPolicy: Local` Service: where
+    /// load balancers ask whether this node has endpoints of it.
+    pub health_check_node_port: Option<u16>,
 }
 
 /// Where this carousel runs, for node-local and zone-aware endpoint selection.
@@ -245,6 +248,7 @@ mod tests {
             }],
             balancing: Balancing::default(),
             external_traffic_local: false,
+            health_check_node_port: None,
             internal_traffic_local: false,
             prefer_close: false,
         };

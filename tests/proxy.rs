@@ -490,3 +490,58 @@ async fn an_address_that_is_not_local_is_skipped_and_others_keep_working() {
     );
     carousel.stop().await;
 }
+
+/// `spec.healthCheckNodePort` of an `externalTrafficPolicy: Local` Service answers as
+/// kube-proxy's does: 200 with this node's ready endpoints counted, 503 when it has none,
+/// and the port closes when the Service no longer asks for it.
+#[tokio::test]
+async fn the_health_check_node_port_reports_this_nodes_endpoints() {
+    let pods = pods(&["hc-here", "hc-there"]).await;
+    let node_ip: IpAddr = "127.68.0.1".parse().unwrap();
+    let health_port = refusing_addr("127.68.0.1").await.port();
+    let svc = |here: bool, asks: bool| {
+        let mut svc = Svc::new(
+            "lb",
+            "127.68.0.2",
+            80,
+            vec![
+                Ep::ready(pods[0].addr, "hc-here").on(if here { "node-here" } else { "node-far" }),
+                Ep::ready(pods[1].addr, "hc-there").on("node-far"),
+            ],
+        );
+        svc.spec.push("externalTrafficPolicy: Local".into());
+        if asks {
+            svc.spec.push(format!("healthCheckNodePort: {health_port}"));
+        }
+        svc
+    };
+    let carousel = Carousel::start_configured(&svc(true, true).state(), |c| {
+        c.mode = carousel::proxy::Mode::Bind {
+            nodeport_addresses: vec![node_ip],
+        };
+        c.locality.node = Some("node-here".into());
+    })
+    .await;
+    let check = SocketAddr::new(node_ip, health_port);
+    let (status, body) = http_get(check, "/").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        report,
+        serde_json::json!({"service": {"namespace": "test", "name": "lb"},
+                           "localEndpoints": 1, "serviceProxyHealthy": true})
+    );
+
+    carousel.write_state(&svc(false, true).state());
+    eventually("503 without a local endpoint", || async {
+        matches!(http_get(check, "/").await, Ok((503, body)) if body.contains(r#""localEndpoints":0"#))
+    })
+    .await;
+
+    carousel.write_state(&svc(false, false).state());
+    eventually("the port closes", || async {
+        http_get(check, "/").await.is_err()
+    })
+    .await;
+    carousel.stop().await;
+}

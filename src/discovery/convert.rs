@@ -118,6 +118,7 @@ pub struct ServiceFront {
     pub external_traffic_local: bool,
     pub internal_traffic_local: bool,
     pub prefer_close: bool,
+    pub health_check_node_port: Option<u16>,
     pub warnings: Vec<Warning>,
 }
 
@@ -352,6 +353,13 @@ pub fn service(svc: &core::Service) -> Result<Option<ServiceFront>, FieldError> 
         balancing,
         weights,
         external_traffic_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        // Allocated by the API server for LoadBalancer Services with eTP Local only; a
+        // value that is no port is left out like a missing one.
+        health_check_node_port: spec
+            .health_check_node_port
+            .filter(|_| spec.external_traffic_policy.as_deref() == Some("Local"))
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0),
         internal_traffic_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         // Topology-aware routing: the Service asks for it by `trafficDistribution` or,
         // before that field existed, by the topology-mode annotation.
@@ -545,6 +553,7 @@ pub fn join_service(
         external_traffic_local: front.external_traffic_local,
         internal_traffic_local: front.internal_traffic_local,
         prefer_close: front.prefer_close,
+        health_check_node_port: front.health_check_node_port,
     })
 }
 
@@ -1549,6 +1558,7 @@ mod tests {
                 external_traffic_local: true,
                 internal_traffic_local: false,
                 prefer_close: false,
+                health_check_node_port: None,
             }
         );
     }

@@ -7,6 +7,7 @@ pub mod ejection;
 pub mod fairness;
 pub mod forward;
 pub mod handover;
+pub mod health_check;
 pub mod listener;
 pub mod original_dst;
 pub mod routes;
@@ -32,6 +33,7 @@ use crate::telemetry::{names, Telemetry};
 
 pub use forward::ForwardConfig;
 use handover::Presence;
+use health_check::HealthChecks;
 use listener::{Accepting, Dialed, Limit, Listeners};
 use routes::RouteTable;
 
@@ -110,7 +112,7 @@ pub enum ProxyError {
 pub enum SyncError {
     #[error(transparent)]
     Rules(#[from] NftError),
-    #[error("{0} Service address(es) could not be listened on")]
+    #[error("{0} Service address(es) or health check port(s) could not be listened on")]
     Listeners(usize),
 }
 
@@ -302,6 +304,10 @@ pub async fn run(
         fairness::TICK,
         fairness::WINDOW_TICKS,
     ));
+    let mut health_checks = HealthChecks::new(match &config.mode {
+        Mode::Bind { nodeport_addresses } => Some(nodeport_addresses.as_slice()),
+        Mode::Nftables { .. } => None,
+    });
     let sync_errors = telemetry.counter(names::SYNC_ERRORS_TOTAL, Vec::new());
     // kube-proxy's health timeout: a change waiting longer is unhealthy.
     telemetry.health().set_timeout(config.sync_period * 2);
@@ -310,15 +316,20 @@ pub async fn run(
     let mut new_table = true;
     loop {
         let started = Instant::now();
+        // A repair leaves a newer table, if one came meanwhile, for its own turn.
+        let table = if new_table {
+            tables.borrow_and_update().clone()
+        } else {
+            tables.borrow().clone()
+        };
+        let here = Locality {
+            node: config.locality.node.clone(),
+            zone: config.locality.zone.clone().or_else(|| table.zone.clone()),
+        };
         if new_table {
-            let table = tables.borrow_and_update().clone();
             telemetry.health().queued();
             telemetry.health().set_node_leaving(table.node_leaving);
             let previous = routes.load_full();
-            let here = Locality {
-                node: config.locality.node.clone(),
-                zone: config.locality.zone.clone().or_else(|| table.zone.clone()),
-            };
             let next = RouteTable::build_with_shadows(
                 &table,
                 &previous,
@@ -333,11 +344,15 @@ pub async fn run(
         }
         // After a failure, everything is checked again, as at each period.
         let repair = !new_table || failures.count > 0;
-        let result = intake.sync(&accepting, repair).await;
+        let unserved_checks = health_checks.reconcile(&table, &here, &telemetry);
+        let result = match intake.sync(&accepting, repair).await {
+            Ok(()) if unserved_checks > 0 => Err(SyncError::Listeners(unserved_checks)),
+            result => result,
+        };
         if result.as_ref().map_or_else(SyncError::partial, |()| true) {
             if new_table {
                 sync_duration.record(started.elapsed().as_secs_f64());
-                tracing::info!(services = tables.borrow().len(), "table applied");
+                tracing::info!(services = table.len(), "table applied");
             }
             telemetry.health().synced();
             if let Some(presence) = &mut presence {

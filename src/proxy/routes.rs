@@ -666,6 +666,7 @@ mod tests {
             external_traffic_local: false,
             internal_traffic_local: false,
             prefer_close: false,
+            health_check_node_port: None,
         };
         Arc::new(ServiceTable {
             services: [(key, Arc::new(service))].into(),
@@ -839,6 +840,7 @@ mod tests {
             external_traffic_local: local,
             internal_traffic_local: false,
             prefer_close,
+            health_check_node_port: None,
         })
     }
 

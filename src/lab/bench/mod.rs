@@ -204,6 +204,7 @@ fn table(
         external_traffic_local: false,
         internal_traffic_local: false,
         prefer_close: false,
+        health_check_node_port: None,
     };
     ServiceTable {
         services: [(key, Arc::new(svc))].into(),
