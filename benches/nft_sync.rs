@@ -65,7 +65,7 @@ fn main() {
         let mut one = Vec::new();
         for run in 0..RUNS {
             // A fresh `Rules` syncs the whole table first.
-            let mut rules = Rules::new(10262);
+            let mut rules = Rules::new(10262, Vec::new());
             let started = Instant::now();
             rules.sync(all.clone()).await.expect("full table applies");
             full.push(started.elapsed());
@@ -78,7 +78,7 @@ fn main() {
             rules.sync(all.clone()).await.expect("change reverts");
         }
         let render_started = Instant::now();
-        let _ = render_full(&all, 10262);
+        let _ = render_full(&all, 10262, &[]);
         let render = render_started.elapsed();
         println!("nft_sync: {SERVICES} Services, median of {RUNS} runs");
         println!(

@@ -139,6 +139,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         ProxyMode::Nftables => Mode::Nftables {
             redirect_port: args.redirect_port,
+            // Unset: every address of the node but loopback, as kube-proxy's nftables mode.
+            nodeport_nets: args.nodeport_addresses.clone(),
         },
     };
     let shadow = args

@@ -788,6 +788,55 @@ fn health_turns_503_while_a_change_cannot_be_programmed() {
     );
 }
 
+/// Node ports are served on the node's addresses inside `--nodeport-addresses`, by
+/// default on every one but loopback (kube-proxy's nftables mode), and on 127.0.0.1 only
+/// when asked.
+#[test]
+fn node_ports_follow_nodeport_addresses_and_skip_loopback_unless_asked() {
+    let mut lab = Lab::new(&["np-a"]);
+    let mut svc = Svc::new(
+        "np",
+        "10.96.0.120",
+        80,
+        vec![Ep::ready(Lab::pod_v4(1), "np-a")],
+    );
+    svc.node_port = Some(30120);
+    lab.write_state(&svc.state());
+    let served = |lab: &Lab, host: &str| lab.ask("node", host, 30120, 1, &[])["errors"] == 0;
+    for (flags, expected) in [
+        (
+            vec![],
+            [
+                ("10.0.0.1", true),
+                ("10.244.1.1", true),
+                ("127.0.0.1", false),
+            ],
+        ),
+        (
+            vec!["--nodeport-addresses", "10.0.0.0/24"],
+            [
+                ("10.0.0.1", true),
+                ("10.244.1.1", false),
+                ("127.0.0.1", false),
+            ],
+        ),
+        (
+            vec!["--nodeport-addresses", "127.0.0.1/32"],
+            [
+                ("10.0.0.1", false),
+                ("10.244.1.1", false),
+                ("127.0.0.1", true),
+            ],
+        ),
+    ] {
+        lab.start_carousel_with(&flags);
+        for (host, serve) in expected {
+            assert_eq!(served(&lab, host), serve, "{flags:?}: node port on {host}");
+        }
+        assert!(lab.signal_carousel("-TERM"));
+    }
+}
+
 #[test]
 fn ipv6_services_are_redirected_too() {
     let names = ["six-a", "six-b"];

@@ -26,6 +26,7 @@ use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Stdio;
 
+use ipnet::IpNet;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
@@ -68,7 +69,7 @@ impl Redirects {
 
 /// The whole table, replacing whatever carousel's table held (after a crash, too): one
 /// transaction, so there is no moment without rules.
-pub fn render_full(redirects: &Redirects, listen_port: u16) -> String {
+pub fn render_full(redirects: &Redirects, listen_port: u16, nodeport_nets: &[IpNet]) -> String {
     let mut s = String::new();
     // `add` then `delete` makes the delete succeed whether or not the table exists.
     writeln!(s, "add table inet {TABLE}").unwrap();
@@ -102,18 +103,16 @@ pub fn render_full(redirects: &Redirects, listen_port: u16) -> String {
         "  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n    ct direction reply accept\n    meta iifkind \"bridge\" return"
     )
     .unwrap();
-    for (family, matches) in [
-        ("ip", "ip daddr . tcp dport @services4"),
-        ("ip6", "ip6 daddr . tcp dport @services6"),
-        (
-            "ip",
-            "meta nfproto ipv4 fib daddr type local tcp dport @nodeports",
-        ),
-        (
-            "ip6",
-            "meta nfproto ipv6 fib daddr type local tcp dport @nodeports",
-        ),
-    ] {
+    let mut intercepted = vec![
+        ("ip", "ip daddr . tcp dport @services4".to_string()),
+        ("ip6", "ip6 daddr . tcp dport @services6".to_string()),
+    ];
+    for family in ["ip", "ip6"] {
+        if let Some(addresses) = nodeport_match(family, nodeport_nets) {
+            intercepted.push((family, format!("{addresses} tcp dport @nodeports")));
+        }
+    }
+    for (family, matches) in &intercepted {
         writeln!(
             s,
             "    {matches} tproxy {family} to :{listen_port} {mark} accept"
@@ -135,15 +134,41 @@ pub fn render_full(redirects: &Redirects, listen_port: u16) -> String {
         "  }}\n  chain bridged {{\n    type nat hook prerouting priority dstnat; policy accept;\n    meta iifkind != \"bridge\" return"
     )
     .unwrap();
-    for matches in [
-        "ip daddr . tcp dport @services4",
-        "ip6 daddr . tcp dport @services6",
-        "fib daddr type local tcp dport @nodeports",
-    ] {
+    for (_, matches) in &intercepted {
         writeln!(s, "    {matches} redirect to :{listen_port}").unwrap();
     }
     writeln!(s, "  }}\n}}").unwrap();
     s
+}
+
+/// The node addresses of `family` ("ip", "ip6") that serve node ports: local ones inside
+/// `nets` (`--nodeport-addresses`; every one when empty), loopback only when a net asks
+/// for it by lying inside it (kube-proxy's nftables mode serves none there by default).
+/// `None` when no net of the family is given.
+fn nodeport_match(family: &str, nets: &[IpNet]) -> Option<String> {
+    let (loopback, wanted): (IpNet, Vec<&IpNet>) = match family {
+        "ip" => (
+            "127.0.0.0/8".parse().expect("valid"),
+            nets.iter().filter(|n| n.addr().is_ipv4()).collect(),
+        ),
+        _ => (
+            "::1/128".parse().expect("valid"),
+            nets.iter().filter(|n| n.addr().is_ipv6()).collect(),
+        ),
+    };
+    if !nets.is_empty() && wanted.is_empty() {
+        return None;
+    }
+    let mut matches = String::new();
+    if !wanted.is_empty() {
+        let list: Vec<String> = wanted.iter().map(|n| n.to_string()).collect();
+        write!(matches, "{family} daddr {{ {} }} ", list.join(", ")).unwrap();
+    }
+    if !wanted.iter().any(|n| loopback.contains(*n)) {
+        write!(matches, "{family} daddr != {loopback} ").unwrap();
+    }
+    matches.push_str("fib daddr type local");
+    Some(matches)
 }
 
 fn elements(s: &mut String, mut items: impl Iterator<Item = Element>) {
@@ -262,12 +287,16 @@ pub enum NftError {
 
 /// The whole table and the policy routes that deliver what it intercepts. Without an
 /// IPv6 route (a node with IPv6 disabled) IPv4 still works: that is logged, not failed.
-async fn apply_full(wanted: &Redirects, listen_port: u16) -> Result<(), NftError> {
+async fn apply_full(
+    wanted: &Redirects,
+    listen_port: u16,
+    nodeport_nets: &[IpNet],
+) -> Result<(), NftError> {
     policy_route::ensure(Family::V4).await?;
     if let Err(e) = policy_route::ensure(Family::V6).await {
         tracing::warn!(error = %e, "no IPv6 policy route: IPv6 Services are not intercepted");
     }
-    apply(&render_full(wanted, listen_port)).await
+    apply(&render_full(wanted, listen_port, nodeport_nets)).await
 }
 
 /// Removes everything carousel installed on the node, its table and its policy routes,
@@ -314,15 +343,19 @@ pub async fn apply(script: &str) -> Result<(), NftError> {
 #[derive(Debug)]
 pub struct Rules {
     listen_port: u16,
+    /// `--nodeport-addresses`: where node ports are served (every non-loopback address
+    /// when empty).
+    nodeport_nets: Vec<IpNet>,
     applied: Option<Redirects>,
     /// Element changes go through it, opened at the first and kept (see `netlink`).
     socket: Option<netlink::Socket>,
 }
 
 impl Rules {
-    pub fn new(listen_port: u16) -> Self {
+    pub fn new(listen_port: u16, nodeport_nets: Vec<IpNet>) -> Self {
         Self {
             listen_port,
+            nodeport_nets,
             applied: None,
             socket: None,
         }
@@ -337,10 +370,10 @@ impl Rules {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     tracing::warn!(error = %e, "incremental rule change refused; rewriting carousel's table");
-                    apply_full(&wanted, self.listen_port).await
+                    apply_full(&wanted, self.listen_port, &self.nodeport_nets).await
                 }
             },
-            None => apply_full(&wanted, self.listen_port).await,
+            None => apply_full(&wanted, self.listen_port, &self.nodeport_nets).await,
         };
         match result {
             Ok(()) => {
@@ -401,18 +434,44 @@ mod tests {
             ],
             [30080],
         );
-        assert_eq!(render_full(&r, 15001), include_str!("testdata/full.nft"));
+        assert_eq!(
+            render_full(&r, 15001, &[]),
+            include_str!("testdata/full.nft")
+        );
     }
 
     #[test]
     fn an_empty_table_still_has_its_rules() {
-        let script = render_full(&Redirects::default(), 15001);
+        let script = render_full(&Redirects::default(), 15001, &[]);
         assert!(!script.contains("elements"));
         assert_eq!(
             script.matches("to :15001 meta mark set 0x00004342").count(),
             4
         );
-        assert_eq!(script.matches("redirect to :15001").count(), 3);
+        assert_eq!(script.matches("redirect to :15001").count(), 4);
+    }
+
+    #[test]
+    fn node_ports_follow_the_nodeport_addresses_and_skip_loopback_unless_named() {
+        let nets =
+            |list: &[&str]| -> Vec<IpNet> { list.iter().map(|n| n.parse().unwrap()).collect() };
+        assert_eq!(
+            nodeport_match("ip", &[]).unwrap(),
+            "ip daddr != 127.0.0.0/8 fib daddr type local"
+        );
+        assert_eq!(
+            nodeport_match("ip6", &[]).unwrap(),
+            "ip6 daddr != ::1/128 fib daddr type local"
+        );
+        assert_eq!(
+            nodeport_match("ip", &nets(&["10.0.0.0/8", "192.168.1.0/24"])).unwrap(),
+            "ip daddr { 10.0.0.0/8, 192.168.1.0/24 } ip daddr != 127.0.0.0/8 fib daddr type local"
+        );
+        assert_eq!(nodeport_match("ip6", &nets(&["10.0.0.0/8"])), None);
+        assert_eq!(
+            nodeport_match("ip", &nets(&["127.0.0.1/32"])).unwrap(),
+            "ip daddr { 127.0.0.1/32 } fib daddr type local"
+        );
     }
 
     #[test]

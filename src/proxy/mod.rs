@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use ipnet::IpNet;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
@@ -43,8 +44,12 @@ pub enum Mode {
     /// A listener on every Service address, and on these addresses at every node port.
     Bind { nodeport_addresses: Vec<IpAddr> },
     /// nftables intercepts Service traffic (TPROXY) for one transparent listener on this
-    /// port (all addresses).
-    Nftables { redirect_port: u16 },
+    /// port (all addresses); node ports on the local addresses inside these nets (every
+    /// non-loopback one when empty).
+    Nftables {
+        redirect_port: u16,
+        nodeport_nets: Vec<IpNet>,
+    },
 }
 
 impl Default for Mode {
@@ -145,8 +150,11 @@ impl Intake {
                 listeners: Listeners::default(),
                 nodeport_addresses: nodeport_addresses.clone(),
             },
-            Mode::Nftables { redirect_port } => Intake::Nftables {
-                rules: Rules::new(*redirect_port),
+            Mode::Nftables {
+                redirect_port,
+                nodeport_nets,
+            } => Intake::Nftables {
+                rules: Rules::new(*redirect_port, nodeport_nets.clone()),
                 listen_port: *redirect_port,
                 accept: Vec::new(),
             },
