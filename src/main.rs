@@ -162,7 +162,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let scope = Scope {
         proxy_name: proxy_name.clone(),
     };
-    let proxy = ProxyConfig {
+    let mut proxy = ProxyConfig {
         forward: ForwardConfig {
             connect_timeout: args.connect_timeout,
             connect_attempts: args.connect_attempts.into(),
@@ -173,8 +173,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         shadow,
         sync_period: args.sync_period,
-        // Per health address: carousels that share it are one node's proxy.
-        handover: Some(format!("carousel/{}", args.healthz_bind_address)),
+        handover: None,
         mode,
         balance: balance::BuildOptions {
             seed: args.seed,
@@ -192,6 +191,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let health = carousel::proxy::listener::bind(args.healthz_bind_address, None)
         .with_context(|| format!("cannot serve health on {}", args.healthz_bind_address))?;
     tracing::info!(metrics = %args.metrics_bind_address, health = %args.healthz_bind_address, "serving telemetry");
+    // Per health address, as bound: carousels that share it are one node's proxy.
+    proxy.handover = Some(format!("carousel/{}", health.local_addr()?));
     let (shutdown, abandon) = signals(args.drain_timeout);
     match args.from_file {
         Some(path) => {
