@@ -231,6 +231,10 @@ pub fn service(svc: &core::Service) -> Result<Option<ServiceFront>, FieldError> 
         .into_iter()
         .flatten()
         .enumerate()
+        // `ipMode: Proxy`: the load balancer itself proxies to the nodes, so packets no
+        // longer carry this IP as their destination; it is not intercepted (kube-proxy
+        // does the same).
+        .filter(|(_, ing)| ing.ip_mode.as_deref() != Some("Proxy"))
         .filter_map(|(i, ing)| ing.ip.as_ref().map(|ip| (i, ip)))
         .map(|(i, ip)| parse_ip(format!("status.loadBalancer.ingress[{i}].ip"), ip))
         .collect::<Result<Vec<_>, _>>()?;
@@ -844,6 +848,19 @@ mod tests {
         );
         assert!(f.external_traffic_local);
         assert_eq!(f.ports[0].node_port, Some(30080));
+    }
+
+    #[test]
+    fn an_ingress_ip_in_proxy_mode_is_not_intercepted() {
+        let yaml = service_yaml(
+            "",
+            "type: LoadBalancer, clusterIP: 10.96.0.10, ports: [{port: 80, nodePort: 30080}]",
+        ) + "status: {loadBalancer: {ingress: [{ip: 198.51.100.7, ipMode: Proxy}, {ip: 198.51.100.8, ipMode: VIP}, {ip: 198.51.100.9}]}}\n";
+        let f = convert_service(&yaml).unwrap().unwrap();
+        assert_eq!(
+            f.load_balancer_ips,
+            vec![ip("198.51.100.8"), ip("198.51.100.9")]
+        );
     }
 
     #[test]
