@@ -270,21 +270,22 @@ pub async fn serve(
     }
 }
 
+/// An HTTP answer of carousel's small servers (telemetry, health check node ports).
+pub(crate) fn response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
 fn respond<B>(telemetry: &Telemetry, which: Endpoints, req: &Request<B>) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-            .body(Full::new(Bytes::from(body)))
-            .expect("static response parts are valid")
-    };
-    let json = |status: StatusCode, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .expect("static response parts are valid")
-    };
+    let reply = |status, body| response(status, "text/plain; version=0.0.4; charset=utf-8", body);
+    let json = |status, body| response(status, "application/json", body);
     let ok_if = |ok: bool| {
         if ok {
             StatusCode::OK

@@ -8,15 +8,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Response, StatusCode};
+use hyper::StatusCode;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::model::{Locality, ServiceKey, ServiceTable};
-use crate::telemetry::Telemetry;
+use crate::telemetry::{self, Telemetry};
 
 /// What one health check port answers for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -174,13 +172,7 @@ async fn serve(
                         Some(check) => check.answer(healthy),
                         None => (StatusCode::NOT_FOUND, "no such Service\n".to_string()),
                     };
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .status(status)
-                            .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from(body)))
-                            .expect("static response parts are valid"),
-                    )
+                    Ok::<_, Infallible>(telemetry::response(status, "application/json", body))
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()
