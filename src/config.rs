@@ -94,6 +94,12 @@ pub struct RunArgs {
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
     pub nodeport_addresses: Vec<IpNet>,
 
+    /// The pod networks of the cluster, as kube-proxy's flag: a client inside one is a
+    /// pod, and reaches an `externalTrafficPolicy: Local` Service's external addresses
+    /// at every endpoint. This node's `spec.podCIDRs` and addresses count without it.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+    pub cluster_cidr: Vec<IpNet>,
+
     /// Give up on an endpoint that has not accepted within this time and try the next.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,

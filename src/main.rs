@@ -174,6 +174,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         shadow,
         sync_period: args.sync_period,
         handover: None,
+        cluster_cidrs: args.cluster_cidr.clone(),
         mode,
         balance: balance::BuildOptions {
             seed: args.seed,

@@ -7,6 +7,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
+
 use crate::addr::PodAddr;
 
 /// `namespace/name` of a Service.
@@ -55,6 +57,9 @@ pub struct Service {
     /// `spec.healthCheckNodePort` of an `externalTrafficPolicy: Local` Service: where
     /// load balancers ask whether this node has endpoints of it.
     pub health_check_node_port: Option<u16>,
+    /// `spec.loadBalancerSourceRanges`: when any is of an address's family, only clients
+    /// inside one reach the Service at its load-balancer IPs of that family.
+    pub load_balancer_source_ranges: Vec<IpNet>,
 }
 
 /// Where this carousel runs, for node-local and zone-aware endpoint selection.
@@ -71,6 +76,10 @@ pub enum Traffic {
     Internal,
     /// To an external IP, a load-balancer IP or a node port.
     External,
+    /// To an external IP, a load-balancer IP or a node port of an
+    /// `externalTrafficPolicy: Local` Service, from a pod or from the node itself: it
+    /// never left the cluster, so it goes to every endpoint, as kube-proxy sends it.
+    Inside,
 }
 
 /// How new connections of one Service are spread over its endpoints.
@@ -146,12 +155,13 @@ impl ServicePort {
         let local_only = match traffic {
             Traffic::Internal => service.internal_traffic_local,
             Traffic::External => service.external_traffic_local,
+            Traffic::Inside => false,
         };
         if local_only {
             return self.eligible_where(|e| e.node.is_some() && e.node == here.node);
         }
         let all = self.eligible();
-        if traffic == Traffic::Internal && service.prefer_close {
+        if traffic != Traffic::External && service.prefer_close {
             if let Some(zone) = &here.zone {
                 let hinted = all.iter().all(|e| !e.zone_hints.is_empty());
                 let close: Vec<Endpoint> = all
@@ -199,6 +209,8 @@ pub struct ServiceTable {
     /// This node is being deleted or drained by the cluster autoscaler (kube-proxy's
     /// `nodeEligible: false` on `/healthz`).
     pub node_leaving: bool,
+    /// `spec.podCIDRs` of this node's Node: a client inside one is a pod of this node.
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 impl ServiceTable {
@@ -249,6 +261,7 @@ mod tests {
             balancing: Balancing::default(),
             external_traffic_local: false,
             health_check_node_port: None,
+            load_balancer_source_ranges: Vec::new(),
             internal_traffic_local: false,
             prefer_close: false,
         };

@@ -263,6 +263,24 @@ impl Lab {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// [`Lab::ask`] with one second for each connection: for connections that get no
+    /// answer at all.
+    fn ask_briefly(
+        &self,
+        role: &str,
+        host: &str,
+        port: u16,
+        count: usize,
+        sources: &[&str],
+    ) -> Value {
+        let out = run(self
+            .in_ns(role, "python3")
+            .env("AGENT_TIMEOUT", "1")
+            .args([AGENT, "ask", host, &port.to_string(), &count.to_string()])
+            .args(sources));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// Connections per pod over all sources; asserts that none failed.
     fn spread(&self, role: &str, host: &str, port: u16, count: usize) -> Vec<(String, u64)> {
         let answer = self.ask(role, host, port, count, &[]);
@@ -1182,4 +1200,160 @@ fn external_and_load_balancer_ips_are_redirected_too() {
         set.contains("10.97.0.100 . 80") && set.contains("10.98.0.1 . 80"),
         "{set}"
     );
+}
+
+/// A node whose default route leads somewhere, as a Calico node's does: proxy_arp answers
+/// only for an address the node has a route to (169.254.1.1, the pods' gateway).
+fn route_default(lab: &Lab) {
+    ip(&format!(
+        "-n {} route add default via 10.0.0.2",
+        lab.ns("node")
+    ));
+}
+
+/// A Service port without endpoints is refused at the SYN, as with kube-proxy: every
+/// kind of client sees ECONNREFUSED at once, at the ClusterIP and at the node port. Once
+/// an endpoint appears, the same addresses are served.
+#[test]
+fn a_service_port_without_endpoints_is_refused_at_the_syn() {
+    let mut lab = Lab::new(&["late"]);
+    lab.add_calico_client("calico");
+    lab.add_bridge_client("flannel");
+    route_default(&lab);
+    let services = |endpoints: bool| {
+        let pods = |addr| match endpoints {
+            true => vec![Ep::ready(addr, "late")],
+            false => Vec::new(),
+        };
+        let mut v4 = Svc::new("empty4", "10.96.0.80", 80, pods(Lab::pod_v4(1)));
+        v4.node_port = Some(30081);
+        let v6 = Svc::new("empty6", "fd00:96::80", 80, pods(Lab::pod_v6(1)));
+        state_yaml(&[v4, v6])
+    };
+    lab.write_state(&services(false));
+    lab.start_carousel();
+
+    let clients = [
+        ("calico", "10.96.0.80", 80),
+        ("calico", "fd00:96::80", 80),
+        ("calico", "10.0.0.1", 30081),
+        ("flannel", "10.96.0.80", 80),
+        ("client", "10.96.0.80", 80),
+        ("client", "fd00:96::80", 80),
+        ("client", "10.0.0.1", 30081),
+        ("node", "10.96.0.80", 80),
+        ("node", "fd00:96::80", 80),
+        ("node", "10.0.0.1", 30081),
+    ];
+    for (role, host, port) in clients {
+        let answer = lab.ask_briefly(role, host, port, 2, &[]);
+        assert_eq!(
+            answer["kinds"]["refused"], 2,
+            "from {role} to {host}:{port}: {answer}"
+        );
+    }
+    assert!(lab
+        .nft("list set inet carousel refused4")
+        .contains("10.96.0.80 . 80"));
+
+    lab.write_state(&services(true));
+    lab.wait_for_element("services6", "fd00:96::80 . 80");
+    lab.wait_for_element("nodeports", "30081");
+    for (role, host, port) in clients {
+        assert_eq!(
+            lab.spread(role, host, port, 2),
+            counts(&[("late", 2)]),
+            "from {role} to {host}:{port}"
+        );
+    }
+    assert!(!lab
+        .nft("list set inet carousel refused4")
+        .contains("10.96.0.80"));
+}
+
+/// `loadBalancerSourceRanges`: at the load-balancer IP only clients inside a range get
+/// through; the others get no answer at all, as with kube-proxy. The ClusterIP stays open
+/// to every client, and a change of the ranges takes effect.
+#[test]
+fn load_balancer_source_ranges_keep_other_clients_out() {
+    let mut lab = Lab::new(&["lb-a"]);
+    lab.add_calico_client("calico");
+    route_default(&lab);
+    let service = |ranges: &str| {
+        let mut svc = Svc::new(
+            "guarded",
+            "10.96.0.90",
+            80,
+            vec![Ep::ready(Lab::pod_v4(1), "lb-a")],
+        );
+        svc.spec
+            .push(format!("loadBalancerSourceRanges: [{ranges}]"));
+        svc.load_balancer_ips.push("10.98.0.9".into());
+        svc.state()
+    };
+    lab.write_state(&service("10.0.0.2/32, 10.244.200.0/24"));
+    lab.start_carousel();
+
+    assert_eq!(
+        lab.spread("calico", "10.98.0.9", 80, 3),
+        counts(&[("lb-a", 3)])
+    );
+    let inside = lab.ask("client", "10.98.0.9", 80, 3, &["10.0.0.2"]);
+    assert_eq!(inside["errors"], 0, "{inside}");
+    let outside = lab.ask_briefly("client", "10.98.0.9", 80, 2, &["10.0.0.3"]);
+    assert_eq!(
+        outside["kinds"]["timeout"], 2,
+        "dropped, not refused: {outside}"
+    );
+    let cluster_ip = lab.ask("client", "10.96.0.90", 80, 2, &["10.0.0.3"]);
+    assert_eq!(cluster_ip["errors"], 0, "{cluster_ip}");
+    let allowed = lab.nft("list set inet carousel allowed4");
+    assert!(allowed.contains("10.98.0.9 . 80 . 10.0.0.2"), "{allowed}");
+
+    lab.write_state(&service("10.0.0.3/32"));
+    lab.until("the new ranges apply", Duration::from_secs(10), || {
+        lab.nft("list set inet carousel allowed4")
+            .contains("10.0.0.3")
+    });
+    let now_inside = lab.ask("client", "10.98.0.9", 80, 2, &["10.0.0.3"]);
+    assert_eq!(now_inside["errors"], 0, "{now_inside}");
+    let now_outside = lab.ask_briefly("calico", "10.98.0.9", 80, 1, &[]);
+    assert_eq!(now_outside["kinds"]["timeout"], 1, "{now_outside}");
+}
+
+/// An `externalTrafficPolicy: Local` Service on a node without its pods: a client from
+/// outside gets nothing at its node port or load-balancer IP, but a pod (inside
+/// `--cluster-cidr`) and the node itself reach every endpoint there, as with kube-proxy,
+/// instead of being turned away.
+#[test]
+fn pods_and_the_node_reach_an_etp_local_services_external_addresses_at_every_endpoint() {
+    let mut lab = Lab::new(&["far"]);
+    lab.add_calico_client("calico");
+    route_default(&lab);
+    let mut svc = Svc::new(
+        "local-elsewhere",
+        "10.96.0.95",
+        80,
+        vec![Ep::ready(Lab::pod_v4(1), "far").on("node-b")],
+    );
+    svc.node_port = Some(30095);
+    svc.spec.push("externalTrafficPolicy: Local".into());
+    svc.load_balancer_ips.push("10.98.0.5".into());
+    lab.write_state(&svc.state());
+    lab.start_carousel_with(&["--node-name", "node-a", "--cluster-cidr", "10.244.0.0/16"]);
+
+    for (host, port) in [("10.0.0.1", 30095), ("10.98.0.5", 80)] {
+        let outside = lab.ask("client", host, port, 2, &[]);
+        assert_eq!(
+            outside["errors"], 2,
+            "from outside to {host}:{port}: {outside}"
+        );
+        for role in ["calico", "node"] {
+            assert_eq!(
+                lab.spread(role, host, port, 2),
+                counts(&[("far", 2)]),
+                "from {role} to {host}:{port}"
+            );
+        }
+    }
 }

@@ -108,28 +108,61 @@ async fn a_refusing_endpoint_is_skipped_without_a_client_error() {
     carousel.stop().await;
 }
 
+/// Bind mode has no listener for a Service port without endpoints: the client is
+/// refused at the SYN, as with kube-proxy. When an endpoint appears, the listener opens.
 #[tokio::test]
-async fn a_service_without_endpoints_resets_the_client_and_counts_it() {
+async fn a_service_without_endpoints_refuses_at_the_syn_until_one_appears() {
     let svc = Svc::new("empty", "127.99.4.1", 8080, Vec::new());
     let carousel = Carousel::start(&svc.state()).await;
 
     let err = ask(local("127.0.0.1"), svc.addr(), ASK).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err:?}");
 
+    let late = pods(&["pod-late"]).await;
+    let svc = Svc::new(
+        "empty",
+        "127.99.4.1",
+        8080,
+        vec![Ep::ready(late[0].addr, "pod-late")],
+    );
+    carousel.write_state(&svc.state());
+    eventually("the listener opens", || async {
+        ask(local("127.0.0.1"), svc.addr(), ASK).await.ok() == Some("pod-late".to_string())
+    })
+    .await;
+    carousel.stop().await;
+}
+
+/// `loadBalancerSourceRanges` in bind mode, which has no packet filter: a client outside
+/// the ranges is reset at once at the load-balancer IP; one inside is served, and every
+/// client is at the ClusterIP.
+#[tokio::test]
+async fn a_client_outside_the_source_ranges_is_reset_at_the_load_balancer_ip() {
+    let pod = pods(&["pod-lb"]).await;
+    let mut svc = Svc::new(
+        "ranged",
+        "127.99.4.2",
+        8080,
+        vec![Ep::ready(pod[0].addr, "pod-lb")],
+    );
+    svc.load_balancer_ips.push("127.99.4.3".into());
+    svc.spec
+        .push("loadBalancerSourceRanges: [127.0.0.2/32]".into());
+    let carousel = Carousel::start(&svc.state()).await;
+    let lb: SocketAddr = "127.99.4.3:8080".parse().unwrap();
+
+    assert_eq!(ask(local("127.0.0.2"), lb, ASK).await.unwrap(), "pod-lb");
+    let err = ask(local("127.0.0.3"), lb, ASK).await.unwrap_err();
     assert!(
         matches!(
             err.kind(),
             std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
         ),
-        "unexpected error {err:?}"
+        "{err:?}"
     );
-    let text = carousel.metrics_text().await;
     assert_eq!(
-        metric(
-            &text,
-            "carousel_connections_total",
-            &[("service", "empty"), ("outcome", "no_endpoint")]
-        ),
-        Some(1.0)
+        ask(local("127.0.0.3"), svc.addr(), ASK).await.unwrap(),
+        "pod-lb"
     );
     carousel.stop().await;
 }

@@ -21,7 +21,7 @@
 //! The whole table (at start-up, and whenever a change is refused) is a script for
 //! `nft -f`; element changes go to the kernel over netlink (`netlink.rs`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Stdio;
@@ -42,28 +42,72 @@ pub const MARK: u32 = 0x4341;
 /// The packet mark of intercepted traffic, which the policy route delivers locally.
 pub const INTERCEPT_MARK: u32 = 0x4342;
 
-/// What the rules redirect: every Service address and node port carousel proxies.
+/// Service addresses with their ports, by family, and node ports.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Redirects {
+pub struct Ports {
     pub v4: BTreeSet<(Ipv4Addr, u16)>,
     pub v6: BTreeSet<(Ipv6Addr, u16)>,
     pub node_ports: BTreeSet<u16>,
 }
 
+impl Ports {
+    fn add(&mut self, addr: ServiceAddr) {
+        match addr.ip() {
+            IpAddr::V4(ip) => self.v4.insert((ip, addr.port())),
+            IpAddr::V6(ip) => self.v6.insert((ip, addr.port())),
+        };
+    }
+}
+
+/// What the rules do with Service traffic: intercept it for carousel, refuse it at the
+/// SYN (a Service port without endpoints), drop it (a client outside a load-balancer
+/// address's source ranges).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Redirects {
+    pub intercept: Ports,
+    pub refuse: Ports,
+    /// Load-balancer addresses that only clients inside these ranges may reach.
+    pub source_ranges: BTreeMap<ServiceAddr, Vec<IpNet>>,
+}
+
 impl Redirects {
+    /// Every address and node port intercepted; nothing refused or guarded.
     pub fn new(
         service_addrs: impl IntoIterator<Item = ServiceAddr>,
         node_ports: impl IntoIterator<Item = u16>,
     ) -> Self {
         let mut r = Redirects::default();
-        for addr in service_addrs {
-            match addr.ip() {
-                IpAddr::V4(ip) => r.v4.insert((ip, addr.port())),
-                IpAddr::V6(ip) => r.v6.insert((ip, addr.port())),
-            };
-        }
-        r.node_ports.extend(node_ports);
+        service_addrs.into_iter().for_each(|a| r.intercept.add(a));
+        r.intercept.node_ports.extend(node_ports);
         r
+    }
+
+    /// A Service address, intercepted when its Service port has endpoints, else refused.
+    pub fn service(&mut self, addr: ServiceAddr, has_endpoints: bool) {
+        match has_endpoints {
+            true => self.intercept.add(addr),
+            false => self.refuse.add(addr),
+        }
+    }
+
+    /// A node port, intercepted when its Service port has endpoints, else refused.
+    pub fn node_port(&mut self, port: u16, has_endpoints: bool) {
+        match has_endpoints {
+            true => self.intercept.node_ports.insert(port),
+            false => self.refuse.node_ports.insert(port),
+        };
+    }
+
+    /// The source ranges of a load-balancer address; the ranges of its own family.
+    pub fn guard(&mut self, addr: ServiceAddr, ranges: &[IpNet]) {
+        let ranges: Vec<IpNet> = ranges
+            .iter()
+            .filter(|net| net.addr().is_ipv4() == addr.ip().is_ipv4())
+            .copied()
+            .collect();
+        if !ranges.is_empty() {
+            self.source_ranges.insert(addr, ranges);
+        }
     }
 }
 
@@ -75,43 +119,95 @@ pub fn render_full(redirects: &Redirects, listen_port: u16, nodeport_nets: &[IpN
     writeln!(s, "add table inet {TABLE}").unwrap();
     writeln!(s, "delete table inet {TABLE}").unwrap();
     writeln!(s, "table inet {TABLE} {{").unwrap();
-    writeln!(s, "  set services4 {{\n    type ipv4_addr . inet_service").unwrap();
-    elements(
+    let (intercept, refuse) = (&redirects.intercept, &redirects.refuse);
+    for (name, ports) in [("services", intercept), ("refused", refuse)] {
+        set(
+            &mut s,
+            &format!("{name}4"),
+            "ipv4_addr . inet_service",
+            "",
+            ports.v4.iter().map(|(ip, p)| format!("{ip} . {p}")),
+        );
+        set(
+            &mut s,
+            &format!("{name}6"),
+            "ipv6_addr . inet_service",
+            "",
+            ports.v6.iter().map(|(ip, p)| format!("{ip} . {p}")),
+        );
+    }
+    set(
         &mut s,
-        redirects.v4.iter().map(|&(ip, p)| Element::V4(ip, p)),
+        "nodeports",
+        "inet_service",
+        "",
+        intercept.node_ports.iter().map(u16::to_string),
     );
-    writeln!(
-        s,
-        "  }}\n  set services6 {{\n    type ipv6_addr . inet_service"
-    )
-    .unwrap();
-    elements(
+    set(
         &mut s,
-        redirects.v6.iter().map(|&(ip, p)| Element::V6(ip, p)),
+        "refused_nodeports",
+        "inet_service",
+        "",
+        refuse.node_ports.iter().map(u16::to_string),
     );
-    writeln!(s, "  }}\n  set nodeports {{\n    type inet_service").unwrap();
-    elements(
-        &mut s,
-        redirects.node_ports.iter().map(|&p| Element::NodePort(p)),
-    );
-    writeln!(s, "  }}").unwrap();
+    let guarded = |v4: bool| {
+        redirects
+            .source_ranges
+            .iter()
+            .filter(move |(a, _)| a.ip().is_ipv4() == v4)
+    };
+    for (family, v4) in [("4", true), ("6", false)] {
+        let addr_type = if v4 { "ipv4_addr" } else { "ipv6_addr" };
+        set(
+            &mut s,
+            &format!("guarded{family}"),
+            &format!("{addr_type} . inet_service"),
+            "",
+            guarded(v4).map(|(a, _)| format!("{} . {}", a.ip(), a.port())),
+        );
+        set(
+            &mut s,
+            &format!("allowed{family}"),
+            &format!("{addr_type} . inet_service . {addr_type}"),
+            "interval",
+            guarded(v4).flat_map(|(a, nets)| {
+                nets.iter()
+                    .map(move |net| format!("{} . {} . {net}", a.ip(), a.port()))
+            }),
+        );
+    }
     let mark = format!("meta mark set {INTERCEPT_MARK:#010x}");
     // Only packets of a client's direction: a reply to one of carousel's own sockets
-    // (whose port could equal a node port) is never taken over.
+    // (whose port could equal a node port) is never taken over. Refusals and source
+    // ranges apply to new connections only: an open one is never cut by a change.
     writeln!(
         s,
-        "  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n    ct direction reply accept\n    meta iifkind \"bridge\" return"
+        "  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n    ct direction reply accept"
     )
     .unwrap();
+    let syn = "tcp flags & (fin | syn | rst | ack) == syn";
+    for family in ["ip", "ip6"] {
+        let n = if family == "ip" { "4" } else { "6" };
+        writeln!(s, "    {family} daddr . tcp dport @guarded{n} {syn} {family} daddr . tcp dport . {family} saddr != @allowed{n} drop").unwrap();
+    }
+    let mut refused = vec![
+        "ip daddr . tcp dport @refused4".to_string(),
+        "ip6 daddr . tcp dport @refused6".to_string(),
+    ];
     let mut intercepted = vec![
         ("ip", "ip daddr . tcp dport @services4".to_string()),
         ("ip6", "ip6 daddr . tcp dport @services6".to_string()),
     ];
     for family in ["ip", "ip6"] {
         if let Some(addresses) = nodeport_match(family, nodeport_nets) {
+            refused.push(format!("{addresses} tcp dport @refused_nodeports"));
             intercepted.push((family, format!("{addresses} tcp dport @nodeports")));
         }
     }
+    for matches in &refused {
+        writeln!(s, "    {matches} {syn} reject with tcp reset").unwrap();
+    }
+    writeln!(s, "    meta iifkind \"bridge\" return").unwrap();
     for (family, matches) in &intercepted {
         writeln!(
             s,
@@ -120,15 +216,17 @@ pub fn render_full(redirects: &Redirects, listen_port: u16, nodeport_nets: &[IpN
         .unwrap();
     }
     // The node's own connections to a Service: marked, the policy route sends them
-    // through lo, and prerouting takes them over. A local destination (a node port on
-    // one of the node's addresses) goes through lo anyway.
+    // through lo, and prerouting takes them over (or refuses them). A local
+    // destination (a node port on one of the node's addresses) goes through lo anyway.
     writeln!(
         s,
         "  }}\n  chain output {{\n    type route hook output priority mangle; policy accept;\n    meta mark {MARK:#010x} return"
     )
     .unwrap();
-    writeln!(s, "    ip daddr . tcp dport @services4 {mark}").unwrap();
-    writeln!(s, "    ip6 daddr . tcp dport @services6 {mark}").unwrap();
+    for set in ["services", "refused"] {
+        writeln!(s, "    ip daddr . tcp dport @{set}4 {mark}").unwrap();
+        writeln!(s, "    ip6 daddr . tcp dport @{set}6 {mark}").unwrap();
+    }
     writeln!(
         s,
         "  }}\n  chain bridged {{\n    type nat hook prerouting priority dstnat; policy accept;\n    meta iifkind != \"bridge\" return"
@@ -171,12 +269,24 @@ fn nodeport_match(family: &str, nets: &[IpNet]) -> Option<String> {
     Some(matches)
 }
 
-fn elements(s: &mut String, mut items: impl Iterator<Item = Element>) {
+/// One set declaration with its elements, as nft writes them.
+fn set(
+    s: &mut String,
+    name: &str,
+    key: &str,
+    flags: &str,
+    mut items: impl Iterator<Item = String>,
+) {
+    writeln!(s, "  set {name} {{\n    type {key}").unwrap();
+    if !flags.is_empty() {
+        writeln!(s, "    flags {flags}").unwrap();
+    }
     if let Some(first) = items.next() {
         write!(s, "    elements = {{ {first}").unwrap();
         items.for_each(|e| write!(s, ", {e}").unwrap());
         writeln!(s, " }}").unwrap();
     }
+    writeln!(s, "  }}").unwrap();
 }
 
 /// One element of carousel's sets.
@@ -188,6 +298,12 @@ pub enum Element {
     V6(Ipv6Addr, u16),
     /// A node port, in `nodeports`.
     NodePort(u16),
+    /// An IPv4 Service address and port without endpoints, in `refused4`.
+    RefusedV4(Ipv4Addr, u16),
+    /// An IPv6 Service address and port without endpoints, in `refused6`.
+    RefusedV6(Ipv6Addr, u16),
+    /// A node port without endpoints, in `refused_nodeports`.
+    RefusedNodePort(u16),
 }
 
 impl Element {
@@ -197,6 +313,9 @@ impl Element {
             Element::V4(..) => "services4",
             Element::V6(..) => "services6",
             Element::NodePort(_) => "nodeports",
+            Element::RefusedV4(..) => "refused4",
+            Element::RefusedV6(..) => "refused6",
+            Element::RefusedNodePort(_) => "refused_nodeports",
         }
     }
 
@@ -205,9 +324,11 @@ impl Element {
     /// element is 8 bytes and an IPv6 one 20; a lone port is 2 bytes.
     pub fn key(&self) -> Vec<u8> {
         let (addr, port): (&[u8], u16) = match self {
-            Element::V4(ip, port) => (&ip.octets(), *port),
-            Element::V6(ip, port) => (&ip.octets(), *port),
-            Element::NodePort(port) => return port.to_be_bytes().to_vec(),
+            Element::V4(ip, port) | Element::RefusedV4(ip, port) => (&ip.octets(), *port),
+            Element::V6(ip, port) | Element::RefusedV6(ip, port) => (&ip.octets(), *port),
+            Element::NodePort(port) | Element::RefusedNodePort(port) => {
+                return port.to_be_bytes().to_vec()
+            }
         };
         let mut key = addr.to_vec();
         key.extend(port.to_be_bytes());
@@ -220,9 +341,9 @@ impl Element {
 impl fmt::Display for Element {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Element::V4(ip, port) => write!(f, "{ip} . {port}"),
-            Element::V6(ip, port) => write!(f, "{ip} . {port}"),
-            Element::NodePort(port) => write!(f, "{port}"),
+            Element::V4(ip, port) | Element::RefusedV4(ip, port) => write!(f, "{ip} . {port}"),
+            Element::V6(ip, port) | Element::RefusedV6(ip, port) => write!(f, "{ip} . {port}"),
+            Element::NodePort(port) | Element::RefusedNodePort(port) => write!(f, "{port}"),
         }
     }
 }
@@ -251,22 +372,47 @@ pub struct Change {
 }
 
 /// The element changes that turn `old` into `new`: removals first, then additions, set
-/// by set. Empty when nothing changed.
-pub fn diff(old: &Redirects, new: &Redirects) -> Vec<Change> {
+/// by set. Empty when nothing changed. `None` when the source ranges changed: those
+/// sets are rewritten with the whole table (they change rarely, and their interval
+/// elements are nft's to lay out).
+pub fn diff(old: &Redirects, new: &Redirects) -> Option<Vec<Change>> {
+    if old.source_ranges != new.source_ranges {
+        return None;
+    }
+    // Each kind of set, with the elements it holds.
+    type Kind = (
+        fn(&Redirects) -> &Ports,
+        fn(Ipv4Addr, u16) -> Element,
+        fn(Ipv6Addr, u16) -> Element,
+        fn(u16) -> Element,
+    );
+    let kinds: [Kind; 2] = [
+        (
+            |r| &r.intercept,
+            Element::V4,
+            Element::V6,
+            Element::NodePort,
+        ),
+        (
+            |r| &r.refuse,
+            Element::RefusedV4,
+            Element::RefusedV6,
+            Element::RefusedNodePort,
+        ),
+    ];
     let mut changes = Vec::new();
     for (op, from, to) in [(Op::Delete, old, new), (Op::Add, new, old)] {
         let mut push = |element| changes.push(Change { op, element });
-        from.v4
-            .difference(&to.v4)
-            .for_each(|&(ip, port)| push(Element::V4(ip, port)));
-        from.v6
-            .difference(&to.v6)
-            .for_each(|&(ip, port)| push(Element::V6(ip, port)));
-        from.node_ports
-            .difference(&to.node_ports)
-            .for_each(|&port| push(Element::NodePort(port)));
+        for (ports, v4, v6, node_port) in kinds {
+            let (a, b) = (ports(from), ports(to));
+            a.v4.difference(&b.v4).for_each(|&(ip, p)| push(v4(ip, p)));
+            a.v6.difference(&b.v6).for_each(|&(ip, p)| push(v6(ip, p)));
+            a.node_ports
+                .difference(&b.node_ports)
+                .for_each(|&p| push(node_port(p)));
+        }
     }
-    changes
+    Some(changes)
 }
 
 /// Removes carousel's table, and nothing else. Succeeds when there is none.
@@ -366,12 +512,15 @@ impl Rules {
     /// whole table again if a change is refused (someone else edited carousel's table).
     pub async fn sync(&mut self, wanted: Redirects) -> Result<(), NftError> {
         let result = match &self.applied {
-            Some(old) => match self.change_elements(diff(old, &wanted)).await {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "incremental rule change refused; rewriting carousel's table");
-                    apply_full(&wanted, self.listen_port, &self.nodeport_nets).await
-                }
+            Some(old) => match diff(old, &wanted) {
+                Some(changes) => match self.change_elements(changes).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "incremental rule change refused; rewriting carousel's table");
+                        apply_full(&wanted, self.listen_port, &self.nodeport_nets).await
+                    }
+                },
+                None => apply_full(&wanted, self.listen_port, &self.nodeport_nets).await,
             },
             None => apply_full(&wanted, self.listen_port, &self.nodeport_nets).await,
         };
@@ -426,14 +575,20 @@ mod tests {
 
     #[test]
     fn full_table_matches_the_golden_file() {
-        let r = Redirects::new(
+        let mut r = Redirects::new(
             [
                 sa("10.96.0.10:80"),
                 sa("10.96.0.11:443"),
                 sa("[fd00:10:96::a]:80"),
+                sa("203.0.113.7:443"),
             ],
             [30080],
         );
+        r.service(sa("10.96.0.12:80"), false);
+        r.node_port(30081, false);
+        let nets = ["10.0.0.0/8", "192.168.1.5/32", "2001:db8::/32"].map(|n| n.parse().unwrap());
+        r.guard(sa("203.0.113.7:443"), &nets);
+        assert_eq!(r.source_ranges[&sa("203.0.113.7:443")], nets[..2]);
         assert_eq!(
             render_full(&r, 15001, &[]),
             include_str!("testdata/full.nft")
@@ -487,7 +642,7 @@ mod tests {
         );
         let change = |op, element| Change { op, element };
         assert_eq!(
-            diff(&old, &new),
+            diff(&old, &new).unwrap(),
             [
                 change(Op::Delete, Element::V4(Ipv4Addr::new(10, 96, 0, 10), 80)),
                 change(Op::Add, Element::V4(Ipv4Addr::new(10, 96, 0, 12), 80)),
@@ -495,7 +650,29 @@ mod tests {
                 change(Op::Add, Element::NodePort(30081)),
             ]
         );
-        assert_eq!(diff(&new, &new), []);
+        assert_eq!(diff(&new, &new).unwrap(), []);
+
+        // An address whose Service port got endpoints moves from refused to intercepted.
+        let mut empty = Redirects::default();
+        empty.service(sa("10.96.0.13:80"), false);
+        empty.node_port(30082, false);
+        let mut served = Redirects::default();
+        served.service(sa("10.96.0.13:80"), true);
+        served.node_port(30082, true);
+        let ip = Ipv4Addr::new(10, 96, 0, 13);
+        assert_eq!(
+            diff(&empty, &served).unwrap(),
+            [
+                change(Op::Delete, Element::RefusedV4(ip, 80)),
+                change(Op::Delete, Element::RefusedNodePort(30082)),
+                change(Op::Add, Element::V4(ip, 80)),
+                change(Op::Add, Element::NodePort(30082)),
+            ]
+        );
+        // New source ranges rewrite the table.
+        let mut guarded = served.clone();
+        guarded.guard(sa("10.96.0.13:80"), &["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(diff(&served, &guarded), None);
     }
 
     #[test]

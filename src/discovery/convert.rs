@@ -12,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -26,6 +27,9 @@ use crate::model::{
 pub const ANNOTATION_LOAD_BALANCER: &str = "carousel.dev/load-balancer";
 pub const ANNOTATION_WEIGHTS: &str = "carousel.dev/weights";
 pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
+/// The source ranges of a LoadBalancer Service before `spec.loadBalancerSourceRanges`
+/// existed, comma-separated; read when the field is empty, as kube-proxy does.
+pub const ANNOTATION_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 
@@ -119,6 +123,7 @@ pub struct ServiceFront {
     pub internal_traffic_local: bool,
     pub prefer_close: bool,
     pub health_check_node_port: Option<u16>,
+    pub load_balancer_source_ranges: Vec<IpNet>,
     pub warnings: Vec<Warning>,
 }
 
@@ -175,6 +180,41 @@ fn name(meta: &ObjectMeta) -> Result<&str, FieldError> {
 fn parse_ip(field: String, text: &str) -> Result<IpAddr, FieldError> {
     text.parse()
         .map_err(|_| FieldError::new(field, format!("{text:?} is not an IP address")))
+}
+
+/// `spec.loadBalancerSourceRanges`, else the older annotation: CIDRs, each reduced to
+/// its network (`10.1.2.3/8` is `10.0.0.0/8`). One that is no CIDR refuses the Service,
+/// so that a typo never opens a guarded Service to everyone.
+fn source_ranges(
+    spec: &core::ServiceSpec,
+    annotation: Option<&str>,
+) -> Result<Vec<IpNet>, FieldError> {
+    let texts: Vec<(String, &str)> = match &spec.load_balancer_source_ranges {
+        Some(ranges) if !ranges.is_empty() => ranges
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("spec.loadBalancerSourceRanges[{i}]"), r.as_str()))
+            .collect(),
+        _ => annotation
+            .into_iter()
+            .flat_map(|a| a.split(','))
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(|r| (format!("annotation {ANNOTATION_SOURCE_RANGES}"), r))
+            .collect(),
+    };
+    let mut ranges: Vec<IpNet> = texts
+        .into_iter()
+        .map(|(field, text)| {
+            text.trim()
+                .parse::<IpNet>()
+                .map(|net| net.trunc())
+                .map_err(|_| FieldError::new(field, format!("{text:?} is not a CIDR")))
+        })
+        .collect::<Result<_, _>>()?;
+    ranges.sort();
+    ranges.dedup();
+    Ok(ranges)
 }
 
 fn parse_port(field: String, value: i32) -> Result<u16, FieldError> {
@@ -294,6 +334,7 @@ pub fn service(svc: &core::Service) -> Result<Option<ServiceFront>, FieldError> 
 
     let annotations = meta.annotations.as_ref();
     let annotation = |k: &str| annotations.and_then(|a| a.get(k)).map(String::as_str);
+    let load_balancer_source_ranges = source_ranges(spec, annotation(ANNOTATION_SOURCE_RANGES))?;
     let mut balancing = Balancing::default();
     if let Some(algorithm) = annotation(ANNOTATION_LOAD_BALANCER) {
         let algorithm = algorithm.trim();
@@ -353,6 +394,7 @@ pub fn service(svc: &core::Service) -> Result<Option<ServiceFront>, FieldError> 
         cluster_ips,
         external_ips,
         load_balancer_ips,
+        load_balancer_source_ranges,
         ports,
         balancing,
         weights,
@@ -558,6 +600,7 @@ pub fn join_service(
         internal_traffic_local: front.internal_traffic_local,
         prefer_close: front.prefer_close,
         health_check_node_port: front.health_check_node_port,
+        load_balancer_source_ranges: front.load_balancer_source_ranges.clone(),
     })
 }
 
@@ -848,6 +891,36 @@ mod tests {
         );
         assert!(f.external_traffic_local);
         assert_eq!(f.ports[0].node_port, Some(30080));
+    }
+
+    #[test]
+    fn source_ranges_come_from_the_field_else_the_annotation_and_a_bad_one_refuses_the_service() {
+        let f = front(
+            "type: LoadBalancer, clusterIP: 10.96.0.10, ports: [{port: 80}], \
+             loadBalancerSourceRanges: ['10.1.2.3/8', ' 192.168.0.0/16', '10.0.0.0/8', '2001:db8::/32']",
+        );
+        let nets =
+            |list: &[&str]| -> Vec<IpNet> { list.iter().map(|n| n.parse().unwrap()).collect() };
+        assert_eq!(
+            f.load_balancer_source_ranges,
+            nets(&["10.0.0.0/8", "192.168.0.0/16", "2001:db8::/32"])
+        );
+        let annotated = front_with(
+            &format!(
+                ", annotations: {{{ANNOTATION_SOURCE_RANGES}: '203.0.113.0/24, 198.51.100.7/32'}}"
+            ),
+            "type: LoadBalancer, clusterIP: 10.96.0.10, ports: [{port: 80}]",
+        );
+        assert_eq!(
+            annotated.load_balancer_source_ranges,
+            nets(&["198.51.100.7/32", "203.0.113.0/24"])
+        );
+        let err = service_error(
+            "type: LoadBalancer, clusterIP: 10.96.0.10, ports: [{port: 80}], \
+             loadBalancerSourceRanges: [10.0.0.0/8, 10.0.0.300/8]",
+        );
+        assert_eq!(err.field, "spec.loadBalancerSourceRanges[1]");
+        assert!(err.to_string().contains("10.0.0.300/8"), "{err}");
     }
 
     #[test]
@@ -1576,6 +1649,7 @@ mod tests {
                 internal_traffic_local: false,
                 prefer_close: false,
                 health_check_node_port: None,
+                load_balancer_source_ranges: Vec::new(),
             }
         );
     }

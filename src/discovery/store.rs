@@ -8,6 +8,7 @@ use std::hash::Hash;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -155,6 +156,15 @@ impl Store {
     /// Whether this node is being deleted, or drained by the cluster autoscaler.
     pub fn node_leaving(&self) -> bool {
         self.node.live.values().any(|n| n.leaving)
+    }
+
+    /// The pod CIDRs of this node.
+    pub fn pod_cidrs(&self) -> Vec<IpNet> {
+        self.node
+            .live
+            .values()
+            .flat_map(|n| n.pod_cidrs.iter().copied())
+            .collect()
     }
 
     /// Whether pod labels are needed: some Service weighs its pods by label.
@@ -443,7 +453,11 @@ impl Store {
     // depend on it, so a zone change rebuilds nothing here, but it is published.
 
     pub fn apply_node(&mut self, event: Event<core::Node>) {
-        let before = (self.zone().map(str::to_owned), self.node_leaving());
+        let before = (
+            self.zone().map(str::to_owned),
+            self.node_leaving(),
+            self.pod_cidrs(),
+        );
         match event {
             Event::Init => self.node.begin(),
             Event::InitApply(node) => {
@@ -478,6 +492,10 @@ impl Store {
                 "this node is leaving the cluster"
             );
             self.table.node_leaving = self.node_leaving();
+            self.changed = true;
+        }
+        if self.pod_cidrs() != before.2 {
+            self.table.pod_cidrs = self.pod_cidrs();
             self.changed = true;
         }
     }
@@ -572,6 +590,8 @@ struct NodeView {
     /// Being deleted, or tainted for deletion by the cluster autoscaler: kube-proxy then
     /// reports `nodeEligible: false`, so that load balancers stop sending here.
     leaving: bool,
+    /// `spec.podCIDRs` (or the older `spec.podCIDR`); those that do not parse are left out.
+    pod_cidrs: Vec<IpNet>,
 }
 
 impl From<&core::Node> for NodeView {
@@ -588,6 +608,15 @@ impl From<&core::Node> for NodeView {
                 .as_ref()
                 .and_then(|l| l.get(LABEL_ZONE).cloned()),
             leaving: node.metadata.deletion_timestamp.is_some() || tainted,
+            pod_cidrs: node
+                .spec
+                .iter()
+                .flat_map(|spec| spec.pod_cidrs.iter().flatten().chain(&spec.pod_cidr))
+                .filter_map(|cidr| cidr.parse::<IpNet>().ok())
+                .map(|net| net.trunc())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
         }
     }
 }

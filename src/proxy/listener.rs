@@ -19,8 +19,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::addr::{ClientAddr, ServiceAddr};
 use crate::proxy::forward::{self, ForwardConfig, ForwardError};
+use crate::proxy::inside::Inside;
 use crate::proxy::original_dst::original_dst;
-use crate::proxy::routes::RouteTable;
+use crate::proxy::routes::{Admission, RouteTable};
 use crate::telemetry::{names, Telemetry};
 
 /// Opens a listening TCP socket with the options a proxy wants. Accepted connections
@@ -95,14 +96,15 @@ pub fn migrate_queued_connections_on_close() {
 }
 
 /// The addresses bind mode listens on for a route table: every Service address, and
-/// every `--nodeport-addresses` address at every node port. The value names the
-/// Service port, for messages.
+/// every `--nodeport-addresses` address at every node port, of the Service ports that
+/// have endpoints (without a listener, a client is refused at the SYN). The value names
+/// the Service port, for messages.
 pub fn wanted(routes: &RouteTable, nodeport_addresses: &[IpAddr]) -> BTreeMap<ServiceAddr, String> {
     let mut wanted = BTreeMap::new();
-    for (addr, route) in routes.service_addrs() {
+    for (addr, route) in routes.service_addrs().filter(|(_, r)| r.has_endpoints) {
         wanted.insert(*addr, format!("{} port {}", route.service, route.port));
     }
-    for (port, route) in routes.node_ports() {
+    for (port, route) in routes.node_ports().filter(|(_, r)| r.has_endpoints) {
         for ip in nodeport_addresses {
             let addr = ServiceAddr(SocketAddr::new(*ip, port));
             wanted
@@ -204,6 +206,8 @@ pub enum Dialed {
 #[derive(Clone, Debug)]
 pub struct Accepting {
     pub routes: Arc<ArcSwap<RouteTable>>,
+    /// Who counts as a pod or the node itself, as of the last sync.
+    pub inside: Arc<ArcSwap<Inside>>,
     pub forward: ForwardConfig,
     pub connections: TaskTracker,
     pub limit: Arc<Limit>,
@@ -299,7 +303,19 @@ pub async fn accept_loop(listener: TcpListener, dialed: Dialed, intake: Acceptin
         };
         // The route is looked up per connection, so that a table change applies to the
         // very next connection without touching the listener.
-        let route = intake.routes.load().lookup(target).cloned();
+        let route = match intake
+            .routes
+            .load()
+            .admit(target, peer, |ip| intake.inside.load().contains(ip))
+        {
+            Admission::Route(route) => Some(route.clone()),
+            Admission::NoService => None,
+            Admission::OutOfRange => {
+                tracing::debug!(%peer, %target, "client outside the Service's source ranges");
+                forward::reset(&stream);
+                continue;
+            }
+        };
         let config = intake.forward;
         intake.connections.spawn(async move {
             let _slot = slot;

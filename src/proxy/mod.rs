@@ -8,6 +8,7 @@ pub mod fairness;
 pub mod forward;
 pub mod handover;
 pub mod health_check;
+pub mod inside;
 pub mod listener;
 pub mod original_dst;
 pub mod routes;
@@ -25,7 +26,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
-use crate::addr::ServiceAddr;
 use crate::backoff::Backoff;
 use crate::balance::BuildOptions;
 use crate::dataplane::nftables::{self, NftError, Redirects, Rules};
@@ -35,6 +35,7 @@ use crate::telemetry::{names, Telemetry};
 pub use forward::ForwardConfig;
 use handover::Presence;
 use health_check::HealthChecks;
+use inside::Inside;
 use listener::{Accepting, Dialed, Limit, Listeners};
 use routes::RouteTable;
 
@@ -80,6 +81,9 @@ pub struct ProxyConfig {
     /// whose `Presence` `run` takes); without one, a stopping carousel stops accepting
     /// at once.
     pub handover: Option<String>,
+    /// `--cluster-cidr`: clients inside are pods (`inside`), as are those inside this
+    /// node's `spec.podCIDRs`.
+    pub cluster_cidrs: Vec<IpNet>,
 }
 
 /// kube-proxy's default `--sync-period`.
@@ -96,6 +100,7 @@ impl Default for ProxyConfig {
             shadow: Vec::new(),
             sync_period: SYNC_PERIOD,
             handover: None,
+            cluster_cidrs: Vec::new(),
         }
     }
 }
@@ -224,8 +229,16 @@ impl Intake {
                 }
             }
             Intake::Nftables { rules, .. } => {
-                let addrs: Vec<ServiceAddr> = table.service_addrs().map(|(a, _)| *a).collect();
-                let redirects = Redirects::new(addrs, table.node_ports().map(|(p, _)| p));
+                let mut redirects = Redirects::default();
+                for (addr, route) in table.service_addrs() {
+                    redirects.service(*addr, route.has_endpoints);
+                }
+                for (port, route) in table.node_ports() {
+                    redirects.node_port(port, route.has_endpoints);
+                }
+                for (addr, ranges) in table.source_ranges() {
+                    redirects.guard(*addr, ranges);
+                }
                 if repair {
                     rules.rewrite(redirects).await?;
                 } else {
@@ -301,6 +314,7 @@ pub async fn run(
         forward: config.forward,
         connections: TaskTracker::new(),
         limit: Arc::new(Limit::new(config.max_connections, &telemetry)),
+        inside: Arc::default(),
     };
     let routes = &accepting.routes;
     listener::migrate_queued_connections_on_close();
@@ -349,6 +363,13 @@ pub async fn run(
             routes.store(Arc::new(next));
             // A failure to start ends the proxy at once.
             intake.open(&accepting)?;
+        }
+        // The node's addresses are read again at every sync, so a new one counts.
+        let inside = Inside::with_local_addresses(
+            config.cluster_cidrs.iter().chain(&table.pod_cidrs).copied(),
+        );
+        if **accepting.inside.load() != inside {
+            accepting.inside.store(Arc::new(inside));
         }
         // After a failure, everything is checked again, as at each period.
         let repair = !new_table || failures.count > 0;

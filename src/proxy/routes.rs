@@ -4,10 +4,11 @@
 //! counts and metric handles carry over for the endpoints that persist.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use ipnet::IpNet;
 use metrics::{Counter, Gauge, Histogram, Label};
 
 use crate::addr::{ClientAddr, PodAddr, ServiceAddr};
@@ -93,6 +94,14 @@ pub struct Route {
     pub no_endpoint: Counter,
     /// Algorithms evaluated beside the real one (`carousel run --shadow`).
     shadows: Vec<Shadow>,
+    /// Whether the Service port has an endpoint for new connections anywhere in the
+    /// cluster. Without one, its addresses refuse connections at the SYN (nftables mode)
+    /// or have no listener (bind mode): the client sees ECONNREFUSED, as with kube-proxy.
+    pub has_endpoints: bool,
+    /// Where connections from inside the cluster go instead (`Traffic::Inside`): set on
+    /// the external route of an `externalTrafficPolicy: Local` Service whose every
+    /// endpoint differs from this node's.
+    pub inside: Option<Arc<Route>>,
 }
 
 /// An algorithm that picks beside the real one without deciding anything: each pick
@@ -146,6 +155,17 @@ impl Route {
 /// connection and a rebuild inserts every Service.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
+/// What becomes of a new connection, by [`RouteTable::admit`].
+#[derive(Debug)]
+pub enum Admission<'a> {
+    /// Forward it over this route.
+    Route(&'a Arc<Route>),
+    /// Nothing is served at the address dialed.
+    NoService,
+    /// The client is outside the Service's `loadBalancerSourceRanges`.
+    OutOfRange,
+}
+
 /// The whole lookup table, swapped atomically on every change.
 #[derive(Debug, Default)]
 pub struct RouteTable {
@@ -153,6 +173,8 @@ pub struct RouteTable {
     by_node_port: FastMap<u16, Arc<Route>>,
     /// Keyed by port number, not label: no string is built to look a route up.
     by_port: FastMap<(ServiceKey, u16, Traffic), Arc<Route>>,
+    /// The source ranges of load-balancer addresses that have some of their family.
+    source_ranges: FastMap<ServiceAddr, Arc<[IpNet]>>,
     /// The table and locality the routes were built from. The next build walks the old
     /// and new tables side by side and touches only the Services that are not the very
     /// same `Arc`: one changed Service among 10 000 costs one Service's work.
@@ -170,6 +192,36 @@ impl RouteTable {
         self.by_addr
             .get(&dialed)
             .or_else(|| self.by_node_port.get(&dialed.port()))
+    }
+
+    /// What becomes of a connection from `client` to `dialed`: its route (the cluster-wide
+    /// one when `inside` says the client is in the cluster and the Service keeps outside
+    /// traffic on this node), unless the Service's source ranges keep the client out.
+    pub fn admit(
+        &self,
+        dialed: ServiceAddr,
+        client: ClientAddr,
+        inside: impl FnOnce(IpAddr) -> bool,
+    ) -> Admission<'_> {
+        let Some(route) = self.lookup(dialed) else {
+            return Admission::NoService;
+        };
+        if !self.source_ranges.is_empty() {
+            if let Some(ranges) = self.source_ranges.get(&dialed) {
+                if !ranges.iter().any(|net| net.contains(&client.ip())) {
+                    return Admission::OutOfRange;
+                }
+            }
+        }
+        match &route.inside {
+            Some(cluster) if inside(client.ip()) => Admission::Route(cluster),
+            _ => Admission::Route(route),
+        }
+    }
+
+    /// The load-balancer addresses guarded by source ranges, with their ranges.
+    pub fn source_ranges(&self) -> impl Iterator<Item = (&ServiceAddr, &Arc<[IpNet]>)> {
+        self.source_ranges.iter()
     }
 
     /// Every Service address (ClusterIPs, external and load-balancer IPs) with its port.
@@ -232,6 +284,7 @@ impl RouteTable {
                 by_addr: previous.by_addr.clone(),
                 by_node_port: previous.by_node_port.clone(),
                 by_port: previous.by_port.clone(),
+                source_ranges: previous.source_ranges.clone(),
                 ..RouteTable::default()
             }
         } else {
@@ -243,9 +296,8 @@ impl RouteTable {
             }
             if let Some(now) = now {
                 for port in &now.ports {
-                    let (internal, external) =
-                        build_pair(now, port, previous, telemetry, options, here, shadow);
-                    routes.insert(now, port, internal, external);
+                    let built = build_port(now, port, previous, telemetry, options, here, shadow);
+                    routes.insert(now, port, built);
                 }
             }
         }
@@ -263,6 +315,7 @@ impl RouteTable {
             let key = |traffic| (service.key.clone(), port.port, traffic);
             let internal = self.by_port.remove(&key(Traffic::Internal));
             self.by_port.remove(&key(Traffic::External));
+            self.by_port.remove(&key(Traffic::Inside));
             let kept = now.is_some_and(|n| n.ports.iter().any(|p| p.port == port.port));
             if let (Some(route), false) = (internal, kept) {
                 zero_endpoint_gauges(telemetry, &service.key, &route.port);
@@ -276,6 +329,7 @@ impl RouteTable {
                 let addr = ServiceAddr(SocketAddr::new(*ip, port.port));
                 if self.by_addr.get(&addr).is_some_and(owned) {
                     self.by_addr.remove(&addr);
+                    self.source_ranges.remove(&addr);
                 }
             }
             if let Some(node_port) = port.node_port {
@@ -287,13 +341,12 @@ impl RouteTable {
     }
 
     /// Puts in the routes of one port of `service`.
-    fn insert(
-        &mut self,
-        service: &Service,
-        port: &ServicePort,
-        internal: Arc<Route>,
-        external: Arc<Route>,
-    ) {
+    fn insert(&mut self, service: &Service, port: &ServicePort, built: PortRoutes) {
+        let PortRoutes {
+            internal,
+            external,
+            inside,
+        } = built;
         let claim = |taken: Option<Arc<Route>>, what: &dyn std::fmt::Display| {
             if let Some(other) = taken.filter(|r| r.service != service.key) {
                 tracing::warn!(
@@ -315,6 +368,21 @@ impl RouteTable {
         {
             let addr = ServiceAddr(SocketAddr::new(*ip, port.port));
             claim(self.by_addr.insert(addr, external.clone()), &addr);
+            self.source_ranges.remove(&addr);
+        }
+        // kube-proxy's rule: the ranges of the address's family guard it; without any of
+        // that family, it is open.
+        for ip in &service.load_balancer_ips {
+            let ranges: Arc<[IpNet]> = service
+                .load_balancer_source_ranges
+                .iter()
+                .filter(|net| net.addr().is_ipv4() == ip.is_ipv4())
+                .copied()
+                .collect();
+            if !ranges.is_empty() {
+                let addr = ServiceAddr(SocketAddr::new(*ip, port.port));
+                self.source_ranges.insert(addr, ranges);
+            }
         }
         if let Some(node_port) = port.node_port {
             let taken = self.by_node_port.insert(node_port, external.clone());
@@ -323,6 +391,9 @@ impl RouteTable {
         let key = |traffic| (service.key.clone(), port.port, traffic);
         self.by_port.insert(key(Traffic::Internal), internal);
         self.by_port.insert(key(Traffic::External), external);
+        if let Some(inside) = inside {
+            self.by_port.insert(key(Traffic::Inside), inside);
+        }
     }
 }
 
@@ -379,9 +450,21 @@ fn changes<'a>(
     out
 }
 
-/// The routes of one Service port: one for ClusterIP traffic and one for external
-/// traffic, the same route when both see the same endpoints.
-fn build_pair(
+/// The routes of one Service port.
+struct PortRoutes {
+    /// For ClusterIP traffic.
+    internal: Arc<Route>,
+    /// For external IPs, load-balancer IPs and node ports: `internal` itself when both
+    /// see the same endpoints and nothing else differs.
+    external: Arc<Route>,
+    /// For external traffic that comes from inside the cluster, when it sees other
+    /// endpoints than `external` (`Traffic::Inside`); `internal` itself when it sees
+    /// the same.
+    inside: Option<Arc<Route>>,
+}
+
+/// The routes of one Service port, each over the endpoints its kind of traffic sees.
+fn build_port(
     service: &Service,
     port: &ServicePort,
     previous: &RouteTable,
@@ -389,46 +472,60 @@ fn build_pair(
     options: &BuildOptions,
     here: &Locality,
     shadow: &[&'static str],
-) -> (Arc<Route>, Arc<Route>) {
+) -> PortRoutes {
     set_endpoint_gauges(telemetry, &service.key, port);
-    let key = |traffic| (service.key.clone(), port.port, traffic);
-    let internal_endpoints = port.select(service, Traffic::Internal, here);
-    let external_endpoints = port.select(service, Traffic::External, here);
-    let internal = Arc::new(build_route(
-        &service.key,
-        &service.balancing,
-        port,
-        internal_endpoints.clone(),
-        &[previous
+    let has_endpoints = !port.eligible().is_empty();
+    let previous_route = |traffic| {
+        previous
             .by_port
-            .get(&key(Traffic::Internal))
-            .map(Arc::as_ref)],
-        telemetry,
-        options,
-        shadow,
-    ));
-    let external = if external_endpoints == internal_endpoints {
-        internal.clone()
-    } else {
-        let known = [
-            previous
-                .by_port
-                .get(&key(Traffic::External))
-                .map(Arc::as_ref),
-            Some(internal.as_ref()),
-        ];
-        Arc::new(build_route(
+            .get(&(service.key.clone(), port.port, traffic))
+            .map(Arc::as_ref)
+    };
+    let route = |endpoints, known: &[Option<&Route>]| Route {
+        has_endpoints,
+        ..build_route(
             &service.key,
             &service.balancing,
             port,
-            external_endpoints,
-            &known,
+            endpoints,
+            known,
             telemetry,
             options,
             shadow,
-        ))
+        )
     };
-    (internal, external)
+    let internal_endpoints = port.select(service, Traffic::Internal, here);
+    let external_endpoints = port.select(service, Traffic::External, here);
+    let inside_endpoints = service
+        .external_traffic_local
+        .then(|| port.select(service, Traffic::Inside, here))
+        .filter(|e| *e != external_endpoints);
+    let internal = Arc::new(route(
+        internal_endpoints.clone(),
+        &[previous_route(Traffic::Internal)],
+    ));
+    let inside = inside_endpoints.map(|endpoints| {
+        if endpoints == internal_endpoints {
+            internal.clone()
+        } else {
+            let known = [previous_route(Traffic::Inside), Some(internal.as_ref())];
+            Arc::new(route(endpoints, &known))
+        }
+    });
+    let external = if external_endpoints == internal_endpoints && inside.is_none() {
+        internal.clone()
+    } else {
+        let known = [previous_route(Traffic::External), Some(internal.as_ref())];
+        Arc::new(Route {
+            inside: inside.clone(),
+            ..route(external_endpoints, &known)
+        })
+    };
+    PortRoutes {
+        internal,
+        external,
+        inside,
+    }
 }
 
 /// The metric labels every series of a Service port carries.
@@ -480,6 +577,7 @@ fn build_route(
         })
         .collect();
     set_weights(previous, &endpoints);
+    let endpoints_empty = endpoints.is_empty();
     let backends: Backends = eligible
         .iter()
         .zip(&endpoints)
@@ -517,6 +615,8 @@ fn build_route(
         balancer,
         no_endpoint: telemetry.counter(names::CONNECTIONS_TOTAL, no_endpoint_labels),
         shadows,
+        has_endpoints: !endpoints_empty,
+        inside: None,
     }
 }
 
@@ -667,6 +767,7 @@ mod tests {
             internal_traffic_local: false,
             prefer_close: false,
             health_check_node_port: None,
+            load_balancer_source_ranges: Vec::new(),
         };
         Arc::new(ServiceTable {
             services: [(key, Arc::new(service))].into(),
@@ -678,6 +779,80 @@ mod tests {
         let route = routes.routes().next().unwrap();
         let peer = ClientAddr(SocketAddr::from(([192, 0, 2, client], 40000)));
         route.endpoints[route.pick(peer).unwrap()].addr
+    }
+
+    #[test]
+    fn inside_clients_of_a_local_policy_reach_every_endpoint_and_source_ranges_guard_lb_ips() {
+        let here = |last, node: &str| Endpoint {
+            node: Some(node.into()),
+            ..endpoint(last, true, 1)
+        };
+        let mut table = (*table("round-robin", None, vec![here(1, "a"), here(2, "b")])).clone();
+        let service = Arc::make_mut(table.services.values_mut().next().unwrap());
+        service.external_traffic_local = true;
+        service.internal_traffic_local = true;
+        service.load_balancer_ips = vec!["203.0.113.9".parse().unwrap()];
+        service.external_ips = vec!["198.51.100.9".parse().unwrap()];
+        service.load_balancer_source_ranges = vec![
+            "192.0.2.0/24".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
+        let locality = Locality {
+            node: Some("a".into()),
+            zone: None,
+        };
+        let routes = RouteTable::build(
+            &Arc::new(table),
+            &RouteTable::default(),
+            &Telemetry::new(),
+            &BuildOptions::default(),
+            &locality,
+        );
+        let addr = |s: &str| ServiceAddr(s.parse().unwrap());
+        let client = |s: &str| ClientAddr(SocketAddr::new(s.parse().unwrap(), 40000));
+        let pods = |admission: Admission| match admission {
+            Admission::Route(route) => route
+                .endpoints
+                .iter()
+                .map(|e| e.addr.0.ip().to_string())
+                .collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        let (outside, inside) = (|_| false, |_| true);
+        let external = addr("198.51.100.9:80");
+        assert_eq!(
+            pods(routes.admit(external, client("192.0.2.7"), outside)),
+            ["10.244.0.1"]
+        );
+        assert_eq!(
+            pods(routes.admit(external, client("10.244.9.9"), inside)),
+            ["10.244.0.1", "10.244.0.2"]
+        );
+        // ClusterIP traffic keeps its own Local policy, whoever sends it.
+        let cluster_ip = addr("10.96.0.1:80");
+        assert_eq!(
+            pods(routes.admit(cluster_ip, client("10.244.9.9"), inside)),
+            ["10.244.0.1"]
+        );
+        let lb = addr("203.0.113.9:80");
+        assert_eq!(
+            pods(routes.admit(lb, client("192.0.2.7"), outside)),
+            ["10.244.0.1"]
+        );
+        assert!(matches!(
+            routes.admit(lb, client("198.51.100.1"), inside),
+            Admission::OutOfRange
+        ));
+        assert!(matches!(
+            routes.admit(addr("10.96.0.2:80"), client("192.0.2.7"), inside),
+            Admission::NoService
+        ));
+        let guarded: Vec<_> = routes
+            .source_ranges()
+            .map(|(a, r)| (*a, r.to_vec()))
+            .collect();
+        assert_eq!(guarded, [(lb, vec!["192.0.2.0/24".parse().unwrap()])]);
+        assert!(routes.routes().all(|r| r.has_endpoints));
     }
 
     #[tokio::test(start_paused = true)]
@@ -841,6 +1016,7 @@ mod tests {
             internal_traffic_local: false,
             prefer_close,
             health_check_node_port: None,
+            load_balancer_source_ranges: Vec::new(),
         })
     }
 

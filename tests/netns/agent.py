@@ -4,7 +4,9 @@
 
   agent.py serve NAME PORT            answer every connection with NAME, forever
   agent.py ask HOST PORT COUNT [SRC...]  COUNT connections (round-robin over the source
-                                      addresses), print JSON {source: {pod: n}, "errors": n}
+                                      addresses), print JSON {"seen": {source: {pod: n}},
+                                      "errors": n, "kinds": {kind: n}}, kind one of refused,
+                                      reset, timeout, other; $AGENT_TIMEOUT seconds each (5)
   agent.py get URL                    print the HTTP status and body of one GET
   agent.py echo PORT                  echo every connection back until it half-closes
   agent.py churn HOST PORT SECONDS RATE  new connections at RATE a second for SECONDS,
@@ -15,6 +17,7 @@
 """
 import hashlib
 import json
+import os
 import time
 import socket
 import sys
@@ -53,7 +56,7 @@ def serve(name, port):
 def exchange(family, host, port, src=None):
     """One connection: send a line, read the answer to its end; the answer, stripped."""
     with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
+        s.settimeout(float(os.environ.get("AGENT_TIMEOUT", "5")))
         if src:
             s.bind((src, 0))
         s.connect((host, int(port)))
@@ -74,6 +77,7 @@ def ask(host, port, count, sources):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     seen = {}
     errors = 0
+    kinds = {}
     last_error = ""
     for i in range(int(count)):
         src = sources[i % len(sources)] if sources else None
@@ -84,7 +88,19 @@ def ask(host, port, count, sources):
         except OSError as e:
             errors += 1
             last_error = str(e)
-    print(json.dumps({"seen": seen, "errors": errors, "last_error": last_error}))
+            kind = error_kind(e)
+            kinds[kind] = kinds.get(kind, 0) + 1
+    print(json.dumps({"seen": seen, "errors": errors, "kinds": kinds, "last_error": last_error}))
+
+
+def error_kind(e):
+    if isinstance(e, ConnectionRefusedError):
+        return "refused"
+    if isinstance(e, ConnectionResetError):
+        return "reset"
+    if isinstance(e, TimeoutError):
+        return "timeout"
+    return "other"
 
 
 def echo(port):

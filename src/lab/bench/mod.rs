@@ -205,6 +205,7 @@ fn table(
         internal_traffic_local: false,
         prefer_close: false,
         health_check_node_port: None,
+        load_balancer_source_ranges: Vec::new(),
     };
     ServiceTable {
         services: [(key, Arc::new(svc))].into(),
