@@ -100,6 +100,11 @@ pub struct RunArgs {
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
     pub cluster_cidr: Vec<IpNet>,
 
+    /// Latency histograms (connect and connection duration) per endpoint instead of per
+    /// Service port: 44 more series for every endpoint with traffic.
+    #[arg(long)]
+    pub endpoint_histograms: bool,
+
     /// Give up on an endpoint that has not accepted within this time and try the next.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,

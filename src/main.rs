@@ -195,11 +195,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Per health address, as bound: carousels that share it are one node's proxy.
     proxy.handover = Some(format!("carousel/{}", health.local_addr()?));
     let (shutdown, abandon) = signals(args.drain_timeout);
+    let telemetry = Telemetry::new();
+    telemetry.set_endpoint_histograms(args.endpoint_histograms);
     match args.from_file {
         Some(path) => {
             let config = FileRun { path, scope, proxy };
-            run::run_from_file(config, Telemetry::new(), metrics, health, shutdown, abandon)
-                .await?;
+            run::run_from_file(config, telemetry, metrics, health, shutdown, abandon).await?;
         }
         None => {
             let config = ClusterRun {
@@ -214,8 +215,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 },
                 proxy,
             };
-            run::run_from_cluster(config, Telemetry::new(), metrics, health, shutdown, abandon)
-                .await?;
+            run::run_from_cluster(config, telemetry, metrics, health, shutdown, abandon).await?;
         }
     }
     Ok(())

@@ -56,6 +56,8 @@ pub struct Telemetry {
     handle: PrometheusHandle,
     health: Health,
     config_errors: Counter,
+    /// `--endpoint-histograms`: latency histograms per endpoint, not per Service port.
+    endpoint_histograms: AtomicBool,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -80,6 +82,7 @@ impl Telemetry {
             handle,
             health: Health::default(),
             config_errors,
+            endpoint_histograms: AtomicBool::new(false),
         })
     }
 
@@ -96,6 +99,16 @@ impl Telemetry {
     pub fn histogram(&self, name: &'static str, labels: Vec<Label>) -> Histogram {
         self.recorder
             .register_histogram(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    /// Latency histograms per endpoint from now on (`--endpoint-histograms`), rather
+    /// than per Service port: 2 × 22 more series for every endpoint with traffic.
+    pub fn set_endpoint_histograms(&self, on: bool) {
+        self.endpoint_histograms.store(on, Ordering::Relaxed);
+    }
+
+    pub fn endpoint_histograms(&self) -> bool {
+        self.endpoint_histograms.load(Ordering::Relaxed)
     }
 
     /// `carousel_config_errors_total`.

@@ -167,6 +167,57 @@ async fn a_client_outside_the_source_ranges_is_reset_at_the_load_balancer_ip() {
     carousel.stop().await;
 }
 
+/// An endpoint's series appear with its first connection through this node, so a
+/// node's /metrics grows with the endpoints it uses, not with the cluster; latency
+/// histograms are per Service port unless asked per endpoint.
+#[tokio::test]
+async fn series_appear_with_an_endpoints_first_connection_and_histograms_are_per_port() {
+    let used = pods(&["pod-used"]).await;
+    let idle = pods(&["pod-idle"]).await;
+    let eps = |pods: &[&carousel::lab::backend::Pod]| -> Vec<Ep> {
+        pods.iter().map(|p| Ep::ready(p.addr, &p.name)).collect()
+    };
+    let a = Svc::new("lazy-a", "127.99.4.5", 8080, eps(&[&used[0]]));
+    let b = Svc::new("lazy-b", "127.99.4.6", 8080, eps(&[&idle[0]]));
+    for per_endpoint in [false, true] {
+        let carousel =
+            Carousel::start_configured(&state_yaml(&[a.clone(), b.clone()]), |_| {}).await;
+        carousel.telemetry.set_endpoint_histograms(per_endpoint);
+        assert_eq!(
+            ask(local("127.0.0.1"), a.addr(), ASK).await.unwrap(),
+            "pod-used"
+        );
+        let text = carousel.metrics_text().await;
+        let ok = [("pod", "pod-used"), ("outcome", "ok")];
+        assert_eq!(
+            metric(&text, "carousel_connections_total", &ok),
+            Some(1.0),
+            "{text}"
+        );
+        assert!(
+            !text.contains("pod-idle"),
+            "an idle endpoint has no series:\n{text}"
+        );
+        assert_eq!(
+            metric(
+                &text,
+                "carousel_endpoints",
+                &[("service", "lazy-b"), ("state", "ready")]
+            ),
+            Some(1.0),
+            "its Service port still counts it"
+        );
+        let per_port = r#"carousel_connect_duration_seconds_count{namespace="test",service="lazy-a",port="web"}"#;
+        let by_endpoint = format!(
+            r#"carousel_connect_duration_seconds_count{{namespace="test",service="lazy-a",port="web",endpoint="{}",pod="pod-used"}}"#,
+            used[0].addr
+        );
+        assert_eq!(text.contains(per_port), !per_endpoint, "{text}");
+        assert_eq!(text.contains(&by_endpoint), per_endpoint, "{text}");
+        carousel.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn a_client_half_close_still_gets_the_whole_answer() {
     let (echo, _task) = echo_server("127.0.0.1").await;

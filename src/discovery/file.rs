@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
@@ -216,8 +216,55 @@ fn one_line(text: String) -> String {
     }
 }
 
+/// What a look at the file's metadata sees: when all of it is as at the last look, and
+/// the last change is older than `SETTLED`, the bytes are not read again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// Whether the file changed so recently that a second write could still hide behind
+    /// the same metadata (file times tick in milliseconds, not per write).
+    fn is_fresh(&self, now: SystemTime) -> bool {
+        self.modified
+            .and_then(|m| now.duration_since(m).ok())
+            .is_none_or(|age| age < SETTLED)
+    }
+}
+
+/// How long after its last change a file's metadata is trusted to tell a change.
+const SETTLED: Duration = Duration::from_secs(1);
+
+/// A digest of one version of the file: only digests are kept between looks, so a
+/// large file is held in memory once, while it is parsed.
+fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
 /// Watches the state file and publishes every good version on `tables`.
 ///
+/// Each look reads the file's metadata; the bytes are read only when it changed (or
+/// changed within the last second). A version is applied once two looks in a row see
+/// the same bytes, so that a file caught half-written is not taken for a new state.
 /// Refused versions, a missing file and bad annotations are logged once each and
 /// counted in `carousel_config_errors_total`; the last good table stays in force.
 pub async fn watch(
@@ -232,8 +279,8 @@ pub async fn watch(
     // `initial` was parsed from bytes this function never saw: the file may have changed
     // since. Start as if nothing were applied; the first stable look re-parses the file,
     // and publishes only if the table differs from `initial`'s.
-    let mut applied: Option<Vec<u8>> = None;
-    let mut last_seen: Option<Vec<u8>> = None;
+    let mut applied: Option<u64> = None;
+    let mut last_seen: Option<(Stamp, u64)> = None;
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -241,8 +288,20 @@ pub async fn watch(
         if tables.is_closed() {
             return;
         }
-        let seen = match tokio::fs::read(&path).await {
-            Ok(bytes) => Some(bytes),
+        // The metadata, then the bytes unless the metadata says they are as applied.
+        let looked = async {
+            let stamp = Stamp::of(&tokio::fs::metadata(&path).await?);
+            let unchanged = last_seen.as_ref().is_some_and(|(last, digest)| {
+                *last == stamp && !stamp.is_fresh(SystemTime::now()) && Some(*digest) == applied
+            });
+            match unchanged {
+                true => Ok(None),
+                false => Ok(Some((stamp, tokio::fs::read(&path).await?))),
+            }
+        };
+        let (stamp, bytes) = match looked.await {
+            Ok(Some(read)) => read,
+            Ok(None) => continue,
             Err(source) => {
                 let error = StateFileError::Read {
                     path: path.clone(),
@@ -253,14 +312,14 @@ pub async fn watch(
                 continue;
             }
         };
-        let stable = seen == last_seen;
-        last_seen = seen;
-        if !stable || last_seen == applied {
+        let seen = digest(&bytes);
+        let stable = last_seen.as_ref().is_some_and(|(_, d)| *d == seen);
+        last_seen = Some((stamp, seen));
+        if !stable || applied == Some(seen) {
             continue;
         }
-        applied = last_seen.clone();
-        let bytes = last_seen.as_deref().unwrap_or_default();
-        let text = String::from_utf8_lossy(bytes);
+        applied = Some(seen);
+        let text = String::from_utf8_lossy(&bytes);
         match parse(&text, &scope) {
             Ok(loaded) => {
                 reporter.report_loaded(&loaded, &telemetry);
@@ -370,6 +429,19 @@ mod tests {
 
     fn parse_err(text: &str) -> StateFileError {
         parse(text, &Scope::default()).expect_err("a refused state file")
+    }
+
+    #[test]
+    fn metadata_is_trusted_only_once_the_file_has_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.yaml");
+        std::fs::write(&path, "a").unwrap();
+        let stamp = Stamp::of(&std::fs::metadata(&path).unwrap());
+        let written = stamp.modified.unwrap();
+        assert!(stamp.is_fresh(written + Duration::from_millis(500)));
+        assert!(!stamp.is_fresh(written + SETTLED));
+        std::fs::write(&path, "bb").unwrap();
+        assert_ne!(Stamp::of(&std::fs::metadata(&path).unwrap()), stamp);
     }
 
     #[test]

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use metrics::Label;
+use metrics::{Gauge, Label};
 
 use crate::addr::PodAddr;
 use crate::lab::bench::stats;
 use crate::model::ServiceKey;
-use crate::proxy::routes::RouteTable;
+use crate::proxy::routes::{Route, RouteTable};
 use crate::telemetry::{names, Telemetry};
 
 /// How often the counters are read.
@@ -42,9 +42,22 @@ struct History {
     deltas: VecDeque<u64>,
 }
 
-type EndpointKey = (ServiceKey, String, PodAddr);
+/// One Service port's window: its route as last seen and its endpoints' histories.
+#[derive(Debug, Default)]
+struct RouteHistory {
+    route: Option<Arc<Route>>,
+    /// The route's own pick count at the last tick.
+    last_total: u64,
+    /// Ticks in a row without a pick; a window of them is skipped without a look at
+    /// the endpoints, so idle Services cost one counter read per tick.
+    quiet: usize,
+    endpoints: HashMap<PodAddr, History>,
+    gauge: Option<Gauge>,
+}
 
 /// Updates every route's gauge each `tick`, over the last `window` ticks, until aborted.
+/// A tick costs one counter read per Service port, plus a walk of the endpoints of the
+/// ports that had picks within the window or whose route changed.
 ///
 /// The gauge is resolved here, once a window has picks, rather than with the route: a
 /// gauge registered early would read 0, "maximally unfair", for an idle Service.
@@ -54,43 +67,127 @@ pub async fn track(
     tick: Duration,
     window: usize,
 ) {
-    let mut history: HashMap<EndpointKey, History> = HashMap::new();
+    let mut history: HashMap<(ServiceKey, String), RouteHistory> = HashMap::new();
     let mut interval = tokio::time::interval(tick);
     loop {
         interval.tick().await;
         let table = routes.load();
-        let mut seen = Vec::new();
+        // Ports that left forget their history; one that returns starts afresh.
+        let mut next = HashMap::with_capacity(history.len());
         for route in table.internal_routes() {
-            let mut counts = Vec::with_capacity(route.endpoints.len());
-            for e in &route.endpoints {
-                let key = (route.service.clone(), route.port.clone(), e.addr);
-                let h = history.entry(key.clone()).or_default();
-                let now = e.stats.picks.load(Ordering::Relaxed);
-                h.deltas.push_back(now.saturating_sub(h.last));
-                h.last = now;
-                while h.deltas.len() > window {
-                    h.deltas.pop_front();
-                }
-                counts.push((h.deltas.iter().sum(), e.weight));
-                seen.push(key);
-            }
-            if let Some(jain) = window_fairness(&counts) {
+            let key = (route.service.clone(), route.port.clone());
+            let mut h = history.remove(&key).unwrap_or_default();
+            update(&mut h, route, window, &telemetry);
+            next.insert(key, h);
+        }
+        history = next;
+        tokio::task::yield_now().await;
+    }
+}
+
+/// One tick of one Service port.
+fn update(h: &mut RouteHistory, route: &Arc<Route>, window: usize, telemetry: &Telemetry) {
+    let total = route.picks();
+    let same = h.route.as_ref().is_some_and(|r| Arc::ptr_eq(r, route));
+    if same && total == h.last_total {
+        h.quiet += 1;
+        if h.quiet >= window {
+            // Nothing in the window: the endpoints' histories are all zeros.
+            h.endpoints.clear();
+            return;
+        }
+    } else {
+        h.quiet = 0;
+    }
+    // Endpoints first seen after a quiet window start from their count now.
+    let fresh = h.endpoints.is_empty() && h.route.is_some();
+    h.route = Some(route.clone());
+    h.last_total = total;
+    let mut endpoints = HashMap::with_capacity(route.endpoints.len());
+    let mut counts = Vec::with_capacity(route.endpoints.len());
+    for e in &route.endpoints {
+        let now = e.stats.picks.load(Ordering::Relaxed);
+        let mut eh = h.endpoints.remove(&e.addr).unwrap_or_else(|| History {
+            last: if fresh { now } else { 0 },
+            deltas: VecDeque::new(),
+        });
+        eh.deltas.push_back(now.saturating_sub(eh.last));
+        eh.last = now;
+        while eh.deltas.len() > window {
+            eh.deltas.pop_front();
+        }
+        counts.push((eh.deltas.iter().sum(), e.weight));
+        endpoints.insert(e.addr, eh);
+    }
+    h.endpoints = endpoints;
+    if let Some(jain) = window_fairness(&counts) {
+        h.gauge
+            .get_or_insert_with(|| {
                 let labels = vec![
                     Label::new("namespace", route.service.namespace.to_string()),
                     Label::new("service", route.service.name.to_string()),
                     Label::new("port", route.port.clone()),
                 ];
-                telemetry.gauge(names::FAIRNESS_JAIN, labels).set(jain);
-            }
-        }
-        // Endpoints that left forget their history; one that returns starts afresh.
-        history.retain(|k, _| seen.contains(k));
+                telemetry.gauge(names::FAIRNESS_JAIN, labels)
+            })
+            .set(jain);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_port_is_skipped_after_a_window_and_a_busy_one_is_measured() {
+        use crate::addr::ClientAddr;
+        use crate::model::Locality;
+        use crate::proxy::routes::tests::{endpoint, table};
+        let table = table(
+            "round-robin",
+            None,
+            vec![endpoint(1, true, 1), endpoint(2, true, 1)],
+        );
+        let telemetry = Telemetry::new();
+        let routes = RouteTable::build(
+            &table,
+            &RouteTable::default(),
+            &telemetry,
+            &Default::default(),
+            &Locality::default(),
+        );
+        let route = routes.internal_routes().next().unwrap();
+        let client = ClientAddr(([192, 0, 2, 1], 40000).into());
+        let mut h = RouteHistory::default();
+        for _ in 0..4 {
+            route.pick(client);
+        }
+        update(&mut h, route, 3, &telemetry);
+        assert_eq!(h.endpoints.len(), 2);
+        assert!(telemetry.render().contains(
+            "carousel_fairness_jain{namespace=\"default\",service=\"web\",port=\"http\"} 1"
+        ));
+        for _ in 0..3 {
+            update(&mut h, route, 3, &telemetry);
+        }
+        assert!(
+            h.endpoints.is_empty(),
+            "a quiet window drops the endpoints' histories"
+        );
+        // Picks again: measured from the counts at that tick, not from the start.
+        route.pick(client);
+        update(&mut h, route, 3, &telemetry);
+        let deltas: u64 = h.endpoints.values().flat_map(|e| &e.deltas).sum();
+        assert_eq!(
+            deltas, 0,
+            "the tick that wakes a port only sets its baseline"
+        );
+        route.pick(client);
+        route.pick(client);
+        update(&mut h, route, 3, &telemetry);
+        let deltas: u64 = h.endpoints.values().flat_map(|e| &e.deltas).sum();
+        assert_eq!(deltas, 2);
+    }
 
     #[test]
     fn picks_count_against_weights() {

@@ -75,7 +75,7 @@ pub async fn forward(
         }
     };
     // TCP_NODELAY and keepalive came with the listening socket.
-    let stats = &endpoint.stats;
+    let stats = endpoint.stats.series();
     let started = Instant::now();
     endpoint.active.fetch_add(1, Ordering::Relaxed);
     stats.active.increment(1.0);
@@ -162,9 +162,10 @@ async fn connect(
                 set_keepalive(&stream, config.keepalive);
                 endpoint
                     .stats
+                    .series()
                     .connect_duration
                     .record(started.elapsed().as_secs_f64());
-                endpoint.stats.ok.increment(1);
+                endpoint.stats.series().ok.increment(1);
                 endpoint.ejection.succeeded();
                 return Ok((stream, endpoint));
             }
@@ -173,8 +174,9 @@ async fn connect(
         };
         let period = endpoint.ejection.failed(now_ms());
         tracing::debug!(%peer, endpoint = %endpoint.addr, error = %error, ejected_for = ?period, "connect failed");
-        endpoint.stats.connect_errors.increment(1);
-        endpoint.stats.ejections.increment(1);
+        let series = endpoint.stats.series();
+        series.connect_errors.increment(1);
+        series.ejections.increment(1);
         last = Some(error);
     }
     Err(ForwardError::ConnectFailed {

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ipnet::IpNet;
 use metrics::{Counter, Gauge, Histogram, Label};
@@ -19,51 +19,103 @@ use crate::model::{
 use crate::proxy::ejection::Ejection;
 use crate::telemetry::{names, Telemetry};
 
-/// Metric handles of one endpoint of one Service port, resolved once when the endpoint
-/// first appears: a connection only increments them.
+/// What the data path counts for one endpoint of one Service port. Its series are
+/// registered at its first connection: an endpoint nobody dials from this node costs no
+/// series, so a node's /metrics grows with the endpoints it uses, not with the cluster.
 #[derive(Debug)]
 pub struct EndpointStats {
+    /// Picks of this endpoint, read by the fairness task (`fairness.rs`): a plain
+    /// atomic because a metrics counter cannot be read back.
+    pub picks: AtomicU64,
+    /// Its weight while it takes new connections, else 0; the weight gauge shows it
+    /// once the series exist.
+    weight: AtomicU32,
+    port_labels: Arc<[Label]>,
+    addr: PodAddr,
+    pod: Arc<str>,
+    telemetry: Arc<Telemetry>,
+    series: OnceLock<EndpointSeries>,
+}
+
+/// The series of one endpoint, resolved once: a connection only increments them.
+#[derive(Debug)]
+pub struct EndpointSeries {
     pub ok: Counter,
     pub connect_errors: Counter,
     pub active: Gauge,
     pub bytes_to_endpoint: Counter,
     pub bytes_to_client: Counter,
+    /// The Service port's histogram; the endpoint's own with `--endpoint-histograms`.
     pub connect_duration: Histogram,
     pub connection_duration: Histogram,
     /// `carousel_endpoint_ejections_total`: failed connects that took the endpoint out.
     pub ejections: Counter,
-    /// `carousel_endpoint_weight`: its weight while it takes new connections, else 0.
+    /// `carousel_endpoint_weight`.
     pub weight: Gauge,
-    /// Picks of this endpoint, read by the fairness task (`fairness.rs`): a plain
-    /// atomic because a metrics counter cannot be read back.
-    pub picks: AtomicU64,
 }
 
 impl EndpointStats {
-    fn new(telemetry: &Telemetry, base: &[Label], addr: PodAddr, pod: &str) -> Self {
-        let labels = |extra: &[(&'static str, &'static str)]| {
-            let mut l = base.to_vec();
-            l.push(Label::new("endpoint", addr.to_string()));
-            l.push(Label::new("pod", pod.to_string()));
-            l.extend(extra.iter().map(|(k, v)| Label::new(*k, *v)));
-            l
-        };
+    fn new(
+        telemetry: &Arc<Telemetry>,
+        port_labels: &Arc<[Label]>,
+        addr: PodAddr,
+        pod: &Arc<str>,
+    ) -> Self {
         Self {
-            ok: telemetry.counter(names::CONNECTIONS_TOTAL, labels(&[("outcome", "ok")])),
-            connect_errors: telemetry.counter(
-                names::CONNECTIONS_TOTAL,
-                labels(&[("outcome", "connect_error")]),
-            ),
-            active: telemetry.gauge(names::CONNECTIONS_ACTIVE, labels(&[])),
-            bytes_to_endpoint: telemetry
-                .counter(names::BYTES_TOTAL, labels(&[("direction", "to_endpoint")])),
-            bytes_to_client: telemetry
-                .counter(names::BYTES_TOTAL, labels(&[("direction", "to_client")])),
-            connect_duration: telemetry.histogram(names::CONNECT_DURATION, labels(&[])),
-            connection_duration: telemetry.histogram(names::CONNECTION_DURATION, labels(&[])),
-            ejections: telemetry.counter(names::EJECTIONS_TOTAL, labels(&[])),
-            weight: telemetry.gauge(names::ENDPOINT_WEIGHT, labels(&[])),
             picks: AtomicU64::new(0),
+            weight: AtomicU32::new(0),
+            port_labels: port_labels.clone(),
+            addr,
+            pod: pod.clone(),
+            telemetry: telemetry.clone(),
+            series: OnceLock::new(),
+        }
+    }
+
+    /// The endpoint's series, registered on first use.
+    pub fn series(&self) -> &EndpointSeries {
+        self.series.get_or_init(|| {
+            let telemetry = &self.telemetry;
+            let labels = |extra: &[(&'static str, &'static str)]| {
+                let mut l = self.port_labels.to_vec();
+                l.push(Label::new("endpoint", self.addr.to_string()));
+                l.push(Label::new("pod", self.pod.to_string()));
+                l.extend(extra.iter().map(|(k, v)| Label::new(*k, *v)));
+                l
+            };
+            let histogram_labels = || match telemetry.endpoint_histograms() {
+                true => labels(&[]),
+                false => self.port_labels.to_vec(),
+            };
+            let series = EndpointSeries {
+                ok: telemetry.counter(names::CONNECTIONS_TOTAL, labels(&[("outcome", "ok")])),
+                connect_errors: telemetry.counter(
+                    names::CONNECTIONS_TOTAL,
+                    labels(&[("outcome", "connect_error")]),
+                ),
+                active: telemetry.gauge(names::CONNECTIONS_ACTIVE, labels(&[])),
+                bytes_to_endpoint: telemetry
+                    .counter(names::BYTES_TOTAL, labels(&[("direction", "to_endpoint")])),
+                bytes_to_client: telemetry
+                    .counter(names::BYTES_TOTAL, labels(&[("direction", "to_client")])),
+                connect_duration: telemetry.histogram(names::CONNECT_DURATION, histogram_labels()),
+                connection_duration: telemetry
+                    .histogram(names::CONNECTION_DURATION, histogram_labels()),
+                ejections: telemetry.counter(names::EJECTIONS_TOTAL, labels(&[])),
+                weight: telemetry.gauge(names::ENDPOINT_WEIGHT, labels(&[])),
+            };
+            series
+                .weight
+                .set(f64::from(self.weight.load(Ordering::Relaxed)));
+            series
+        })
+    }
+
+    /// Sets the weight, and the gauge when the series exist.
+    fn set_weight(&self, weight: u32) {
+        self.weight.store(weight, Ordering::Relaxed);
+        if let Some(series) = self.series.get() {
+            series.weight.set(f64::from(weight));
         }
     }
 }
@@ -102,6 +154,8 @@ pub struct Route {
     /// the external route of an `externalTrafficPolicy: Local` Service whose every
     /// endpoint differs from this node's.
     pub inside: Option<Arc<Route>>,
+    /// Picks made by this route, so that the fairness task skips idle ones at a glance.
+    picks: AtomicU64,
 }
 
 /// An algorithm that picks beside the real one without deciding anything: each pick
@@ -133,6 +187,7 @@ impl Route {
     /// Counts a pick for the fairness gauge, and where each shadow would have gone.
     fn count(&self, client: ClientAddr, picked: Option<usize>) {
         if let Some(i) = picked {
+            self.picks.fetch_add(1, Ordering::Relaxed);
             self.endpoints[i]
                 .stats
                 .picks
@@ -143,6 +198,11 @@ impl Route {
                 shadow.picks[i].increment(1);
             }
         }
+    }
+
+    /// Picks made by this route (not by an earlier route of the same port).
+    pub fn picks(&self) -> u64 {
+        self.picks.load(Ordering::Relaxed)
     }
 
     pub fn algorithm(&self) -> &'static str {
@@ -256,7 +316,7 @@ impl RouteTable {
     pub fn build(
         table: &Arc<ServiceTable>,
         previous: &RouteTable,
-        telemetry: &Telemetry,
+        telemetry: &Arc<Telemetry>,
         options: &BuildOptions,
         here: &Locality,
     ) -> RouteTable {
@@ -273,7 +333,7 @@ impl RouteTable {
     pub fn build_with_shadows(
         table: &Arc<ServiceTable>,
         previous: &RouteTable,
-        telemetry: &Telemetry,
+        telemetry: &Arc<Telemetry>,
         options: &BuildOptions,
         here: &Locality,
         shadow: &[&'static str],
@@ -468,7 +528,7 @@ fn build_port(
     service: &Service,
     port: &ServicePort,
     previous: &RouteTable,
-    telemetry: &Telemetry,
+    telemetry: &Arc<Telemetry>,
     options: &BuildOptions,
     here: &Locality,
     shadow: &[&'static str],
@@ -547,11 +607,12 @@ fn build_route(
     port: &ServicePort,
     eligible: Vec<Endpoint>,
     known: &[Option<&Route>],
-    telemetry: &Telemetry,
+    telemetry: &Arc<Telemetry>,
     options: &BuildOptions,
     shadow: &[&'static str],
 ) -> Route {
     let base = port_labels(service, port);
+    let shared_labels: Arc<[Label]> = base.clone().into();
     let previous = known.first().copied().flatten();
     let known: HashMap<PodAddr, &RouteEndpoint> = known
         .iter()
@@ -571,7 +632,12 @@ fn build_route(
                 pod: e.pod.clone(),
                 active: Arc::default(),
                 ejection: Arc::default(),
-                stats: Arc::new(EndpointStats::new(telemetry, &base, e.addr, &e.pod)),
+                stats: Arc::new(EndpointStats::new(
+                    telemetry,
+                    &shared_labels,
+                    e.addr,
+                    &e.pod,
+                )),
                 weight: e.weight,
             },
         })
@@ -617,6 +683,7 @@ fn build_route(
         shadows,
         has_endpoints: !endpoints_empty,
         inside: None,
+        picks: AtomicU64::new(0),
     }
 }
 
@@ -628,10 +695,10 @@ fn set_weights(previous: Option<&Route>, endpoints: &[RouteEndpoint]) {
         .flat_map(|p| &p.endpoints)
         .filter(|old| !endpoints.iter().any(|e| Arc::ptr_eq(&e.stats, &old.stats)))
     {
-        gone.stats.weight.set(0.0);
+        gone.stats.set_weight(0);
     }
     for e in endpoints {
-        e.stats.weight.set(f64::from(e.weight));
+        e.stats.set_weight(e.weight);
     }
 }
 
@@ -642,7 +709,7 @@ fn build_shadows(
     names: &[&'static str],
     backends: &Backends,
     endpoints: &[RouteEndpoint],
-    telemetry: &Telemetry,
+    telemetry: &Arc<Telemetry>,
     base: &[Label],
     options: &BuildOptions,
 ) -> Vec<Shadow> {
@@ -671,7 +738,7 @@ fn build_shadows(
 }
 
 /// The `carousel_affinity_*` handles of a Service port with ClientIP affinity.
-fn affinity_stats(telemetry: &Telemetry, base: &[Label]) -> AffinityStats {
+fn affinity_stats(telemetry: &Arc<Telemetry>, base: &[Label]) -> AffinityStats {
     let lookups = |result: &'static str| {
         let mut labels = base.to_vec();
         labels.push(Label::new("result", result));
@@ -722,13 +789,13 @@ fn zero_endpoint_gauges(telemetry: &Telemetry, service: &ServiceKey, port: &str)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::{Endpoint, Service};
     use std::net::{IpAddr, Ipv4Addr};
     use std::time::Duration;
 
-    fn endpoint(last: u8, ready: bool, weight: u32) -> Endpoint {
+    pub(crate) fn endpoint(last: u8, ready: bool, weight: u32) -> Endpoint {
         Endpoint {
             addr: PodAddr(SocketAddr::from(([10, 244, 0, last], 8080))),
             pod: format!("pod-{last}").into(),
@@ -742,7 +809,7 @@ mod tests {
         }
     }
 
-    fn table(
+    pub(crate) fn table(
         algorithm: &str,
         affinity: Option<Duration>,
         endpoints: Vec<Endpoint>,
