@@ -1357,3 +1357,67 @@ fn pods_and_the_node_reach_an_etp_local_services_external_addresses_at_every_end
         }
     }
 }
+
+/// In nftables mode, a load balancer outside the node asks `healthCheckNodePort` on the
+/// node's address: 200 with this node's endpoint count while one is local, 503 once the
+/// local pod leaves, and 200 again when it is back.
+#[test]
+fn the_health_check_node_port_answers_an_outside_load_balancer() {
+    let mut lab = Lab::new(&["hc-a", "hc-b"]);
+    let service = |here: &str| {
+        let mut svc = Svc::new(
+            "checked",
+            "10.96.0.97",
+            80,
+            vec![
+                Ep::ready(Lab::pod_v4(1), "hc-a").on(here),
+                Ep::ready(Lab::pod_v4(2), "hc-b").on("node-b"),
+            ],
+        );
+        svc.node_port = Some(30097);
+        svc.spec.push("externalTrafficPolicy: Local".into());
+        svc.spec.push("healthCheckNodePort: 30197".into());
+        svc.load_balancer_ips.push("10.98.0.97".into());
+        svc.state()
+    };
+    lab.write_state(&service("node-a"));
+    lab.start_carousel_with(&["--node-name", "node-a"]);
+    // The status and the JSON body of one GET from the client outside the node.
+    let ask = |lab: &Lab| -> (String, Value) {
+        let out = lab
+            .in_ns("client", "python3")
+            .args([AGENT, "get", "http://10.0.0.1:30197/"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (status, body) = text.split_once('\n').unwrap_or((&text, ""));
+        (
+            status.to_string(),
+            serde_json::from_str(body).unwrap_or(Value::Null),
+        )
+    };
+    let report = |n: u64| {
+        serde_json::json!({"service": {"namespace": "test", "name": "checked"},
+                           "localEndpoints": n, "serviceProxyHealthy": true})
+    };
+    lab.until(
+        "200 with one local endpoint",
+        Duration::from_secs(10),
+        || ask(&lab) == ("200".to_string(), report(1)),
+    );
+    lab.write_state(&service("node-c"));
+    lab.until(
+        "503 without a local endpoint",
+        Duration::from_secs(10),
+        || {
+            let (status, body) = ask(&lab);
+            status == "503" && body["localEndpoints"] == 0
+        },
+    );
+    lab.write_state(&service("node-a"));
+    lab.until(
+        "200 once the local pod is back",
+        Duration::from_secs(10),
+        || ask(&lab) == ("200".to_string(), report(1)),
+    );
+}

@@ -194,6 +194,7 @@ def get(url):
             print(r.read().decode())
     except urllib.error.HTTPError as e:
         print(e.code)
+        print(e.read().decode())
     except OSError as e:
         print(0)
         print(e)
