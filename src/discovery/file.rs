@@ -75,6 +75,9 @@ pub struct Loaded {
     pub warnings: Vec<Warning>,
     /// Kinds of objects the file holds that carousel does not read.
     pub ignored_kinds: BTreeSet<String>,
+    /// The file's metadata and digest as `load` read it, so that `watch` does not
+    /// parse the same bytes again.
+    version: Option<(Stamp, u64)>,
 }
 
 #[derive(Default)]
@@ -112,16 +115,24 @@ pub fn parse(text: &str, scope: &Scope) -> Result<Loaded, StateFileError> {
         table,
         warnings,
         ignored_kinds: objects.ignored_kinds,
+        version: None,
     })
 }
 
 /// Reads and parses the state file at `path`.
 pub fn load(path: &Path, scope: &Scope) -> Result<Loaded, StateFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| StateFileError::Read {
+    let read = |path: &Path| {
+        // The metadata first: a change while reading shows at the next look.
+        let stamp = Stamp::of(&std::fs::metadata(path)?);
+        Ok((stamp, std::fs::read_to_string(path)?))
+    };
+    let (stamp, text) = read(path).map_err(|source| StateFileError::Read {
         path: path.to_owned(),
         source,
     })?;
-    parse(&text, scope)
+    let mut loaded = parse(&text, scope)?;
+    loaded.version = Some((stamp, digest(text.as_bytes())));
+    Ok(loaded)
 }
 
 fn add_object(objects: &mut Objects, value: Value, at: Location) -> Result<(), StateFileError> {
@@ -276,11 +287,11 @@ pub async fn watch(
 ) {
     let mut reporter = Reporter::default();
     reporter.report_loaded(&initial, &telemetry);
-    // `initial` was parsed from bytes this function never saw: the file may have changed
-    // since. Start as if nothing were applied; the first stable look re-parses the file,
-    // and publishes only if the table differs from `initial`'s.
-    let mut applied: Option<u64> = None;
-    let mut last_seen: Option<(Stamp, u64)> = None;
+    // What `load` read counts as applied. Without it (a table parsed elsewhere), the
+    // first stable look parses the file, and publishes only if the table differs.
+    let mut last_seen = initial.version;
+    let mut applied: Option<u64> = last_seen.as_ref().map(|(_, digest)| *digest);
+    drop(initial.table);
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -89,7 +89,8 @@ pub async fn track(
 fn update(h: &mut RouteHistory, route: &Arc<Route>, window: usize, telemetry: &Telemetry) {
     let total = route.picks();
     let same = h.route.as_ref().is_some_and(|r| Arc::ptr_eq(r, route));
-    if same && total == h.last_total {
+    // A route that never had a pick costs nothing, whether new or not.
+    if total == h.last_total && (same || h.endpoints.is_empty()) {
         h.quiet += 1;
         if h.quiet >= window {
             // Nothing in the window: the endpoints' histories are all zeros.

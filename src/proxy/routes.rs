@@ -34,7 +34,9 @@ pub struct EndpointStats {
     addr: PodAddr,
     pod: Arc<str>,
     telemetry: Arc<Telemetry>,
-    series: OnceLock<EndpointSeries>,
+    /// Boxed: most endpoints never get a connection through this node, and an empty
+    /// slot costs a pointer.
+    series: OnceLock<Box<EndpointSeries>>,
 }
 
 /// The series of one endpoint, resolved once: a connection only increments them.
@@ -107,7 +109,7 @@ impl EndpointStats {
             series
                 .weight
                 .set(f64::from(self.weight.load(Ordering::Relaxed)));
-            series
+            Box::new(series)
         })
     }
 
