@@ -256,11 +256,7 @@ impl Lab {
 
     /// `count` connections from namespace `role` to `host:port`, from `sources` in turn.
     fn ask(&self, role: &str, host: &str, port: u16, count: usize, sources: &[&str]) -> Value {
-        let out = run(self
-            .in_ns(role, "python3")
-            .args([AGENT, "ask", host, &port.to_string(), &count.to_string()])
-            .args(sources));
-        serde_json::from_slice(&out.stdout).unwrap()
+        self.ask_within("5", role, host, port, count, sources)
     }
 
     /// [`Lab::ask`] with one second for each connection: for connections that get no
@@ -273,9 +269,22 @@ impl Lab {
         count: usize,
         sources: &[&str],
     ) -> Value {
+        self.ask_within("1", role, host, port, count, sources)
+    }
+
+    /// `count` connections, `seconds` for each.
+    fn ask_within(
+        &self,
+        seconds: &str,
+        role: &str,
+        host: &str,
+        port: u16,
+        count: usize,
+        sources: &[&str],
+    ) -> Value {
         let out = run(self
             .in_ns(role, "python3")
-            .env("AGENT_TIMEOUT", "1")
+            .env("AGENT_TIMEOUT", seconds)
             .args([AGENT, "ask", host, &port.to_string(), &count.to_string()])
             .args(sources));
         serde_json::from_slice(&out.stdout).unwrap()
