@@ -13,7 +13,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::addr::{ClientAddr, PodAddr};
 use crate::proxy::copy::{copy_both_ways, CopyError};
 use crate::proxy::ejection::{ms_at, now_ms};
-use crate::proxy::routes::{Route, RouteEndpoint};
+use crate::proxy::routes::{EndpointSeries, Route, RouteEndpoint};
 
 /// How connections are forwarded.
 #[derive(Clone, Copy, Debug)]
@@ -64,7 +64,7 @@ pub async fn forward(
     route: &Route,
     config: ForwardConfig,
 ) -> Result<(), ForwardError> {
-    let (upstream, endpoint) = match connect(peer, route, config).await {
+    let (upstream, endpoint, stats) = match connect(peer, route, config).await {
         Ok(connected) => connected,
         Err(e) => {
             if matches!(e, ForwardError::NoEndpoint) {
@@ -75,7 +75,6 @@ pub async fn forward(
         }
     };
     // TCP_NODELAY and keepalive came with the listening socket.
-    let stats = endpoint.stats.series();
     let started = Instant::now();
     endpoint.active.fetch_add(1, Ordering::Relaxed);
     stats.active.increment(1.0);
@@ -136,7 +135,7 @@ async fn connect(
     peer: ClientAddr,
     route: &Route,
     config: ForwardConfig,
-) -> Result<(TcpStream, &RouteEndpoint), ForwardError> {
+) -> Result<(TcpStream, &RouteEndpoint, &EndpointSeries), ForwardError> {
     let n = route.endpoints.len();
     // One clock reading serves the affinity lookup and the ejection checks.
     let clock = tokio::time::Instant::now();
@@ -160,14 +159,13 @@ async fn connect(
         let error = match result {
             Ok(Ok(stream)) => {
                 set_keepalive(&stream, config.keepalive);
-                endpoint
-                    .stats
-                    .series()
+                let series = endpoint.stats.series();
+                series
                     .connect_duration
                     .record(started.elapsed().as_secs_f64());
-                endpoint.stats.series().ok.increment(1);
+                series.ok.increment(1);
                 endpoint.ejection.succeeded();
-                return Ok((stream, endpoint));
+                return Ok((stream, endpoint, series));
             }
             Ok(Err(e)) => e,
             Err(_) => io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),

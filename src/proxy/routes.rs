@@ -645,7 +645,6 @@ fn build_route(
         })
         .collect();
     set_weights(previous, &endpoints);
-    let endpoints_empty = endpoints.is_empty();
     let backends: Backends = eligible
         .iter()
         .zip(&endpoints)
@@ -683,7 +682,8 @@ fn build_route(
         balancer,
         no_endpoint: telemetry.counter(names::CONNECTIONS_TOTAL, no_endpoint_labels),
         shadows,
-        has_endpoints: !endpoints_empty,
+        // The whole port's, which `build_port` sets on each of its routes.
+        has_endpoints: false,
         inside: None,
         picks: AtomicU64::new(0),
     }
