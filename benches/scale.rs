@@ -27,6 +27,11 @@ use serde_json::{json, Value};
 const BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/carousel");
 /// Churn events per run: slice rewrites with new pods, and Services created and deleted.
 const CHURN: usize = 100_000;
+/// SCALE_CHURN overrides the number of churn events.
+fn churn_events() -> usize {
+    std::env::var("SCALE_CHURN").map_or(CHURN, |n| n.parse().expect("SCALE_CHURN is a count"))
+}
+
 /// Changes timed for the "new connections follow" figure.
 const FOLLOW_CHANGES: usize = 100;
 const METRICS: &str = "127.0.0.1:10249";
@@ -291,12 +296,42 @@ fn measure(services: usize, endpoints: usize, from_file: bool) -> String {
         args.extend(["--kubeconfig", &kubeconfig]);
     }
     drop(objects);
-    let log = std::fs::File::create(dir.path().join("carousel.log")).unwrap();
+    // What the server itself takes to answer carousel's two lists, one after the other:
+    // part of "ready", and not carousel's to cut.
+    let listed = Instant::now();
+    let api_addr = api.addr.to_string();
+    let mut list_bytes = 0;
+    if !from_file {
+        for path in [
+            "/api/v1/services",
+            "/apis/discovery.k8s.io/v1/endpointslices",
+        ] {
+            list_bytes += get(&ns, &api_addr, path).map_or(0, |(_, body)| body.len());
+        }
+    }
+    let listed = listed.elapsed();
+    eprintln!(
+        "  the server lists {:.1} MB in {:.2} s",
+        list_bytes as f64 / 1e6,
+        listed.as_secs_f64()
+    );
+    // SCALE_LOG=path keeps carousel's log, at RUST_LOG's level (warn unless set).
+    let log_path = std::env::var("SCALE_LOG")
+        .unwrap_or_else(|_| dir.path().join("carousel.log").display().to_string());
+    let log = std::fs::File::create(log_path).unwrap();
     let started = Instant::now();
+    // SCALE_WRAP="heaptrack -o /tmp/ht" runs carousel under a profiler (the figures
+    // are then the wrapper's).
+    let wrap = std::env::var("SCALE_WRAP").unwrap_or_default();
     let mut child: Child = Command::new("ip")
-        .args(["netns", "exec", &ns.0, BIN])
+        .args(["netns", "exec", &ns.0])
+        .args(wrap.split_whitespace())
+        .arg(BIN)
         .args(&args)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -311,6 +346,7 @@ fn measure(services: usize, endpoints: usize, from_file: bool) -> String {
         assert!(started.elapsed() < Duration::from_secs(120), "never ready");
         std::thread::sleep(Duration::from_millis(20));
     };
+    eprintln!("  ready after {:.2} s", ready.as_secs_f64());
     // `ip netns exec` execs carousel, so the child's pid is carousel's.
     std::thread::sleep(Duration::from_secs(15));
     let (rss_settled, t0) = usage(pid);
@@ -346,7 +382,7 @@ fn measure(services: usize, endpoints: usize, from_file: bool) -> String {
         String::from("-")
     } else {
         // Pods replaced in slices, and Services created and deleted, in turn.
-        for n in 0..CHURN {
+        for n in 0..churn_events() {
             if n % 10 == 9 {
                 let i = services + n;
                 if (n / 10) % 2 == 0 {
@@ -392,11 +428,12 @@ fn measure(services: usize, endpoints: usize, from_file: bool) -> String {
         ),
     };
     format!(
-        "  ready after       {:.2} s\n  resident memory   {} MB (settled)\n  idle CPU          {idle_cpu:.2} % of a core\n  /metrics          {:.2} MB in {:.0} ms\n  follow a change   {follow}\n  after {CHURN} churn events  {churn}\n  SIGTERM to exit   {:.0} ms\n",
+        "  ready after       {:.2} s\n  resident memory   {} MB (settled)\n  idle CPU          {idle_cpu:.2} % of a core\n  /metrics          {:.2} MB in {:.0} ms\n  follow a change   {follow}\n  after {} churn events  {churn}\n  SIGTERM to exit   {:.0} ms\n",
         ready.as_secs_f64(),
         rss_settled / 1024,
         metrics as f64 / 1e6,
         scrape.as_secs_f64() * 1e3,
+        churn_events(),
         exit.as_secs_f64() * 1e3
     )
 }

@@ -14,5 +14,6 @@ pub mod lab;
 pub mod model;
 pub mod proxy;
 pub mod run;
+pub mod series;
 pub mod status;
 pub mod telemetry;

@@ -187,7 +187,7 @@ pub struct Endpoint {
     pub node: Option<Arc<str>>,
     pub zone: Option<Arc<str>>,
     /// `hints.forZones` of the EndpointSlice.
-    pub zone_hints: Vec<Arc<str>>,
+    pub zone_hints: Box<[Arc<str>]>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -337,7 +337,7 @@ mod tests {
         );
 
         let mut partly = hinted;
-        partly[1].zone_hints.clear();
+        partly[1].zone_hints = Box::default();
         let s = service(partly, |s| s.prefer_close = true);
         assert_eq!(
             picked(&s, Traffic::Internal, "n1", "a"),

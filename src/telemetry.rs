@@ -1,6 +1,7 @@
-//! Metrics and health: the stable metric names, a Prometheus recorder owned by each
-//! proxy instance (so that tests running several proxies see only their own series),
-//! and the small HTTP server behind `/metrics`, `/healthz` and `/readyz`.
+//! Metrics and health: the stable metric names, a metric registry owned by each proxy
+//! instance (`series.rs`: so that tests running several proxies see only their own
+//! series, and series leave with what they describe), and the small HTTP server behind
+//! `/metrics`, `/healthz` and `/readyz`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,11 +13,10 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use metrics::{Counter, Gauge, Histogram, Label};
 use tokio::net::TcpListener;
+
+use crate::series::Registry;
 
 /// Metric names: part of carousel's contract, never renamed.
 pub mod names {
@@ -40,6 +40,31 @@ pub mod names {
     pub const ENDPOINT_WEIGHT: &str = "carousel_endpoint_weight";
     pub const FAIRNESS_JAIN: &str = "carousel_fairness_jain";
     pub const SHADOW_PICKS_TOTAL: &str = "carousel_shadow_picks_total";
+
+    /// The `# HELP` text of each family.
+    pub fn help(name: &str) -> &'static str {
+        match name {
+            CONNECTIONS_TOTAL => "Connections handed to an endpoint, by outcome (ok, connect_error, no_endpoint).",
+            CONNECTIONS_ACTIVE => "Connections open to an endpoint now.",
+            BYTES_TOTAL => "Bytes copied, by direction (to_endpoint, to_client).",
+            CONNECT_DURATION => "Time to connect to the endpoint, in seconds.",
+            CONNECTION_DURATION => "Lifetime of forwarded connections, in seconds.",
+            ENDPOINTS => "Endpoints of a Service port, by state (ready, serving, terminating).",
+            CONFIG_ERRORS_TOTAL => "Objects or annotations refused as invalid (the last good state is kept).",
+            SYNC_DURATION => "Time to apply a new table to routes and the data plane, in seconds.",
+            SYNC_ERRORS_TOTAL => "Failed attempts to program the data plane.",
+            NETWORK_PROGRAMMING_DURATION => "From an EndpointSlice change (its trigger time) to the table that holds it, in seconds.",
+            EJECTIONS_TOTAL => "Times an endpoint was taken out of rotation after failed connects.",
+            REJECTED_TOTAL => "Connections refused before forwarding, by reason.",
+            ACCEPT_ERRORS_TOTAL => "Errors accepting connections (for example, out of file descriptors).",
+            AFFINITY_LOOKUPS_TOTAL => "ClientIP session affinity lookups, by result (hit, miss).",
+            AFFINITY_ENTRIES => "Clients remembered for ClientIP session affinity.",
+            ENDPOINT_WEIGHT => "The share of new connections an endpoint is weighted for (0: drained).",
+            FAIRNESS_JAIN => "Jain's index of the last few seconds of picks over weights (1: every endpoint got its share).",
+            SHADOW_PICKS_TOTAL => "Picks a shadow balancer would have made, per endpoint.",
+            _ => "A carousel metric.",
+        }
+    }
 }
 
 /// Histogram buckets for everything measured in seconds: 100 µs to 5 min.
@@ -48,12 +73,9 @@ const SECONDS_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
-const METADATA: Metadata<'static> = Metadata::new("carousel", metrics::Level::INFO, None);
-
 /// One proxy's metrics registry and health state.
 pub struct Telemetry {
-    recorder: PrometheusRecorder,
-    handle: PrometheusHandle,
+    registry: Registry,
     health: Health,
     config_errors: Counter,
     /// `--endpoint-histograms`: latency histograms per endpoint, not per Service port.
@@ -68,37 +90,31 @@ impl std::fmt::Debug for Telemetry {
 
 impl Telemetry {
     pub fn new() -> Arc<Self> {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
-            .expect("bucket list is not empty")
-            .build_recorder();
-        let handle = recorder.handle();
-        let config_errors =
-            recorder.register_counter(&Key::from_name(names::CONFIG_ERRORS_TOTAL), &METADATA);
-        // A counter that was never incremented is still worth a line: zero errors is news.
-        config_errors.absolute(0);
+        let registry = Registry::default();
+        // Held for the process' life: zero errors is news too.
+        let config_errors = registry.counter(names::CONFIG_ERRORS_TOTAL, names::help, &[]);
         Arc::new(Self {
-            recorder,
-            handle,
+            registry,
             health: Health::default(),
             config_errors,
             endpoint_histograms: AtomicBool::new(false),
         })
     }
 
+    /// The series `name{labels}`: it stays in /metrics for as long as some handle of it
+    /// is held, so hold it as long as what it describes lives.
     pub fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {
-        self.recorder
-            .register_counter(&Key::from_parts(name, labels), &METADATA)
+        self.registry.counter(name, names::help, &labels)
     }
 
     pub fn gauge(&self, name: &'static str, labels: Vec<Label>) -> Gauge {
-        self.recorder
-            .register_gauge(&Key::from_parts(name, labels), &METADATA)
+        self.registry.gauge(name, names::help, &labels)
     }
 
+    /// A histogram in seconds, buckets from 100 µs to 5 min.
     pub fn histogram(&self, name: &'static str, labels: Vec<Label>) -> Histogram {
-        self.recorder
-            .register_histogram(&Key::from_parts(name, labels), &METADATA)
+        self.registry
+            .histogram(name, names::help, &labels, SECONDS_BUCKETS)
     }
 
     /// Latency histograms per endpoint from now on (`--endpoint-histograms`), rather
@@ -122,16 +138,16 @@ impl Telemetry {
 
     /// The Prometheus text exposition of every series.
     pub fn render(&self) -> String {
-        self.handle.render()
+        self.registry.render()
     }
 
-    /// Drains histogram samples into their buckets now and then, so that memory stays
-    /// bounded when nobody scrapes.
+    /// Forgets the series nothing holds now and then, so that memory follows the
+    /// cluster when nobody scrapes.
     pub async fn upkeep(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
-            self.handle.run_upkeep();
+            self.registry.sweep();
         }
     }
 }

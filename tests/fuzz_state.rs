@@ -888,7 +888,7 @@ fn converters_on(doc: Value) {
         }
     }
     if let Ok(slice) = serde_json::from_value::<discovery::EndpointSlice>(doc) {
-        if let Err(e) = convert::slice(&slice) {
+        if let Err(e) = convert::slice(&slice, &mut carousel::discovery::names::Names::default()) {
             assert!(!e.field.is_empty() && !e.message.is_empty(), "{e:?}");
         }
     }

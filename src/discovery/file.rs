@@ -17,6 +17,7 @@ use serde_yaml::Value;
 use tokio::sync::watch;
 
 use crate::discovery::convert::{self, FieldError, PodLabels, Scope, Warning};
+use crate::discovery::names::Names;
 use crate::model::ServiceTable;
 use crate::telemetry::Telemetry;
 
@@ -86,6 +87,7 @@ struct Objects {
     slices: Vec<convert::SliceView>,
     pods: PodLabels,
     ignored_kinds: BTreeSet<String>,
+    names: Names,
 }
 
 /// Parses and converts the text of a state file.
@@ -186,7 +188,7 @@ fn add_object(objects: &mut Objects, value: Value, at: Location) -> Result<(), S
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             let slice: discovery::EndpointSlice = typed(value).map_err(invalid)?;
-            if let Some(view) = convert::slice(&slice).map_err(invalid)? {
+            if let Some(view) = convert::slice(&slice, &mut objects.names).map_err(invalid)? {
                 objects.slices.push(view);
             }
         }

@@ -6,4 +6,5 @@ pub mod backoff;
 pub mod convert;
 pub mod file;
 pub mod kube;
+pub mod names;
 pub mod store;

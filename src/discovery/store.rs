@@ -16,6 +16,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::Event;
 
 use crate::discovery::convert::{self, PodLabels, Scope, ServiceFront, SliceView, Warning};
+use crate::discovery::names::Names;
 use crate::model::{ServiceKey, ServiceTable};
 
 /// The EndpointSlice controller's stamp of when the change behind a slice happened.
@@ -98,6 +99,8 @@ pub struct Store {
     watch_node: bool,
     services: Relisted<ServiceKey, ServiceFront>,
     slices: Relisted<ObjectKey, SliceView>,
+    /// Node names, zones and namespaces, shared by all the slices' endpoints.
+    names: Names,
     pods: Relisted<ObjectKey, BTreeMap<String, String>>,
     /// This node's Node, as far as carousel reads it.
     node: Relisted<String, NodeView>,
@@ -125,6 +128,7 @@ impl Store {
             scope,
             services: Relisted::default(),
             slices: Relisted::default(),
+            names: Names::default(),
             pods: Relisted::default(),
             node: Relisted::default(),
             slices_by_service: HashMap::new(),
@@ -379,7 +383,7 @@ impl Store {
             object_namespace(meta).to_string(),
             object_name(meta).ok()?.to_string(),
         );
-        match convert::slice(slice) {
+        match convert::slice(slice, &mut self.names) {
             Ok(view) => view.map(|v| (key, v)),
             Err(error) => {
                 tracing::error!(slice = %format!("{}/{}", key.0, key.1), %error, "EndpointSlice refused, keeping what was known of it");
@@ -434,7 +438,8 @@ impl Store {
                     .iter()
                     .filter_map(|n| self.slices.live.get(n))
                     .flat_map(|s| &s.endpoints)
-                    .any(|e| e.pod.as_ref() == Some(pod))
+                    .filter_map(|e| e.pod.as_ref())
+                    .any(|p| *p.namespace == *pod.0 && *p.name == *pod.1)
             });
             if behind {
                 self.dirty.insert(service.clone());
@@ -511,6 +516,7 @@ impl Store {
         for key in std::mem::take(&mut self.dirty) {
             self.rebuild(&key);
         }
+        self.names.purge();
         if self.published && !self.changed {
             return Flushed::default();
         }

@@ -4,17 +4,16 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use metrics::{Gauge, Label};
+use metrics::Gauge;
 
 use crate::addr::PodAddr;
 use crate::lab::bench::stats;
 use crate::model::ServiceKey;
 use crate::proxy::routes::{Route, RouteTable};
-use crate::telemetry::{names, Telemetry};
 
 /// How often the counters are read.
 pub const TICK: Duration = Duration::from_secs(2);
@@ -45,7 +44,8 @@ struct History {
 /// One Service port's window: its route as last seen and its endpoints' histories.
 #[derive(Debug, Default)]
 struct RouteHistory {
-    route: Option<Arc<Route>>,
+    /// Weak: a replaced route, and the endpoints only it holds, go when the table does.
+    route: Option<Weak<Route>>,
     /// The route's own pick count at the last tick.
     last_total: u64,
     /// Ticks in a row without a pick; a window of them is skipped without a look at
@@ -61,12 +61,7 @@ struct RouteHistory {
 ///
 /// The gauge is resolved here, once a window has picks, rather than with the route: a
 /// gauge registered early would read 0, "maximally unfair", for an idle Service.
-pub async fn track(
-    routes: Arc<ArcSwap<RouteTable>>,
-    telemetry: Arc<Telemetry>,
-    tick: Duration,
-    window: usize,
-) {
+pub async fn track(routes: Arc<ArcSwap<RouteTable>>, tick: Duration, window: usize) {
     let mut history: HashMap<(ServiceKey, String), RouteHistory> = HashMap::new();
     let mut interval = tokio::time::interval(tick);
     loop {
@@ -77,7 +72,7 @@ pub async fn track(
         for route in table.internal_routes() {
             let key = (route.service.clone(), route.port.clone());
             let mut h = history.remove(&key).unwrap_or_default();
-            update(&mut h, route, window, &telemetry);
+            update(&mut h, route, window);
             next.insert(key, h);
         }
         history = next;
@@ -86,15 +81,20 @@ pub async fn track(
 }
 
 /// One tick of one Service port.
-fn update(h: &mut RouteHistory, route: &Arc<Route>, window: usize, telemetry: &Telemetry) {
+fn update(h: &mut RouteHistory, route: &Arc<Route>, window: usize) {
     let total = route.picks();
-    let same = h.route.as_ref().is_some_and(|r| Arc::ptr_eq(r, route));
-    // A route that never had a pick costs nothing, whether new or not.
+    let same = h
+        .route
+        .as_ref()
+        .is_some_and(|r| std::ptr::eq(r.as_ptr(), Arc::as_ptr(route)));
+    // A route without picks since its histories were dropped (or ever) costs nothing,
+    // whether new or not.
     if total == h.last_total && (same || h.endpoints.is_empty()) {
         h.quiet += 1;
-        if h.quiet >= window {
-            // Nothing in the window: the endpoints' histories are all zeros.
-            h.endpoints.clear();
+        if h.quiet >= window || h.endpoints.is_empty() {
+            // Nothing in the window: the endpoints' histories are all zeros. Dropped
+            // with their capacity, so that a quiet cluster holds none.
+            h.endpoints = HashMap::new();
             return;
         }
     } else {
@@ -102,12 +102,12 @@ fn update(h: &mut RouteHistory, route: &Arc<Route>, window: usize, telemetry: &T
     }
     // Endpoints first seen after a quiet window start from their count now.
     let fresh = h.endpoints.is_empty() && h.route.is_some();
-    h.route = Some(route.clone());
+    h.route = Some(Arc::downgrade(route));
     h.last_total = total;
     let mut endpoints = HashMap::with_capacity(route.endpoints.len());
     let mut counts = Vec::with_capacity(route.endpoints.len());
     for e in &route.endpoints {
-        let now = e.stats.picks.load(Ordering::Relaxed);
+        let now = e.picks.load(Ordering::Relaxed);
         let mut eh = h.endpoints.remove(&e.addr).unwrap_or_else(|| History {
             last: if fresh { now } else { 0 },
             deltas: VecDeque::new(),
@@ -123,14 +123,7 @@ fn update(h: &mut RouteHistory, route: &Arc<Route>, window: usize, telemetry: &T
     h.endpoints = endpoints;
     if let Some(jain) = window_fairness(&counts) {
         h.gauge
-            .get_or_insert_with(|| {
-                let labels = vec![
-                    Label::new("namespace", route.service.namespace.to_string()),
-                    Label::new("service", route.service.name.to_string()),
-                    Label::new("port", route.port.clone()),
-                ];
-                telemetry.gauge(names::FAIRNESS_JAIN, labels)
-            })
+            .get_or_insert_with(|| route.metrics.fairness())
             .set(jain);
     }
 }
@@ -138,6 +131,7 @@ fn update(h: &mut RouteHistory, route: &Arc<Route>, window: usize, telemetry: &T
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::Telemetry;
 
     #[test]
     fn an_idle_port_is_skipped_after_a_window_and_a_busy_one_is_measured() {
@@ -163,13 +157,13 @@ mod tests {
         for _ in 0..4 {
             route.pick(client);
         }
-        update(&mut h, route, 3, &telemetry);
+        update(&mut h, route, 3);
         assert_eq!(h.endpoints.len(), 2);
         assert!(telemetry.render().contains(
             "carousel_fairness_jain{namespace=\"default\",service=\"web\",port=\"http\"} 1"
         ));
         for _ in 0..3 {
-            update(&mut h, route, 3, &telemetry);
+            update(&mut h, route, 3);
         }
         assert!(
             h.endpoints.is_empty(),
@@ -177,7 +171,7 @@ mod tests {
         );
         // Picks again: measured from the counts at that tick, not from the start.
         route.pick(client);
-        update(&mut h, route, 3, &telemetry);
+        update(&mut h, route, 3);
         let deltas: u64 = h.endpoints.values().flat_map(|e| &e.deltas).sum();
         assert_eq!(
             deltas, 0,
@@ -185,7 +179,7 @@ mod tests {
         );
         route.pick(client);
         route.pick(client);
-        update(&mut h, route, 3, &telemetry);
+        update(&mut h, route, 3);
         let deltas: u64 = h.endpoints.values().flat_map(|e| &e.deltas).sum();
         assert_eq!(deltas, 2);
     }

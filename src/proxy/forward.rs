@@ -13,7 +13,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::addr::{ClientAddr, PodAddr};
 use crate::proxy::copy::{copy_both_ways, CopyError};
 use crate::proxy::ejection::{ms_at, now_ms};
-use crate::proxy::routes::{EndpointSeries, Route, RouteEndpoint};
+use crate::proxy::port_metrics::EndpointSeries;
+use crate::proxy::routes::{Route, RouteEndpoint};
 
 /// How connections are forwarded.
 #[derive(Clone, Copy, Debug)]
@@ -68,7 +69,7 @@ pub async fn forward(
         Ok(connected) => connected,
         Err(e) => {
             if matches!(e, ForwardError::NoEndpoint) {
-                route.no_endpoint.increment(1);
+                route.metrics.no_endpoint.increment(1);
             }
             reset(&client);
             return Err(e);
@@ -159,7 +160,7 @@ async fn connect(
         let error = match result {
             Ok(Ok(stream)) => {
                 set_keepalive(&stream, config.keepalive);
-                let series = endpoint.stats.series();
+                let series = endpoint.series();
                 series
                     .connect_duration
                     .record(started.elapsed().as_secs_f64());
@@ -172,7 +173,7 @@ async fn connect(
         };
         let period = endpoint.ejection.failed(now_ms());
         tracing::debug!(%peer, endpoint = %endpoint.addr, error = %error, ejected_for = ?period, "connect failed");
-        let series = endpoint.stats.series();
+        let series = endpoint.series();
         series.connect_errors.increment(1);
         series.ejections.increment(1);
         last = Some(error);

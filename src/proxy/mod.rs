@@ -4,6 +4,7 @@
 
 pub mod copy;
 pub mod ejection;
+pub mod endpoint;
 pub mod fairness;
 pub mod forward;
 pub mod handover;
@@ -11,6 +12,7 @@ pub mod health_check;
 pub mod inside;
 pub mod listener;
 pub mod original_dst;
+pub mod port_metrics;
 pub mod routes;
 #[cfg(target_os = "linux")]
 mod splice;
@@ -322,7 +324,6 @@ pub async fn run(
     let sync_duration = telemetry.histogram(names::SYNC_DURATION, Vec::new());
     let fairness = tokio::spawn(fairness::track(
         routes.clone(),
-        telemetry.clone(),
         fairness::TICK,
         fairness::WINDOW_TICKS,
     ));

@@ -3,136 +3,35 @@
 //! `ServiceTable` and the previous route table, so that balancer state, open-connection
 //! counts and metric handles carry over for the endpoints that persist.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use ipnet::IpNet;
-use metrics::{Counter, Gauge, Histogram, Label};
+use metrics::Counter;
 
 use crate::addr::{ClientAddr, PodAddr, ServiceAddr};
 use crate::balance::{self, AffinityStats, Backend, Backends, Balancer, BuildOptions, Picker};
-use crate::model::{
-    Balancing, Endpoint, Locality, Service, ServiceKey, ServicePort, ServiceTable, Traffic,
-};
-use crate::proxy::ejection::Ejection;
-use crate::telemetry::{names, Telemetry};
+use crate::model::{Endpoint, Locality, Service, ServiceKey, ServicePort, ServiceTable, Traffic};
+use crate::proxy::endpoint::EndpointState;
+use crate::proxy::port_metrics::PortMetrics;
+use crate::telemetry::Telemetry;
 
-/// What the data path counts for one endpoint of one Service port. Its series are
-/// registered at its first connection: an endpoint nobody dials from this node costs no
-/// series, so a node's /metrics grows with the endpoints it uses, not with the cluster.
-#[derive(Debug)]
-pub struct EndpointStats {
-    /// Picks of this endpoint, read by the fairness task (`fairness.rs`): a plain
-    /// atomic because a metrics counter cannot be read back.
-    pub picks: AtomicU64,
-    /// Its weight while it takes new connections, else 0; the weight gauge shows it
-    /// once the series exist.
-    weight: AtomicU32,
-    port_labels: Arc<[Label]>,
-    addr: PodAddr,
-    pod: Arc<str>,
-    telemetry: Arc<Telemetry>,
-    /// Boxed: most endpoints never get a connection through this node, and an empty
-    /// slot costs a pointer.
-    series: OnceLock<Box<EndpointSeries>>,
-}
-
-/// The series of one endpoint, resolved once: a connection only increments them.
-#[derive(Debug)]
-pub struct EndpointSeries {
-    pub ok: Counter,
-    pub connect_errors: Counter,
-    pub active: Gauge,
-    pub bytes_to_endpoint: Counter,
-    pub bytes_to_client: Counter,
-    /// The Service port's histogram; the endpoint's own with `--endpoint-histograms`.
-    pub connect_duration: Histogram,
-    pub connection_duration: Histogram,
-    /// `carousel_endpoint_ejections_total`: failed connects that took the endpoint out.
-    pub ejections: Counter,
-    /// `carousel_endpoint_weight`.
-    pub weight: Gauge,
-}
-
-impl EndpointStats {
-    fn new(
-        telemetry: &Arc<Telemetry>,
-        port_labels: &Arc<[Label]>,
-        addr: PodAddr,
-        pod: &Arc<str>,
-    ) -> Self {
-        Self {
-            picks: AtomicU64::new(0),
-            weight: AtomicU32::new(0),
-            port_labels: port_labels.clone(),
-            addr,
-            pod: pod.clone(),
-            telemetry: telemetry.clone(),
-            series: OnceLock::new(),
-        }
-    }
-
-    /// The endpoint's series, registered on first use.
-    pub fn series(&self) -> &EndpointSeries {
-        self.series.get_or_init(|| {
-            let telemetry = &self.telemetry;
-            let labels = |extra: &[(&'static str, &'static str)]| {
-                let mut l = self.port_labels.to_vec();
-                l.push(Label::new("endpoint", self.addr.to_string()));
-                l.push(Label::new("pod", self.pod.to_string()));
-                l.extend(extra.iter().map(|(k, v)| Label::new(*k, *v)));
-                l
-            };
-            let histogram_labels = || match telemetry.endpoint_histograms() {
-                true => labels(&[]),
-                false => self.port_labels.to_vec(),
-            };
-            let series = EndpointSeries {
-                ok: telemetry.counter(names::CONNECTIONS_TOTAL, labels(&[("outcome", "ok")])),
-                connect_errors: telemetry.counter(
-                    names::CONNECTIONS_TOTAL,
-                    labels(&[("outcome", "connect_error")]),
-                ),
-                active: telemetry.gauge(names::CONNECTIONS_ACTIVE, labels(&[])),
-                bytes_to_endpoint: telemetry
-                    .counter(names::BYTES_TOTAL, labels(&[("direction", "to_endpoint")])),
-                bytes_to_client: telemetry
-                    .counter(names::BYTES_TOTAL, labels(&[("direction", "to_client")])),
-                connect_duration: telemetry.histogram(names::CONNECT_DURATION, histogram_labels()),
-                connection_duration: telemetry
-                    .histogram(names::CONNECTION_DURATION, histogram_labels()),
-                ejections: telemetry.counter(names::EJECTIONS_TOTAL, labels(&[])),
-                weight: telemetry.gauge(names::ENDPOINT_WEIGHT, labels(&[])),
-            };
-            series
-                .weight
-                .set(f64::from(self.weight.load(Ordering::Relaxed)));
-            Box::new(series)
-        })
-    }
-
-    /// Sets the weight, and the gauge when the series exist.
-    fn set_weight(&self, weight: u32) {
-        self.weight.store(weight, Ordering::Relaxed);
-        if let Some(series) = self.series.get() {
-            series.weight.set(f64::from(weight));
-        }
-    }
-}
-
-/// One endpoint as the data path sees it.
+/// One endpoint as the data path sees it: its lasting state and its weight in this
+/// route. Reads as the state (`endpoint.addr`, `endpoint.active`, ...).
 #[derive(Debug, Clone)]
 pub struct RouteEndpoint {
-    pub addr: PodAddr,
-    pub pod: Arc<str>,
-    /// Open connections; the same counter the balancer reads.
-    pub active: Arc<AtomicU32>,
-    /// Passive health: kept across table changes like the counter.
-    pub ejection: Arc<Ejection>,
-    pub stats: Arc<EndpointStats>,
+    pub state: Arc<EndpointState>,
     pub weight: u32,
+}
+
+impl std::ops::Deref for RouteEndpoint {
+    type Target = EndpointState;
+
+    fn deref(&self) -> &EndpointState {
+        &self.state
+    }
 }
 
 /// One Service port: where its connections may go and how the next one is chosen.
@@ -144,8 +43,8 @@ pub struct Route {
     /// Parallel to the balancer's backends: index `i` of a pick is `endpoints[i]`.
     pub endpoints: Vec<RouteEndpoint>,
     balancer: Picker,
-    /// `carousel_connections_total{outcome="no_endpoint"}`.
-    pub no_endpoint: Counter,
+    /// The port's series; shared by its routes, and carried to the next table.
+    pub metrics: Arc<PortMetrics>,
     /// Algorithms evaluated beside the real one (`carousel run --shadow`).
     shadows: Vec<Shadow>,
     /// Whether the Service port has an endpoint for new connections anywhere in the
@@ -190,10 +89,7 @@ impl Route {
     fn count(&self, client: ClientAddr, picked: Option<usize>) {
         if let Some(i) = picked {
             self.picks.fetch_add(1, Ordering::Relaxed);
-            self.endpoints[i]
-                .stats
-                .picks
-                .fetch_add(1, Ordering::Relaxed);
+            self.endpoints[i].picks.fetch_add(1, Ordering::Relaxed);
         }
         for shadow in &self.shadows {
             if let Some(i) = shadow.balancer.pick(client.ip()) {
@@ -354,7 +250,7 @@ impl RouteTable {
         };
         for (before, now) in changes(&previous.source, table, incremental) {
             if let Some(before) = before {
-                routes.remove(before, now.map(Arc::as_ref), telemetry);
+                routes.remove(before);
             }
             if let Some(now) = now {
                 for port in &now.ports {
@@ -368,20 +264,16 @@ impl RouteTable {
         routes
     }
 
-    /// Takes out every entry of `service`, as it was; zeroes the endpoint gauges of
-    /// its ports that `now` no longer has. An address another Service has taken since
-    /// stays that Service's.
-    fn remove(&mut self, service: &Service, now: Option<&Service>, telemetry: &Telemetry) {
+    /// Takes out every entry of `service`, as it was. An address another Service has
+    /// taken since stays that Service's. The series of its ports leave /metrics with
+    /// the last table that holds them.
+    fn remove(&mut self, service: &Service) {
         let owned = |route: &Arc<Route>| route.service == service.key;
         for port in &service.ports {
             let key = |traffic| (service.key.clone(), port.port, traffic);
-            let internal = self.by_port.remove(&key(Traffic::Internal));
+            self.by_port.remove(&key(Traffic::Internal));
             self.by_port.remove(&key(Traffic::External));
             self.by_port.remove(&key(Traffic::Inside));
-            let kept = now.is_some_and(|n| n.ports.iter().any(|p| p.port == port.port));
-            if let (Some(route), false) = (internal, kept) {
-                zero_endpoint_gauges(telemetry, &service.key, &route.port);
-            }
             for ip in service
                 .cluster_ips
                 .iter()
@@ -535,26 +427,25 @@ fn build_port(
     here: &Locality,
     shadow: &[&'static str],
 ) -> PortRoutes {
-    set_endpoint_gauges(telemetry, &service.key, port);
-    let has_endpoints = !port.eligible().is_empty();
     let previous_route = |traffic| {
         previous
             .by_port
             .get(&(service.key.clone(), port.port, traffic))
             .map(Arc::as_ref)
     };
-    let route = |endpoints, known: &[Option<&Route>]| Route {
-        has_endpoints,
-        ..build_route(
-            &service.key,
-            &service.balancing,
-            port,
-            endpoints,
-            known,
-            telemetry,
-            options,
-            shadow,
-        )
+    let metrics = previous_route(Traffic::Internal)
+        .map(|r| &r.metrics)
+        .filter(|m| m.describes(&service.key, port))
+        .cloned()
+        .unwrap_or_else(|| Arc::new(PortMetrics::new(telemetry, &service.key, port)));
+    metrics.count_endpoints(port);
+    let build = Build {
+        service,
+        port,
+        metrics,
+        has_endpoints: !port.eligible().is_empty(),
+        options,
+        shadow,
     };
     let internal_endpoints = port.select(service, Traffic::Internal, here);
     let external_endpoints = port.select(service, Traffic::External, here);
@@ -562,7 +453,7 @@ fn build_port(
         .external_traffic_local
         .then(|| port.select(service, Traffic::Inside, here))
         .filter(|e| *e != external_endpoints);
-    let internal = Arc::new(route(
+    let internal = Arc::new(build.route(
         internal_endpoints.clone(),
         &[previous_route(Traffic::Internal)],
     ));
@@ -571,7 +462,7 @@ fn build_port(
             internal.clone()
         } else {
             let known = [previous_route(Traffic::Inside), Some(internal.as_ref())];
-            Arc::new(route(endpoints, &known))
+            Arc::new(build.route(endpoints, &known))
         }
     });
     let external = if external_endpoints == internal_endpoints && inside.is_none() {
@@ -580,7 +471,7 @@ fn build_port(
         let known = [previous_route(Traffic::External), Some(internal.as_ref())];
         Arc::new(Route {
             inside: inside.clone(),
-            ..route(external_endpoints, &known)
+            ..build.route(external_endpoints, &known)
         })
     };
     PortRoutes {
@@ -590,102 +481,96 @@ fn build_port(
     }
 }
 
-/// The metric labels every series of a Service port carries.
-fn port_labels(service: &ServiceKey, port: &ServicePort) -> Vec<Label> {
-    vec![
-        Label::new("namespace", service.namespace.to_string()),
-        Label::new("service", service.name.to_string()),
-        Label::new("port", port.label()),
-    ]
+/// What every route of one Service port is built with.
+struct Build<'a> {
+    service: &'a Service,
+    port: &'a ServicePort,
+    metrics: Arc<PortMetrics>,
+    /// Whether the port has an endpoint for new connections anywhere in the cluster.
+    has_endpoints: bool,
+    options: &'a BuildOptions,
+    shadow: &'a [&'static str],
 }
 
-/// One route over `eligible`. Endpoints that `known` routes already had keep their
-/// open-connection counter and metric handles; `known[0]`, the previous route of the
-/// same kind, hands its balancer state (and its shadows') on.
-#[allow(clippy::too_many_arguments)]
-fn build_route(
-    service: &ServiceKey,
-    balancing: &Balancing,
-    port: &ServicePort,
-    eligible: Vec<Endpoint>,
-    known: &[Option<&Route>],
-    telemetry: &Arc<Telemetry>,
-    options: &BuildOptions,
-    shadow: &[&'static str],
-) -> Route {
-    let base = port_labels(service, port);
-    let shared_labels: Arc<[Label]> = base.clone().into();
-    let previous = known.first().copied().flatten();
-    let known: HashMap<PodAddr, &RouteEndpoint> = known
-        .iter()
-        .rev()
-        .flatten()
-        .flat_map(|route| route.endpoints.iter().map(|e| (e.addr, e)))
-        .collect();
-    let endpoints: Vec<RouteEndpoint> = eligible
-        .iter()
-        .map(|e| match known.get(&e.addr) {
-            Some(prev) if prev.pod == e.pod => RouteEndpoint {
+impl Build<'_> {
+    /// One route over `eligible`. Endpoints that `known` routes already had keep their
+    /// state (open connections, passive health, series); `known[0]`, the previous route
+    /// of the same kind, hands its balancer state (and its shadows') on.
+    fn route(&self, eligible: Vec<Endpoint>, known: &[Option<&Route>]) -> Route {
+        let previous = known.first().copied().flatten();
+        let known: HashMap<PodAddr, &RouteEndpoint> = known
+            .iter()
+            .rev()
+            .flatten()
+            .flat_map(|route| route.endpoints.iter().map(|e| (e.addr, e)))
+            .collect();
+        let endpoints: Vec<RouteEndpoint> = eligible
+            .iter()
+            .map(|e| RouteEndpoint {
+                state: match known.get(&e.addr) {
+                    Some(prev) if prev.pod == e.pod => prev.state.clone(),
+                    _ => Arc::new(EndpointState::new(e.addr, e.pod.clone(), &self.metrics)),
+                },
                 weight: e.weight,
-                ..(*prev).clone()
-            },
-            _ => RouteEndpoint {
-                addr: e.addr,
-                pod: e.pod.clone(),
-                active: Arc::default(),
-                ejection: Arc::default(),
-                stats: Arc::new(EndpointStats::new(
-                    telemetry,
-                    &shared_labels,
-                    e.addr,
-                    &e.pod,
-                )),
-                weight: e.weight,
-            },
-        })
-        .collect();
-    set_weights(previous, &endpoints);
-    let backends: Backends = eligible
-        .iter()
-        .zip(&endpoints)
-        .map(|(e, r)| Backend {
-            addr: e.addr,
-            weight: e.weight,
-            active: r.active.clone(),
-        })
-        .collect();
-    let affinity_stats = match balancing.affinity {
-        Some(_) => affinity_stats(telemetry, &base),
-        None => AffinityStats::default(),
-    };
-    let shadows = build_shadows(
-        previous, shadow, &backends, &endpoints, telemetry, &base, options,
-    );
-    let balancer = balance::rebuild_or_build(
-        previous.map(|p| &p.balancer),
-        balancing,
-        backends,
-        options,
-        affinity_stats,
-    );
+            })
+            .collect();
+        set_weights(previous, &endpoints);
+        let backends: Backends = endpoints
+            .iter()
+            .map(|r| Backend {
+                addr: r.addr,
+                weight: r.weight,
+                active: r.active.clone(),
+            })
+            .collect();
+        let affinity_stats = match self.service.balancing.affinity {
+            Some(_) => self.metrics.affinity(),
+            None => AffinityStats::default(),
+        };
+        let shadows = self.shadows(previous, &backends, &endpoints);
+        let balancer = balance::rebuild_or_build(
+            previous.map(|p| &p.balancer),
+            &self.service.balancing,
+            backends,
+            self.options,
+            affinity_stats,
+        );
+        Route {
+            service: self.service.key.clone(),
+            port: self.port.label(),
+            endpoints,
+            balancer,
+            metrics: self.metrics.clone(),
+            shadows,
+            has_endpoints: self.has_endpoints,
+            inside: None,
+            picks: AtomicU64::new(0),
+        }
+    }
 
-    let mut no_endpoint_labels = base;
-    no_endpoint_labels.extend([
-        Label::new("endpoint", ""),
-        Label::new("pod", ""),
-        Label::new("outcome", "no_endpoint"),
-    ]);
-    Route {
-        service: service.clone(),
-        port: port.label(),
-        endpoints,
-        balancer,
-        no_endpoint: telemetry.counter(names::CONNECTIONS_TOTAL, no_endpoint_labels),
-        shadows,
-        // The whole port's, which `build_port` sets on each of its routes.
-        has_endpoints: false,
-        inside: None,
-        picks: AtomicU64::new(0),
+    /// The shadow balancers of a route, each carrying its state over from the previous
+    /// route's shadow of the same name, with its counters resolved once here.
+    fn shadows(
+        &self,
+        previous: Option<&Route>,
+        backends: &Backends,
+        endpoints: &[RouteEndpoint],
+    ) -> Vec<Shadow> {
+        self.shadow
+            .iter()
+            .filter_map(|name| {
+                let carried = previous
+                    .and_then(|p| p.shadows.iter().find(|s| s.balancer.name() == *name))
+                    .map(|s| s.balancer.rebuild(backends.clone()));
+                let balancer =
+                    carried.or_else(|| balance::build(name, backends.clone(), self.options))?;
+                let picks = endpoints
+                    .iter()
+                    .map(|e| self.metrics.shadow_picks(name, e.addr, &e.pod))
+                    .collect();
+                Some(Shadow { balancer, picks })
+            })
+            .collect()
     }
 }
 
@@ -695,105 +580,20 @@ fn set_weights(previous: Option<&Route>, endpoints: &[RouteEndpoint]) {
     for gone in previous
         .iter()
         .flat_map(|p| &p.endpoints)
-        .filter(|old| !endpoints.iter().any(|e| Arc::ptr_eq(&e.stats, &old.stats)))
+        .filter(|old| !endpoints.iter().any(|e| Arc::ptr_eq(&e.state, &old.state)))
     {
-        gone.stats.set_weight(0);
+        gone.set_weight(0);
     }
     for e in endpoints {
-        e.stats.set_weight(e.weight);
-    }
-}
-
-/// The shadow balancers of a route, each carrying its state over from the previous
-/// route's shadow of the same name, with its counters resolved once here.
-fn build_shadows(
-    previous: Option<&Route>,
-    names: &[&'static str],
-    backends: &Backends,
-    endpoints: &[RouteEndpoint],
-    telemetry: &Arc<Telemetry>,
-    base: &[Label],
-    options: &BuildOptions,
-) -> Vec<Shadow> {
-    names
-        .iter()
-        .filter_map(|name| {
-            let carried = previous
-                .and_then(|p| p.shadows.iter().find(|s| s.balancer.name() == *name))
-                .map(|s| s.balancer.rebuild(backends.clone()));
-            let balancer = carried.or_else(|| balance::build(name, backends.clone(), options))?;
-            let picks = endpoints
-                .iter()
-                .map(|e| {
-                    let mut labels = base.to_vec();
-                    labels.extend([
-                        Label::new("algorithm", *name),
-                        Label::new("endpoint", e.addr.to_string()),
-                        Label::new("pod", e.pod.to_string()),
-                    ]);
-                    telemetry.counter(names::SHADOW_PICKS_TOTAL, labels)
-                })
-                .collect();
-            Some(Shadow { balancer, picks })
-        })
-        .collect()
-}
-
-/// The `carousel_affinity_*` handles of a Service port with ClientIP affinity.
-fn affinity_stats(telemetry: &Arc<Telemetry>, base: &[Label]) -> AffinityStats {
-    let lookups = |result: &'static str| {
-        let mut labels = base.to_vec();
-        labels.push(Label::new("result", result));
-        telemetry.counter(names::AFFINITY_LOOKUPS_TOTAL, labels)
-    };
-    AffinityStats {
-        hit: lookups("hit"),
-        miss: lookups("miss"),
-        expired: lookups("expired"),
-        entries: telemetry.gauge(names::AFFINITY_ENTRIES, base.to_vec()),
-    }
-}
-
-/// `carousel_endpoints{state}`: how many endpoints are ready, serving and terminating.
-fn set_endpoint_gauges(telemetry: &Telemetry, service: &ServiceKey, port: &ServicePort) {
-    let base = port_labels(service, port);
-    let mut counts: BTreeMap<&'static str, usize> =
-        [("ready", 0), ("serving", 0), ("terminating", 0)].into();
-    for e in &port.endpoints {
-        for (state, on) in [
-            ("ready", e.ready),
-            ("serving", e.serving),
-            ("terminating", e.terminating),
-        ] {
-            if on {
-                *counts.get_mut(state).expect("state is listed") += 1;
-            }
-        }
-    }
-    for (state, n) in counts {
-        let mut labels = base.to_vec();
-        labels.push(Label::new("state", state));
-        telemetry.gauge(names::ENDPOINTS, labels).set(n as f64);
-    }
-}
-
-/// Zeroes the endpoint gauges of a Service port that left the table.
-fn zero_endpoint_gauges(telemetry: &Telemetry, service: &ServiceKey, port: &str) {
-    for state in ["ready", "serving", "terminating"] {
-        let labels = vec![
-            Label::new("namespace", service.namespace.to_string()),
-            Label::new("service", service.name.to_string()),
-            Label::new("port", port.to_string()),
-            Label::new("state", state),
-        ];
-        telemetry.gauge(names::ENDPOINTS, labels).set(0.0);
+        e.set_weight(e.weight);
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::model::{Endpoint, Service};
+    use crate::model::{Balancing, Endpoint, Service};
+    use std::collections::BTreeMap;
     use std::net::{IpAddr, Ipv4Addr};
     use std::time::Duration;
 
@@ -803,7 +603,7 @@ pub(crate) mod tests {
             pod: format!("pod-{last}").into(),
             node: None,
             zone: None,
-            zone_hints: Vec::new(),
+            zone_hints: Box::default(),
             ready,
             serving: ready,
             terminating: false,
@@ -1055,7 +855,7 @@ pub(crate) mod tests {
         let endpoints: Vec<Endpoint> = (1..=4u8)
             .filter(|e| mask & (1 << (e - 1)) != 0)
             .map(|e| Endpoint {
-                zone_hints: vec![if e % 2 == 1 { "a" } else { "b" }.into()],
+                zone_hints: vec![if e % 2 == 1 { "a" } else { "b" }.into()].into(),
                 node: Some(if e % 2 == 1 { "here" } else { "there" }.into()),
                 ..endpoint(i * 10 + e, true, 1)
             })
@@ -1133,18 +933,55 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_service_that_leaves_has_its_endpoint_gauges_zeroed() {
+    fn departed_endpoints_and_services_take_their_series_with_them() {
         let telemetry = Telemetry::new();
         let options = BuildOptions::default();
         let here = Locality::default();
-        let one = table("round-robin", None, vec![endpoint(1, true, 1)]);
-        let routes = RouteTable::build(&one, &RouteTable::default(), &telemetry, &options, &here);
+        let series = |routes: &RouteTable| {
+            for route in routes.routes() {
+                for e in &route.endpoints {
+                    e.series().ok.increment(1);
+                }
+            }
+            telemetry
+                .render()
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .count()
+        };
+        // 100 generations of pods, each replacing the last: the series follow the
+        // table, they do not pile up.
+        let mut routes = RouteTable::default();
+        let mut counts = Vec::new();
+        for generation in 0..100u8 {
+            let pods = (0..2)
+                .map(|i| endpoint(2 * generation + i, true, 1))
+                .collect();
+            routes = RouteTable::build(
+                &table("round-robin", None, pods),
+                &routes,
+                &telemetry,
+                &options,
+                &here,
+            );
+            counts.push(series(&routes));
+        }
+        assert!(counts.windows(2).all(|w| w[0] == w[1]), "{counts:?}");
+        let text = telemetry.render();
+        assert!(text.contains(r#"pod="pod-199""#) && !text.contains(r#"pod="pod-197""#));
         let gauge =
-            r#"carousel_endpoints{namespace="default",service="web",port="http",state="ready"}"#;
-        assert!(telemetry.render().contains(&format!("{gauge} 1")));
+            r#"carousel_endpoints{namespace="default",service="web",port="http",state="ready"} 2"#;
+        assert!(text.contains(gauge), "{text}");
+
         let empty = Arc::new(ServiceTable::default());
-        let routes = RouteTable::build(&empty, &routes, &telemetry, &options, &here);
-        assert_eq!(routes.routes().count(), 0);
-        assert!(telemetry.render().contains(&format!("{gauge} 0")));
+        let after = RouteTable::build(&empty, &routes, &telemetry, &options, &here);
+        assert_eq!(after.routes().count(), 0);
+        drop(routes);
+        let text = telemetry.render();
+        assert!(
+            !text.contains("service=\"web\""),
+            "the Service left, and its series with it:\n{text}"
+        );
+        assert!(text.contains("carousel_config_errors_total 0"), "{text}");
     }
 }

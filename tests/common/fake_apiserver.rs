@@ -1,9 +1,10 @@
 //! A Kubernetes API server for tests: plain HTTP on 127.0.0.1, the real wire protocol
-//! (discovery, list with resourceVersion, newline-delimited watch streams, bookmarks,
-//! label and field selectors, 410 Gone, metadata-only answers) over objects the test
+//! (discovery, list with resourceVersion and `limit`/`continue` pages, newline-delimited
+//! watch streams, bookmarks, label and field selectors, 410 Gone, metadata-only answers)
+//! over objects the test
 //! applies and deletes, and stop/start on the same port to play an outage.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -111,6 +112,9 @@ enum Signal {
 struct State {
     rv: u64,
     objects: BTreeMap<ObjectKey, Value>,
+    /// Whole objects as a list sends them, encoded once (the API server's watch cache
+    /// does the same): a list of 250 000 endpoints costs copies, not serialisation.
+    encoded: HashMap<ObjectKey, Bytes>,
     history: VecDeque<Arc<Change>>,
     /// Watches from a resource version below this one get 410 Gone.
     oldest: u64,
@@ -250,6 +254,7 @@ impl FakeApiServer {
         }
         meta["resourceVersion"] = json!(rv.to_string());
         let key = object_key(kind, &object);
+        state.encoded.remove(&key);
         let before = state.objects.insert(key, object.clone());
         if tell {
             record(&mut state, &self.shared.signals, kind, before, Some(object));
@@ -268,11 +273,10 @@ impl FakeApiServer {
 
     fn remove(&self, kind: Kind, namespace: &str, name: &str, tell: bool) -> bool {
         let ns = if kind.namespaced() { namespace } else { "" };
+        let key = (kind, ns.to_string(), name.to_string());
         let mut state = self.shared.state.lock().unwrap();
-        let Some(mut gone) = state
-            .objects
-            .remove(&(kind, ns.to_string(), name.to_string()))
-        else {
+        state.encoded.remove(&key);
+        let Some(mut gone) = state.objects.remove(&key) else {
             return false;
         };
         state.rv += 1;
@@ -401,6 +405,10 @@ struct Query {
     bookmarks: bool,
     timeout: Option<Duration>,
     metadata_only: bool,
+    /// `limit`: at most this many items in one page.
+    limit: Option<usize>,
+    /// `continue`: the token of the page before, `namespace/name` of its last item.
+    continue_after: Option<String>,
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response<Body> {
@@ -443,6 +451,11 @@ async fn handle(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
             .and_then(|t| t.parse().ok())
             .map(Duration::from_secs),
         metadata_only: accept.contains(METADATA_ACCEPT),
+        limit: params
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .filter(|&l| l > 0),
+        continue_after: params.get("continue").cloned(),
     };
     if query.watch {
         watch_response(shared, query)
@@ -491,16 +504,42 @@ fn discovery_doc(path: &str) -> Option<Value> {
 async fn list_response(shared: Arc<Shared>, query: Query) -> Response<Body> {
     let mut held = shared.hold_lists.subscribe();
     let _ = held.wait_for(|hold| !hold).await;
-    let state = shared.state.lock().unwrap();
+    let mut state = shared.state.lock().unwrap();
     if let Some(rv) = too_old(&state, query.resource_version.as_deref()) {
         return gone(rv, state.oldest);
     }
-    let items: Vec<Value> = state
+    let state = &mut *state;
+    // A page starts after the key the last one ended on.
+    let from = match query.continue_after.as_deref().map(|t| t.split_once('/')) {
+        Some(Some((ns, name))) => {
+            std::ops::Bound::Excluded((query.kind, ns.to_string(), name.to_string()))
+        }
+        Some(None) => return status(StatusCode::BAD_REQUEST, "BadRequest", "bad continue"),
+        None => std::ops::Bound::Included((query.kind, String::new(), String::new())),
+    };
+    let mut selected = state
         .objects
-        .iter()
-        .filter(|((kind, _, _), object)| *kind == query.kind && matches(&query, object))
-        .map(|(_, object)| shape(&query, object))
-        .collect();
+        .range((from, std::ops::Bound::Unbounded))
+        .take_while(|((kind, _, _), _)| *kind == query.kind)
+        .filter(|(_, object)| matches(&query, object));
+    let mut items: Vec<Bytes> = Vec::new();
+    let mut last = None;
+    for (key, object) in selected.by_ref().take(query.limit.unwrap_or(usize::MAX)) {
+        let encoded = if query.metadata_only {
+            Bytes::from(serde_json::to_vec(&shape(&query, object)).expect("json"))
+        } else {
+            state
+                .encoded
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    Bytes::from(serde_json::to_vec(&shape(&query, object)).expect("json"))
+                })
+                .clone()
+        };
+        items.push(encoded);
+        last = Some(key);
+    }
+    let more = selected.next().is_some();
     let kind = if query.metadata_only {
         "PartialObjectMetadataList".to_string()
     } else {
@@ -511,11 +550,31 @@ async fn list_response(shared: Arc<Shared>, query: Query) -> Response<Body> {
     } else {
         query.kind.api_version()
     };
-    json_response(
-        StatusCode::OK,
-        &json!({"kind": kind, "apiVersion": api_version,
-                "metadata": {"resourceVersion": state.rv.to_string()}, "items": items}),
+    let mut metadata = json!({"resourceVersion": state.rv.to_string()});
+    if let (true, Some((_, ns, name))) = (more, last) {
+        metadata["continue"] = json!(format!("{ns}/{name}"));
+    }
+    // The list's envelope around the encoded items, spliced in at the placeholder.
+    let envelope = serde_json::to_string(
+        &json!({"kind": kind, "apiVersion": api_version, "metadata": metadata, "items": []}),
     )
+    .expect("json");
+    let at = envelope.find(r#""items":[]"#).expect("the items field") + r#""items":["#.len();
+    let (head, tail) = envelope.split_at(at);
+    let mut body = Vec::with_capacity(items.iter().map(|i| i.len() + 1).sum::<usize>() + 256);
+    body.extend_from_slice(head.as_bytes());
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(item);
+    }
+    body.extend_from_slice(tail.as_bytes());
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)).boxed_unsync())
+        .expect("response")
 }
 
 /// The requested resource version, when the history no longer reaches back to it.

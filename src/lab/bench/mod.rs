@@ -179,7 +179,7 @@ fn table(
             pod: names[m.index].as_str().into(),
             node: None,
             zone: None,
-            zone_hints: Vec::new(),
+            zone_hints: Box::default(),
             ready: !m.terminating,
             serving: true,
             terminating: m.terminating,

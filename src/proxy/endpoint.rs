@@ -1,0 +1,67 @@
+//! What carousel keeps of one endpoint of one Service port while it stays in the
+//! table: its open-connection count (which the balancer reads), passive health, pick
+//! count and metric series. One allocation per endpoint, carried from each route table
+//! to the next; its series are registered at its first connection and leave with it.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use crate::addr::PodAddr;
+use crate::proxy::ejection::Ejection;
+use crate::proxy::port_metrics::{EndpointSeries, PortMetrics};
+
+#[derive(Debug)]
+pub struct EndpointState {
+    pub addr: PodAddr,
+    pub pod: Arc<str>,
+    /// Open connections; the same counter the balancer reads.
+    pub active: Arc<AtomicU32>,
+    /// Passive health.
+    pub ejection: Ejection,
+    /// Picks of this endpoint, read by the fairness task (`fairness.rs`): a plain
+    /// atomic because a metrics counter cannot be read back.
+    pub picks: AtomicU64,
+    /// Its weight while it takes new connections, else 0; the weight gauge shows it
+    /// once the series exist.
+    weight: AtomicU32,
+    port: Arc<PortMetrics>,
+    /// Boxed: most endpoints never get a connection through this node, and an empty
+    /// slot costs a pointer.
+    series: OnceLock<Box<EndpointSeries>>,
+}
+
+impl EndpointState {
+    pub fn new(addr: PodAddr, pod: Arc<str>, port: &Arc<PortMetrics>) -> Self {
+        Self {
+            addr,
+            pod,
+            active: Arc::default(),
+            ejection: Ejection::default(),
+            picks: AtomicU64::new(0),
+            weight: AtomicU32::new(0),
+            port: port.clone(),
+            series: OnceLock::new(),
+        }
+    }
+
+    /// The endpoint's series, registered on first use.
+    pub fn series(&self) -> &EndpointSeries {
+        self.series.get_or_init(|| {
+            let weight = self.weight.load(Ordering::Relaxed);
+            Box::new(self.port.endpoint(self.addr, &self.pod, weight))
+        })
+    }
+
+    /// Sets the weight, and the gauge when the series exist.
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight, Ordering::Relaxed);
+        if let Some(series) = self.series.get() {
+            series.weight.set(f64::from(weight));
+        }
+    }
+
+    /// The port whose series these are.
+    pub fn port(&self) -> &Arc<PortMetrics> {
+        &self.port
+    }
+}

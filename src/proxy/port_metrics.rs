@@ -1,0 +1,177 @@
+//! The series of one Service port, and the handles it gives its endpoints. A route
+//! holds its port's `PortMetrics`; each endpoint, its own series once it has had a
+//! connection. The registry drops a series once no handle of it is held (`series.rs`),
+//! so a departed endpoint, or a deleted Service, leaves /metrics by itself.
+
+use std::sync::{Arc, OnceLock};
+
+use metrics::{Counter, Gauge, Histogram, Label};
+
+use crate::addr::PodAddr;
+use crate::balance::AffinityStats;
+use crate::model::{ServiceKey, ServicePort};
+use crate::telemetry::{names, Telemetry};
+
+/// One Service port's series, shared by its routes and carried across tables.
+#[derive(Debug)]
+pub struct PortMetrics {
+    telemetry: Arc<Telemetry>,
+    service: ServiceKey,
+    /// The port's label: its name, or its number when unnamed.
+    port: String,
+    /// `namespace`, `service`, `port`: the labels of every series of the port.
+    labels: Arc<[Label]>,
+    /// `carousel_connections_total{outcome="no_endpoint"}`.
+    pub no_endpoint: Counter,
+    /// `carousel_endpoints{state}`: ready, serving, terminating.
+    endpoint_counts: [Gauge; 3],
+    /// The port's latency histograms, registered at its first connection.
+    histograms: OnceLock<(Histogram, Histogram)>,
+}
+
+/// The series of one endpoint, resolved once: a connection only increments them.
+#[derive(Debug)]
+pub struct EndpointSeries {
+    pub ok: Counter,
+    pub connect_errors: Counter,
+    pub active: Gauge,
+    pub bytes_to_endpoint: Counter,
+    pub bytes_to_client: Counter,
+    /// The Service port's histogram; the endpoint's own with `--endpoint-histograms`.
+    pub connect_duration: Histogram,
+    pub connection_duration: Histogram,
+    /// `carousel_endpoint_ejections_total`: failed connects that took the endpoint out.
+    pub ejections: Counter,
+    /// `carousel_endpoint_weight`.
+    pub weight: Gauge,
+}
+
+const ENDPOINT_STATES: [&str; 3] = ["ready", "serving", "terminating"];
+
+impl PortMetrics {
+    pub fn new(telemetry: &Arc<Telemetry>, service: &ServiceKey, port: &ServicePort) -> Self {
+        let port_label = port.label();
+        let labels: Arc<[Label]> = vec![
+            Label::new("namespace", service.namespace.to_string()),
+            Label::new("service", service.name.to_string()),
+            Label::new("port", port_label.clone()),
+        ]
+        .into();
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut l = labels.to_vec();
+            l.extend(extra.iter().map(|(k, v)| Label::new(*k, *v)));
+            l
+        };
+        Self {
+            no_endpoint: telemetry.counter(
+                names::CONNECTIONS_TOTAL,
+                with(&[("endpoint", ""), ("pod", ""), ("outcome", "no_endpoint")]),
+            ),
+            endpoint_counts: ENDPOINT_STATES
+                .map(|state| telemetry.gauge(names::ENDPOINTS, with(&[("state", state)]))),
+            telemetry: telemetry.clone(),
+            service: service.clone(),
+            port: port_label,
+            labels,
+            histograms: OnceLock::new(),
+        }
+    }
+
+    /// Whether these are the series of `port` of `service`.
+    pub fn describes(&self, service: &ServiceKey, port: &ServicePort) -> bool {
+        self.service == *service && self.port == port.label()
+    }
+
+    /// Sets `carousel_endpoints{state}` from the port's endpoints.
+    pub fn count_endpoints(&self, port: &ServicePort) {
+        let mut counts = [0usize; 3];
+        for e in &port.endpoints {
+            for (n, on) in counts.iter_mut().zip([e.ready, e.serving, e.terminating]) {
+                *n += usize::from(on);
+            }
+        }
+        for (gauge, n) in self.endpoint_counts.iter().zip(counts) {
+            gauge.set(n as f64);
+        }
+    }
+
+    /// The series of the endpoint at `addr`, `pod`, with its weight gauge at `weight`.
+    pub fn endpoint(&self, addr: PodAddr, pod: &str, weight: u32) -> EndpointSeries {
+        let telemetry = &self.telemetry;
+        let labels = |extra: &[(&'static str, &'static str)]| {
+            let mut l = self.labels.to_vec();
+            l.push(Label::new("endpoint", addr.to_string()));
+            l.push(Label::new("pod", pod.to_string()));
+            l.extend(extra.iter().map(|(k, v)| Label::new(*k, *v)));
+            l
+        };
+        let (connect_duration, connection_duration) = if telemetry.endpoint_histograms() {
+            (
+                telemetry.histogram(names::CONNECT_DURATION, labels(&[])),
+                telemetry.histogram(names::CONNECTION_DURATION, labels(&[])),
+            )
+        } else {
+            self.histograms
+                .get_or_init(|| {
+                    (
+                        telemetry.histogram(names::CONNECT_DURATION, self.labels.to_vec()),
+                        telemetry.histogram(names::CONNECTION_DURATION, self.labels.to_vec()),
+                    )
+                })
+                .clone()
+        };
+        let series = EndpointSeries {
+            ok: telemetry.counter(names::CONNECTIONS_TOTAL, labels(&[("outcome", "ok")])),
+            connect_errors: telemetry.counter(
+                names::CONNECTIONS_TOTAL,
+                labels(&[("outcome", "connect_error")]),
+            ),
+            active: telemetry.gauge(names::CONNECTIONS_ACTIVE, labels(&[])),
+            bytes_to_endpoint: telemetry
+                .counter(names::BYTES_TOTAL, labels(&[("direction", "to_endpoint")])),
+            bytes_to_client: telemetry
+                .counter(names::BYTES_TOTAL, labels(&[("direction", "to_client")])),
+            connect_duration,
+            connection_duration,
+            ejections: telemetry.counter(names::EJECTIONS_TOTAL, labels(&[])),
+            weight: telemetry.gauge(names::ENDPOINT_WEIGHT, labels(&[])),
+        };
+        series.weight.set(f64::from(weight));
+        series
+    }
+
+    /// `carousel_shadow_picks_total` of one endpoint under the shadow `algorithm`.
+    pub fn shadow_picks(&self, algorithm: &'static str, addr: PodAddr, pod: &str) -> Counter {
+        let mut labels = self.labels.to_vec();
+        labels.extend([
+            Label::new("algorithm", algorithm),
+            Label::new("endpoint", addr.to_string()),
+            Label::new("pod", pod.to_string()),
+        ]);
+        self.telemetry.counter(names::SHADOW_PICKS_TOTAL, labels)
+    }
+
+    /// The `carousel_affinity_*` handles, for a port with ClientIP affinity.
+    pub fn affinity(&self) -> AffinityStats {
+        let lookups = |result: &'static str| {
+            let mut labels = self.labels.to_vec();
+            labels.push(Label::new("result", result));
+            self.telemetry
+                .counter(names::AFFINITY_LOOKUPS_TOTAL, labels)
+        };
+        AffinityStats {
+            hit: lookups("hit"),
+            miss: lookups("miss"),
+            expired: lookups("expired"),
+            entries: self
+                .telemetry
+                .gauge(names::AFFINITY_ENTRIES, self.labels.to_vec()),
+        }
+    }
+
+    /// `carousel_fairness_jain` of the port.
+    pub fn fairness(&self) -> Gauge {
+        self.telemetry
+            .gauge(names::FAIRNESS_JAIN, self.labels.to_vec())
+    }
+}
