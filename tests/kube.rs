@@ -256,12 +256,13 @@ async fn kubechaos_round_robin_then_three_to_one_by_weights() {
         vec![50; 4],
         "{counts:?}"
     );
-    let pod_watches = || {
+    let pod_requests = || -> Vec<String> {
         api.requests()
-            .iter()
-            .filter(|r| r.starts_with("GET /api/v1/pods?"))
-            .count()
+            .into_iter()
+            .filter(|r| r.contains("/pods?"))
+            .collect()
     };
+    let pod_watches = || pod_requests().len();
     assert_eq!(pod_watches(), 0, "no Service weighs by label: no pod watch");
 
     let mut weighted = service("kubechaos-svc", svc_ip, "kubechaos");
@@ -274,6 +275,21 @@ async fn kubechaos_round_robin_then_three_to_one_by_weights() {
         pod_watches() > 0
     })
     .await;
+    eventually("three watches", || async { api.open_watches() == 3 }).await;
+    // Only the weighted Service's namespace, and only pods with a label a rule names:
+    // the cluster's other pods cost this node nothing.
+    for request in pod_requests() {
+        let (path, query) = request.split_once('?').unwrap();
+        assert_eq!(path, "GET /api/v1/namespaces/test/pods", "{request}");
+        let selector = form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == "labelSelector")
+            .map(|(_, v)| v.into_owned());
+        assert_eq!(
+            selector.as_deref(),
+            Some("version in (custom,original)"),
+            "{request}"
+        );
+    }
 
     eventually("connections split 3:1 custom:original", || async {
         let counts = spread(addr(1, 1), 8 * 10).await;
@@ -299,6 +315,8 @@ async fn kubechaos_round_robin_then_three_to_one_by_weights() {
         &["custom-1", "custom-2", "original-1", "original-2"],
     )
     .await;
+    // Services and EndpointSlices are watched still; pods no more.
+    eventually("the pod watch closes", || async { api.open_watches() == 2 }).await;
     carousel.stop().await;
 }
 

@@ -453,6 +453,41 @@ pub fn parse_weights(text: &str) -> (Vec<WeightRule>, Vec<String>) {
     (rules, errors)
 }
 
+/// Whether `value` can be a Kubernetes label value: at most 63 characters of
+/// `[A-Za-z0-9_.-]`, beginning and ending with a letter or digit, or empty.
+pub fn is_label_value(value: &str) -> bool {
+    let edges = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    value.is_empty()
+        || (value.len() <= 63
+            && edges(value.chars().next())
+            && edges(value.chars().last())
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+}
+
+/// Whether `key` can be a Kubernetes label key: a non-empty name as for values, after
+/// an optional DNS-subdomain prefix and `/`.
+pub fn is_label_key(key: &str) -> bool {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && !part.starts_with('-')
+                    && !part.ends_with('-')
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            })
+    });
+    prefix_ok && !name.is_empty() && is_label_value(name)
+}
+
 /// Converts one EndpointSlice. `Ok(None)` for slices carousel does not use: FQDN slices
 /// and slices that name no Service.
 /// An EndpointSlice on its own; its repeated names come from `names`.

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::discovery::backoff::{self, Backoff, Outage};
 use crate::discovery::convert::{LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
-use crate::discovery::store::Store;
+use crate::discovery::store::{PodWatch, Store};
 use crate::model::ServiceTable;
 use crate::telemetry::{names, Telemetry};
 
@@ -229,6 +229,7 @@ pub async fn run(
         ));
     }
     let mut pods: Option<Updates> = None;
+    let mut pod_watch: Option<PodWatch> = None;
     let programming = telemetry.histogram(names::NETWORK_PROGRAMMING_DURATION, Vec::new());
     let mut last_publish: Option<Instant> = None;
     let mut deadline: Option<Instant> = None;
@@ -255,26 +256,35 @@ pub async fn run(
         if errors > 0 {
             telemetry.config_errors().increment(errors);
         }
-        match (store.needs_pods(), pods.is_some()) {
-            (true, false) => {
-                tracing::info!("a Service weighs pods by label: watching pod metadata");
-                pods = Some(tag(
-                    "Pod",
-                    Update::Pod,
-                    // Metadata only (PartialObjectMetadata): no pod specs in memory.
-                    watcher(
-                        Api::<PartialObjectMeta<core::Pod>>::all(client.clone()),
-                        watcher::Config::default(),
-                    ),
-                    &outage,
-                ));
-            }
-            (false, true) => {
-                tracing::info!("no Service weighs pods by label: pod watch stopped");
-                pods = None;
-                store.forget_pods();
-            }
-            _ => {}
+        if store.pod_watch() != pod_watch.as_ref() {
+            pod_watch = store.pod_watch().cloned();
+            pods = match &pod_watch {
+                Some(scope) => {
+                    tracing::info!(
+                        namespace = scope.namespace.as_deref().unwrap_or("(all)"),
+                        selector = scope.selector.as_deref().unwrap_or("(none)"),
+                        "a Service weighs pods by label: watching their metadata"
+                    );
+                    // Metadata only (PartialObjectMetadata): no pod specs in memory. A
+                    // new scope lists afresh; the labels known so far serve meanwhile.
+                    let api = match &scope.namespace {
+                        Some(ns) => {
+                            Api::<PartialObjectMeta<core::Pod>>::namespaced(client.clone(), ns)
+                        }
+                        None => Api::all(client.clone()),
+                    };
+                    let config = match &scope.selector {
+                        Some(selector) => watcher::Config::default().labels(selector),
+                        None => watcher::Config::default(),
+                    };
+                    Some(tag("Pod", Update::Pod, watcher(api, config), &outage))
+                }
+                None => {
+                    tracing::info!("no Service weighs pods by label: pod watch stopped");
+                    store.forget_pods();
+                    None
+                }
+            };
         }
         if !store.has_pending() || deadline.is_some() {
             continue;

@@ -108,6 +108,9 @@ pub struct Store {
     slices_by_service: HashMap<ServiceKey, BTreeSet<ObjectKey>>,
     /// Services with `carousel.dev/weights` rules: the only ones pod labels matter to.
     weighted: BTreeSet<ServiceKey>,
+    /// What the pod watch must cover for them, kept up to date with `weighted`.
+    pod_watch: Option<PodWatch>,
+    pod_watch_stale: bool,
     /// Services to rebuild at the next flush.
     dirty: BTreeSet<ServiceKey>,
     table: ServiceTable,
@@ -133,6 +136,8 @@ impl Store {
             node: Relisted::default(),
             slices_by_service: HashMap::new(),
             weighted: BTreeSet::new(),
+            pod_watch: None,
+            pod_watch_stale: false,
             dirty: BTreeSet::new(),
             table: ServiceTable {
                 zone: zone_table,
@@ -171,9 +176,15 @@ impl Store {
             .collect()
     }
 
-    /// Whether pod labels are needed: some Service weighs its pods by label.
+    /// Whether pod labels are needed: some Service weighs its pods by a label that a
+    /// pod can carry.
     pub fn needs_pods(&self) -> bool {
-        !self.weighted.is_empty()
+        self.pod_watch.is_some()
+    }
+
+    /// What the pod-metadata watch must see, or `None` for no watch at all.
+    pub fn pod_watch(&self) -> Option<&PodWatch> {
+        self.pod_watch.as_ref()
     }
 
     /// Every watch has listed once: the table reflects the cluster.
@@ -214,6 +225,17 @@ impl Store {
     // ---- Services ----
 
     pub fn apply_service(&mut self, event: Event<core::Service>) {
+        self.apply_service_event(event);
+        if std::mem::take(&mut self.pod_watch_stale) {
+            self.pod_watch = PodWatch::covering(
+                self.weighted
+                    .iter()
+                    .filter_map(|k| self.services.live.get(k)),
+            );
+        }
+    }
+
+    fn apply_service_event(&mut self, event: Event<core::Service>) {
         match event {
             Event::Init => self.services.begin(),
             Event::InitApply(svc) => {
@@ -288,11 +310,13 @@ impl Store {
             .live
             .get(key)
             .is_some_and(|f| !f.weights.is_empty());
-        if weighted {
-            self.weighted.insert(key.clone());
+        let was = if weighted {
+            !self.weighted.insert(key.clone())
         } else {
-            self.weighted.remove(key);
-        }
+            self.weighted.remove(key)
+        };
+        // Worked out once per event (`apply_service`), not once per Service of a relist.
+        self.pod_watch_stale |= weighted || was;
         self.dirty.insert(key.clone());
     }
 
@@ -583,6 +607,56 @@ fn pod_labels(meta: &ObjectMeta) -> Option<(ObjectKey, BTreeMap<String, String>)
         object_name(meta).ok()?.to_string(),
     );
     Some((key, meta.labels.clone().unwrap_or_default()))
+}
+
+/// The pods whose labels the weighted Services' rules can match: the pod-metadata watch
+/// asks for these only, so that a cluster's other pods cost this node nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodWatch {
+    /// The one namespace every weighted Service is in; `None`: all namespaces.
+    pub namespace: Option<String>,
+    /// A label selector that every pod a rule matches passes; `None`: every pod.
+    pub selector: Option<String>,
+}
+
+impl PodWatch {
+    /// The watch for `fronts`, or `None` when no rule can match any pod (no rules, or
+    /// only labels no pod can carry).
+    fn covering<'a>(fronts: impl Iterator<Item = &'a ServiceFront>) -> Option<PodWatch> {
+        let mut namespaces = BTreeSet::new();
+        let mut labels: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for front in fronts {
+            for rule in &front.weights {
+                if convert::is_label_key(&rule.label) && convert::is_label_value(&rule.value) {
+                    namespaces.insert(&*front.key.namespace);
+                    labels.entry(&rule.label).or_default().insert(&rule.value);
+                }
+            }
+        }
+        if labels.is_empty() {
+            return None;
+        }
+        let namespace = match namespaces.len() {
+            1 => namespaces.first().map(|ns| ns.to_string()),
+            _ => None,
+        };
+        // Selectors AND their terms: with one label, `label in (values)` (or `label`
+        // when a rule wants the empty value); with several, every pod.
+        let selector = match labels.first_key_value() {
+            Some((key, values)) if labels.len() == 1 && values.contains("") => {
+                Some(key.to_string())
+            }
+            Some((key, values)) if labels.len() == 1 => Some(format!(
+                "{key} in ({})",
+                values.iter().copied().collect::<Vec<_>>().join(",")
+            )),
+            _ => None,
+        };
+        Some(PodWatch {
+            namespace,
+            selector,
+        })
+    }
 }
 
 /// The taint the cluster autoscaler puts on a node it is about to remove.
@@ -924,6 +998,52 @@ mod tests {
         assert_eq!(store.take_config_errors(), 1);
         assert!(store.flush().table.is_none());
         assert_eq!(store.take_config_errors(), 0);
+    }
+
+    #[test]
+    fn the_pod_watch_narrows_to_the_weighted_namespaces_and_labels() {
+        let mut store = synced();
+        let weigh = |store: &mut Store, name: &str, ns: &str, weights: &str| {
+            let mut svc = service(name, "10.96.0.10", json!({"carousel.dev/weights": weights}));
+            svc.metadata.namespace = Some(ns.into());
+            store.apply_service(Event::Apply(svc));
+        };
+        let watch = |store: &Store| store.pod_watch().cloned();
+        assert_eq!(watch(&store), None, "nothing weighs: no watch");
+        weigh(&mut store, "web", "shop", "version=custom:3,version=original:1");
+        let scope = |ns: Option<&str>, selector: Option<&str>| {
+            Some(PodWatch {
+                namespace: ns.map(str::to_string),
+                selector: selector.map(str::to_string),
+            })
+        };
+        assert_eq!(
+            watch(&store),
+            scope(Some("shop"), Some("version in (custom,original)"))
+        );
+        // A value no label can have matches no pod: it asks for nothing more.
+        weigh(&mut store, "api", "shop", "version=no way:2,version=beta:1");
+        assert_eq!(
+            watch(&store),
+            scope(Some("shop"), Some("version in (beta,custom,original)"))
+        );
+        // A second namespace: every namespace, the same label.
+        weigh(&mut store, "db", "data", "version=custom:2");
+        assert_eq!(
+            watch(&store),
+            scope(None, Some("version in (beta,custom,original)"))
+        );
+        // A second label cannot be ORed into one selector: every pod of the namespaces.
+        weigh(&mut store, "db", "data", "track=canary:2");
+        assert_eq!(watch(&store), scope(None, None));
+        for (name, ns) in [("web", "shop"), ("api", "shop"), ("db", "data")] {
+            let mut svc = svc(name, "10.96.0.10");
+            svc.metadata.namespace = Some(ns.into());
+            store.apply_service(Event::Apply(svc));
+        }
+        assert_eq!(watch(&store), None, "nothing weighs any more: the watch stops");
+        weigh(&mut store, "web", "shop", "bad key!=x:2");
+        assert_eq!(watch(&store), None, "a rule no pod can match needs no pods");
     }
 
     #[test]

@@ -314,7 +314,7 @@ impl FakeApiServer {
         self.shared.state.lock().unwrap().requests.clone()
     }
 
-    /// How many watches of `kind` are open right now.
+    /// How many watches are open right now, of every kind.
     pub fn open_watches(&self) -> usize {
         self.shared.signals.receiver_count()
     }
