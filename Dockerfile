@@ -3,6 +3,10 @@
 # The cache mounts keep the crate registry and cargo's target directory between builds
 # of this machine, so a source change rebuilds only carousel itself.
 FROM rust:1-slim-bookworm AS build
+# make(1) builds jemalloc, carousel's allocator (tikv-jemalloc-sys).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # Line tables are for profiling on a developer's machine; the image keeps symbols only.

@@ -10,6 +10,7 @@ pub mod balance;
 pub mod config;
 pub mod dataplane;
 pub mod discovery;
+pub mod heavy;
 pub mod lab;
 pub mod model;
 pub mod proxy;

@@ -19,6 +19,14 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc with its background threads, rather than glibc's malloc: freed memory goes
+/// back to the system within seconds, so that resident memory follows the cluster after
+/// a relist or a burst of churn instead of staying at its peak (issue 15, 5 000
+/// Services × 50 endpoints: 175 MB settled and 273 MB after churn on glibc, 144 MB and
+/// 148 MB on jemalloc).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -158,15 +158,16 @@ impl ServicePort {
             Traffic::Inside => false,
         };
         if local_only {
-            return self.eligible_where(|e| e.node.is_some() && e.node == here.node);
+            return self
+                .eligible_where(|e| e.placement.node.is_some() && e.placement.node == here.node);
         }
         let all = self.eligible();
         if traffic != Traffic::External && service.prefer_close {
             if let Some(zone) = &here.zone {
-                let hinted = all.iter().all(|e| !e.zone_hints.is_empty());
+                let hinted = all.iter().all(|e| !e.placement.zone_hints.is_empty());
                 let close: Vec<Endpoint> = all
                     .iter()
-                    .filter(|e| e.zone_hints.contains(zone))
+                    .filter(|e| e.placement.zone_hints.contains(zone))
                     .cloned()
                     .collect();
                 if hinted && !close.is_empty() {
@@ -184,15 +185,23 @@ pub struct Endpoint {
     pub addr: PodAddr,
     /// The pod's name (`targetRef`), empty when the slice names none.
     pub pod: Arc<str>,
-    pub node: Option<Arc<str>>,
-    pub zone: Option<Arc<str>>,
-    /// `hints.forZones` of the EndpointSlice.
-    pub zone_hints: Box<[Arc<str>]>,
+    pub placement: Arc<Placement>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
     /// Relative share of new connections (`carousel.dev/weights`); 1 unless set.
     pub weight: u32,
+}
+
+/// Where an endpoint runs: its node, its zone and the zones it is hinted for. One value
+/// is shared by all the endpoints that run alike (`discovery::names`), so that it costs
+/// each of them a pointer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Placement {
+    pub node: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
+    /// `hints.forZones` of the EndpointSlice.
+    pub zone_hints: Box<[Arc<str>]>,
 }
 
 /// An immutable snapshot of every Service carousel handles, keyed and sorted by Service.
@@ -236,9 +245,11 @@ mod tests {
         Endpoint {
             addr: PodAddr(SocketAddr::from(([10, 244, 0, last], 8080))),
             pod: format!("pod-{last}").into(),
-            node: Some(node.into()),
-            zone: None,
-            zone_hints: zone_hints.iter().map(|z| Arc::from(*z)).collect(),
+            placement: Arc::new(Placement {
+                node: Some(node.into()),
+                zone: None,
+                zone_hints: zone_hints.iter().map(|z| Arc::from(*z)).collect(),
+            }),
             ready,
             serving: true,
             terminating: !ready,
@@ -337,7 +348,7 @@ mod tests {
         );
 
         let mut partly = hinted;
-        partly[1].zone_hints = Box::default();
+        partly[1].placement = Arc::default();
         let s = service(partly, |s| s.prefer_close = true);
         assert_eq!(
             picked(&s, Traffic::Internal, "n1", "a"),

@@ -22,7 +22,8 @@ use crate::addr::PodAddr;
 use crate::balance;
 use crate::discovery::names::Names;
 use crate::model::{
-    Balancing, Endpoint, Service, ServiceKey, ServicePort, ServiceTable, DEFAULT_AFFINITY_TIMEOUT,
+    Balancing, Endpoint, Placement, Service, ServiceKey, ServicePort, ServiceTable,
+    DEFAULT_AFFINITY_TIMEOUT,
 };
 
 pub const ANNOTATION_LOAD_BALANCER: &str = "carousel.dev/load-balancer";
@@ -160,10 +161,9 @@ pub struct SliceEndpoint {
     pub ip: IpAddr,
     /// The pod behind it, when the slice says.
     pub pod: Option<PodRef>,
-    pub node: Option<Arc<str>>,
-    pub zone: Option<Arc<str>>,
-    /// `hints.forZones`: the zones this endpoint should serve under topology-aware routing.
-    pub zone_hints: Box<[Arc<str>]>,
+    /// Its node, zone and `hints.forZones` (the zones it should serve under
+    /// topology-aware routing).
+    pub placement: Arc<Placement>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -561,16 +561,16 @@ pub fn slice(
         endpoints.push(SliceEndpoint {
             ip,
             pod,
-            node: e.node_name.as_deref().map(|n| names.get(n)),
-            zone: e.zone.as_deref().map(|z| names.get(z)),
-            zone_hints: e
-                .hints
-                .as_ref()
-                .and_then(|h| h.for_zones.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|z| names.get(&z.name))
-                .collect(),
+            placement: names.placement(
+                e.node_name.as_deref(),
+                e.zone.as_deref(),
+                e.hints
+                    .as_ref()
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name.as_str()),
+            ),
             ready,
             serving,
             terminating,
@@ -687,9 +687,7 @@ fn endpoints_for(
             let endpoint = Endpoint {
                 addr,
                 pod: e.pod.as_ref().map_or_else(no_pod, |p| p.name.clone()),
-                node: e.node.clone(),
-                zone: e.zone.clone(),
-                zone_hints: e.zone_hints.clone(),
+                placement: e.placement.clone(),
                 ready: e.ready,
                 serving: e.serving,
                 terminating: e.terminating,
@@ -1369,9 +1367,11 @@ mod tests {
                         namespace: "shop".into(),
                         name: "web-a".into()
                     }),
-                    node: Some("node-a".into()),
-                    zone: Some("zone-1".into()),
-                    zone_hints: Box::default(),
+                    placement: Arc::new(Placement {
+                        node: Some("node-a".into()),
+                        zone: Some("zone-1".into()),
+                        zone_hints: Box::default(),
+                    }),
                     ready: true,
                     serving: true,
                     terminating: false,
@@ -1382,9 +1382,11 @@ mod tests {
                         namespace: "elsewhere".into(),
                         name: "web-b".into()
                     }),
-                    node: None,
-                    zone: None,
-                    zone_hints: Box::default(),
+                    placement: Arc::new(Placement {
+                        node: None,
+                        zone: None,
+                        zone_hints: Box::default(),
+                    }),
                     ready: true,
                     serving: true,
                     terminating: false,
@@ -1392,9 +1394,11 @@ mod tests {
                 SliceEndpoint {
                     ip: ip("10.1.0.3"),
                     pod: None,
-                    node: None,
-                    zone: None,
-                    zone_hints: Box::default(),
+                    placement: Arc::new(Placement {
+                        node: None,
+                        zone: None,
+                        zone_hints: Box::default(),
+                    }),
                     ready: true,
                     serving: true,
                     terminating: false,
@@ -1696,9 +1700,11 @@ mod tests {
                     endpoints: vec![Endpoint {
                         addr: PodAddr("10.1.0.1:8080".parse().unwrap()),
                         pod: "web-a".into(),
-                        node: Some("n1".into()),
-                        zone: Some("z1".into()),
-                        zone_hints: Box::default(),
+                        placement: Arc::new(Placement {
+                            node: Some("n1".into()),
+                            zone: Some("z1".into()),
+                            zone_hints: Box::default(),
+                        }),
                         ready: true,
                         serving: true,
                         terminating: false,
@@ -1724,9 +1730,11 @@ mod tests {
         Endpoint {
             addr: PodAddr(SocketAddr::new(IpAddr::from([10, 1, 0, last]), 8080)),
             pod: format!("p{last}").into(),
-            node: None,
-            zone: None,
-            zone_hints: Box::default(),
+            placement: Arc::new(Placement {
+                node: None,
+                zone: None,
+                zone_hints: Box::default(),
+            }),
             ready,
             serving,
             terminating,
@@ -1888,8 +1896,13 @@ mod tests {
             "[{port: 80}]",
             "[{addresses: [10.1.0.1], zone: a, hints: {forZones: [{name: a}, {name: b}]}}, {addresses: [10.1.0.2]}]",
         );
-        let hints: Vec<&str> = s.endpoints[0].zone_hints.iter().map(|z| &**z).collect();
+        let hints: Vec<&str> = s.endpoints[0]
+            .placement
+            .zone_hints
+            .iter()
+            .map(|z| &**z)
+            .collect();
         assert_eq!(hints, ["a", "b"]);
-        assert!(s.endpoints[1].zone_hints.is_empty());
+        assert!(s.endpoints[1].placement.zone_hints.is_empty());
     }
 }

@@ -332,8 +332,8 @@ pub async fn watch(
             continue;
         }
         applied = Some(seen);
-        let text = String::from_utf8_lossy(&bytes);
-        match parse(&text, &scope) {
+        let parsed = crate::heavy::run(|| parse(&String::from_utf8_lossy(&bytes), &scope));
+        match parsed {
             Ok(loaded) => {
                 reporter.report_loaded(&loaded, &telemetry);
                 tables.send_if_modified(|current| {

@@ -307,7 +307,8 @@ fn publish(
     tables: &watch::Sender<Arc<ServiceTable>>,
     programming: &metrics::Histogram,
 ) -> bool {
-    let flushed = store.flush();
+    // A relist rebuilds every Service: heavy at cluster scale.
+    let flushed = crate::heavy::run(|| store.flush());
     let Some(table) = flushed.table else {
         return false;
     };

@@ -1010,7 +1010,12 @@ mod tests {
         };
         let watch = |store: &Store| store.pod_watch().cloned();
         assert_eq!(watch(&store), None, "nothing weighs: no watch");
-        weigh(&mut store, "web", "shop", "version=custom:3,version=original:1");
+        weigh(
+            &mut store,
+            "web",
+            "shop",
+            "version=custom:3,version=original:1",
+        );
         let scope = |ns: Option<&str>, selector: Option<&str>| {
             Some(PodWatch {
                 namespace: ns.map(str::to_string),
@@ -1041,7 +1046,11 @@ mod tests {
             svc.metadata.namespace = Some(ns.into());
             store.apply_service(Event::Apply(svc));
         }
-        assert_eq!(watch(&store), None, "nothing weighs any more: the watch stops");
+        assert_eq!(
+            watch(&store),
+            None,
+            "nothing weighs any more: the watch stops"
+        );
         weigh(&mut store, "web", "shop", "bad key!=x:2");
         assert_eq!(watch(&store), None, "a rule no pod can match needs no pods");
     }

@@ -52,7 +52,10 @@ pub fn checks(table: &ServiceTable, here: &Locality) -> HashMap<u16, Check> {
         };
         let mut local = HashSet::new();
         for endpoint in service.ports.iter().flat_map(|p| &p.endpoints) {
-            if endpoint.ready && endpoint.node.is_some() && endpoint.node == here.node {
+            if endpoint.ready
+                && endpoint.placement.node.is_some()
+                && endpoint.placement.node == here.node
+            {
                 local.insert(endpoint.addr.0.ip());
             }
         }

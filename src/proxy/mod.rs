@@ -353,15 +353,20 @@ pub async fn run(
             telemetry.health().queued();
             telemetry.health().set_node_leaving(table.node_leaving);
             let previous = routes.load_full();
-            let next = RouteTable::build_with_shadows(
-                &table,
-                &previous,
-                &telemetry,
-                &config.balance,
-                &here,
-                &config.shadow,
-            );
-            routes.store(Arc::new(next));
+            // A full build (the first table, a relist) walks every endpoint, and the
+            // replaced table frees as many: both off the connections' way.
+            crate::heavy::run(|| {
+                let next = RouteTable::build_with_shadows(
+                    &table,
+                    &previous,
+                    &telemetry,
+                    &config.balance,
+                    &here,
+                    &config.shadow,
+                );
+                drop(routes.swap(Arc::new(next)));
+                drop(previous);
+            });
             // A failure to start ends the proxy at once.
             intake.open(&accepting)?;
         }

@@ -592,7 +592,7 @@ fn set_weights(previous: Option<&Route>, endpoints: &[RouteEndpoint]) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::model::{Balancing, Endpoint, Service};
+    use crate::model::{Balancing, Endpoint, Placement, Service};
     use std::collections::BTreeMap;
     use std::net::{IpAddr, Ipv4Addr};
     use std::time::Duration;
@@ -601,9 +601,11 @@ pub(crate) mod tests {
         Endpoint {
             addr: PodAddr(SocketAddr::from(([10, 244, 0, last], 8080))),
             pod: format!("pod-{last}").into(),
-            node: None,
-            zone: None,
-            zone_hints: Box::default(),
+            placement: Arc::new(Placement {
+                node: None,
+                zone: None,
+                zone_hints: Box::default(),
+            }),
             ready,
             serving: ready,
             terminating: false,
@@ -653,7 +655,10 @@ pub(crate) mod tests {
     #[test]
     fn inside_clients_of_a_local_policy_reach_every_endpoint_and_source_ranges_guard_lb_ips() {
         let here = |last, node: &str| Endpoint {
-            node: Some(node.into()),
+            placement: Arc::new(Placement {
+                node: Some(node.into()),
+                ..Placement::default()
+            }),
             ..endpoint(last, true, 1)
         };
         let mut table = (*table("round-robin", None, vec![here(1, "a"), here(2, "b")])).clone();
@@ -855,8 +860,11 @@ pub(crate) mod tests {
         let endpoints: Vec<Endpoint> = (1..=4u8)
             .filter(|e| mask & (1 << (e - 1)) != 0)
             .map(|e| Endpoint {
-                zone_hints: vec![if e % 2 == 1 { "a" } else { "b" }.into()].into(),
-                node: Some(if e % 2 == 1 { "here" } else { "there" }.into()),
+                placement: Arc::new(Placement {
+                    zone_hints: vec![if e % 2 == 1 { "a" } else { "b" }.into()].into(),
+                    node: Some(if e % 2 == 1 { "here" } else { "there" }.into()),
+                    zone: None,
+                }),
                 ..endpoint(i * 10 + e, true, 1)
             })
             .collect();

@@ -177,9 +177,7 @@ fn table(
         .map(|m| Endpoint {
             addr: PodAddr(m.addr),
             pod: names[m.index].as_str().into(),
-            node: None,
-            zone: None,
-            zone_hints: Box::default(),
+            placement: Arc::default(),
             ready: !m.terminating,
             serving: true,
             terminating: m.terminating,
