@@ -4,13 +4,18 @@
 //! per size and source: time to the first ready `/healthz`, resident memory, idle CPU,
 //! the size and scrape time of `/metrics`, how long new connections take to follow one
 //! EndpointSlice change (p50/p99 over 100 changes), resident memory after churn (pods
-//! replaced in slices, Services created and deleted), and the time from SIGTERM to exit.
+//! replaced in slices, Services created and deleted), the latency of new connections
+//! idle and during the churn, and the time from SIGTERM to exit.
 //!
 //! A measurement, not a test: it asserts nothing about time. Needs root (namespaces,
 //! nftables) and `cargo build --release` first.
 //!
 //!   cargo bench --bench scale                 # 5000x50 and 10000x50, API and file
 //!   SCALE=5000x50 SOURCES=api cargo bench --bench scale
+//!
+//! SCALE_CHURN=N changes the number of churn events, SCALE_LOG=path keeps carousel's log
+//! (RUST_LOG sets its level), SCALE_WRAP="heaptrack -o /tmp/ht" runs carousel under a
+//! profiler.
 
 #[path = "../tests/common/fake_apiserver.rs"]
 #[allow(dead_code)] // the bench uses part of the tests' server
@@ -200,6 +205,34 @@ fn ask(ns: &Netns) -> Option<String> {
     })
 }
 
+/// [`ask`], timed inside the namespace: connect to the answer, without the thread
+/// hop into the namespace.
+fn ask_timed(ns: &Netns) -> Option<Duration> {
+    ns.enter(|| {
+        let at = Instant::now();
+        let mut s =
+            TcpStream::connect_timeout(&"10.95.0.1:80".parse().unwrap(), Duration::from_secs(1))
+                .ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        (!out.is_empty()).then(|| at.elapsed())
+    })
+}
+
+/// p50 and p99 of `times`, or "-".
+fn p50_p99(times: &mut [Duration]) -> String {
+    if times.is_empty() {
+        return "-".into();
+    }
+    times.sort();
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms",
+        percentile(times, 0.5).as_secs_f64() * 1e3,
+        percentile(times, 0.99).as_secs_f64() * 1e3
+    )
+}
+
 /// `GET path` on `addr` inside the namespace: status line and body.
 fn get(ns: &Netns, addr: &str, path: &str) -> Option<(String, Vec<u8>)> {
     ns.enter(|| {
@@ -378,6 +411,10 @@ fn measure(services: usize, endpoints: usize, from_file: bool) -> String {
     }
 
     eprintln!("  followed {} changes", follow.len());
+    // New connections while nothing changes, and then while the cluster churns.
+    let mut idle_asks: Vec<Duration> = (0..200).filter_map(|_| ask_timed(&ns)).collect();
+    let mut churn_asks: Vec<Duration> = Vec::new();
+    let mut failed_asks = 0;
     let churn = if from_file {
         String::from("-")
     } else {
@@ -397,13 +434,26 @@ fn measure(services: usize, endpoints: usize, from_file: bool) -> String {
             } else {
                 api.apply(slice(n % services, endpoints, 1 + n / services));
             }
+            if n % 500 == 0 {
+                match ask_timed(&ns) {
+                    Some(t) => churn_asks.push(t),
+                    None => failed_asks += 1,
+                }
+            }
             if n % 10_000 == 0 {
                 eprintln!("  churn {n}");
             }
         }
+        // Settling again: the watch catches up, freed memory goes back.
         std::thread::sleep(Duration::from_secs(20));
-        let (rss_after, _) = usage(pid);
-        format!("{} MB", rss_after / 1024)
+        let (rss_20, _) = usage(pid);
+        std::thread::sleep(Duration::from_secs(40));
+        let (rss_60, _) = usage(pid);
+        format!(
+            "{} MB 20 s later, {} MB 60 s later",
+            rss_20 / 1024,
+            rss_60 / 1024
+        )
     };
 
     let stop = Instant::now();
@@ -428,12 +478,14 @@ fn measure(services: usize, endpoints: usize, from_file: bool) -> String {
         ),
     };
     format!(
-        "  ready after       {:.2} s\n  resident memory   {} MB (settled)\n  idle CPU          {idle_cpu:.2} % of a core\n  /metrics          {:.2} MB in {:.0} ms\n  follow a change   {follow}\n  after {} churn events  {churn}\n  SIGTERM to exit   {:.0} ms\n",
+        "  ready after       {:.2} s\n  resident memory   {} MB (settled)\n  idle CPU          {idle_cpu:.2} % of a core\n  /metrics          {:.2} MB in {:.0} ms\n  follow a change   {follow}\n  after {} churn events  {churn}\n  new connections   idle {}; during churn {} ({failed_asks} failed)\n  SIGTERM to exit   {:.0} ms\n",
         ready.as_secs_f64(),
         rss_settled / 1024,
         metrics as f64 / 1e6,
         scrape.as_secs_f64() * 1e3,
         churn_events(),
+        p50_p99(&mut idle_asks),
+        p50_p99(&mut churn_asks),
         exit.as_secs_f64() * 1e3
     )
 }

@@ -90,11 +90,67 @@ struct Objects {
     names: Names,
 }
 
+/// Files from this size on are read on two threads, each half of the documents.
+const PARALLEL_FROM: usize = 1 << 20;
+
 /// Parses and converts the text of a state file.
 pub fn parse(text: &str, scope: &Scope) -> Result<Loaded, StateFileError> {
     // Editors on Windows start UTF-8 files with a byte-order mark; kubectl skips it, and
     // the YAML parser would not see the first document for what it is.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let halves = (text.len() >= PARALLEL_FROM)
+        .then(|| split_documents(text))
+        .flatten();
+    let objects = match halves {
+        // YAML parsing is most of a load: a large file takes two cores, in half the time.
+        Some((first, second)) => {
+            let (first, second) = std::thread::scope(|s| {
+                let first = s.spawn(|| read_objects(first));
+                let second = read_objects(second);
+                (first.join().expect("parsing does not panic"), second)
+            });
+            match (first, second) {
+                (Ok(mut first), Ok(second)) => {
+                    first.extend(second);
+                    first
+                }
+                // Read again in one go, so that the error names the first bad document
+                // and its line as the whole file numbers them.
+                _ => read_objects(text)?,
+            }
+        }
+        None => read_objects(text)?,
+    };
+    let (table, warnings) = convert::join(&objects.services, &objects.slices, &objects.pods, scope);
+    Ok(Loaded {
+        table,
+        warnings,
+        ignored_kinds: objects.ignored_kinds,
+        version: None,
+    })
+}
+
+/// `text` cut in two at the first document start (`---` at the start of a line) from
+/// its middle on, or `None` if there is none.
+fn split_documents(text: &str) -> Option<(&str, &str)> {
+    let bytes = text.as_bytes();
+    let mut from = text.len() / 2;
+    loop {
+        let at = from + bytes[from..].windows(4).position(|w| w == b"\n---")?;
+        // `---` followed by a space, a line end or the end of the file.
+        if bytes
+            .get(at + 4)
+            .is_none_or(|b| b.is_ascii_whitespace())
+        {
+            // Both halves hold whole characters: the cut is at an ASCII newline.
+            return Some((&text[..at + 1], &text[at + 1..]));
+        }
+        from = at + 1;
+    }
+}
+
+/// The objects of the documents of `text`.
+fn read_objects(text: &str) -> Result<Objects, StateFileError> {
     let mut objects = Objects::default();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let document = i + 1;
@@ -112,13 +168,18 @@ pub fn parse(text: &str, scope: &Scope) -> Result<Loaded, StateFileError> {
             },
         )?;
     }
-    let (table, warnings) = convert::join(&objects.services, &objects.slices, &objects.pods, scope);
-    Ok(Loaded {
-        table,
-        warnings,
-        ignored_kinds: objects.ignored_kinds,
-        version: None,
-    })
+    Ok(objects)
+}
+
+impl Objects {
+    /// Adds the objects of the documents that follow these: later ones win, as in one
+    /// reading.
+    fn extend(&mut self, later: Objects) {
+        self.services.extend(later.services);
+        self.slices.extend(later.slices);
+        self.pods.extend(later.pods);
+        self.ignored_kinds.extend(later.ignored_kinds);
+    }
 }
 
 /// Reads and parses the state file at `path`.
@@ -795,6 +856,50 @@ mod tests {
             .iter()
             .all(|e| e.ready && e.serving && !e.terminating && e.weight == 1));
         assert_eq!(port.eligible().len(), 4);
+    }
+
+    /// A state file of `n` Services with one endpoint each, `bad` (1-based) broken.
+    fn many_services(n: usize, bad: Option<usize>) -> String {
+        (1..=n)
+            .map(|i| {
+                let port = if Some(i) == bad { "[oops" } else { "80" };
+                format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: big}}\n\
+                     spec: {{clusterIP: 10.96.{}.{}, ports: [{{port: {port}}}]}}\n",
+                    i / 250,
+                    i % 250 + 1
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("---\n")
+    }
+
+    #[test]
+    fn a_large_file_reads_the_same_on_two_threads_and_errors_name_the_whole_files_place() {
+        let text = many_services(12_000, None);
+        assert!(text.len() > PARALLEL_FROM);
+        let (first, second) = split_documents(&text).unwrap();
+        assert!(second.starts_with("---\n") && first.ends_with('\n'));
+        let loaded = parse(&text, &Scope::default()).unwrap();
+        assert_eq!(loaded.table.len(), 12_000);
+        // A broken document late in the file: named as the whole file numbers it.
+        let text = many_services(12_000, Some(11_000));
+        let err = parse(&text, &Scope::default()).unwrap_err();
+        assert!(
+            matches!(err, StateFileError::Yaml { document: 11_000, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("at line 54999 "), "{err}");
+    }
+
+    #[test]
+    fn documents_split_only_at_a_document_start() {
+        assert_eq!(split_documents("a: 1\n---x: 2\n"), None);
+        assert_eq!(
+            split_documents("a: 1\nb: 2\n---\nc: 3\n"),
+            Some(("a: 1\nb: 2\n", "---\nc: 3\n"))
+        );
+        assert_eq!(split_documents("a: 1\n---"), Some(("a: 1\n", "---")));
     }
 
     #[test]
