@@ -138,10 +138,7 @@ fn split_documents(text: &str) -> Option<(&str, &str)> {
     loop {
         let at = from + bytes[from..].windows(4).position(|w| w == b"\n---")?;
         // `---` followed by a space, a line end or the end of the file.
-        if bytes
-            .get(at + 4)
-            .is_none_or(|b| b.is_ascii_whitespace())
-        {
+        if bytes.get(at + 4).is_none_or(|b| b.is_ascii_whitespace()) {
             // Both halves hold whole characters: the cut is at an ASCII newline.
             return Some((&text[..at + 1], &text[at + 1..]));
         }
@@ -886,7 +883,13 @@ mod tests {
         let text = many_services(12_000, Some(11_000));
         let err = parse(&text, &Scope::default()).unwrap_err();
         assert!(
-            matches!(err, StateFileError::Yaml { document: 11_000, .. }),
+            matches!(
+                err,
+                StateFileError::Yaml {
+                    document: 11_000,
+                    ..
+                }
+            ),
             "{err}"
         );
         assert!(err.to_string().contains("at line 54999 "), "{err}");
