@@ -69,7 +69,7 @@ impl HistogramFn for Buckets {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Storage {
     Counter(Arc<AtomicU64>),
     Gauge(Arc<AtomicU64>),
@@ -86,7 +86,7 @@ impl Storage {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Family {
     kind: Kind,
     help: &'static str,
@@ -157,12 +157,11 @@ impl Registry {
             series: BTreeMap::new(),
         });
         assert_eq!(family.kind, kind, "{name} is a {}", family.kind.name());
-        let storage = family.series.entry(label_text(labels)).or_insert_with(new);
-        match storage {
-            Storage::Counter(a) => Storage::Counter(a.clone()),
-            Storage::Gauge(a) => Storage::Gauge(a.clone()),
-            Storage::Histogram(h) => Storage::Histogram(h.clone()),
-        }
+        family
+            .series
+            .entry(label_text(labels))
+            .or_insert_with(new)
+            .clone()
     }
 
     /// Forgets the series nothing holds any more; returns how many are left.
@@ -178,9 +177,11 @@ impl Registry {
     /// Every live series in the Prometheus text format, families in name order.
     pub fn render(&self) -> String {
         self.sweep();
-        let families = self.families.lock().expect("metrics lock poisoned");
+        // A copy of the handles, formatted outside the lock: a connection registering
+        // its endpoint's series never waits for a scrape.
+        let snapshot = self.families.lock().expect("metrics lock poisoned").clone();
         let mut out = String::new();
-        for (name, family) in families.iter() {
+        for (name, family) in &snapshot {
             write_help_line(&mut out, name, None, None, family.help);
             write_type_line(&mut out, name, None, None, family.kind.name());
             for (labels, storage) in &family.series {
