@@ -229,31 +229,53 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The first SIGTERM (or SIGINT) starts the shutdown; the drain ends when `drain_timeout`
-/// has passed since, or at a second signal.
+/// The signals whose default action ends the process, and that carousel handles as
+/// SIGTERM instead: a stray `kill -HUP` or `kill -USR1` drains like a rollout does,
+/// rather than dropping every connection with no log line.
+const STOPPING_SIGNALS: [(&str, SignalKind); 6] = [
+    ("SIGTERM", SignalKind::terminate()),
+    ("SIGINT", SignalKind::interrupt()),
+    ("SIGHUP", SignalKind::hangup()),
+    ("SIGQUIT", SignalKind::quit()),
+    ("SIGUSR1", SignalKind::user_defined1()),
+    ("SIGUSR2", SignalKind::user_defined2()),
+];
+
+/// The first stopping signal (SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2) starts
+/// the shutdown; the drain ends when `drain_timeout` has passed since, or at a second
+/// signal.
 fn signals(drain_timeout: Duration) -> (impl Future<Output = ()>, impl Future<Output = ()>) {
-    let (first_tx, first_rx) = oneshot::channel::<()>();
-    let (second_tx, second_rx) = oneshot::channel::<()>();
+    let (first_tx, first_rx) = oneshot::channel::<&'static str>();
+    let (second_tx, second_rx) = oneshot::channel::<&'static str>();
     // Installed now, not in the task, so that no early signal meets the default action.
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler can be installed");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler can be installed");
+    let mut streams: Vec<(&'static str, _)> = STOPPING_SIGNALS
+        .iter()
+        .map(|(name, kind)| {
+            let stream = signal(*kind).unwrap_or_else(|e| panic!("{name} handler: {e}"));
+            (*name, stream)
+        })
+        .collect();
     tokio::spawn(async move {
         for tx in [first_tx, second_tx] {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            let _ = tx.send(());
+            let received = futures::future::select_all(streams.iter_mut().map(|(name, stream)| {
+                Box::pin(async move { stream.recv().await.map(|()| *name) })
+            }))
+            .await
+            .0;
+            let _ = tx.send(received.unwrap_or("a signal"));
         }
     });
     let shutdown = async move {
-        let _ = first_rx.await;
-        tracing::info!("shutting down: no new connections; draining the open ones");
+        let signal = first_rx.await.unwrap_or("a signal");
+        tracing::info!(
+            signal,
+            "shutting down: no new connections; draining the open ones"
+        );
     };
     // Polled only once the shutdown has begun, so the deadline counts from there.
     let abandon = async move {
         tokio::select! {
-            _ = second_rx => tracing::warn!("second signal: exiting now"),
+            signal = second_rx => tracing::warn!(signal = signal.unwrap_or("a signal"), "second signal: exiting now"),
             () = tokio::time::sleep(drain_timeout) => tracing::warn!(?drain_timeout, "drain timeout reached"),
         }
     };

@@ -264,6 +264,14 @@ pub enum Endpoints {
     Health,
 }
 
+/// Connections one telemetry server holds at once. A node's scraper and its kubelet's
+/// probes need a few; past the cap a new connection is closed at once, so that no client
+/// of these ports can take the descriptors the data path needs.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time for a request's headers to arrive, from the connection's start or the end of the
+/// previous answer: a client that sends nothing (or trickles) is closed after it.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves `which` on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -272,8 +280,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -284,14 +296,20 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "telemetry connections at their cap; closing a new one");
+            continue;
+        };
         let telemetry = telemetry.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
+        let conn = http.serve_connection(
+            TokioIo::new(stream),
+            hyper::service::service_fn(move |req| {
                 let telemetry = telemetry.clone();
                 async move { Ok::<_, Infallible>(respond(&telemetry, which, &req)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
+            }),
+        );
+        tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "telemetry connection ended");
             }

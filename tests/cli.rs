@@ -279,10 +279,54 @@ async fn sigterm_stops_accepting_reports_not_ready_and_drains_then_exits_zero() 
     assert!(status.success(), "{status}");
 }
 
+/// An echo pod that reports how each of its connections ended: `Ok(())` at a clean
+/// end of stream, the error kind otherwise.
+async fn recording_echo() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Result<(), std::io::ErrorKind>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let ended = loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => {
+                            if let Err(e) = s.write_all(&buf[..n]).await {
+                                break Err(e.kind());
+                            }
+                        }
+                        Err(e) => break Err(e.kind()),
+                    }
+                };
+                let _ = tx.send(ended);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// What a client that reads to the end sees next on `s`.
+async fn read_end(s: &mut tokio::net::TcpStream) -> Result<usize, std::io::ErrorKind> {
+    use tokio::io::AsyncReadExt;
+    let mut rest = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut rest))
+        .await
+        .expect("the connection ends")
+        .map_err(|e| e.kind())
+}
+
 #[tokio::test]
-async fn a_second_sigterm_or_the_drain_timeout_ends_the_drain() {
-    let (echo, _task) = echo_server("127.0.0.1").await;
-    let mut twice = start_binary(2, echo, &[], None).await;
+async fn a_second_signal_or_the_drain_timeout_resets_what_is_open_and_exits_non_zero() {
+    use std::io::ErrorKind::ConnectionReset;
+    let (pod, mut ended) = recording_echo().await;
+    let mut twice = start_binary(2, pod, &[], None).await;
     let mut open = tokio::net::TcpStream::connect(twice.service).await.unwrap();
     echo_once(&mut open, b"x").await;
     twice.signal("-TERM").await;
@@ -295,9 +339,12 @@ async fn a_second_sigterm_or_the_drain_timeout_ends_the_drain() {
         .await
         .expect("exits at once")
         .unwrap();
-    assert!(status.success(), "{status}");
+    assert_eq!(status.code(), Some(1), "a cut drain is a failure: {status}");
+    // Neither side may take the cut transfer for a complete one.
+    assert_eq!(read_end(&mut open).await, Err(ConnectionReset));
+    assert_eq!(ended.recv().await, Some(Err(ConnectionReset)));
 
-    let mut timed = start_binary(3, echo, &["--drain-timeout", "300ms"], None).await;
+    let mut timed = start_binary(3, pod, &["--drain-timeout", "300ms"], None).await;
     let mut open = tokio::net::TcpStream::connect(timed.service).await.unwrap();
     echo_once(&mut open, b"y").await;
     timed.signal("-TERM").await;
@@ -305,7 +352,62 @@ async fn a_second_sigterm_or_the_drain_timeout_ends_the_drain() {
         .await
         .expect("exits at the drain timeout")
         .unwrap();
-    assert!(status.success(), "{status}");
+    assert_eq!(status.code(), Some(1), "a cut drain is a failure: {status}");
+    assert_eq!(read_end(&mut open).await, Err(ConnectionReset));
+    assert_eq!(ended.recv().await, Some(Err(ConnectionReset)));
+}
+
+#[tokio::test]
+async fn sighup_sigquit_and_the_user_signals_drain_as_sigterm_does() {
+    let (echo, _task) = echo_server("127.0.0.1").await;
+    for (net, sig) in [(5, "-HUP"), (6, "-QUIT"), (7, "-USR1"), (8, "-USR2")] {
+        let mut c = start_binary(net, echo, &[], None).await;
+        let mut open = tokio::net::TcpStream::connect(c.service).await.unwrap();
+        echo_once(&mut open, b"before").await;
+        c.signal(sig).await;
+        eventually("/readyz turns 503", || async {
+            matches!(http_get(c.health, "/readyz").await, Ok((503, _)))
+        })
+        .await;
+        echo_once(&mut open, b"during the drain").await;
+        assert!(
+            c.child.try_wait().unwrap().is_none(),
+            "{sig}: still draining"
+        );
+        drop(open);
+        let status = tokio::time::timeout(PATIENCE, c.child.wait())
+            .await
+            .expect("exits once drained")
+            .unwrap();
+        assert!(status.success(), "{sig}: {status}");
+    }
+}
+
+#[tokio::test]
+async fn idle_telemetry_clients_cannot_take_the_data_paths_descriptors() {
+    use tokio::io::AsyncReadExt;
+    let (echo, _task) = echo_server("127.0.0.1").await;
+    let c = start_binary(9, echo, &[], Some(r#"ulimit -n 256 && exec "$0" "$@""#)).await;
+    // More idle connections to the health and metrics ports than carousel has
+    // descriptors: each sends nothing, as a slowloris client does.
+    let mut idle = Vec::new();
+    for addr in [c.health, c.metrics] {
+        for _ in 0..200 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+    }
+    let mut s = tokio::net::TcpStream::connect(c.service).await.unwrap();
+    tokio::time::timeout(PATIENCE, echo_once(&mut s, b"still served"))
+        .await
+        .expect("the data path still accepts and connects");
+    // Past the cap they are closed at once; the rest once the header timeout passes.
+    let deadline = carousel::telemetry::HEADER_TIMEOUT + PATIENCE;
+    for s in &mut idle {
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(deadline, s.read_to_end(&mut rest)).await;
+        assert!(ended.is_ok(), "an idle telemetry connection stays open");
+    }
+    assert!(matches!(http_get(c.health, "/healthz").await, Ok((200, _))));
 }
 
 #[tokio::test]

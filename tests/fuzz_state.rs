@@ -82,7 +82,10 @@ fn check_refusal(error: &StateFileError) {
                 "kind, name and field are not all in {message:?}"
             );
         }
-        StateFileError::Read { .. } => panic!("parse reads no file, yet: {message}"),
+        StateFileError::Read { .. }
+        | StateFileError::NotAFile { .. }
+        | StateFileError::TooLarge { .. }
+        | StateFileError::Empty { .. } => panic!("parse reads no file, yet: {message}"),
     }
 }
 

@@ -21,7 +21,7 @@
 //! The whole table (at start-up, and whenever a change is refused) is a script for
 //! `nft -f`; element changes go to the kernel over netlink (`netlink.rs`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use imbl::{OrdMap, OrdSet};
 use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Stdio;
@@ -42,20 +42,37 @@ pub const MARK: u32 = 0x4341;
 /// The packet mark of intercepted traffic, which the policy route delivers locally.
 pub const INTERCEPT_MARK: u32 = 0x4342;
 
-/// Service addresses with their ports, by family, and node ports.
+/// Service addresses with their ports, by family, and node ports. Persistent sets: a
+/// copy is O(1), and `diff` of two versions skips what they share, so one changed
+/// Service among thousands costs its own elements.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ports {
-    pub v4: BTreeSet<(Ipv4Addr, u16)>,
-    pub v6: BTreeSet<(Ipv6Addr, u16)>,
-    pub node_ports: BTreeSet<u16>,
+    pub v4: OrdSet<(Ipv4Addr, u16)>,
+    pub v6: OrdSet<(Ipv6Addr, u16)>,
+    pub node_ports: OrdSet<u16>,
 }
 
 impl Ports {
     fn add(&mut self, addr: ServiceAddr) {
         match addr.ip() {
-            IpAddr::V4(ip) => self.v4.insert((ip, addr.port())),
-            IpAddr::V6(ip) => self.v6.insert((ip, addr.port())),
-        };
+            IpAddr::V4(ip) => {
+                self.v4.insert((ip, addr.port()));
+            }
+            IpAddr::V6(ip) => {
+                self.v6.insert((ip, addr.port()));
+            }
+        }
+    }
+
+    fn remove(&mut self, addr: ServiceAddr) {
+        match addr.ip() {
+            IpAddr::V4(ip) => {
+                self.v4.remove(&(ip, addr.port()));
+            }
+            IpAddr::V6(ip) => {
+                self.v6.remove(&(ip, addr.port()));
+            }
+        }
     }
 }
 
@@ -67,7 +84,7 @@ pub struct Redirects {
     pub intercept: Ports,
     pub refuse: Ports,
     /// Load-balancer addresses that only clients inside these ranges may reach.
-    pub source_ranges: BTreeMap<ServiceAddr, Vec<IpNet>>,
+    pub source_ranges: OrdMap<ServiceAddr, Vec<IpNet>>,
 }
 
 impl Redirects {
@@ -96,6 +113,19 @@ impl Redirects {
             true => self.intercept.node_ports.insert(port),
             false => self.refuse.node_ports.insert(port),
         };
+    }
+
+    /// Takes `addr` out of every set, before it is put back as it is now.
+    pub fn forget(&mut self, addr: ServiceAddr) {
+        self.intercept.remove(addr);
+        self.refuse.remove(addr);
+        self.source_ranges.remove(&addr);
+    }
+
+    /// Takes a node port out of every set, before it is put back as it is now.
+    pub fn forget_node_port(&mut self, port: u16) {
+        self.intercept.node_ports.remove(&port);
+        self.refuse.node_ports.remove(&port);
     }
 
     /// The source ranges of a load-balancer address; the ranges of its own family.
@@ -400,19 +430,44 @@ pub fn diff(old: &Redirects, new: &Redirects) -> Option<Vec<Change>> {
             Element::RefusedNodePort,
         ),
     ];
-    let mut changes = Vec::new();
-    for (op, from, to) in [(Op::Delete, old, new), (Op::Add, new, old)] {
-        let mut push = |element| changes.push(Change { op, element });
-        for (ports, v4, v6, node_port) in kinds {
-            let (a, b) = (ports(from), ports(to));
-            a.v4.difference(&b.v4).for_each(|&(ip, p)| push(v4(ip, p)));
-            a.v6.difference(&b.v6).for_each(|&(ip, p)| push(v6(ip, p)));
-            a.node_ports
-                .difference(&b.node_ports)
-                .for_each(|&p| push(node_port(p)));
+    let (mut deletes, mut adds) = (Vec::new(), Vec::new());
+    for (ports, v4, v6, node_port) in kinds {
+        let (a, b) = (ports(old), ports(new));
+        split(&a.v4, &b.v4, |&(ip, p)| v4(ip, p), &mut deletes, &mut adds);
+        split(&a.v6, &b.v6, |&(ip, p)| v6(ip, p), &mut deletes, &mut adds);
+        split(
+            &a.node_ports,
+            &b.node_ports,
+            |&p| node_port(p),
+            &mut deletes,
+            &mut adds,
+        );
+    }
+    deletes.append(&mut adds);
+    Some(deletes)
+}
+
+/// The elements of `old` that `new` lacks, as deletions, and those `new` added, as
+/// additions; what the two sets share is skipped unseen.
+fn split<T: Ord>(
+    old: &OrdSet<T>,
+    new: &OrdSet<T>,
+    element: impl Fn(&T) -> Element,
+    deletes: &mut Vec<Change>,
+    adds: &mut Vec<Change>,
+) {
+    for item in old.diff(new) {
+        match item {
+            imbl::ordset::DiffItem::Remove(t) => deletes.push(Change {
+                op: Op::Delete,
+                element: element(t),
+            }),
+            imbl::ordset::DiffItem::Add(t) => adds.push(Change {
+                op: Op::Add,
+                element: element(t),
+            }),
         }
     }
-    Some(changes)
 }
 
 /// Removes carousel's table, and nothing else. Succeeds when there is none.

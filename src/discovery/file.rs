@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
@@ -21,9 +21,16 @@ use crate::discovery::names::Names;
 use crate::model::ServiceTable;
 use crate::telemetry::Telemetry;
 
-/// How often the file is looked at. A version is applied once two looks in a row see
-/// the same bytes, so a file caught half-written is not taken for a new state.
+/// How often the file is looked at.
 const POLL_INTERVAL: Duration = Duration::from_millis(150);
+/// How long a version written in place must stay the same before it is applied, so that
+/// a file written in pieces (`kubectl get -o yaml > state.yaml`) is not taken for a new
+/// state at each piece. A file renamed into place is applied without it; a writer that
+/// pauses longer, or changes the file more often, should write elsewhere and rename.
+pub const SETTLE: Duration = Duration::from_secs(1);
+/// The largest state file carousel reads; a larger one is refused, naming this limit.
+/// 10 000 Services of 50 endpoints each are about 100 MB of YAML.
+pub const MAX_BYTES: u64 = 256 << 20;
 
 /// Where in the file an object stands: `document 3` or `document 1, item 4`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +58,18 @@ pub enum StateFileError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "state file {path} is not a regular file: a FIFO, a device or a directory is never read"
+    )]
+    NotAFile { path: PathBuf },
+    #[error("state file {path} holds {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+    #[error("state file {path} is empty; a file that means \"no Services\" says so with a comment or an empty List")]
+    Empty { path: PathBuf },
     #[error("document {document} is not valid YAML: {source}")]
     Yaml {
         document: usize,
@@ -181,18 +200,59 @@ impl Objects {
 
 /// Reads and parses the state file at `path`.
 pub fn load(path: &Path, scope: &Scope) -> Result<Loaded, StateFileError> {
-    let read = |path: &Path| {
-        // The metadata first: a change while reading shows at the next look.
-        let stamp = Stamp::of(&std::fs::metadata(path)?);
-        Ok((stamp, std::fs::read_to_string(path)?))
-    };
-    let (stamp, text) = read(path).map_err(|source| StateFileError::Read {
+    let (stamp, bytes) = read(path)?;
+    let text = String::from_utf8(bytes).map_err(|e| StateFileError::Read {
         path: path.to_owned(),
-        source,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
     })?;
     let mut loaded = parse(&text, scope)?;
     loaded.version = Some((stamp, digest(text.as_bytes())));
     Ok(loaded)
+}
+
+/// The bytes of the state file, if it is a regular file of at most `MAX_BYTES` that
+/// holds more than white space. It is opened without blocking, so that a FIFO in its
+/// place cannot hold the reader, and judged by the metadata of what was opened.
+fn read(path: &Path) -> Result<(Stamp, Vec<u8>), StateFileError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| StateFileError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(StateFileError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
+    let too_large = |size| StateFileError::TooLarge {
+        path: path.to_owned(),
+        size,
+        limit: MAX_BYTES,
+    };
+    if meta.len() > MAX_BYTES {
+        return Err(too_large(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // One byte past the limit tells a file that grew while it was read.
+    file.take(MAX_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(StateFileError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    Ok((Stamp::of(&meta), bytes))
 }
 
 fn add_object(objects: &mut Objects, value: Value, at: Location) -> Result<(), StateFileError> {
@@ -310,6 +370,11 @@ impl Stamp {
         }
     }
 
+    /// Which file this is: another one after a rename into place.
+    fn file(&self) -> (u64, u64) {
+        (self.dev, self.ino)
+    }
+
     /// Whether the file changed so recently that a second write could still hide behind
     /// the same metadata (file times tick in milliseconds, not per write).
     fn is_fresh(&self, now: SystemTime) -> bool {
@@ -334,8 +399,11 @@ fn digest(bytes: &[u8]) -> u64 {
 /// Watches the state file and publishes every good version on `tables`.
 ///
 /// Each look reads the file's metadata; the bytes are read only when it changed (or
-/// changed within the last second). A version is applied once two looks in a row see
-/// the same bytes, so that a file caught half-written is not taken for a new state.
+/// changed within the last second), off the runtime's threads. A version is applied
+/// once its bytes have stayed the same for `SETTLE`, so that a file caught half-written
+/// is not taken for a new state, or after two looks when it was renamed into place (a
+/// file of another inode); a file that is empty, not a regular file, or over
+/// `MAX_BYTES` is refused.
 /// Refused versions, a missing file and bad annotations are logged once each and
 /// counted in `carousel_config_errors_total`; the last good table stays in force.
 pub async fn watch(
@@ -351,6 +419,10 @@ pub async fn watch(
     // first stable look parses the file, and publishes only if the table differs.
     let mut last_seen = initial.version;
     let mut applied: Option<u64> = last_seen.as_ref().map(|(_, digest)| *digest);
+    // The digest of the version being looked at, and since when it has been so.
+    let mut settling: Option<(u64, Instant)> = None;
+    // The file (device and inode) the applied version was read from.
+    let mut applied_file = last_seen.as_ref().map(|(stamp, _)| stamp.file());
     drop(initial.table);
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -361,34 +433,52 @@ pub async fn watch(
         }
         // The metadata, then the bytes unless the metadata says they are as applied.
         let looked = async {
-            let stamp = Stamp::of(&tokio::fs::metadata(&path).await?);
+            let stamp = Stamp::of(&tokio::fs::metadata(&path).await.map_err(|source| {
+                StateFileError::Read {
+                    path: path.clone(),
+                    source,
+                }
+            })?);
             let unchanged = last_seen.as_ref().is_some_and(|(last, digest)| {
                 *last == stamp && !stamp.is_fresh(SystemTime::now()) && Some(*digest) == applied
             });
-            match unchanged {
-                true => Ok(None),
-                false => Ok(Some((stamp, tokio::fs::read(&path).await?))),
+            if unchanged {
+                return Ok(None);
+            }
+            let at = path.clone();
+            match tokio::task::spawn_blocking(move || read(&at)).await {
+                Ok(read) => read.map(Some),
+                Err(e) => Err(StateFileError::Read {
+                    path: path.clone(),
+                    source: std::io::Error::other(e),
+                }),
             }
         };
         let (stamp, bytes) = match looked.await {
             Ok(Some(read)) => read,
             Ok(None) => continue,
-            Err(source) => {
-                let error = StateFileError::Read {
-                    path: path.clone(),
-                    source,
-                };
+            Err(error) => {
                 reporter.refused(&error.to_string(), &telemetry);
                 last_seen = None;
+                settling = None;
                 continue;
             }
         };
         let seen = digest(&bytes);
-        let stable = last_seen.as_ref().is_some_and(|(_, d)| *d == seen);
+        // A version is applied once it has stayed the same for `SETTLE`; a file renamed
+        // into place (another inode) was complete when it arrived, and needs two looks.
+        let since = match settling {
+            Some((digest, since)) if digest == seen => since,
+            _ => settling.insert((seen, Instant::now())).1,
+        }
+        .elapsed();
+        let replaced = applied_file != Some(stamp.file());
+        let settle = if replaced { POLL_INTERVAL } else { SETTLE };
         last_seen = Some((stamp, seen));
-        if !stable || applied == Some(seen) {
+        if since < settle || applied == Some(seen) {
             continue;
         }
+        applied_file = last_seen.as_ref().map(|(stamp, _)| stamp.file());
         applied = Some(seen);
         let parsed = crate::heavy::run(|| parse(&String::from_utf8_lossy(&bytes), &scope));
         match parsed {
@@ -955,23 +1045,43 @@ mod tests {
         assert!(seen.is_ok(), "no {line:?} in:\n{}", telemetry.render());
     }
 
-    #[tokio::test]
-    async fn watch_applies_good_versions_and_keeps_the_last_good_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.yaml");
-        let first = state(&["10.1.0.1"]);
-        std::fs::write(&path, &first).unwrap();
-        let initial = load(&path, &Scope::default()).unwrap();
+    /// A watcher of the state file at `path`, loaded with `text` first.
+    struct Watching {
+        updates: watch::Receiver<Arc<ServiceTable>>,
+        telemetry: Arc<Telemetry>,
+        watcher: tokio::task::JoinHandle<()>,
+    }
+
+    fn start_watching(path: &Path, text: &str) -> Watching {
+        std::fs::write(path, text).unwrap();
+        let initial = load(path, &Scope::default()).unwrap();
         let (tables, mut updates) = watch::channel(Arc::new(initial.table.clone()));
         updates.borrow_and_update();
         let telemetry = Telemetry::new();
         let watcher = tokio::spawn(watch(
-            path.clone(),
+            path.to_owned(),
             Scope::default(),
             tables,
             telemetry.clone(),
             initial,
         ));
+        Watching {
+            updates,
+            telemetry,
+            watcher,
+        }
+    }
+
+    #[tokio::test]
+    async fn watch_applies_good_versions_and_keeps_the_last_good_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.yaml");
+        let first = state(&["10.1.0.1"]);
+        let Watching {
+            mut updates,
+            telemetry,
+            watcher,
+        } = start_watching(&path, &first);
 
         // Give the watcher time to settle on the first version (not an assertion: the
         // test passes whichever version it sees first).
@@ -1034,6 +1144,94 @@ mod tests {
         ));
         let table = next_table(&mut updates).await;
         assert_eq!(endpoints(&table, "web"), ["10.1.0.2:8080"]);
+        watcher.abort();
+    }
+
+    #[tokio::test]
+    async fn a_fifo_a_device_an_empty_or_an_oversized_file_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let link = |name: &str, to: &Path| {
+            let at = dir.path().join(name);
+            std::os::unix::fs::symlink(to, &at).unwrap();
+            at
+        };
+        let to_fifo = link("state-fifo.yaml", &fifo);
+        let to_zero = link("state-zero.yaml", Path::new("/dev/zero"));
+        let empty = dir.path().join("empty.yaml");
+        std::fs::write(&empty, " \n\n").unwrap();
+        // Sparse: over the limit without taking the disk space.
+        let huge = dir.path().join("huge.yaml");
+        std::fs::File::create(&huge)
+            .unwrap()
+            .set_len(MAX_BYTES + 1)
+            .unwrap();
+        for (path, wanted) in [
+            (to_fifo, "is not a regular file"),
+            (to_zero, "is not a regular file"),
+            (empty, "is empty"),
+            (huge, &format!("over the limit of {MAX_BYTES} bytes")),
+        ] {
+            // On a thread with a deadline: a reader that blocked would hang here.
+            let at = path.clone();
+            let loaded = tokio::time::timeout(
+                WAIT,
+                tokio::task::spawn_blocking(move || load(&at, &Scope::default())),
+            )
+            .await
+            .expect("the read does not block")
+            .unwrap();
+            let message = loaded.unwrap_err().to_string();
+            assert!(message.contains(wanted), "{}: {message}", path.display());
+            assert!(message.contains(&path.display().to_string()), "{message}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_truncated_or_written_in_pieces_is_applied_only_once_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.yaml");
+        let first = state(&["10.1.0.1"]);
+        let Watching {
+            mut updates,
+            telemetry,
+            watcher,
+        } = start_watching(&path, &first);
+        // Emptied for a second, then written back: refused, and the table stays.
+        std::fs::write(&path, "").unwrap();
+        wait_for_metric(&telemetry, "carousel_config_errors_total 1").await;
+        std::fs::write(&path, &first).unwrap();
+        // Written in four pieces a third of a second apart, as a slow `kubectl get -o
+        // yaml > state.yaml` does: every prefix that ends a document is a good file.
+        let last = state(&["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"]);
+        let cut = last.len() / 4;
+        let mut file = std::fs::File::create(&path).unwrap();
+        for piece in last.as_bytes().chunks(cut) {
+            use std::io::Write as _;
+            file.write_all(piece).unwrap();
+            tokio::time::sleep(Duration::from_millis(330)).await;
+        }
+        drop(file);
+        let table = next_table(&mut updates).await;
+        assert_eq!(
+            endpoints(&table, "web"),
+            [
+                "10.1.0.1:8080",
+                "10.1.0.2:8080",
+                "10.1.0.3:8080",
+                "10.1.0.4:8080"
+            ],
+            "a piece of the file was applied"
+        );
+        assert_eq!(*table, table_of(&last));
         watcher.abort();
     }
 }

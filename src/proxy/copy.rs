@@ -35,6 +35,9 @@ pub enum CopyError {
     Endpoint(#[source] io::Error),
     #[error("no byte either way for the idle timeout")]
     Idle,
+    /// The drain after a shutdown ran out (`--drain-timeout`, or a second signal).
+    #[error("cut at the end of the drain")]
+    Cut,
 }
 
 /// Which socket an I/O error came from.

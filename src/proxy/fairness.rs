@@ -12,7 +12,7 @@ use metrics::Gauge;
 
 use crate::addr::PodAddr;
 use crate::lab::bench::stats;
-use crate::model::ServiceKey;
+use crate::proxy::port_metrics::PortMetrics;
 use crate::proxy::routes::{Route, RouteTable};
 
 /// How often the counters are read.
@@ -53,6 +53,11 @@ struct RouteHistory {
     quiet: usize,
     endpoints: HashMap<PodAddr, History>,
     gauge: Option<Gauge>,
+    /// The port's series, whose address keys this history: held, never read, as a
+    /// `Weak` keeps that address from being reused by another port while it lives.
+    _port: Weak<PortMetrics>,
+    /// The last tick that saw the port.
+    seen: u64,
 }
 
 /// Updates every route's gauge each `tick`, over the last `window` ticks, until aborted.
@@ -62,20 +67,25 @@ struct RouteHistory {
 /// The gauge is resolved here, once a window has picks, rather than with the route: a
 /// gauge registered early would read 0, "maximally unfair", for an idle Service.
 pub async fn track(routes: Arc<ArcSwap<RouteTable>>, tick: Duration, window: usize) {
-    let mut history: HashMap<(ServiceKey, String), RouteHistory> = HashMap::new();
+    // Keyed by the address of the port's series: the same across tables while the
+    // port's labels stay.
+    let mut history: HashMap<usize, RouteHistory> = HashMap::new();
     let mut interval = tokio::time::interval(tick);
-    loop {
+    for seen in 1u64.. {
         interval.tick().await;
         let table = routes.load();
-        // Ports that left forget their history; one that returns starts afresh.
-        let mut next = HashMap::with_capacity(history.len());
         for route in table.internal_routes() {
-            let key = (route.service.clone(), route.port.clone());
-            let mut h = history.remove(&key).unwrap_or_default();
-            update(&mut h, route, window);
-            next.insert(key, h);
+            let h = history
+                .entry(Arc::as_ptr(&route.metrics) as usize)
+                .or_insert_with(|| RouteHistory {
+                    _port: Arc::downgrade(&route.metrics),
+                    ..RouteHistory::default()
+                });
+            h.seen = seen;
+            update(h, route, window);
         }
-        history = next;
+        // Ports that left forget their history; one that returns starts afresh.
+        history.retain(|_, h| h.seen == seen);
         tokio::task::yield_now().await;
     }
 }

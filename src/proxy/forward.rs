@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 use crate::addr::{ClientAddr, PodAddr};
 use crate::proxy::copy::{copy_both_ways, CopyError};
@@ -58,12 +59,15 @@ pub enum ForwardError {
     },
 }
 
-/// Forwards `client` to an endpoint of `route` and copies until both sides are done.
+/// Forwards `client` to an endpoint of `route` and copies until both sides are done, or
+/// until `cut`: then both sides are reset, so that neither takes the cut transfer for a
+/// complete one.
 pub async fn forward(
     client: TcpStream,
     peer: ClientAddr,
     route: &Route,
     config: ForwardConfig,
+    cut: &CancellationToken,
 ) -> Result<(), ForwardError> {
     let (upstream, endpoint, stats) = match connect(peer, route, config).await {
         Ok(connected) => connected,
@@ -79,14 +83,16 @@ pub async fn forward(
     let started = Instant::now();
     endpoint.active.fetch_add(1, Ordering::Relaxed);
     stats.active.increment(1.0);
-    let result = copy_both_ways(
-        &client,
-        &upstream,
-        &stats.bytes_to_endpoint,
-        &stats.bytes_to_client,
-        config.idle_timeout,
-    )
-    .await;
+    let result = tokio::select! {
+        result = copy_both_ways(
+            &client,
+            &upstream,
+            &stats.bytes_to_endpoint,
+            &stats.bytes_to_client,
+            config.idle_timeout,
+        ) => result,
+        () = cut.cancelled() => Err(CopyError::Cut),
+    };
     endpoint.active.fetch_sub(1, Ordering::Relaxed);
     stats.active.decrement(1.0);
     stats

@@ -76,6 +76,8 @@ pub struct HealthChecks {
     open: HashMap<u16, Vec<JoinHandle<()>>>,
     /// Ports that could not be listened on, reported once each.
     failed: HashSet<u16>,
+    /// The table and locality the answers were computed for.
+    last: Option<(Arc<ServiceTable>, Locality)>,
 }
 
 impl HealthChecks {
@@ -92,17 +94,26 @@ impl HealthChecks {
             answers: Arc::default(),
             open: HashMap::new(),
             failed: HashSet::new(),
+            last: None,
         }
     }
 
     /// Opens and closes listeners for `table`'s health check ports; the answers change
     /// at once. Returns how many ports could not be listened on (retried next time).
+    /// A table whose changes touch no Service with a health check costs a walk of
+    /// those changes only.
     pub fn reconcile(
         &mut self,
-        table: &ServiceTable,
+        table: &Arc<ServiceTable>,
         here: &Locality,
         telemetry: &Arc<Telemetry>,
     ) -> usize {
+        let unchanged = self.failed.is_empty() && self.unchanged(table, here);
+        // Held until the next table: only the changes since are walked then.
+        self.last = Some((table.clone(), here.clone()));
+        if unchanged {
+            return 0;
+        }
         let wanted = checks(table, here);
         self.open.retain(|port, tasks| {
             let keep = wanted.contains_key(port);
@@ -142,6 +153,20 @@ impl HealthChecks {
         }
         self.answers.store(Arc::new(wanted));
         self.failed.len()
+    }
+
+    /// Whether `table` and `here` give the answers of the last reconcile.
+    fn unchanged(&self, table: &ServiceTable, here: &Locality) -> bool {
+        use imbl::ordmap::DiffItem;
+        let Some((last, last_here)) = &self.last else {
+            return false;
+        };
+        let checked = |s: &Arc<crate::model::Service>| s.health_check_node_port.is_some();
+        last_here == here
+            && last.services.diff(&table.services).all(|item| match item {
+                DiffItem::Add(_, s) | DiffItem::Remove(_, s) => !checked(s),
+                DiffItem::Update { old, new } => !checked(old.1) && !checked(new.1),
+            })
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use metrics::{Counter, Label};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::addr::{ClientAddr, ServiceAddr};
@@ -211,6 +212,8 @@ pub struct Accepting {
     pub forward: ForwardConfig,
     pub connections: TaskTracker,
     pub limit: Arc<Limit>,
+    /// Cancelled when the drain runs out: every open connection is reset.
+    pub cut: CancellationToken,
 }
 
 /// `--max-connections` and what it and the accept loop count.
@@ -317,13 +320,14 @@ pub async fn accept_loop(listener: TcpListener, dialed: Dialed, intake: Acceptin
             }
         };
         let config = intake.forward;
+        let cut = intake.cut.clone();
         intake.connections.spawn(async move {
             let _slot = slot;
             let Some(route) = route else {
                 tracing::debug!(%peer, %target, "no service at this address");
                 return;
             };
-            match forward::forward(stream, peer, &route, config).await {
+            match forward::forward(stream, peer, &route, config, &cut).await {
                 Ok(()) => {}
                 Err(ForwardError::NoEndpoint) => {
                     tracing::debug!(%peer, service = %route.service, "no endpoint; connection refused")

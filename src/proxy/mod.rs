@@ -13,6 +13,7 @@ pub mod inside;
 pub mod listener;
 pub mod original_dst;
 pub mod port_metrics;
+pub mod redirects;
 pub mod routes;
 #[cfg(target_os = "linux")]
 mod splice;
@@ -26,11 +27,12 @@ use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 use crate::balance::BuildOptions;
-use crate::dataplane::nftables::{self, NftError, Redirects, Rules};
+use crate::dataplane::nftables::{self, NftError, Rules};
 use crate::model::{Locality, ServiceTable};
 use crate::telemetry::{names, Telemetry};
 
@@ -39,6 +41,7 @@ use handover::Presence;
 use health_check::HealthChecks;
 use inside::Inside;
 use listener::{Accepting, Dialed, Limit, Listeners};
+use redirects::Derived;
 use routes::RouteTable;
 
 /// How Service traffic reaches carousel.
@@ -117,6 +120,10 @@ pub enum ProxyError {
     },
     #[error(transparent)]
     Rules(#[from] NftError),
+    /// The drain ran out (`--drain-timeout`, or a second signal) with connections open:
+    /// each was reset on both sides.
+    #[error("the drain was cut short: {open} open connection(s) reset")]
+    DrainCut { open: usize },
 }
 
 /// Why a sync of the node (rules, or bind mode's listeners) failed; it is retried.
@@ -147,6 +154,8 @@ enum Intake {
         listen_port: u16,
         /// Empty until the first route table is built.
         accept: Vec<JoinHandle<()>>,
+        /// The sets of the last table synced, that the next table's edits rewrite.
+        derived: Option<Box<Derived>>,
     },
 }
 
@@ -164,6 +173,7 @@ impl Intake {
                 rules: Rules::new(*redirect_port, nodeport_nets.clone()),
                 listen_port: *redirect_port,
                 accept: Vec::new(),
+                derived: None,
             },
         }
     }
@@ -230,17 +240,11 @@ impl Intake {
                     failed => Err(SyncError::Listeners(failed)),
                 }
             }
-            Intake::Nftables { rules, .. } => {
-                let mut redirects = Redirects::default();
-                for (addr, route) in table.service_addrs() {
-                    redirects.service(*addr, route.has_endpoints);
-                }
-                for (port, route) in table.node_ports() {
-                    redirects.node_port(port, route.has_endpoints);
-                }
-                for (addr, ranges) in table.source_ranges() {
-                    redirects.guard(*addr, ranges);
-                }
+            Intake::Nftables { rules, derived, .. } => {
+                // A repair derives the sets afresh, from every route.
+                let last = derived.as_ref().filter(|_| !repair);
+                let next = derived.insert(Box::new(Derived::next(last.map(AsRef::as_ref), &table)));
+                let redirects = next.redirects().clone();
                 if repair {
                     rules.rewrite(redirects).await?;
                 } else {
@@ -317,6 +321,7 @@ pub async fn run(
         connections: TaskTracker::new(),
         limit: Arc::new(Limit::new(config.max_connections, &telemetry)),
         inside: Arc::default(),
+        cut: CancellationToken::new(),
     };
     let routes = &accepting.routes;
     listener::migrate_queued_connections_on_close();
@@ -432,7 +437,14 @@ pub async fn run(
         tracing::info!(open, "draining open connections");
         tokio::select! {
             () = accepting.connections.wait() => tracing::info!("every connection finished"),
-            () = &mut abandon => tracing::warn!(open = accepting.connections.len(), "drain cut short"),
+            () = &mut abandon => {
+                let open = accepting.connections.len();
+                tracing::warn!(open, "drain cut short: resetting the open connections");
+                accepting.cut.cancel();
+                // Each reset is two closes; bounded all the same.
+                let _ = tokio::time::timeout(Duration::from_secs(1), accepting.connections.wait()).await;
+                return Err(ProxyError::DrainCut { open });
+            }
         }
     }
     Ok(())

@@ -267,18 +267,19 @@ impl Carousel {
     }
 
     /// Replaces the state file (written in place, as an editor would).
+    /// Replaces the state file as a careful writer does: written beside it, then
+    /// renamed into place.
     pub fn write_state(&self, yaml: &str) {
-        std::fs::write(&self.state, yaml).expect("write state");
+        let next = self.state.with_extension("next");
+        std::fs::write(&next, yaml).expect("write state");
+        std::fs::rename(&next, &self.state).expect("rename state");
     }
 
     /// Stops without waiting for open connections.
     pub async fn stop(self) {
         self.stop.cancel();
         self.abandon.cancel();
-        self.task
-            .await
-            .expect("carousel task")
-            .expect("carousel run");
+        ended_or_cut(self.task.await.expect("carousel task"));
     }
 
     pub async fn metrics_text(&self) -> String {
@@ -357,6 +358,16 @@ pub async fn echo_server(ip: &str) -> (SocketAddr, JoinHandle<()>) {
         }
     });
     (addr, task)
+}
+
+/// How an in-process carousel that a test stopped must have ended: cleanly, or with its
+/// drain cut, which a test that abandons the drain at once asks for.
+pub fn ended_or_cut(result: Result<(), run::RunError>) {
+    use carousel::proxy::ProxyError;
+    match result {
+        Ok(()) | Err(run::RunError::Proxy(ProxyError::DrainCut { .. })) => {}
+        Err(e) => panic!("carousel run: {e}"),
+    }
 }
 
 /// Pods on 127.0.0.1 (ports from the OS) that answer their names.
@@ -502,10 +513,7 @@ impl ClusterCarousel {
 
     pub async fn stop(self) {
         self.stop.cancel();
-        self.task
-            .await
-            .expect("carousel task")
-            .expect("carousel run");
+        ended_or_cut(self.task.await.expect("carousel task"));
     }
 
     pub async fn metrics_text(&self) -> String {

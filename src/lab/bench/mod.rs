@@ -206,7 +206,7 @@ fn table(
         load_balancer_source_ranges: Vec::new(),
     };
     ServiceTable {
-        services: [(key, Arc::new(svc))].into(),
+        services: imbl::OrdMap::unit(key, Arc::new(svc)),
         ..ServiceTable::default()
     }
 }
@@ -369,9 +369,23 @@ pub async fn run_one(
             targets: targets(&members, specs.len()),
         });
         if let Some(old) = old {
-            // As a kubelet would: the old pod goes once its connections are done (and
-            // the proxy has had time to take it out), and only then leaves the slice.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // As a kubelet would: the old pod goes once the proxy has taken it out and
+            // its connections are done, and only then leaves the slice. A pod stopped
+            // before the proxy's table changed would reset what sits in its accept
+            // queue: a failure of the lab, not of the balancer.
+            let pushed = std::time::SystemTime::now();
+            for _ in 0..200 {
+                if telemetry
+                    .health()
+                    .last_sync()
+                    .is_some_and(|at| at >= pushed)
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // Connections picked just before the change still land in its queue.
+            tokio::time::sleep(Duration::from_millis(10)).await;
             for _ in 0..100 {
                 if running[old].as_ref().is_none_or(|p| p.open() == 0) {
                     break;
