@@ -1045,27 +1045,33 @@ mod tests {
         assert!(seen.is_ok(), "no {line:?} in:\n{}", telemetry.render());
     }
 
-    /// A watcher of the state file at `path`, loaded with `text` first.
+    /// A watcher of a state file of its own, loaded with `text` first.
     struct Watching {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
         updates: watch::Receiver<Arc<ServiceTable>>,
         telemetry: Arc<Telemetry>,
         watcher: tokio::task::JoinHandle<()>,
     }
 
-    fn start_watching(path: &Path, text: &str) -> Watching {
-        std::fs::write(path, text).unwrap();
-        let initial = load(path, &Scope::default()).unwrap();
+    fn start_watching(text: &str) -> Watching {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.yaml");
+        std::fs::write(&path, text).unwrap();
+        let initial = load(&path, &Scope::default()).unwrap();
         let (tables, mut updates) = watch::channel(Arc::new(initial.table.clone()));
         updates.borrow_and_update();
         let telemetry = Telemetry::new();
         let watcher = tokio::spawn(watch(
-            path.to_owned(),
+            path.clone(),
             Scope::default(),
             tables,
             telemetry.clone(),
             initial,
         ));
         Watching {
+            _dir: dir,
+            path,
             updates,
             telemetry,
             watcher,
@@ -1074,14 +1080,14 @@ mod tests {
 
     #[tokio::test]
     async fn watch_applies_good_versions_and_keeps_the_last_good_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.yaml");
         let first = state(&["10.1.0.1"]);
         let Watching {
+            _dir,
+            path,
             mut updates,
             telemetry,
             watcher,
-        } = start_watching(&path, &first);
+        } = start_watching(&first);
 
         // Give the watcher time to settle on the first version (not an assertion: the
         // test passes whichever version it sees first).
@@ -1197,14 +1203,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_truncated_or_written_in_pieces_is_applied_only_once_settled() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.yaml");
         let first = state(&["10.1.0.1"]);
         let Watching {
+            _dir,
+            path,
             mut updates,
             telemetry,
             watcher,
-        } = start_watching(&path, &first);
+        } = start_watching(&first);
         // Emptied for a second, then written back: refused, and the table stays.
         std::fs::write(&path, "").unwrap();
         wait_for_metric(&telemetry, "carousel_config_errors_total 1").await;

@@ -155,7 +155,7 @@ enum Intake {
         /// Empty until the first route table is built.
         accept: Vec<JoinHandle<()>>,
         /// The sets of the last table synced, that the next table's edits rewrite.
-        derived: Option<Box<Derived>>,
+        derived: Option<Derived>,
     },
 }
 
@@ -243,7 +243,7 @@ impl Intake {
             Intake::Nftables { rules, derived, .. } => {
                 // A repair derives the sets afresh, from every route.
                 let last = derived.as_ref().filter(|_| !repair);
-                let next = derived.insert(Box::new(Derived::next(last.map(AsRef::as_ref), &table)));
+                let next = derived.insert(Derived::next(last, &table));
                 let redirects = next.redirects().clone();
                 if repair {
                     rules.rewrite(redirects).await?;

@@ -11,19 +11,20 @@ use crate::proxy::routes::RouteTable;
 #[derive(Clone, Debug, Default)]
 pub struct Derived {
     generation: u64,
-    redirects: Redirects,
+    /// Boxed: the sets' roots are a few hundred bytes, and the intake keeps one.
+    redirects: Box<Redirects>,
 }
 
 impl Derived {
     /// The sets for `table`: `last`'s rewritten at `table`'s edits when `table` was
     /// built from the table `last` describes, else derived from every route.
     pub fn next(last: Option<&Derived>, table: &RouteTable) -> Derived {
-        let redirects = match last {
+        let redirects = Box::new(match last {
             Some(last) if table.edits().after == Some(last.generation) => {
                 follow(&last.redirects, table)
             }
             _ => whole(table),
-        };
+        });
         Derived {
             generation: table.generation(),
             redirects,
