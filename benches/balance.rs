@@ -87,6 +87,7 @@ fn affinity_hit(c: &mut Criterion) {
         hit: telemetry.counter(names::AFFINITY_LOOKUPS_TOTAL, labels("hit")),
         miss: telemetry.counter(names::AFFINITY_LOOKUPS_TOTAL, labels("miss")),
         expired: telemetry.counter(names::AFFINITY_LOOKUPS_TOTAL, labels("expired")),
+        overflow: telemetry.counter(names::AFFINITY_OVERFLOW_TOTAL, Vec::new()),
         entries: telemetry.gauge(names::AFFINITY_ENTRIES, Vec::new()),
     };
     let balancing = Balancing {

@@ -121,6 +121,8 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let descriptor_limit = carousel::proxy::listener::raise_descriptor_limit();
+    tracing::debug!(descriptor_limit, "descriptor limit");
     let in_cluster = args.from_file.is_none();
     let cidrs = if !args.nodeport_addresses.is_empty() {
         args.nodeport_addresses.clone()

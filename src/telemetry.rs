@@ -37,6 +37,8 @@ pub mod names {
     pub const ACCEPT_ERRORS_TOTAL: &str = "carousel_accept_errors_total";
     pub const AFFINITY_LOOKUPS_TOTAL: &str = "carousel_affinity_lookups_total";
     pub const AFFINITY_ENTRIES: &str = "carousel_affinity_entries";
+    pub const AFFINITY_OVERFLOW_TOTAL: &str = "carousel_affinity_overflow_total";
+    pub const LISTENERS_REFUSED: &str = "carousel_listeners_refused";
     pub const ENDPOINT_WEIGHT: &str = "carousel_endpoint_weight";
     pub const FAIRNESS_JAIN: &str = "carousel_fairness_jain";
     pub const SHADOW_PICKS_TOTAL: &str = "carousel_shadow_picks_total";
@@ -57,7 +59,9 @@ pub mod names {
             EJECTIONS_TOTAL => "Times an endpoint was taken out of rotation after failed connects.",
             REJECTED_TOTAL => "Connections refused before forwarding, by reason.",
             ACCEPT_ERRORS_TOTAL => "Errors accepting connections (for example, out of file descriptors).",
-            AFFINITY_LOOKUPS_TOTAL => "ClientIP session affinity lookups, by result (hit, miss).",
+            AFFINITY_LOOKUPS_TOTAL => "ClientIP session affinity lookups, by result (hit, miss, expired).",
+            AFFINITY_OVERFLOW_TOTAL => "New clients balanced without being remembered: the affinity map held its limit of live clients.",
+            LISTENERS_REFUSED => "Service addresses bind mode does not listen on because the descriptor limit (RLIMIT_NOFILE) leaves no room.",
             AFFINITY_ENTRIES => "Clients remembered for ClientIP session affinity.",
             ENDPOINT_WEIGHT => "The share of new connections an endpoint is weighted for (0: drained).",
             FAIRNESS_JAIN => "Jain's index of the last few seconds of picks over weights (1: every endpoint got its share).",

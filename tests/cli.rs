@@ -160,6 +160,7 @@ async fn demo_runs_by_itself_and_shows_the_round_robin_split() {
 struct Running {
     child: tokio::process::Child,
     _dir: tempfile::TempDir,
+    state: std::path::PathBuf,
     health: std::net::SocketAddr,
     metrics: std::net::SocketAddr,
     service: std::net::SocketAddr,
@@ -177,9 +178,15 @@ async fn start_binary(
         8080,
         vec![Ep::ready(echo, "echo")],
     );
+    start_serving(net, &[svc], extra, wrap).await
+}
+
+/// Starts the binary on a state file of `services`, with its health and metrics servers
+/// on 127.97.`net`.2; `service` is the first Service's address.
+async fn start_serving(net: u8, services: &[Svc], extra: &[&str], wrap: Option<&str>) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.yaml");
-    std::fs::write(&state, svc.state()).unwrap();
+    std::fs::write(&state, state_yaml(services)).unwrap();
     let (health, metrics) = (
         format!("127.97.{net}.2:10256"),
         format!("127.97.{net}.2:10249"),
@@ -218,9 +225,10 @@ async fn start_binary(
     let running = Running {
         child,
         _dir: dir,
+        state,
         health: health.parse().unwrap(),
         metrics: metrics.parse().unwrap(),
-        service: svc.addr(),
+        service: services[0].addr(),
     };
     eventually("carousel is ready", || async {
         matches!(http_get(running.health, "/readyz").await, Ok((200, _)))
@@ -230,6 +238,12 @@ async fn start_binary(
 }
 
 impl Running {
+    async fn metrics_text(&self) -> String {
+        let (status, text) = http_get(self.metrics, "/metrics").await.unwrap();
+        assert_eq!(status, 200);
+        text
+    }
+
     async fn signal(&self, sig: &str) {
         let pid = self.child.id().expect("still running").to_string();
         assert!(Command::new("kill")
@@ -452,6 +466,87 @@ async fn descriptor_exhaustion_backs_off_and_recovers() {
     // Each failed accept rests 100 ms: a few seconds of exhaustion on two listeners can
     // count a few dozen; a busy loop would count hundreds of thousands.
     assert!((1.0..=200.0).contains(&errors), "accept errors: {errors}");
+}
+
+#[tokio::test]
+async fn a_weights_annotation_of_ten_thousand_bad_entries_costs_one_bounded_log_line() {
+    let (echo, _task) = echo_server("127.0.0.1").await;
+    // 169 KB, under Kubernetes' limit for annotations: once 10 000 warnings, each with
+    // the whole value (1.69 GB of log, 3.57 GB resident).
+    let value = vec!["version=custom:x"; 10_000].join(",");
+    let mut svc = Svc::new("huge", "127.97.11.1", 8080, vec![Ep::ready(echo, "echo")]);
+    svc.annotations
+        .push(("carousel.dev/weights".into(), value.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("carousel.log");
+    let wrap = format!(r#"exec "$0" "$@" 2>{}"#, log.display());
+    let c = start_serving(11, &[svc], &[], Some(&wrap)).await;
+    let mut s = tokio::net::TcpStream::connect(c.service).await.unwrap();
+    tokio::time::timeout(
+        PATIENCE,
+        echo_once(&mut s, b"weights ignored, still served"),
+    )
+    .await
+    .expect("served");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("carousel.dev/weights"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(lines[0].contains("over the limit of 4096"), "{}", lines[0]);
+    assert!(text.len() < 16 * 1024, "{} bytes of log", text.len());
+    let errors = metric(&c.metrics_text().await, "carousel_config_errors_total", &[]);
+    assert_eq!(errors, Some(1.0));
+}
+
+#[tokio::test]
+async fn past_half_the_descriptor_limit_bind_mode_refuses_listeners_by_count_and_keeps_serving() {
+    let (echo, _task) = echo_server("127.0.0.1").await;
+    // 2 000 Service addresses under a limit of 1 024 descriptors: once, every descriptor
+    // went to listeners, and then the health and metrics servers, the state file and
+    // SIGTERM all stopped working. Listeners may take half the limit.
+    let services: Vec<Svc> = (0..2000)
+        .map(|i| {
+            let ip = format!("127.96.{}.{}", i / 200, 1 + i % 200);
+            Svc::new(&format!("s{i}"), &ip, 80, vec![Ep::ready(echo, "echo")])
+        })
+        .collect();
+    let mut c = start_serving(
+        10,
+        &services,
+        &[],
+        Some(r#"ulimit -n 1024 && exec "$0" "$@""#),
+    )
+    .await;
+    let refused = |text: &str| metric(text, "carousel_listeners_refused", &[]);
+    let text = c.metrics_text().await;
+    assert_eq!(refused(&text), Some(1488.0), "{text}");
+    // The first addresses are served; the health server answers.
+    let mut s = tokio::net::TcpStream::connect(c.service).await.unwrap();
+    tokio::time::timeout(PATIENCE, echo_once(&mut s, b"served"))
+        .await
+        .expect("the first Service is served");
+    drop(s);
+    assert!(matches!(http_get(c.health, "/healthz").await, Ok((200, _))));
+    // The state file is still read: a smaller table, of addresses that were refused,
+    // gets every listener back.
+    let last = &services[1990..];
+    let next = c.state.with_extension("next");
+    std::fs::write(&next, state_yaml(last)).unwrap();
+    std::fs::rename(&next, &c.state).unwrap();
+    eventually("the refused addresses are listened on", || async {
+        refused(&c.metrics_text().await) == Some(0.0)
+    })
+    .await;
+    let mut s = tokio::net::TcpStream::connect(last[9].addr())
+        .await
+        .unwrap();
+    tokio::time::timeout(PATIENCE, echo_once(&mut s, b"served"))
+        .await
+        .expect("a Service refused before is served now");
+    drop(s);
+    sigterm_and_expect_a_clean_exit(&mut c.child).await;
 }
 
 #[tokio::test]

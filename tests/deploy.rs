@@ -1134,8 +1134,8 @@ fn kubechaos_example_is_a_weighted_canary_that_carousel_understands() {
     let weights = annotations
         .get("carousel.dev/weights")
         .expect("carousel.dev/weights annotation");
-    let (rules, errors) = carousel::discovery::convert::parse_weights(weights);
-    assert!(errors.is_empty(), "{weights:?}: {errors:?}");
+    let (rules, problem) = carousel::discovery::convert::parse_weights(weights);
+    assert_eq!(problem, None, "{weights:?}");
     assert_eq!(rules.len(), 2, "{weights:?}");
 
     // The Service is carousel's: it carries the proxy name the DaemonSet is given.

@@ -59,6 +59,9 @@ fn check_refusal(error: &StateFileError) {
         StateFileError::NotAnObject { at, message: what } => {
             assert!(at.document >= 1 && !what.is_empty(), "{message:?}");
         }
+        StateFileError::Duplicate { at, first, .. } => {
+            assert!(first.document >= 1 && (first.document, first.item) < (at.document, at.item));
+        }
         StateFileError::Invalid {
             at,
             kind,
@@ -941,24 +944,50 @@ fn annotations_on(lb: &str, weights: &str) {
         assert_eq!(svc.balancing.algorithm, balance::DEFAULT_ALGORITHM);
         assert!(warned(ANNOTATION_LOAD_BALANCER), "{:?}", loaded.warnings);
     }
-    let (_, errors) = convert::parse_weights(weights);
+    let (_, problem) = convert::parse_weights(weights);
     assert_eq!(
         warned(ANNOTATION_WEIGHTS),
-        !errors.is_empty(),
+        problem.is_some(),
         "{:?}",
         loaded.warnings
     );
+    // One warning an annotation at most, of a bounded length whatever the value.
+    assert!(loaded.warnings.len() <= 2, "{:?}", loaded.warnings);
     for w in &loaded.warnings {
         assert!(w.is_config_error());
-        assert!(!w.to_string().contains('\n'), "a warning on two lines: {w}");
+        let line = w.to_string();
+        assert!(!line.contains('\n'), "a warning on two lines: {w}");
+        assert!(
+            line.len() <= 1024,
+            "a warning of {} bytes: {line}",
+            line.len()
+        );
     }
 }
 
-/// Every non-empty entry is either a rule or an error, never both, never lost.
+/// Every non-empty entry is either a rule or counted in the one problem, never lost;
+/// past the limits nothing applies and the problem says which limit.
 fn weights_account_for_every_entry(text: &str) {
-    let (rules, errors) = convert::parse_weights(text);
+    let (rules, problem) = convert::parse_weights(text);
     let entries = text.split(',').filter(|e| !e.trim().is_empty()).count();
-    assert_eq!(rules.len() + errors.len(), entries);
+    let over = text.len() > convert::MAX_WEIGHTS_BYTES || entries > convert::MAX_WEIGHT_RULES;
+    let skipped = match &problem {
+        Some(p) if over => {
+            assert!(rules.is_empty() && p.contains("over the limit"), "{p}");
+            entries
+        }
+        Some(p) => p
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("a problem that counts nothing: {p}")),
+        None => 0,
+    };
+    assert_eq!(rules.len() + skipped, entries, "{problem:?}");
+    assert!(
+        problem.as_ref().is_none_or(|p| p.len() <= 512),
+        "{problem:?}"
+    );
     for r in &rules {
         assert!(!r.label.is_empty() && r.weight <= 1_000_000, "{r:?}");
     }
@@ -966,7 +995,11 @@ fn weights_account_for_every_entry(text: &str) {
 
 fn weight_rules() -> impl Strategy<Value = Vec<(String, String, u32)>> {
     prop::collection::vec(
-        ("[a-z][a-z0-9./-]{0,10}", "[a-z0-9]{0,8}", 0u32..=1_000_000),
+        (
+            "([a-z]{1,5}\\.[a-z]{2,3}/)?[a-z]([a-z0-9._-]{0,8}[a-z0-9])?",
+            "[a-z0-9]{0,8}",
+            0u32..=1_000_000,
+        ),
         0..6,
     )
 }
@@ -977,8 +1010,8 @@ fn weights_read_back(rules: &[(String, String, u32)]) {
         .iter()
         .map(|(l, v, w)| format!("{l}={v}:{w}"))
         .collect();
-    let (parsed, errors) = convert::parse_weights(&text.join(","));
-    assert!(errors.is_empty(), "{errors:?}");
+    let (parsed, problem) = convert::parse_weights(&text.join(","));
+    assert_eq!(problem, None);
     let got: Vec<(String, String, u32)> = parsed
         .into_iter()
         .map(|r| (r.label, r.value, r.weight))

@@ -68,6 +68,12 @@ impl Lab {
             dir: tempfile::tempdir().unwrap(),
         };
         let node = lab.add_ns("node");
+        // A Kubernetes node forwards, whatever the host this test runs on does (a new
+        // namespace takes the host's IPv4 setting): without it, proxy ARP, which
+        // Calico's address-less veths rely on, answers nobody.
+        for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            run(Command::new("ip").args(["netns", "exec", &node, "sysctl", "-qw", key]));
+        }
         let client = lab.add_ns("client");
         ip(&format!(
             "-n {node} link add n0 type veth peer name c0 netns {client}"

@@ -3,8 +3,9 @@
 //!
 //! Clients are remembered by pod address, not by index, so a table change that keeps
 //! the pod keeps the client on it. The map is bounded: expired entries are replaced when
-//! their client returns and swept on rebuilds, and past `max_entries` new clients are
-//! balanced without being remembered.
+//! their client returns and swept on rebuilds and by the proxy's periodic tick (so that
+//! `carousel_affinity_entries` counts live clients), and past `max_entries` new clients
+//! are balanced without being remembered, and counted.
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::hash::{BuildHasher, Hasher};
@@ -41,6 +42,9 @@ pub struct AffinityStats {
     pub miss: Counter,
     /// Remembered, but idle for longer than the timeout.
     pub expired: Counter,
+    /// `carousel_affinity_overflow_total`: new clients balanced without being
+    /// remembered, because the map held `max_entries` live clients.
+    pub overflow: Counter,
     pub entries: Gauge,
 }
 
@@ -51,6 +55,7 @@ impl Default for AffinityStats {
             hit: Counter::noop(),
             miss: Counter::noop(),
             expired: Counter::noop(),
+            overflow: Counter::noop(),
             entries: Gauge::noop(),
         }
     }
@@ -65,6 +70,7 @@ pub struct Affinity {
     hit: Counter,
     miss: Counter,
     expired: Counter,
+    overflow: Counter,
 }
 
 /// Remembered clients, sharded by client IP.
@@ -77,7 +83,8 @@ struct Clients {
     /// may be alive at once (an old route still held by open connections), and the
     /// gauge is their sum.
     entries: Gauge,
-    next_sweep: Mutex<Instant>,
+    /// When the whole map was last swept.
+    swept: Mutex<Instant>,
 }
 
 /// A std `Mutex`, not tokio's: it is never held across an `.await`, and the critical
@@ -186,7 +193,7 @@ impl Affinity {
             len: AtomicUsize::new(0),
             max: max_entries,
             entries: stats.entries,
-            next_sweep: Mutex::new(Instant::now()),
+            swept: Mutex::new(Instant::now()),
         };
         Self {
             clients: Arc::new(clients),
@@ -194,20 +201,33 @@ impl Affinity {
             hit: stats.hit,
             miss: stats.miss,
             expired: stats.expired,
+            overflow: stats.overflow,
         }
     }
 
     /// The layer of the next build: the same clients, this build's timeout and handles.
     /// Sweeps expired clients on the way (at most once per second).
     pub fn carry(&self, timeout: Duration, stats: AffinityStats) -> Self {
-        self.clients.sweep_if_due(Instant::now(), timeout);
+        self.clients
+            .sweep_if_due(Instant::now(), timeout, SWEEP_INTERVAL);
         Self {
             clients: self.clients.clone(),
             timeout,
             hit: stats.hit,
             miss: stats.miss,
             expired: stats.expired,
+            overflow: stats.overflow,
         }
+    }
+
+    /// Drops the clients that have expired, if the last sweep is older than an eighth
+    /// of the timeout (1 s at the least, a minute at the most): the proxy calls this on
+    /// its periodic tick, so that the entries gauge and the memory follow expiries even
+    /// when no client comes. O(entries) per sweep, so at most about 1/8 of the timeout
+    /// late, for a cost that does not grow with how often it is called.
+    pub fn sweep_expired(&self, now: Instant) {
+        let interval = (self.timeout / 8).clamp(SWEEP_INTERVAL, Duration::from_secs(60));
+        self.clients.sweep_if_due(now, self.timeout, interval);
     }
 
     /// Clients remembered now.
@@ -295,7 +315,8 @@ impl Affinity {
             }
         };
         if !remembered {
-            self.clients.sweep_if_due(now, self.timeout);
+            self.overflow.increment(1);
+            self.clients.sweep_if_due(now, self.timeout, SWEEP_INTERVAL);
         }
         Some(picked)
     }
@@ -325,19 +346,19 @@ impl Clients {
             .is_ok()
     }
 
-    /// Drops every client idle for `timeout`, unless a sweep ran less than
-    /// [`SWEEP_INTERVAL`] ago or is running now.
-    fn sweep_if_due(&self, now: Instant, timeout: Duration) {
-        let mut next = match self.next_sweep.try_lock() {
-            Ok(next) => next,
+    /// Drops every client idle for `timeout`, unless a sweep ran less than `interval`
+    /// ago or is running now.
+    fn sweep_if_due(&self, now: Instant, timeout: Duration, interval: Duration) {
+        let mut swept = match self.swept.try_lock() {
+            Ok(swept) => swept,
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => return,
         };
-        if now < *next {
+        if now.saturating_duration_since(*swept) < interval {
             return;
         }
-        *next = now + SWEEP_INTERVAL;
-        drop(next);
+        *swept = now;
+        drop(swept);
         for shard in self.shards.iter() {
             let mut map = lock(shard);
             let before = map.len();
@@ -378,6 +399,7 @@ mod tests {
         hit: Arc<AtomicU64>,
         miss: Arc<AtomicU64>,
         expired: Arc<AtomicU64>,
+        overflow: Arc<AtomicU64>,
         entries: Arc<AtomicU64>,
     }
 
@@ -387,6 +409,7 @@ mod tests {
                 hit: Counter::from_arc(self.hit.clone()),
                 miss: Counter::from_arc(self.miss.clone()),
                 expired: Counter::from_arc(self.expired.clone()),
+                overflow: Counter::from_arc(self.overflow.clone()),
                 entries: Gauge::from_arc(self.entries.clone()),
             }
         }
@@ -473,11 +496,12 @@ mod tests {
         let affinity = Affinity::new(TIMEOUT, 2, seen.stats());
         affinity.pick(client(1), &set, &rr);
         affinity.pick(client(2), &set, &rr);
-        // The third is served, by the rotation, but not remembered.
+        // The third is served, by the rotation, but not remembered, and that is counted.
         assert_eq!(affinity.pick(client(3), &set, &rr), Some(2));
         assert_eq!(affinity.pick(client(3), &set, &rr), Some(0));
         assert_eq!(affinity.len(), 2);
         assert_eq!(seen.entries(), 2.0);
+        assert_eq!(seen.overflow.load(Ordering::Relaxed), 2);
         // Once the first two have expired, room is made for the next new client.
         tokio::time::advance(TIMEOUT + SWEEP_INTERVAL).await;
         affinity.pick(client(3), &set, &rr);
@@ -486,8 +510,8 @@ mod tests {
         assert_eq!(seen.entries(), 1.0);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_rebuild_sweeps_expired_clients() {
+    /// Three backends, and an affinity that has remembered clients 1 to 10.
+    fn ten_clients_remembered() -> (Backends, RoundRobin, Seen, Affinity) {
         let set = backends(3, &[]);
         let rr = RoundRobin::new(set.clone());
         let seen = Seen::default();
@@ -495,6 +519,22 @@ mod tests {
         for c in 1..=10 {
             affinity.pick(client(c), &set, &rr);
         }
+        (set, rr, seen, affinity)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_periodic_sweep_takes_expired_clients_off_the_gauge_without_new_clients() {
+        let (_, _, seen, affinity) = ten_clients_remembered();
+        affinity.sweep_expired(Instant::now());
+        assert_eq!(seen.entries(), 10.0, "nobody has expired yet");
+        tokio::time::advance(TIMEOUT).await;
+        affinity.sweep_expired(Instant::now());
+        assert_eq!((affinity.len(), seen.entries()), (0, 0.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rebuild_sweeps_expired_clients() {
+        let (set, rr, seen, affinity) = ten_clients_remembered();
         tokio::time::advance(TIMEOUT / 2).await;
         affinity.pick(client(1), &set, &rr);
         tokio::time::advance(TIMEOUT / 2).await;

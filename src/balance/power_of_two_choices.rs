@@ -85,9 +85,12 @@ impl Balancer for PowerOfTwoChoices {
         NAME
     }
 
-    /// Fewer open connections per unit of weight wins; on a tie the first draw does.
-    /// The first draw already follows the weights, so an idle Service is spread exactly
-    /// by weight (preferring the heavier one on a tie would over-feed heavy endpoints).
+    /// The first draw, which follows the weights, unless the second would carry fewer
+    /// open connections per unit of weight than the first does now even with this one
+    /// added. Counting the new connection on the challenger's side keeps weights in
+    /// force at low concurrency: a:1 000 000 with one open connection is not beaten by
+    /// an idle b:1 (1/1 against 1/1 000 000), nor a:99 by b:1 until a carries 99 times
+    /// b's load; an idle Service is spread exactly by weight, and a loaded one by load.
     fn pick(&self, _client: IpAddr) -> Option<usize> {
         // One step of the shared generator per pick; the second choice derives its draws.
         let bits = self.rng.next_u64();
@@ -97,11 +100,11 @@ impl Balancer for PowerOfTwoChoices {
         };
         let (a, b) = (&self.backends[first], &self.backends[second]);
         let (a_active, b_active) = (
-            a.active.load(Ordering::Relaxed),
-            b.active.load(Ordering::Relaxed),
+            u64::from(a.active.load(Ordering::Relaxed)),
+            u64::from(b.active.load(Ordering::Relaxed)),
         );
         let second_is_lighter =
-            u64::from(b_active) * u64::from(a.weight) < u64::from(a_active) * u64::from(b.weight);
+            (b_active + 1) * u64::from(a.weight) < a_active * u64::from(b.weight);
         Some(if second_is_lighter { second } else { first })
     }
 
@@ -150,6 +153,47 @@ mod tests {
         }
     }
 
+    /// Shares over `picks` connections that each stay open for the next `overlap`
+    /// picks, as when connections come faster than they end.
+    fn shares_under_load(weights: &[u32], overlap: usize, picks: usize) -> Vec<f64> {
+        let set = backends(weights.len(), weights);
+        let b = PowerOfTwoChoices::new(set.clone(), Some(9));
+        let mut open = std::collections::VecDeque::new();
+        let mut counts = vec![0usize; weights.len()];
+        for _ in 0..picks {
+            if open.len() == overlap {
+                let done: usize = open.pop_front().unwrap();
+                set[done].active.fetch_sub(1, Ordering::Relaxed);
+            }
+            let i = b.pick(CLIENT).unwrap();
+            set[i].active.fetch_add(1, Ordering::Relaxed);
+            open.push_back(i);
+            counts[i] += 1;
+        }
+        counts.iter().map(|&c| c as f64 / picks as f64).collect()
+    }
+
+    #[test]
+    fn shares_under_load_follow_the_weights() {
+        for overlap in [1, 2, 3, 10, 50] {
+            // Once 280/20 over 300 connections, and 84 % where 98 % is the share.
+            let heavy = shares_under_load(&[1_000_000, 1], overlap, 30_000);
+            assert!(heavy[0] > 0.99, "overlap {overlap}: {heavy:?}");
+            let canary = shares_under_load(&[99, 1, 1], overlap, 30_000);
+            assert!(
+                (canary[0] - 99.0 / 101.0).abs() < 0.02,
+                "overlap {overlap}: {canary:?}"
+            );
+            let spread = shares_under_load(&[1, 2, 3, 4], overlap, 30_000);
+            for (share, w) in spread.iter().zip([1.0, 2.0, 3.0, 4.0]) {
+                assert!(
+                    (share - w / 10.0).abs() < 0.08,
+                    "overlap {overlap}: {spread:?}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn the_busiest_endpoint_is_never_chosen() {
         let set = backends(5, &[]);
@@ -163,7 +207,7 @@ mod tests {
         // The heavy endpoint is almost always drawn first; the second choice must still
         // be the other one, or the loaded heavy endpoint would keep winning against itself.
         let set = backends(2, &[1_000_000, 1]);
-        set[0].active.store(1, Ordering::Relaxed);
+        set[0].active.store(3_000_000, Ordering::Relaxed);
         let b = PowerOfTwoChoices::new(set, Some(3));
         assert!((0..1000).all(|_| b.pick(CLIENT) == Some(1)));
     }

@@ -35,6 +35,24 @@ pub const ANNOTATION_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-bala
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 
+/// The longest `carousel.dev/weights` value read, and the most rules it may hold: past
+/// either, the whole annotation is ignored (every endpoint weighs 1), with one warning.
+/// Kubernetes lets annotations reach 256 KiB; a Service author must not be able to make
+/// every node's carousel spend memory and log lines in proportion.
+pub const MAX_WEIGHTS_BYTES: usize = 4096;
+pub const MAX_WEIGHT_RULES: usize = 64;
+/// How many characters of a value a message quotes.
+const QUOTED_CHARS: usize = 64;
+
+/// `text` as a message quotes it: at most `QUOTED_CHARS` characters, with the length
+/// of what was left out, so that no message grows with what it quotes.
+pub fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(QUOTED_CHARS) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &text[..cut], text.len()),
+    }
+}
+
 /// A field of one object that carousel cannot use, e.g. `spec.ports[0].port`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -61,10 +79,12 @@ pub enum Warning {
         port: String,
         protocol: String,
     },
-    /// An annotation that does not parse; the Service falls back to the default.
+    /// An annotation that does not parse, in part or whole; the reason says what the
+    /// Service does instead. One per annotation, however many of its entries are bad.
     BadAnnotation {
         service: ServiceKey,
         annotation: &'static str,
+        /// The value, quoted by [`excerpt`].
         value: String,
         reason: String,
     },
@@ -95,7 +115,7 @@ impl fmt::Display for Warning {
                 reason,
             } => write!(
                 f,
-                "service {service}: annotation {annotation}={value:?} ignored: {reason}"
+                "service {service}: annotation {annotation}={value}: {reason}"
             ),
         }
     }
@@ -189,7 +209,7 @@ fn name(meta: &ObjectMeta) -> Result<&str, FieldError> {
 
 fn parse_ip(field: String, text: &str) -> Result<IpAddr, FieldError> {
     text.parse()
-        .map_err(|_| FieldError::new(field, format!("{text:?} is not an IP address")))
+        .map_err(|_| FieldError::new(field, format!("{} is not an IP address", excerpt(text))))
 }
 
 /// `spec.loadBalancerSourceRanges`, else the older annotation: CIDRs, each reduced to
@@ -219,7 +239,7 @@ fn source_ranges(
             text.trim()
                 .parse::<IpNet>()
                 .map(|net| net.trunc())
-                .map_err(|_| FieldError::new(field, format!("{text:?} is not a CIDR")))
+                .map_err(|_| FieldError::new(field, format!("{} is not a CIDR", excerpt(text))))
         })
         .collect::<Result<_, _>>()?;
     ranges.sort();
@@ -354,7 +374,7 @@ pub fn service(svc: &core::Service) -> Result<Option<ServiceFront>, FieldError> 
             warnings.push(Warning::BadAnnotation {
                 service: key.clone(),
                 annotation: ANNOTATION_LOAD_BALANCER,
-                value: algorithm.to_string(),
+                value: excerpt(algorithm),
                 reason: format!(
                     "unknown algorithm (known: {}); using {}",
                     balance::algorithms().collect::<Vec<_>>().join(", "),
@@ -365,11 +385,11 @@ pub fn service(svc: &core::Service) -> Result<Option<ServiceFront>, FieldError> 
     }
     let weights = match annotation(ANNOTATION_WEIGHTS) {
         Some(text) => {
-            let (rules, errors) = parse_weights(text);
-            warnings.extend(errors.into_iter().map(|reason| Warning::BadAnnotation {
+            let (rules, problem) = parse_weights(text);
+            warnings.extend(problem.map(|reason| Warning::BadAnnotation {
                 service: key.clone(),
                 annotation: ANNOTATION_WEIGHTS,
-                value: text.to_string(),
+                value: excerpt(text),
                 reason,
             }));
             rules
@@ -427,30 +447,60 @@ pub fn service(svc: &core::Service) -> Result<Option<ServiceFront>, FieldError> 
     }))
 }
 
-/// Parses `label=value:weight,...`. Entries that do not parse are returned as errors and
-/// left out; the rest still apply.
-pub fn parse_weights(text: &str) -> (Vec<WeightRule>, Vec<String>) {
-    let mut rules = Vec::new();
-    let mut errors = Vec::new();
-    for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let parsed = entry.rsplit_once(':').and_then(|(selector, weight)| {
-            let (label, value) = selector.split_once('=')?;
-            let weight = weight.trim().parse::<u32>().ok()?;
-            let (label, value) = (label.trim(), value.trim());
-            (!label.is_empty() && weight <= 1_000_000).then(|| WeightRule {
-                label: label.to_string(),
-                value: value.to_string(),
-                weight,
-            })
-        });
-        match parsed {
-            Some(rule) => rules.push(rule),
-            None => errors.push(format!(
-                "entry {entry:?} is not label=value:weight with a weight from 0 to 1000000"
+/// Parses `label=value:weight,...`: the rules, and what is wrong with the text, if
+/// anything, in one sentence. Entries that are not a rule (or name a label no pod can
+/// carry) are left out and the rest apply; a value over `MAX_WEIGHTS_BYTES` or
+/// `MAX_WEIGHT_RULES` entries is ignored whole. Linear in the text, and the sentence is
+/// bounded whatever the text holds.
+pub fn parse_weights(text: &str) -> (Vec<WeightRule>, Option<String>) {
+    if text.len() > MAX_WEIGHTS_BYTES {
+        return (
+            Vec::new(),
+            Some(format!(
+                "{} bytes, over the limit of {MAX_WEIGHTS_BYTES}; ignored, every endpoint weighs 1",
+                text.len()
             )),
+        );
+    }
+    let entries = || text.split(',').map(str::trim).filter(|e| !e.is_empty());
+    let count = entries().count();
+    if count > MAX_WEIGHT_RULES {
+        return (
+            Vec::new(),
+            Some(format!(
+                "{count} entries, over the limit of {MAX_WEIGHT_RULES}; ignored, every endpoint weighs 1"
+            )),
+        );
+    }
+    let mut rules = Vec::new();
+    let mut bad = Vec::new();
+    for entry in entries() {
+        match weight_rule(entry) {
+            Some(rule) => rules.push(rule),
+            None => bad.push(entry),
         }
     }
-    (rules, errors)
+    let problem = bad.first().map(|first| {
+        format!(
+            "{} of {count} entries skipped, not label=value:weight with a label key and value \
+             a pod can carry and a weight from 0 to 1000000 (the first: {})",
+            bad.len(),
+            excerpt(first)
+        )
+    });
+    (rules, problem)
+}
+
+fn weight_rule(entry: &str) -> Option<WeightRule> {
+    let (selector, weight) = entry.rsplit_once(':')?;
+    let (label, value) = selector.split_once('=')?;
+    let weight = weight.trim().parse::<u32>().ok()?;
+    let (label, value) = (label.trim(), value.trim());
+    (is_label_key(label) && is_label_value(value) && weight <= 1_000_000).then(|| WeightRule {
+        label: label.to_string(),
+        value: value.to_string(),
+        weight,
+    })
 }
 
 /// Whether `value` can be a Kubernetes label value: at most 63 characters of
@@ -1173,13 +1223,13 @@ mod tests {
             } => {
                 assert_eq!(service, &key());
                 assert_eq!(*annotation, ANNOTATION_LOAD_BALANCER);
-                assert_eq!(value, "magic-hat");
+                assert_eq!(value, "\"magic-hat\"");
                 assert!(reason.contains("round-robin"), "{reason}");
             }
             other => panic!("{other:?}"),
         }
         assert!(w.to_string().starts_with(
-            "service shop/web: annotation carousel.dev/load-balancer=\"magic-hat\" ignored"
+            "service shop/web: annotation carousel.dev/load-balancer=\"magic-hat\": unknown algorithm"
         ));
     }
 
@@ -1207,22 +1257,25 @@ mod tests {
             parse_weights("version=custom:3,version=original:1"),
             (
                 vec![rule("version", "custom", 3), rule("version", "original", 1)],
-                vec![]
+                None
             )
         );
         assert_eq!(
-            parse_weights(" version = custom : 3 , track=canary:0,"),
+            parse_weights(" version = custom : 3 , app.kubernetes.io/track=canary:0,"),
             (
-                vec![rule("version", "custom", 3), rule("track", "canary", 0)],
-                vec![]
+                vec![
+                    rule("version", "custom", 3),
+                    rule("app.kubernetes.io/track", "canary", 0)
+                ],
+                None
             )
         );
         assert_eq!(
             parse_weights("a=:1000000"),
-            (vec![rule("a", "", 1_000_000)], vec![])
+            (vec![rule("a", "", 1_000_000)], None)
         );
-        assert_eq!(parse_weights(""), (vec![], vec![]));
-        assert_eq!(parse_weights("  , ,"), (vec![], vec![]));
+        assert_eq!(parse_weights(""), (vec![], None));
+        assert_eq!(parse_weights("  , ,"), (vec![], None));
     }
 
     #[test]
@@ -1236,20 +1289,64 @@ mod tests {
             "a=b:",
             "a=b:1000001",
             " = :2",
+            "not a label=x:1",
+            "a=not a value:1",
         ] {
-            let (rules, errors) = parse_weights(bad);
+            let (rules, problem) = parse_weights(bad);
             assert!(rules.is_empty(), "{bad:?} gave {rules:?}");
-            assert_eq!(errors.len(), 1, "{bad:?} gave {errors:?}");
-            assert!(errors[0].contains(bad.trim()), "{}", errors[0]);
+            let problem = problem.unwrap_or_else(|| panic!("{bad:?} gave no problem"));
+            assert!(problem.starts_with("1 of 1 entries skipped"), "{problem}");
+            assert!(problem.contains(&format!("{:?}", bad.trim())), "{problem}");
         }
-        let (rules, errors) = parse_weights("version=custom:3,oops,version=original:1,a=b:x");
+        let (rules, problem) = parse_weights("version=custom:3,oops,version=original:1,a=b:x");
         assert_eq!(
             rules,
             vec![rule("version", "custom", 3), rule("version", "original", 1)]
         );
-        assert_eq!(errors.len(), 2, "{errors:?}");
-        assert!(errors[0].contains("\"oops\""), "{}", errors[0]);
-        assert!(errors[1].contains("\"a=b:x\""), "{}", errors[1]);
+        let problem = problem.unwrap();
+        assert!(problem.starts_with("2 of 4 entries skipped"), "{problem}");
+        assert!(problem.contains("(the first: \"oops\")"), "{problem}");
+    }
+
+    #[test]
+    fn a_huge_weights_value_costs_one_bounded_warning_and_no_rules() {
+        // 10 000 bad entries (169 KB) once gave 10 000 warnings, each with the whole value.
+        let entries = |n: usize, entry: &str| vec![entry; n].join(",");
+        let (rules, problem) = parse_weights(&entries(10_000, "version=custom:x"));
+        assert!(rules.is_empty());
+        let problem = problem.unwrap();
+        assert!(problem.contains("over the limit of 4096"), "{problem}");
+        // Under the byte limit, over the rule limit: ignored whole too.
+        let (rules, problem) = parse_weights(&entries(MAX_WEIGHT_RULES + 1, "a=b:1"));
+        assert!(rules.is_empty());
+        assert!(problem
+            .unwrap()
+            .contains("65 entries, over the limit of 64"));
+        // At the limit, every rule applies.
+        let (rules, problem) = parse_weights(&entries(MAX_WEIGHT_RULES, "a=b:1"));
+        assert_eq!((rules.len(), problem), (MAX_WEIGHT_RULES, None));
+        // Through the Service: one warning, quoting a bounded part of the value.
+        let value = entries(10_000, "version=custom:x");
+        let f = front_with(
+            &format!(", annotations: {{carousel.dev/weights: '{value}'}}"),
+            "clusterIP: 10.96.0.10, ports: [{port: 80}]",
+        );
+        assert!(f.weights.is_empty());
+        assert_eq!(f.warnings.len(), 1, "{} warnings", f.warnings.len());
+        let line = f.warnings[0].to_string();
+        assert!(line.len() < 400, "{} bytes: {line}", line.len());
+        assert!(line.contains(&format!("({} bytes)", value.len())), "{line}");
+    }
+
+    #[test]
+    fn excerpt_quotes_at_most_64_characters_and_says_how_long_the_rest_is() {
+        assert_eq!(excerpt("round-robin"), "\"round-robin\"");
+        let long = "é".repeat(100);
+        assert_eq!(
+            excerpt(&long),
+            format!("{:?}... (200 bytes)", "é".repeat(64))
+        );
+        assert_eq!(excerpt(&"x".repeat(64)), format!("{:?}", "x".repeat(64)));
     }
 
     #[test]
@@ -1264,7 +1361,7 @@ mod tests {
         assert!(matches!(
             &f.warnings[0],
             Warning::BadAnnotation { annotation, value, .. }
-                if *annotation == ANNOTATION_WEIGHTS && value == "version=custom:3,version=custom"
+                if *annotation == ANNOTATION_WEIGHTS && value == "\"version=custom:3,version=custom\""
         ));
     }
 

@@ -3,7 +3,7 @@
 //! version that does not parse or validate is refused whole, with the document and the
 //! field named, and the last good table stays in force.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,13 +12,13 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_yaml::Value;
 use tokio::sync::watch;
 
 use crate::discovery::convert::{self, FieldError, PodLabels, Scope, Warning};
 use crate::discovery::names::Names;
-use crate::model::ServiceTable;
+use crate::discovery::yaml_budget;
+use crate::model::{ServiceKey, ServiceTable};
 use crate::telemetry::Telemetry;
 
 /// How often the file is looked at.
@@ -78,6 +78,14 @@ pub enum StateFileError {
     },
     #[error("{at}: {message}")]
     NotAnObject { at: Location, message: String },
+    #[error(
+        "{at} (Service {service}): the same Service as {first}; a file holds each object once"
+    )]
+    Duplicate {
+        at: Location,
+        service: ServiceKey,
+        first: Location,
+    },
     #[error("{at} ({kind} {name}): {error}")]
     Invalid {
         at: Location,
@@ -103,6 +111,8 @@ pub struct Loaded {
 #[derive(Default)]
 struct Objects {
     services: Vec<convert::ServiceFront>,
+    /// Where each Service stands, so that a second one of the same name is refused.
+    service_at: HashMap<ServiceKey, Location>,
     slices: Vec<convert::SliceView>,
     pods: PodLabels,
     ignored_kinds: BTreeSet<String>,
@@ -128,14 +138,15 @@ pub fn parse(text: &str, scope: &Scope) -> Result<Loaded, StateFileError> {
                 let second = read_objects(second);
                 (first.join().expect("parsing does not panic"), second)
             });
-            match (first, second) {
-                (Ok(mut first), Ok(second)) => {
-                    first.extend(second);
-                    first
-                }
-                // Read again in one go, so that the error names the first bad document
-                // and its line as the whole file numbers them.
-                _ => read_objects(text)?,
+            let joined = match (first, second) {
+                (Ok(mut first), Ok(second)) => first.extend(second).then_some(first),
+                _ => None,
+            };
+            // Read again in one go, so that the error names the first bad document and
+            // its line as the whole file numbers them.
+            match joined {
+                Some(objects) => objects,
+                None => read_objects(text)?,
             }
         }
         None => read_objects(text)?,
@@ -168,10 +179,11 @@ fn split_documents(text: &str) -> Option<(&str, &str)> {
 /// The objects of the documents of `text`.
 fn read_objects(text: &str) -> Result<Objects, StateFileError> {
     let mut objects = Objects::default();
+    let budget = yaml_budget::budget_for(text.len());
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let document = i + 1;
-        let value =
-            Value::deserialize(doc).map_err(|source| StateFileError::Yaml { document, source })?;
+        let value = yaml_budget::value(doc, &budget)
+            .map_err(|source| StateFileError::Yaml { document, source })?;
         if value.is_null() {
             continue; // an empty document, e.g. after a trailing `---`
         }
@@ -188,13 +200,23 @@ fn read_objects(text: &str) -> Result<Objects, StateFileError> {
 }
 
 impl Objects {
-    /// Adds the objects of the documents that follow these: later ones win, as in one
-    /// reading.
-    fn extend(&mut self, later: Objects) {
+    /// Adds the objects of the documents that follow these, as in one reading; false
+    /// if a Service of `later` is one of these (the caller reads the whole file again,
+    /// to name both as the file numbers them).
+    fn extend(&mut self, later: Objects) -> bool {
+        if later
+            .service_at
+            .keys()
+            .any(|key| self.service_at.contains_key(key))
+        {
+            return false;
+        }
+        self.service_at.extend(later.service_at);
         self.services.extend(later.services);
         self.slices.extend(later.slices);
         self.pods.extend(later.pods);
         self.ignored_kinds.extend(later.ignored_kinds);
+        true
     }
 }
 
@@ -300,6 +322,18 @@ fn add_object(objects: &mut Objects, value: Value, at: Location) -> Result<(), S
         }
         ("v1", "Service") => {
             let svc: core::Service = typed(value).map_err(invalid)?;
+            if let Some(name) = svc.metadata.name.as_deref().filter(|n| !n.is_empty()) {
+                let namespace = svc.metadata.namespace.as_deref().unwrap_or("default");
+                let service = ServiceKey::new(namespace, name);
+                if let Some(first) = objects.service_at.get(&service) {
+                    return Err(StateFileError::Duplicate {
+                        first: first.clone(),
+                        at,
+                        service,
+                    });
+                }
+                objects.service_at.insert(service, at.clone());
+            }
             if let Some(front) = convert::service(&svc).map_err(invalid)? {
                 objects.services.push(front);
             }
@@ -498,6 +532,10 @@ pub async fn watch(
     }
 }
 
+/// The most new warnings one version of the file logs line by line; the rest are
+/// counted in one line. Each is counted in `carousel_config_errors_total` either way.
+const MAX_WARNINGS_LOGGED: usize = 20;
+
 /// Logs and counts each distinct problem once, not on every look at the file.
 #[derive(Default)]
 struct Reporter {
@@ -509,12 +547,22 @@ impl Reporter {
     fn report_loaded(&mut self, loaded: &Loaded, telemetry: &Telemetry) {
         self.refusal = None;
         let current: BTreeSet<Warning> = loaded.warnings.iter().cloned().collect();
-        for w in current.difference(&self.warnings) {
+        let new: Vec<&Warning> = current.difference(&self.warnings).collect();
+        for w in new.iter().take(MAX_WARNINGS_LOGGED) {
             tracing::warn!("{w}");
-            if w.is_config_error() {
-                telemetry.config_errors().increment(1);
-            }
         }
+        if let Some(more) = new
+            .len()
+            .checked_sub(MAX_WARNINGS_LOGGED)
+            .filter(|n| *n > 0)
+        {
+            tracing::warn!(
+                more,
+                "more new warnings in this version of the state file, not logged one by one"
+            );
+        }
+        let errors = new.iter().filter(|w| w.is_config_error()).count();
+        telemetry.config_errors().increment(errors as u64);
         self.warnings = current;
         for kind in &loaded.ignored_kinds {
             tracing::warn!(kind, "objects of this kind are ignored");
@@ -983,6 +1031,28 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("at line 54999 "), "{err}");
+    }
+
+    #[test]
+    fn the_same_service_twice_is_refused_naming_both_places_even_across_the_two_halves() {
+        // In one half (a small file) and across the halves of a large one.
+        let dup = "---\napiVersion: v1\nkind: Service\nmetadata: {name: s2, namespace: big}\n\
+                   spec: {clusterIP: 10.96.9.9, ports: [{port: 81}]}\n";
+        for n in [3, 12_000] {
+            let text = format!("{}{dup}", many_services(n, None));
+            let err = parse(&text, &Scope::default()).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "document {} (Service big/s2): the same Service as document 2; a file holds each object once",
+                    n + 1
+                )
+            );
+        }
+        // The same name in another namespace is another Service.
+        let other = dup.replace("namespace: big", "namespace: small");
+        let text = format!("{}{other}", many_services(3, None));
+        assert_eq!(parse(&text, &Scope::default()).unwrap().table.len(), 4);
     }
 
     #[test]

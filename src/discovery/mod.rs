@@ -8,3 +8,4 @@ pub mod file;
 pub mod kube;
 pub mod names;
 pub mod store;
+pub mod yaml_budget;

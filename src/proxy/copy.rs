@@ -58,7 +58,8 @@ impl Side {
 
 /// Copies `client` ⇄ `upstream`. The first error ends both directions (the other one
 /// may be waiting on a peer that will never speak again), and so does `idle_timeout`
-/// without a byte either way.
+/// without a byte either way. A side that has half-closed is still watched: its reset
+/// ends the connection at once, even while the other side stays silent.
 pub async fn copy_both_ways(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -68,21 +69,35 @@ pub async fn copy_both_ways(
 ) -> Result<(), CopyError> {
     let activity = Activity::new(idle_timeout.is_some());
     let copy = async {
-        tokio::try_join!(
-            copy_one_way(
-                (client, Side::Client),
-                (upstream, Side::Endpoint),
-                to_endpoint,
-                &activity
-            ),
-            copy_one_way(
-                (upstream, Side::Endpoint),
-                (client, Side::Client),
-                to_client,
-                &activity
-            ),
-        )
-        .map(|_| ())
+        let up = copy_one_way(
+            (client, Side::Client),
+            (upstream, Side::Endpoint),
+            to_endpoint,
+            &activity,
+        );
+        let down = copy_one_way(
+            (upstream, Side::Endpoint),
+            (client, Side::Client),
+            to_client,
+            &activity,
+        );
+        tokio::pin!(up, down);
+        let (mut up_ended, mut down_ended) = (false, false);
+        while !(up_ended && down_ended) {
+            tokio::select! {
+                ended = &mut up, if !up_ended => {
+                    ended?;
+                    up_ended = true;
+                }
+                ended = &mut down, if !down_ended => {
+                    ended?;
+                    down_ended = true;
+                }
+                e = reset(client), if up_ended => return Err(CopyError::Client(e)),
+                e = reset(upstream), if down_ended => return Err(CopyError::Endpoint(e)),
+            }
+        }
+        Ok(())
     };
     match idle_timeout {
         None => copy.await,
@@ -90,6 +105,30 @@ pub async fn copy_both_ways(
             result = copy => result,
             () = idle(&activity, limit) => Err(CopyError::Idle),
         },
+    }
+}
+
+/// Resolves with the error of a socket whose peer has already half-closed, once the
+/// peer resets it. A read would not tell (the stream has ended, a read returns 0 at
+/// once); the kernel's error event does.
+async fn reset(socket: &TcpStream) -> io::Error {
+    loop {
+        if let Err(e) = socket.ready(Interest::ERROR).await {
+            return e;
+        }
+        match socket.take_error() {
+            // A reset in CLOSE_WAIT (after the peer's FIN) is reported as EPIPE.
+            Ok(Some(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+                return io::ErrorKind::ConnectionReset.into()
+            }
+            Ok(Some(e)) | Err(e) => return e,
+            // An error event whose error is gone: wait for the next one.
+            Ok(None) => {
+                let _ = socket.try_io(Interest::ERROR, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+            }
+        }
     }
 }
 
@@ -344,6 +383,39 @@ mod tests {
         )
         .await
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_reset_after_a_half_close_ends_the_connection_while_the_other_side_is_silent() {
+        for resetting in [Side::Client, Side::Endpoint] {
+            let (client_far, client) = connected().await;
+            let (upstream, pod) = connected().await;
+            let copying = tokio::spawn(async move {
+                let (none, also_none) = (Counter::noop(), Counter::noop());
+                copy_both_ways(&client, &upstream, &none, &also_none, None).await
+            });
+            // One side half-closes, waits, then resets; the other never says a word.
+            let (closer, _silent) = match resetting {
+                Side::Client => (client_far, pod),
+                Side::Endpoint => (pod, client_far),
+            };
+            SockRef::from(&closer).shutdown(Shutdown::Write).unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            SockRef::from(&closer)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(closer);
+            let ended = tokio::time::timeout(Duration::from_secs(5), copying)
+                .await
+                .expect("the reset ends the connection")
+                .unwrap();
+            let reset = |e: &io::Error| e.kind() == io::ErrorKind::ConnectionReset;
+            match (resetting, ended) {
+                (Side::Client, Err(CopyError::Client(e))) if reset(&e) => {}
+                (Side::Endpoint, Err(CopyError::Endpoint(e))) if reset(&e) => {}
+                (_, other) => panic!("{other:?}"),
+            }
+        }
     }
 
     #[tokio::test]

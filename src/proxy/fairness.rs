@@ -62,7 +62,8 @@ struct RouteHistory {
 
 /// Updates every route's gauge each `tick`, over the last `window` ticks, until aborted.
 /// A tick costs one counter read per Service port, plus a walk of the endpoints of the
-/// ports that had picks within the window or whose route changed.
+/// ports that had picks within the window or whose route changed. The same tick lets
+/// the ClientIP affinity maps drop their expired clients ([`Route::sweep_affinity`]).
 ///
 /// The gauge is resolved here, once a window has picks, rather than with the route: a
 /// gauge registered early would read 0, "maximally unfair", for an idle Service.
@@ -86,6 +87,8 @@ pub async fn track(routes: Arc<ArcSwap<RouteTable>>, tick: Duration, window: usi
         }
         // Ports that left forget their history; one that returns starts afresh.
         history.retain(|_, h| h.seen == seen);
+        let now = tokio::time::Instant::now();
+        table.routes().for_each(|route| route.sweep_affinity(now));
         tokio::task::yield_now().await;
     }
 }

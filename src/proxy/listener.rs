@@ -14,7 +14,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use metrics::{Counter, Label};
+use metrics::{Counter, Gauge, Label};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -116,18 +116,72 @@ pub fn wanted(routes: &RouteTable, nodeport_addresses: &[IpAddr]) -> BTreeMap<Se
     wanted
 }
 
+/// The descriptor limit (RLIMIT_NOFILE) now: its soft value, which is what the kernel
+/// enforces.
+pub fn descriptor_limit() -> u64 {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    limit.current.unwrap_or(u64::MAX)
+}
+
+/// Raises the soft descriptor limit to the hard one, as Go programs do at start: the
+/// soft default (often 1024) exists for programs that use select(2), which carousel
+/// does not, and bind mode wants a descriptor per Service address. Returns the limit
+/// in force afterwards.
+pub fn raise_descriptor_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                tracing::debug!(from = ?limit.current, to = ?limit.maximum, "descriptor limit raised to the hard limit")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot raise the descriptor limit to the hard limit")
+            }
+        }
+    }
+    descriptor_limit()
+}
+
+/// How many listeners bind mode opens at most: half the descriptor limit. The other
+/// half stays for what must never starve: the connections (two descriptors each), the
+/// health and metrics servers, the state file and the API client.
+pub fn listener_budget(limit: u64) -> usize {
+    usize::try_from(limit / 2).unwrap_or(usize::MAX)
+}
+
 /// The open listeners of bind mode.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Listeners {
     open: HashMap<ServiceAddr, JoinHandle<()>>,
     /// Addresses that failed to bind, so each failure is reported once.
     failed: HashSet<ServiceAddr>,
+    /// Wanted addresses left without a listener by the descriptor limit at the last
+    /// reconcile, and `carousel_listeners_refused`, which shows them.
+    refused: usize,
+    refused_gauge: Gauge,
 }
 
 impl Listeners {
+    pub fn new(telemetry: &Telemetry) -> Self {
+        Self {
+            open: HashMap::new(),
+            failed: HashSet::new(),
+            refused: 0,
+            refused_gauge: telemetry.gauge(names::LISTENERS_REFUSED, Vec::new()),
+        }
+    }
+
     /// Opens the listeners that are wanted and not open, closes those no longer wanted;
     /// the number of wanted addresses that could not be listened on (each is reported
-    /// once, and tried again at the next reconcile).
+    /// once, and tried again at the next reconcile). Past [`listener_budget`], the rest
+    /// of the addresses (in address order; open ones keep their listener) are refused
+    /// without a system call, with one log line for the count and a gauge, so that the
+    /// descriptors the rest of carousel needs are never taken.
     pub fn reconcile(
         &mut self,
         wanted: &BTreeMap<ServiceAddr, String>,
@@ -142,8 +196,15 @@ impl Listeners {
             keep
         });
         self.failed.retain(|addr| wanted.contains_key(addr));
+        let limit = descriptor_limit();
+        let budget = listener_budget(limit);
+        let mut refused = 0;
         for (addr, owner) in wanted {
             if self.open.contains_key(addr) {
+                continue;
+            }
+            if self.open.len() >= budget {
+                refused += 1;
                 continue;
             }
             match bind(addr.0, intake.forward.keepalive) {
@@ -169,7 +230,22 @@ impl Listeners {
                 }
             }
         }
-        self.failed.len()
+        if refused != self.refused {
+            if refused > 0 {
+                tracing::error!(
+                    refused,
+                    wanted = wanted.len(),
+                    listening = self.open.len(),
+                    descriptor_limit = limit,
+                    "bind mode leaves Service addresses without a listener: listeners may take half the descriptor limit; raise it (ulimit -n, LimitNOFILE) or use nftables mode"
+                );
+            } else {
+                tracing::info!("every Service address has its listener again");
+            }
+            self.refused = refused;
+            self.refused_gauge.set(refused as f64);
+        }
+        self.failed.len() + refused
     }
 
     /// The addresses listened on now.

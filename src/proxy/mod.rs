@@ -160,10 +160,10 @@ enum Intake {
 }
 
 impl Intake {
-    fn new(mode: &Mode) -> Self {
+    fn new(mode: &Mode, telemetry: &Telemetry) -> Self {
         match mode {
             Mode::Bind { nodeport_addresses } => Intake::Bind {
-                listeners: Listeners::default(),
+                listeners: Listeners::new(telemetry),
                 nodeport_addresses: nodeport_addresses.clone(),
             },
             Mode::Nftables {
@@ -325,7 +325,7 @@ pub async fn run(
     };
     let routes = &accepting.routes;
     listener::migrate_queued_connections_on_close();
-    let mut intake = Intake::new(&config.mode);
+    let mut intake = Intake::new(&config.mode, &telemetry);
     let sync_duration = telemetry.histogram(names::SYNC_DURATION, Vec::new());
     let fairness = tokio::spawn(fairness::track(
         routes.clone(),

@@ -163,6 +163,9 @@ impl PortMetrics {
             hit: lookups("hit"),
             miss: lookups("miss"),
             expired: lookups("expired"),
+            overflow: self
+                .telemetry
+                .counter(names::AFFINITY_OVERFLOW_TOTAL, self.labels.to_vec()),
             entries: self
                 .telemetry
                 .gauge(names::AFFINITY_ENTRIES, self.labels.to_vec()),

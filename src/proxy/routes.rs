@@ -106,6 +106,14 @@ impl Route {
     pub fn algorithm(&self) -> &'static str {
         self.balancer.algorithm()
     }
+
+    /// Lets the ClientIP affinity map, if any, drop the clients that have expired (it
+    /// does so at most every eighth of its timeout).
+    pub fn sweep_affinity(&self, now: tokio::time::Instant) {
+        if let Some(affinity) = self.balancer.affinity() {
+            affinity.sweep_expired(now);
+        }
+    }
 }
 
 /// Maps keyed by addresses and names carousel chose itself: a fast hash (foldhash)
@@ -470,11 +478,22 @@ fn build_port(
         .cloned()
         .unwrap_or_else(|| Arc::new(PortMetrics::new(telemetry, &service.key, port)));
     metrics.count_endpoints(port);
+    let has_endpoints = !port.eligible().is_empty();
+    if !has_endpoints && port.endpoints.iter().any(|e| e.ready || e.serving) {
+        // Every endpoint that could serve weighs 0: the Service is drained by its own
+        // weights, which a user reading `carousel_endpoints{state="ready"}` would not
+        // guess. Said at each change of the Service, not per connection.
+        tracing::warn!(
+            service = %service.key,
+            port = port.port,
+            "every ready endpoint weighs 0 under carousel.dev/weights: new connections are refused until one weighs more"
+        );
+    }
     let build = Build {
         service,
         port,
         metrics,
-        has_endpoints: !port.eligible().is_empty(),
+        has_endpoints,
         options,
         shadow,
     };
@@ -838,6 +857,61 @@ pub(crate) mod tests {
             ),
             "{metrics}"
         );
+    }
+
+    /// What `f` logs, as the binary's log would show it.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = lines.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn a_port_whose_every_ready_endpoint_weighs_zero_is_refused_and_says_why() {
+        let telemetry = Telemetry::new();
+        let build = |weights: [u32; 3]| {
+            let endpoints = (1..=3).zip(weights).map(|(i, w)| endpoint(i, true, w));
+            let table = table("round-robin", None, endpoints.collect());
+            let mut routes = None;
+            let log = logged(|| {
+                routes = Some(RouteTable::build(
+                    &table,
+                    &RouteTable::default(),
+                    &telemetry,
+                    &BuildOptions::default(),
+                    &Locality::default(),
+                ))
+            });
+            (routes.unwrap(), log)
+        };
+        let (routes, log) = build([0, 0, 0]);
+        assert!(!routes.routes().next().unwrap().has_endpoints);
+        assert!(log.contains("every ready endpoint weighs 0"), "{log}");
+        assert!(
+            log.contains("default/web") && log.contains("port=80"),
+            "{log}"
+        );
+        assert_eq!(log.lines().count(), 1, "{log}");
+        let (routes, log) = build([0, 1, 0]);
+        assert!(routes.routes().next().unwrap().has_endpoints);
+        assert!(log.is_empty(), "{log}");
     }
 
     #[tokio::test]
