@@ -82,7 +82,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: SocketAddr,
 
-    /// Where /healthz and /readyz are served.
+    /// Where /healthz, /livez and /readyz are served.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: SocketAddr,
 
@@ -210,7 +210,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', value_name = "a,b,...")]
     pub algorithms: Vec<String>,
 
-    /// Write the results as JSON (the format of DESIGN.md, "Lab output").
+    /// Write the results as JSON (the format of docs/lab-json.md).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 

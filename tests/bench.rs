@@ -60,7 +60,7 @@ async fn every_scenario_quick_gives_the_documented_json_and_html() {
     let scenarios: Vec<&str> = bench::scenarios::names().collect();
     assert_eq!(report.scenarios(), scenarios);
 
-    // The JSON has DESIGN.md's field names.
+    // The JSON has the field names of docs/lab-json.md.
     let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
     assert_eq!(json["version"], 1);
     assert_eq!(json["seed"], 42);

@@ -223,13 +223,17 @@ impl Objects {
 /// Reads and parses the state file at `path`.
 pub fn load(path: &Path, scope: &Scope) -> Result<Loaded, StateFileError> {
     let (stamp, bytes) = read(path)?;
-    let text = String::from_utf8(bytes).map_err(|e| StateFileError::Read {
+    let mut loaded = parse(utf8(path, &bytes)?, scope)?;
+    loaded.version = Some((stamp, digest(&bytes)));
+    Ok(loaded)
+}
+
+/// The state file's bytes as text: YAML is UTF-8, and a file that is not is refused.
+fn utf8<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str, StateFileError> {
+    std::str::from_utf8(bytes).map_err(|e| StateFileError::Read {
         path: path.to_owned(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-    })?;
-    let mut loaded = parse(&text, scope)?;
-    loaded.version = Some((stamp, digest(text.as_bytes())));
-    Ok(loaded)
+    })
 }
 
 /// The bytes of the state file, if it is a regular file of at most `MAX_BYTES` that
@@ -514,7 +518,7 @@ pub async fn watch(
         }
         applied_file = last_seen.as_ref().map(|(stamp, _)| stamp.file());
         applied = Some(seen);
-        let parsed = crate::heavy::run(|| parse(&String::from_utf8_lossy(&bytes), &scope));
+        let parsed = crate::heavy::run(|| parse(utf8(&path, &bytes)?, &scope));
         match parsed {
             Ok(loaded) => {
                 reporter.report_loaded(&loaded, &telemetry);
@@ -1182,6 +1186,14 @@ mod tests {
         // A missing file: the table still stays.
         std::fs::remove_file(&path).unwrap();
         wait_for_metric(&telemetry, "carousel_config_errors_total 2").await;
+        assert_eq!(**updates.borrow(), table_of(&second));
+        assert!(!updates.has_changed().unwrap());
+
+        // Bytes that are not UTF-8 (here in a comment) are refused, as at start.
+        let mut not_utf8 = state(&["10.1.0.4"]).into_bytes();
+        not_utf8.extend_from_slice(b"# \xff\n");
+        std::fs::write(&path, not_utf8).unwrap();
+        wait_for_metric(&telemetry, "carousel_config_errors_total 3").await;
         assert_eq!(**updates.borrow(), table_of(&second));
         assert!(!updates.has_changed().unwrap());
 

@@ -63,7 +63,8 @@ pub struct SourceConfig {
     pub service_selector: Option<String>,
     /// `--node-name` (or `$NODE_NAME`): whose Node gives the zone.
     pub node_name: Option<String>,
-    /// `--zone`: overrides the Node's label (and the Node is then not watched).
+    /// `--zone`: overrides the Node's zone label (the Node is still watched, for its
+    /// eligibility and its pod CIDRs).
     pub zone: Option<String>,
 }
 

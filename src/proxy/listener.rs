@@ -2,7 +2,7 @@
 //! come and go. Closing a listener stops new connections only; open ones run on in
 //! their own tasks.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -116,6 +116,51 @@ pub fn wanted(routes: &RouteTable, nodeport_addresses: &[IpAddr]) -> BTreeMap<Se
     wanted
 }
 
+/// What [`wanted`] says of the addresses `routes`' edits touched, when `routes` was built
+/// from the table of generation `last`: each with its Service port, or `None` where it is
+/// no longer wanted. `None` when the edits do not follow `last`: then only the whole
+/// [`wanted`] tells. So one changed Service among thousands costs its own addresses.
+pub fn changed(
+    routes: &RouteTable,
+    nodeport_addresses: &[IpAddr],
+    last: u64,
+) -> Option<Vec<(ServiceAddr, Option<String>)>> {
+    let edits = routes.edits();
+    if edits.after != Some(last) {
+        return None;
+    }
+    let at_node_ports = edits.node_ports.iter().flat_map(|&port| {
+        nodeport_addresses
+            .iter()
+            .map(move |ip| ServiceAddr(SocketAddr::new(*ip, port)))
+    });
+    let touched: BTreeSet<ServiceAddr> = edits.addrs.iter().copied().chain(at_node_ports).collect();
+    Some(
+        touched
+            .into_iter()
+            .map(|addr| (addr, wanted_at(routes, nodeport_addresses, addr)))
+            .collect(),
+    )
+}
+
+/// [`wanted`] for one address: the Service port it serves, or `None`.
+fn wanted_at(
+    routes: &RouteTable,
+    nodeport_addresses: &[IpAddr],
+    addr: ServiceAddr,
+) -> Option<String> {
+    if let Some(route) = routes.service_addr(addr).filter(|r| r.has_endpoints) {
+        return Some(format!("{} port {}", route.service, route.port));
+    }
+    if !nodeport_addresses.contains(&addr.0.ip()) {
+        return None;
+    }
+    let route = routes
+        .node_port(addr.0.port())
+        .filter(|r| r.has_endpoints)?;
+    Some(format!("{} port {} (node port)", route.service, route.port))
+}
+
 /// The descriptor limit (RLIMIT_NOFILE) now: its soft value, which is what the kernel
 /// enforces.
 pub fn descriptor_limit() -> u64 {
@@ -207,28 +252,7 @@ impl Listeners {
                 refused += 1;
                 continue;
             }
-            match bind(addr.0, intake.forward.keepalive) {
-                Ok(listener) => {
-                    tracing::info!(%addr, service = %owner, "listening");
-                    self.failed.remove(addr);
-                    let task = tokio::spawn(accept_loop(
-                        listener,
-                        Dialed::Listener(*addr),
-                        intake.clone(),
-                    ));
-                    self.open.insert(*addr, task);
-                }
-                Err(e) => {
-                    if self.failed.insert(*addr) {
-                        let hint = if e.raw_os_error() == Some(99) {
-                            " (the address is not local to this host; bind mode needs it assigned to an interface)"
-                        } else {
-                            ""
-                        };
-                        tracing::error!(%addr, service = %owner, error = %e, "cannot listen{hint}; retrying");
-                    }
-                }
-            }
+            self.open_one(*addr, owner, intake);
         }
         if refused != self.refused {
             if refused > 0 {
@@ -246,6 +270,70 @@ impl Listeners {
             self.refused_gauge.set(refused as f64);
         }
         self.failed.len() + refused
+    }
+
+    /// As [`Listeners::reconcile`], at the addresses `changes` names alone (from
+    /// [`changed`]): `None`, with nothing done, when the last reconcile left an address
+    /// failed or refused (those are retried by a whole reconcile) or when the changes
+    /// would pass the budget.
+    pub fn apply(
+        &mut self,
+        changes: &[(ServiceAddr, Option<String>)],
+        intake: &Accepting,
+    ) -> Option<usize> {
+        if self.refused > 0 || !self.failed.is_empty() {
+            return None;
+        }
+        let opening = changes
+            .iter()
+            .filter(|(addr, owner)| owner.is_some() && !self.open.contains_key(addr))
+            .count();
+        let closing = changes
+            .iter()
+            .filter(|(addr, owner)| owner.is_none() && self.open.contains_key(addr))
+            .count();
+        if self.open.len() - closing + opening > listener_budget(descriptor_limit()) {
+            return None;
+        }
+        for (addr, owner) in changes {
+            match owner {
+                None => {
+                    if let Some(task) = self.open.remove(addr) {
+                        tracing::info!(%addr, "closing listener");
+                        task.abort();
+                    }
+                }
+                Some(owner) if !self.open.contains_key(addr) => self.open_one(*addr, owner, intake),
+                Some(_) => {}
+            }
+        }
+        Some(self.failed.len())
+    }
+
+    /// Listens on `addr` for `owner`, or reports (once) that it cannot.
+    fn open_one(&mut self, addr: ServiceAddr, owner: &str, intake: &Accepting) {
+        match bind(addr.0, intake.forward.keepalive) {
+            Ok(listener) => {
+                tracing::info!(%addr, service = %owner, "listening");
+                self.failed.remove(&addr);
+                let task = tokio::spawn(accept_loop(
+                    listener,
+                    Dialed::Listener(addr),
+                    intake.clone(),
+                ));
+                self.open.insert(addr, task);
+            }
+            Err(e) => {
+                if self.failed.insert(addr) {
+                    let hint = if e.raw_os_error() == Some(99) {
+                        " (the address is not local to this host; bind mode needs it assigned to an interface)"
+                    } else {
+                        ""
+                    };
+                    tracing::error!(%addr, service = %owner, error = %e, "cannot listen{hint}; retrying");
+                }
+            }
+        }
     }
 
     /// The addresses listened on now.

@@ -148,6 +148,8 @@ enum Intake {
     Bind {
         listeners: Listeners,
         nodeport_addresses: Vec<IpAddr>,
+        /// The generation of the route table the listeners were last reconciled with.
+        reconciled: Option<u64>,
     },
     Nftables {
         rules: Rules,
@@ -165,6 +167,7 @@ impl Intake {
             Mode::Bind { nodeport_addresses } => Intake::Bind {
                 listeners: Listeners::new(telemetry),
                 nodeport_addresses: nodeport_addresses.clone(),
+                reconciled: None,
             },
             Mode::Nftables {
                 redirect_port,
@@ -233,9 +236,21 @@ impl Intake {
             Intake::Bind {
                 listeners,
                 nodeport_addresses,
+                reconciled,
             } => {
-                let wanted = listener::wanted(&table, nodeport_addresses);
-                match listeners.reconcile(&wanted, accepting) {
+                // The addresses the table's edits touched, unless this is a repair, or
+                // the table does not follow the last one reconciled.
+                let last = reconciled.filter(|_| !repair);
+                let changed =
+                    last.and_then(|last| listener::changed(&table, nodeport_addresses, last));
+                let failed = changed
+                    .and_then(|changes| listeners.apply(&changes, accepting))
+                    .unwrap_or_else(|| {
+                        listeners
+                            .reconcile(&listener::wanted(&table, nodeport_addresses), accepting)
+                    });
+                *reconciled = Some(table.generation());
+                match failed {
                     0 => Ok(()),
                     failed => Err(SyncError::Listeners(failed)),
                 }

@@ -643,6 +643,7 @@ fn set_weights(previous: Option<&Route>, endpoints: &[RouteEndpoint]) {
 pub(crate) mod tests {
     use super::*;
     use crate::model::{Balancing, Endpoint, Placement, Service};
+    use crate::proxy::listener;
     use crate::proxy::redirects::{self, Derived};
     use std::collections::BTreeMap;
     use std::net::{IpAddr, Ipv4Addr};
@@ -1034,6 +1035,10 @@ pub(crate) mod tests {
             let mut services: imbl::OrdMap<ServiceKey, Arc<Service>> = imbl::OrdMap::new();
             let mut routes = RouteTable::default();
             let mut derived: Option<Derived> = None;
+            // Bind mode's wanted listeners, followed as the intake follows them; node
+            // ports on 10.96.0.1 too, which is also a Service address.
+            let nodeport_addresses = [IpAddr::from([127, 0, 0, 1]), IpAddr::from([10, 96, 0, 1])];
+            let mut bind: Option<(u64, BTreeMap<ServiceAddr, String>)> = None;
             for (choices, zone_a) in steps {
                 for (i, (what, ports, mask, local, close)) in (1u8..).zip(choices) {
                     let key = ServiceKey::new("default", &format!("svc-{i}"));
@@ -1053,6 +1058,23 @@ pub(crate) mod tests {
                 proptest::prop_assert_eq!(shape(&routes), shape(&scratch));
                 let next = derived.insert(Derived::next(derived.as_ref(), &routes));
                 proptest::prop_assert_eq!(next.redirects(), &redirects::whole(&scratch));
+                let changes = bind
+                    .as_ref()
+                    .and_then(|(last, _)| listener::changed(&routes, &nodeport_addresses, *last));
+                let wanted = match (changes, bind.take()) {
+                    (Some(changes), Some((_, mut wanted))) => {
+                        for (addr, owner) in changes {
+                            match owner {
+                                Some(owner) => wanted.insert(addr, owner),
+                                None => wanted.remove(&addr),
+                            };
+                        }
+                        wanted
+                    }
+                    _ => listener::wanted(&routes, &nodeport_addresses),
+                };
+                proptest::prop_assert_eq!(&wanted, &listener::wanted(&scratch, &nodeport_addresses));
+                bind = Some((routes.generation(), wanted));
             }
         }
     }

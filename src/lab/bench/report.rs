@@ -1,4 +1,4 @@
-//! What the bench reports and how: the JSON of DESIGN.md ("Lab output"), a table for
+//! What the bench reports and how: the JSON of docs/lab-json.md, a table for
 //! the terminal, and one self-contained HTML page with inline SVG charts.
 
 use std::fmt::Write as _;
@@ -35,7 +35,7 @@ pub struct RunResult {
     pub stickiness: Option<f64>,
     /// Share of clients whose pod changed across an endpoint change.
     pub moved_fraction: Option<f64>,
-    // Added fields beyond DESIGN.md's.
+    // Added fields beyond the original set (docs/lab-json.md lists them all).
     /// ClientIP affinity on the Service.
     pub affinity: bool,
     pub requests: u64,
