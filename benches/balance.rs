@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use carousel::addr::PodAddr;
 use carousel::balance::{self, AffinityStats, Backend, Backends, BuildOptions};
-use carousel::model::Balancing;
+use carousel::model::{Algorithm, Balancing};
 use carousel::telemetry::{names, Telemetry};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use metrics::Label;
@@ -63,10 +63,10 @@ fn baseline(c: &mut Criterion) {
 
 fn pick(c: &mut Criterion) {
     let clients = clients();
-    for algorithm in balance::algorithms() {
+    for algorithm in Algorithm::ALL {
         let mut group = c.benchmark_group(format!("pick/{algorithm}"));
         for n in SIZES {
-            let balancer = balance::build(algorithm, backends(n), &options()).expect("registered");
+            let balancer = balance::build(algorithm, backends(n), &options());
             group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
                 let mut i = 0;
                 b.iter(|| {
@@ -91,7 +91,7 @@ fn affinity_hit(c: &mut Criterion) {
         entries: telemetry.gauge(names::AFFINITY_ENTRIES, Vec::new()),
     };
     let balancing = Balancing {
-        algorithm: "round-robin".into(),
+        algorithm: Algorithm::RoundRobin,
         affinity: Some(Duration::from_secs(10_800)),
     };
     let picker = balance::rebuild_or_build(None, &balancing, backends(1_000), &options(), stats);
@@ -121,8 +121,8 @@ fn build(c: &mut Criterion) {
     let mut group = c.benchmark_group("build/10000");
     group.sample_size(20);
     let set = backends(10_000);
-    for algorithm in balance::algorithms() {
-        group.bench_function(algorithm, |b| {
+    for algorithm in Algorithm::ALL {
+        group.bench_function(algorithm.name(), |b| {
             b.iter(|| balance::build(algorithm, black_box(set.clone()), &options()))
         });
     }

@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
+use crate::algorithm::Algorithm;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "carousel",
@@ -141,7 +143,7 @@ pub struct RunArgs {
     /// Also run these algorithms beside each Service's own, only counting where they
     /// would have sent each connection (carousel_shadow_picks_total).
     #[arg(long, value_delimiter = ',', value_name = "a,b,...")]
-    pub shadow: Vec<String>,
+    pub shadow: Vec<Algorithm>,
 }
 
 impl RunArgs {
@@ -208,7 +210,7 @@ pub struct BenchArgs {
 
     /// The algorithms to compare (default: every one).
     #[arg(long, value_delimiter = ',', value_name = "a,b,...")]
-    pub algorithms: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
 
     /// Write the results as JSON (the format of docs/lab-json.md).
     #[arg(long, value_name = "FILE")]

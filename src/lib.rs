@@ -4,17 +4,36 @@
 //! proxy builds a route table from each one and swaps it in atomically, and every new
 //! connection is handed to an endpoint that the Service port's balancer picks.
 
+//!
+//! Without the `node` feature (on by default) the crate is only its pure core: the model,
+//! the algorithms by name, and the conversion of Kubernetes objects and of the state
+//! file into a table. `fuzz/` builds that much, without the runtime, the Kubernetes
+//! client or the data path.
+
 pub mod addr;
-pub mod backoff;
-pub mod balance;
-pub mod config;
-pub mod dataplane;
+pub mod algorithm;
 pub mod discovery;
-pub mod heavy;
-pub mod lab;
 pub mod model;
+
+#[cfg(feature = "node")]
+pub mod backoff;
+#[cfg(feature = "node")]
+pub mod balance;
+#[cfg(feature = "node")]
+pub mod config;
+#[cfg(feature = "node")]
+pub mod dataplane;
+#[cfg(feature = "node")]
+pub mod heavy;
+#[cfg(feature = "node")]
+pub mod lab;
+#[cfg(feature = "node")]
 pub mod proxy;
+#[cfg(feature = "node")]
 pub mod run;
+#[cfg(feature = "node")]
 pub mod series;
+#[cfg(feature = "node")]
 pub mod status;
+#[cfg(feature = "node")]
 pub mod telemetry;

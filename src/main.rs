@@ -153,21 +153,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             nodeport_nets: args.nodeport_addresses.clone(),
         },
     };
-    let shadow = args
-        .shadow
-        .iter()
-        .map(|name| {
-            balance::algorithms()
-                .find(|known| known == name)
-                .with_context(|| {
-                    let known: Vec<&str> = balance::algorithms().collect();
-                    format!(
-                        "--shadow {name}: no such algorithm (known: {})",
-                        known.join(", ")
-                    )
-                })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
     let proxy_name = args.service_proxy_name().map(str::to_owned);
     let scope = Scope {
         proxy_name: proxy_name.clone(),
@@ -181,7 +166,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             keepalive: (!args.tcp_keepalive.is_zero()).then_some(args.tcp_keepalive),
         },
         max_connections: args.max_connections,
-        shadow,
+        shadow: args.shadow.clone(),
         sync_period: args.sync_period,
         handover: None,
         cluster_cidrs: args.cluster_cidr.clone(),

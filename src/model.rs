@@ -9,6 +9,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::addr::PodAddr;
+pub use crate::algorithm::Algorithm;
 
 /// `namespace/name` of a Service.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -82,21 +83,12 @@ pub enum Traffic {
 }
 
 /// How new connections of one Service are spread over its endpoints.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Balancing {
-    /// A name from the balancer registry (`carousel.dev/load-balancer`).
-    pub algorithm: String,
+    /// `carousel.dev/load-balancer`; round-robin when unset.
+    pub algorithm: Algorithm,
     /// `spec.sessionAffinity: ClientIP` and its inactivity timeout.
     pub affinity: Option<Duration>,
-}
-
-impl Default for Balancing {
-    fn default() -> Self {
-        Self {
-            algorithm: crate::balance::DEFAULT_ALGORITHM.to_string(),
-            affinity: None,
-        }
-    }
 }
 
 /// One TCP port of a Service with the endpoints behind it.

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::discovery::convert::Scope;
 use crate::discovery::file::{self, StateFileError};
+use crate::discovery::file_watch;
 use crate::discovery::kube::{self, KubeError, SourceConfig};
 use crate::discovery::store::Store;
 use crate::model::ServiceTable;
@@ -62,7 +63,7 @@ pub async fn run_from_file(
         "state file loaded"
     );
     let (tables, updates) = watch::channel(Arc::new(initial.table.clone()));
-    let source = tokio::spawn(file::watch(
+    let source = tokio::spawn(file_watch::watch(
         run.path,
         run.scope,
         tables,

@@ -474,7 +474,11 @@ async fn maglev_keeps_every_client_on_its_hashed_pod() {
     let mut addrs: Vec<SocketAddr> = proxy.pods.iter().map(|p| p.addr).collect();
     addrs.sort();
     let backends: Backends = addrs.iter().map(|a| Backend::new(PodAddr(*a), 1)).collect();
-    let maglev = balance::build("maglev", backends, &BuildOptions::default()).expect("maglev");
+    let maglev = balance::build(
+        carousel::algorithm::Algorithm::Maglev,
+        backends,
+        &BuildOptions::default(),
+    );
     for client in &clients {
         let pods = &by_client[client];
         let expected = proxy.pod_name(addrs[maglev.pick(*client).expect("a pick")]);

@@ -9,7 +9,10 @@ const NET: u8 = 55;
 async fn quick(scenarios: &[&str], algorithms: &[&str], first_block: u8, seed: u64) -> Report {
     let options = BenchOptions {
         scenarios: scenarios.iter().map(|s| s.to_string()).collect(),
-        algorithms: algorithms.iter().map(|s| s.to_string()).collect(),
+        algorithms: algorithms
+            .iter()
+            .map(|s| s.parse().expect("an algorithm"))
+            .collect(),
         seed,
         quick: true,
         net: NET,
@@ -200,9 +203,14 @@ async fn the_same_seed_gives_the_same_picks() {
     };
     let mut picks = Vec::new();
     for (block, seed) in [(80, 5), (81, 5), (82, 6)] {
-        let result = bench::run_one(&scenario, "random", &options(seed), block)
-            .await
-            .unwrap();
+        let result = bench::run_one(
+            &scenario,
+            carousel::algorithm::Algorithm::Random,
+            &options(seed),
+            block,
+        )
+        .await
+        .unwrap();
         assert_eq!(result.connections, 120);
         picks.push(
             result

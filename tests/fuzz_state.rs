@@ -15,12 +15,11 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use carousel::balance;
 use carousel::discovery::convert::{
     self, Scope, Warning, ANNOTATION_LOAD_BALANCER, ANNOTATION_WEIGHTS, LABEL_SERVICE_NAME,
 };
 use carousel::discovery::file::{self, StateFileError};
-use carousel::model::{ServiceKey, ServiceTable};
+use carousel::model::{Algorithm, ServiceKey, ServiceTable};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use proptest::prelude::*;
@@ -97,11 +96,6 @@ fn check_refusal(error: &StateFileError) {
 fn check_table(table: &ServiceTable) {
     for (key, svc) in &table.services {
         assert_eq!(key, &svc.key);
-        assert!(
-            balance::is_known(&svc.balancing.algorithm),
-            "{key}: unknown algorithm {:?} in the table",
-            svc.balancing.algorithm
-        );
         if let Some(timeout) = svc.balancing.affinity {
             assert!(
                 (1..=86_400).contains(&timeout.as_secs()),
@@ -937,11 +931,11 @@ fn annotations_on(lb: &str, weights: &str) {
             .iter()
             .any(|w| matches!(w, Warning::BadAnnotation { annotation: a, .. } if *a == annotation))
     };
-    if balance::is_known(lb.trim()) {
-        assert_eq!(svc.balancing.algorithm, lb.trim());
+    if let Ok(algorithm) = lb.trim().parse::<Algorithm>() {
+        assert_eq!(svc.balancing.algorithm, algorithm);
         assert!(!warned(ANNOTATION_LOAD_BALANCER));
     } else {
-        assert_eq!(svc.balancing.algorithm, balance::DEFAULT_ALGORITHM);
+        assert_eq!(svc.balancing.algorithm, Algorithm::default());
         assert!(warned(ANNOTATION_LOAD_BALANCER), "{:?}", loaded.warnings);
     }
     let (_, problem) = convert::parse_weights(weights);

@@ -7,6 +7,7 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use carousel::algorithm::Algorithm;
 use carousel::lab::bench::load::{BenchPod, Client, PodSpec};
 use carousel::status;
 use common::{eventually, metric, Carousel, Ep, Svc};
@@ -25,7 +26,7 @@ async fn shadow_algorithms_count_their_picks_per_pod() {
     let endpoints = pods.iter().map(|p| Ep::ready(p.addr, &p.name)).collect();
     let svc = Svc::new("web", "127.55.190.1", 8000, endpoints);
     let carousel = Carousel::start_configured(&svc.state(), |c| {
-        c.shadow = vec!["maglev", "round-robin"];
+        c.shadow = vec![Algorithm::Maglev, Algorithm::RoundRobin];
     })
     .await;
 

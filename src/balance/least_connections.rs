@@ -5,8 +5,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{Backend, Backends, Balancer};
-
-pub const NAME: &str = "least-connections";
+use crate::algorithm::Algorithm;
 
 #[derive(Debug)]
 pub struct LeastConnections {
@@ -31,8 +30,8 @@ fn less_loaded(a: &Backend, a_active: u32, b: &Backend, b_active: u32) -> bool {
 }
 
 impl Balancer for LeastConnections {
-    fn name(&self) -> &'static str {
-        NAME
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::LeastConnections
     }
 
     /// O(N): reads every endpoint's open-connection count, one relaxed atomic load each

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use super::sample::mix;
 use super::{Backend, Backends, Balancer};
 use crate::addr::PodAddr;
-
-pub const NAME: &str = "maglev";
+use crate::algorithm::Algorithm;
 
 /// The paper's small table size: prime, and at least 100 slots per endpoint up to 655
 /// endpoints, which keeps the disruption of a change close to the minimum.
@@ -83,8 +82,8 @@ impl Maglev {
 }
 
 impl Balancer for Maglev {
-    fn name(&self) -> &'static str {
-        NAME
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::Maglev
     }
 
     fn pick(&self, client: IpAddr) -> Option<usize> {

@@ -1,6 +1,6 @@
 //! Balancers: small values built from the endpoint set of one Service port that pick
-//! an endpoint for each new connection. One algorithm a file; the registry below maps
-//! the names of the `carousel.dev/load-balancer` annotation to their constructors.
+//! an endpoint for each new connection. One algorithm a file; [`build`] makes the one an
+//! [`Algorithm`] names.
 
 mod affinity;
 mod least_connections;
@@ -17,6 +17,7 @@ use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
 use crate::addr::PodAddr;
+use crate::algorithm::Algorithm;
 use crate::model::Balancing;
 
 pub use affinity::{Affinity, AffinityStats, DEFAULT_MAX_ENTRIES as DEFAULT_AFFINITY_MAX_ENTRIES};
@@ -29,9 +30,6 @@ pub use weighted_round_robin::WeightedRoundRobin;
 
 /// Whether ClientIP session affinity is built (the demo and docs ask).
 pub const AFFINITY_AVAILABLE: bool = true;
-
-/// The algorithm used when a Service names none (or one that does not parse).
-pub const DEFAULT_ALGORITHM: &str = round_robin::NAME;
 
 /// What a balancer sees of one endpoint.
 #[derive(Clone, Debug)]
@@ -62,8 +60,8 @@ pub type Backends = Arc<[Backend]>;
 /// A balancer is immutable apart from its own atomics: a table change builds a new one
 /// with [`Balancer::rebuild`], which carries over the state of persisting endpoints.
 pub trait Balancer: Send + Sync + fmt::Debug {
-    /// The registry name of the algorithm.
-    fn name(&self) -> &'static str;
+    /// Which algorithm this is.
+    fn algorithm(&self) -> Algorithm;
 
     /// The index into the backends of the endpoint for a new connection from `client`,
     /// or `None` when there is no endpoint.
@@ -92,40 +90,20 @@ impl Default for BuildOptions {
     }
 }
 
-type Constructor = fn(Backends, &BuildOptions) -> Box<dyn Balancer>;
-
-/// Every algorithm carousel knows, by annotation name.
-const REGISTRY: &[(&str, Constructor)] = &[
-    (round_robin::NAME, |b, _| Box::new(RoundRobin::new(b))),
-    (weighted_round_robin::NAME, |b, _| {
-        Box::new(WeightedRoundRobin::new(b))
-    }),
-    (least_connections::NAME, |b, _| {
-        Box::new(LeastConnections::new(b))
-    }),
-    (power_of_two_choices::NAME, |b, o| {
-        Box::new(PowerOfTwoChoices::new(b, o.seed))
-    }),
-    (maglev::NAME, |b, _| Box::new(Maglev::new(b))),
-    (random::NAME, |b, o| Box::new(Random::new(b, o.seed))),
-];
-
-/// The names of every registered algorithm.
-pub fn algorithms() -> impl Iterator<Item = &'static str> {
-    REGISTRY.iter().map(|(name, _)| *name)
-}
-
-/// Whether `name` is a registered algorithm.
-pub fn is_known(name: &str) -> bool {
-    REGISTRY.iter().any(|(n, _)| *n == name)
-}
-
-/// Builds a fresh balancer of algorithm `name`, or `None` if no such algorithm exists.
-pub fn build(name: &str, backends: Backends, options: &BuildOptions) -> Option<Box<dyn Balancer>> {
-    REGISTRY
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, construct)| construct(backends, options))
+/// A fresh balancer of `algorithm` over `backends`.
+pub fn build(
+    algorithm: Algorithm,
+    backends: Backends,
+    options: &BuildOptions,
+) -> Box<dyn Balancer> {
+    match algorithm {
+        Algorithm::RoundRobin => Box::new(RoundRobin::new(backends)),
+        Algorithm::WeightedRoundRobin => Box::new(WeightedRoundRobin::new(backends)),
+        Algorithm::LeastConnections => Box::new(LeastConnections::new(backends)),
+        Algorithm::PowerOfTwoChoices => Box::new(PowerOfTwoChoices::new(backends, options.seed)),
+        Algorithm::Maglev => Box::new(Maglev::new(backends)),
+        Algorithm::Random => Box::new(Random::new(backends, options.seed)),
+    }
 }
 
 /// What picks the endpoints of one Service port: its algorithm and, when the Service
@@ -151,9 +129,9 @@ impl Picker {
         }
     }
 
-    /// The registry name of the algorithm that balances new clients.
-    pub fn algorithm(&self) -> &'static str {
-        self.balancer.name()
+    /// The algorithm that balances new clients.
+    pub fn algorithm(&self) -> Algorithm {
+        self.balancer.algorithm()
     }
 
     /// The affinity layer, when the Service has ClientIP affinity.
@@ -165,8 +143,7 @@ impl Picker {
 /// Builds the picker for a new endpoint set (sorted by address, as [`Backends`] are).
 ///
 /// State carries over from `previous`: the algorithm's (cursor, generator) when it runs
-/// the same algorithm, else a fresh one is built, falling back to round-robin for a name
-/// the registry does not know; the remembered clients whenever affinity stays on, even
+/// the same algorithm, else a fresh one is built; the remembered clients whenever affinity stays on, even
 /// across a change of algorithm. `affinity_stats` are used only when `balancing` has
 /// affinity.
 pub fn rebuild_or_build(
@@ -176,15 +153,11 @@ pub fn rebuild_or_build(
     options: &BuildOptions,
     affinity_stats: AffinityStats,
 ) -> Picker {
-    let name = if is_known(&balancing.algorithm) {
-        balancing.algorithm.as_str()
-    } else {
-        DEFAULT_ALGORITHM
-    };
     let balancer = match previous {
-        Some(prev) if prev.algorithm() == name => prev.balancer.rebuild(backends.clone()),
-        _ => build(name, backends.clone(), options)
-            .unwrap_or_else(|| Box::new(RoundRobin::new(backends.clone()))),
+        Some(prev) if prev.algorithm() == balancing.algorithm => {
+            prev.balancer.rebuild(backends.clone())
+        }
+        _ => build(balancing.algorithm, backends.clone(), options),
     };
     let remembered = previous.and_then(|p| p.affinity.as_ref());
     let affinity = match (balancing.affinity, remembered) {
@@ -241,7 +214,7 @@ mod tests {
 
     fn balancing(algorithm: &str, affinity: Option<Duration>) -> Balancing {
         Balancing {
-            algorithm: algorithm.to_string(),
+            algorithm: algorithm.parse().expect("an algorithm"),
             affinity,
         }
     }
@@ -261,31 +234,14 @@ mod tests {
     }
 
     #[test]
-    fn the_registry_holds_the_documented_algorithms() {
-        let names: Vec<&str> = algorithms().collect();
-        assert_eq!(
-            names,
-            [
-                "round-robin",
-                "weighted-round-robin",
-                "least-connections",
-                "power-of-two-choices",
-                "maglev",
-                "random"
-            ]
-        );
-        for name in names {
-            let b = build(name, backends(3, &[]), &BuildOptions::default()).unwrap();
-            assert_eq!(b.name(), name);
+    fn every_algorithm_builds_and_picks_within_its_backends() {
+        for algorithm in Algorithm::ALL {
+            let b = build(algorithm, backends(3, &[]), &BuildOptions::default());
+            assert_eq!(b.algorithm(), algorithm);
             assert!(b.pick(CLIENT).is_some_and(|i| i < 3));
-            assert_eq!(
-                build(name, backends(0, &[]), &BuildOptions::default())
-                    .unwrap()
-                    .pick(CLIENT),
-                None
-            );
+            let none = build(algorithm, backends(0, &[]), &BuildOptions::default());
+            assert_eq!(none.pick(CLIENT), None);
         }
-        assert!(build("no-such", backends(3, &[]), &BuildOptions::default()).is_none());
     }
 
     #[test]
@@ -294,16 +250,6 @@ mod tests {
         let first = picker(None, &rr, 3);
         assert_eq!(first.pick(CLIENT), Some(0));
         let second = picker(Some(&first), &rr, 3);
-        assert_eq!(second.pick(CLIENT), Some(1));
-    }
-
-    #[test]
-    fn an_unknown_algorithm_is_round_robin_and_keeps_rotating() {
-        let bad = balancing("no-such", None);
-        let first = picker(None, &bad, 3);
-        assert_eq!(first.algorithm(), "round-robin");
-        assert_eq!(first.pick(CLIENT), Some(0));
-        let second = picker(Some(&first), &bad, 3);
         assert_eq!(second.pick(CLIENT), Some(1));
     }
 
@@ -321,7 +267,7 @@ mod tests {
             &balancing("least-connections", timeout),
             3,
         );
-        assert_eq!(sticky_lc.algorithm(), "least-connections");
+        assert_eq!(sticky_lc.algorithm(), Algorithm::LeastConnections);
         assert_eq!(sticky_lc.affinity().map(Affinity::len), Some(2));
         assert_eq!(
             sticky_lc.pick(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))),

@@ -7,8 +7,7 @@ use std::sync::atomic::Ordering;
 
 use super::sample::{below, derive, AliasTable, SplitMix};
 use super::{Backends, Balancer};
-
-pub const NAME: &str = "power-of-two-choices";
+use crate::algorithm::Algorithm;
 
 /// Draws from the alias table before the second choice falls back to an exact draw that
 /// leaves the first one out. Either way the second choice follows the weights of the
@@ -81,8 +80,8 @@ impl PowerOfTwoChoices {
 }
 
 impl Balancer for PowerOfTwoChoices {
-    fn name(&self) -> &'static str {
-        NAME
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::PowerOfTwoChoices
     }
 
     /// The first draw, which follows the weights, unless the second would carry fewer

@@ -5,8 +5,7 @@ use std::net::IpAddr;
 
 use super::sample::{AliasTable, SplitMix};
 use super::{Backends, Balancer};
-
-pub const NAME: &str = "random";
+use crate::algorithm::Algorithm;
 
 #[derive(Debug)]
 pub struct Random {
@@ -30,8 +29,8 @@ impl Random {
 }
 
 impl Balancer for Random {
-    fn name(&self) -> &'static str {
-        NAME
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::Random
     }
 
     fn pick(&self, _client: IpAddr) -> Option<usize> {

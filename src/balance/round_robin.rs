@@ -5,8 +5,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{Backends, Balancer};
-
-pub const NAME: &str = "round-robin";
+use crate::algorithm::Algorithm;
 
 #[derive(Debug)]
 pub struct RoundRobin {
@@ -28,8 +27,8 @@ impl RoundRobin {
 }
 
 impl Balancer for RoundRobin {
-    fn name(&self) -> &'static str {
-        NAME
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::RoundRobin
     }
 
     fn pick(&self, _client: IpAddr) -> Option<usize> {

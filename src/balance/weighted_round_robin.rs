@@ -14,8 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::{Backends, Balancer};
-
-pub const NAME: &str = "weighted-round-robin";
+use crate::algorithm::Algorithm;
 
 /// The longest schedule built before weights are scaled down: 65 536 slots, 256 KiB.
 ///
@@ -50,8 +49,8 @@ impl WeightedRoundRobin {
 }
 
 impl Balancer for WeightedRoundRobin {
-    fn name(&self) -> &'static str {
-        NAME
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::WeightedRoundRobin
     }
 
     fn pick(&self, _client: IpAddr) -> Option<usize> {

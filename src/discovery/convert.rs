@@ -19,10 +19,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::addr::PodAddr;
-use crate::balance;
 use crate::discovery::names::Names;
 use crate::model::{
-    Balancing, Endpoint, Placement, Service, ServiceKey, ServicePort, ServiceTable,
+    Algorithm, Balancing, Endpoint, Placement, Service, ServiceKey, ServicePort, ServiceTable,
     DEFAULT_AFFINITY_TIMEOUT,
 };
 
@@ -368,19 +367,18 @@ pub fn service(svc: &core::Service) -> Result<Option<ServiceFront>, FieldError> 
     let mut balancing = Balancing::default();
     if let Some(algorithm) = annotation(ANNOTATION_LOAD_BALANCER) {
         let algorithm = algorithm.trim();
-        if balance::is_known(algorithm) {
-            balancing.algorithm = algorithm.to_string();
-        } else {
-            warnings.push(Warning::BadAnnotation {
+        match algorithm.parse() {
+            Ok(known) => balancing.algorithm = known,
+            Err(_) => warnings.push(Warning::BadAnnotation {
                 service: key.clone(),
                 annotation: ANNOTATION_LOAD_BALANCER,
                 value: excerpt(algorithm),
                 reason: format!(
                     "unknown algorithm (known: {}); using {}",
-                    balance::algorithms().collect::<Vec<_>>().join(", "),
-                    balance::DEFAULT_ALGORITHM
+                    Algorithm::known(),
+                    Algorithm::default()
                 ),
-            });
+            }),
         }
     }
     let weights = match annotation(ANNOTATION_WEIGHTS) {
@@ -895,7 +893,7 @@ mod tests {
             ]
         );
         assert_eq!(f.balancing, Balancing::default());
-        assert_eq!(f.balancing.algorithm, "round-robin");
+        assert_eq!(f.balancing.algorithm, Algorithm::RoundRobin);
         assert_eq!(f.balancing.affinity, None);
         assert!(f.weights.is_empty());
         assert!(f.warnings.is_empty());
@@ -1161,7 +1159,7 @@ mod tests {
              sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}, ports: [{port: 80}]",
         );
         assert_eq!(f.balancing.affinity, Some(Duration::from_secs(600)));
-        assert_eq!(f.balancing.algorithm, "round-robin");
+        assert_eq!(f.balancing.algorithm, Algorithm::RoundRobin);
         let f = front(
             "clusterIP: 10.96.0.10, sessionAffinity: None, \
              sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}, ports: [{port: 80}]",
@@ -1210,7 +1208,7 @@ mod tests {
             ", annotations: {carousel.dev/load-balancer: magic-hat}",
             "clusterIP: 10.96.0.10, ports: [{port: 80}]",
         );
-        assert_eq!(f.balancing.algorithm, "round-robin");
+        assert_eq!(f.balancing.algorithm, Algorithm::RoundRobin);
         assert_eq!(f.warnings.len(), 1, "{:?}", f.warnings);
         let w = &f.warnings[0];
         assert!(w.is_config_error());
@@ -1239,7 +1237,7 @@ mod tests {
             ", annotations: {carousel.dev/load-balancer: ' round-robin '}",
             "clusterIP: 10.96.0.10, ports: [{port: 80}]",
         );
-        assert_eq!(f.balancing.algorithm, "round-robin");
+        assert_eq!(f.balancing.algorithm, Algorithm::RoundRobin);
         assert!(f.warnings.is_empty(), "{:?}", f.warnings);
     }
 
@@ -1809,7 +1807,7 @@ mod tests {
                     }],
                 }],
                 balancing: Balancing {
-                    algorithm: "round-robin".into(),
+                    algorithm: Algorithm::RoundRobin,
                     affinity: Some(DEFAULT_AFFINITY_TIMEOUT),
                 },
                 external_traffic_local: true,

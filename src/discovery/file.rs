@@ -1,33 +1,24 @@
 //! The state file: ordinary Kubernetes objects in YAML, as `kubectl get -o yaml` prints
-//! them. `parse` is pure; `watch` polls the file and publishes each good version. A
+//! them. `parse` is pure and `load` reads the file as carousel accepts it (a regular
+//! file, bounded, UTF-8); `file_watch` polls it and publishes each good version. A
 //! version that does not parse or validate is refused whole, with the document and the
-//! field named, and the last good table stays in force.
+//! field named.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
-use tokio::sync::watch;
 
 use crate::discovery::convert::{self, FieldError, PodLabels, Scope, Warning};
 use crate::discovery::names::Names;
 use crate::discovery::yaml_budget;
 use crate::model::{ServiceKey, ServiceTable};
-use crate::telemetry::Telemetry;
 
-/// How often the file is looked at.
-const POLL_INTERVAL: Duration = Duration::from_millis(150);
-/// How long a version written in place must stay the same before it is applied, so that
-/// a file written in pieces (`kubectl get -o yaml > state.yaml`) is not taken for a new
-/// state at each piece. A file renamed into place is applied without it; a writer that
-/// pauses longer, or changes the file more often, should write elsewhere and rename.
-pub const SETTLE: Duration = Duration::from_secs(1);
 /// The largest state file carousel reads; a larger one is refused, naming this limit.
 /// 10 000 Services of 50 endpoints each are about 100 MB of YAML.
 pub const MAX_BYTES: u64 = 256 << 20;
@@ -105,7 +96,7 @@ pub struct Loaded {
     pub ignored_kinds: BTreeSet<String>,
     /// The file's metadata and digest as `load` read it, so that `watch` does not
     /// parse the same bytes again.
-    version: Option<(Stamp, u64)>,
+    pub(super) version: Option<(Stamp, u64)>,
 }
 
 #[derive(Default)]
@@ -229,7 +220,7 @@ pub fn load(path: &Path, scope: &Scope) -> Result<Loaded, StateFileError> {
 }
 
 /// The state file's bytes as text: YAML is UTF-8, and a file that is not is refused.
-fn utf8<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str, StateFileError> {
+pub(super) fn utf8<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str, StateFileError> {
     std::str::from_utf8(bytes).map_err(|e| StateFileError::Read {
         path: path.to_owned(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
@@ -239,7 +230,7 @@ fn utf8<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str, StateFileError> {
 /// The bytes of the state file, if it is a regular file of at most `MAX_BYTES` that
 /// holds more than white space. It is opened without blocking, so that a FIFO in its
 /// place cannot hold the reader, and judged by the metadata of what was opened.
-fn read(path: &Path) -> Result<(Stamp, Vec<u8>), StateFileError> {
+pub(super) fn read(path: &Path) -> Result<(Stamp, Vec<u8>), StateFileError> {
     use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt;
     let io = |source| StateFileError::Read {
@@ -385,19 +376,18 @@ fn one_line(text: String) -> String {
     }
 }
 
-/// What a look at the file's metadata sees: when all of it is as at the last look, and
-/// the last change is older than `SETTLED`, the bytes are not read again.
+/// What a look at the file's metadata sees (`file_watch` compares them).
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    modified: Option<SystemTime>,
-    ctime: (i64, i64),
+pub(super) struct Stamp {
+    pub(super) dev: u64,
+    pub(super) ino: u64,
+    pub(super) len: u64,
+    pub(super) modified: Option<SystemTime>,
+    pub(super) ctime: (i64, i64),
 }
 
 impl Stamp {
-    fn of(meta: &std::fs::Metadata) -> Self {
+    pub(super) fn of(meta: &std::fs::Metadata) -> Self {
         use std::os::unix::fs::MetadataExt;
         Self {
             dev: meta.dev(),
@@ -407,190 +397,26 @@ impl Stamp {
             ctime: (meta.ctime(), meta.ctime_nsec()),
         }
     }
-
-    /// Which file this is: another one after a rename into place.
-    fn file(&self) -> (u64, u64) {
-        (self.dev, self.ino)
-    }
-
-    /// Whether the file changed so recently that a second write could still hide behind
-    /// the same metadata (file times tick in milliseconds, not per write).
-    fn is_fresh(&self, now: SystemTime) -> bool {
-        self.modified
-            .and_then(|m| now.duration_since(m).ok())
-            .is_none_or(|age| age < SETTLED)
-    }
 }
-
-/// How long after its last change a file's metadata is trusted to tell a change.
-const SETTLED: Duration = Duration::from_secs(1);
 
 /// A digest of one version of the file: only digests are kept between looks, so a
 /// large file is held in memory once, while it is parsed.
-fn digest(bytes: &[u8]) -> u64 {
+pub(super) fn digest(bytes: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut h);
     h.finish()
 }
 
-/// Watches the state file and publishes every good version on `tables`.
-///
-/// Each look reads the file's metadata; the bytes are read only when it changed (or
-/// changed within the last second), off the runtime's threads. A version is applied
-/// once its bytes have stayed the same for `SETTLE`, so that a file caught half-written
-/// is not taken for a new state, or after two looks when it was renamed into place (a
-/// file of another inode); a file that is empty, not a regular file, or over
-/// `MAX_BYTES` is refused.
-/// Refused versions, a missing file and bad annotations are logged once each and
-/// counted in `carousel_config_errors_total`; the last good table stays in force.
-pub async fn watch(
-    path: PathBuf,
-    scope: Scope,
-    tables: watch::Sender<Arc<ServiceTable>>,
-    telemetry: Arc<Telemetry>,
-    initial: Loaded,
-) {
-    let mut reporter = Reporter::default();
-    reporter.report_loaded(&initial, &telemetry);
-    // What `load` read counts as applied. Without it (a table parsed elsewhere), the
-    // first stable look parses the file, and publishes only if the table differs.
-    let mut last_seen = initial.version;
-    let mut applied: Option<u64> = last_seen.as_ref().map(|(_, digest)| *digest);
-    // The digest of the version being looked at, and since when it has been so.
-    let mut settling: Option<(u64, Instant)> = None;
-    // The file (device and inode) the applied version was read from.
-    let mut applied_file = last_seen.as_ref().map(|(stamp, _)| stamp.file());
-    drop(initial.table);
-    let mut tick = tokio::time::interval(POLL_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if tables.is_closed() {
-            return;
-        }
-        // The metadata, then the bytes unless the metadata says they are as applied.
-        let looked = async {
-            let stamp = Stamp::of(&tokio::fs::metadata(&path).await.map_err(|source| {
-                StateFileError::Read {
-                    path: path.clone(),
-                    source,
-                }
-            })?);
-            let unchanged = last_seen.as_ref().is_some_and(|(last, digest)| {
-                *last == stamp && !stamp.is_fresh(SystemTime::now()) && Some(*digest) == applied
-            });
-            if unchanged {
-                return Ok(None);
-            }
-            let at = path.clone();
-            match tokio::task::spawn_blocking(move || read(&at)).await {
-                Ok(read) => read.map(Some),
-                Err(e) => Err(StateFileError::Read {
-                    path: path.clone(),
-                    source: std::io::Error::other(e),
-                }),
-            }
-        };
-        let (stamp, bytes) = match looked.await {
-            Ok(Some(read)) => read,
-            Ok(None) => continue,
-            Err(error) => {
-                reporter.refused(&error.to_string(), &telemetry);
-                last_seen = None;
-                settling = None;
-                continue;
-            }
-        };
-        let seen = digest(&bytes);
-        // A version is applied once it has stayed the same for `SETTLE`; a file renamed
-        // into place (another inode) was complete when it arrived, and needs two looks.
-        let since = match settling {
-            Some((digest, since)) if digest == seen => since,
-            _ => settling.insert((seen, Instant::now())).1,
-        }
-        .elapsed();
-        let replaced = applied_file != Some(stamp.file());
-        let settle = if replaced { POLL_INTERVAL } else { SETTLE };
-        last_seen = Some((stamp, seen));
-        if since < settle || applied == Some(seen) {
-            continue;
-        }
-        applied_file = last_seen.as_ref().map(|(stamp, _)| stamp.file());
-        applied = Some(seen);
-        let parsed = crate::heavy::run(|| parse(utf8(&path, &bytes)?, &scope));
-        match parsed {
-            Ok(loaded) => {
-                reporter.report_loaded(&loaded, &telemetry);
-                tables.send_if_modified(|current| {
-                    let changed = **current != loaded.table;
-                    if changed {
-                        *current = Arc::new(loaded.table);
-                    }
-                    changed
-                });
-                tracing::info!(path = %path.display(), "state file reloaded");
-            }
-            Err(error) => reporter.refused(&error.to_string(), &telemetry),
-        }
-    }
-}
-
-/// The most new warnings one version of the file logs line by line; the rest are
-/// counted in one line. Each is counted in `carousel_config_errors_total` either way.
-const MAX_WARNINGS_LOGGED: usize = 20;
-
-/// Logs and counts each distinct problem once, not on every look at the file.
-#[derive(Default)]
-struct Reporter {
-    warnings: BTreeSet<Warning>,
-    refusal: Option<String>,
-}
-
-impl Reporter {
-    fn report_loaded(&mut self, loaded: &Loaded, telemetry: &Telemetry) {
-        self.refusal = None;
-        let current: BTreeSet<Warning> = loaded.warnings.iter().cloned().collect();
-        let new: Vec<&Warning> = current.difference(&self.warnings).collect();
-        for w in new.iter().take(MAX_WARNINGS_LOGGED) {
-            tracing::warn!("{w}");
-        }
-        if let Some(more) = new
-            .len()
-            .checked_sub(MAX_WARNINGS_LOGGED)
-            .filter(|n| *n > 0)
-        {
-            tracing::warn!(
-                more,
-                "more new warnings in this version of the state file, not logged one by one"
-            );
-        }
-        let errors = new.iter().filter(|w| w.is_config_error()).count();
-        telemetry.config_errors().increment(errors as u64);
-        self.warnings = current;
-        for kind in &loaded.ignored_kinds {
-            tracing::warn!(kind, "objects of this kind are ignored");
-        }
-    }
-
-    fn refused(&mut self, message: &str, telemetry: &Telemetry) {
-        if self.refusal.as_deref() != Some(message) {
-            tracing::error!("state file refused, keeping the last good state: {message}");
-            telemetry.config_errors().increment(1);
-            self.refusal = Some(message.to_string());
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::net::IpAddr;
 
     use super::*;
     use crate::model::ServiceKey;
 
     /// Service `name` in namespace `shop` with one port `http` 80 → `targetPort: http`.
-    fn service_doc(name: &str, cluster_ip: &str) -> String {
+    pub(crate) fn service_doc(name: &str, cluster_ip: &str) -> String {
         format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
              spec: {{clusterIP: {cluster_ip}, ports: [{{name: http, port: 80, targetPort: http}}]}}\n"
@@ -598,7 +424,7 @@ mod tests {
     }
 
     /// A slice of Service `service` whose `http` port is 8080, one endpoint per address.
-    fn slice_doc(service: &str, name: &str, addresses: &[&str]) -> String {
+    pub(crate) fn slice_doc(service: &str, name: &str, addresses: &[&str]) -> String {
         let endpoints: Vec<String> = addresses
             .iter()
             .map(|a| format!("{{addresses: [{a}], targetRef: {{kind: Pod, name: pod-{a}}}}}"))
@@ -628,7 +454,7 @@ mod tests {
     }
 
     /// `ip:port` of every endpoint of the first port of `shop/name`.
-    fn endpoints(table: &ServiceTable, name: &str) -> Vec<String> {
+    pub(crate) fn endpoints(table: &ServiceTable, name: &str) -> Vec<String> {
         table.get(&key(name)).expect("service in the table").ports[0]
             .endpoints
             .iter()
@@ -636,25 +462,12 @@ mod tests {
             .collect()
     }
 
-    fn parse_ok(text: &str) -> Loaded {
+    pub(crate) fn parse_ok(text: &str) -> Loaded {
         parse(text, &Scope::default()).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn parse_err(text: &str) -> StateFileError {
         parse(text, &Scope::default()).expect_err("a refused state file")
-    }
-
-    #[test]
-    fn metadata_is_trusted_only_once_the_file_has_settled() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.yaml");
-        std::fs::write(&path, "a").unwrap();
-        let stamp = Stamp::of(&std::fs::metadata(&path).unwrap());
-        let written = stamp.modified.unwrap();
-        assert!(stamp.is_fresh(written + Duration::from_millis(500)));
-        assert!(!stamp.is_fresh(written + SETTLED));
-        std::fs::write(&path, "bb").unwrap();
-        assert_ne!(Stamp::of(&std::fs::metadata(&path).unwrap()), stamp);
     }
 
     #[test]
@@ -971,7 +784,7 @@ mod tests {
             svc.cluster_ips,
             vec!["127.77.0.1".parse::<IpAddr>().unwrap()]
         );
-        assert_eq!(svc.balancing.algorithm, "round-robin");
+        assert_eq!(svc.balancing.algorithm, crate::model::Algorithm::RoundRobin);
         assert_eq!(svc.ports.len(), 1);
         let port = &svc.ports[0];
         assert_eq!((port.name.as_str(), port.port), ("http", 3000));
@@ -1081,245 +894,5 @@ mod tests {
             matches!(&err, StateFileError::Read { path, .. } if *path == missing),
             "{err:?}"
         );
-    }
-
-    // ---- watch ----
-
-    const WAIT: Duration = Duration::from_secs(5);
-
-    fn table_of(text: &str) -> ServiceTable {
-        parse_ok(text).table
-    }
-
-    fn state(addresses: &[&str]) -> String {
-        format!(
-            "{}---\n{}",
-            service_doc("web", "10.96.0.10"),
-            slice_doc("web", "web-1", addresses)
-        )
-    }
-
-    /// Waits until the channel publishes a new table.
-    async fn next_table(updates: &mut watch::Receiver<Arc<ServiceTable>>) -> Arc<ServiceTable> {
-        tokio::time::timeout(WAIT, updates.changed())
-            .await
-            .expect("no new table within the wait")
-            .expect("watcher gone");
-        updates.borrow_and_update().clone()
-    }
-
-    /// Waits until the metrics show `line`; the watcher polls, so there is no event to await.
-    async fn wait_for_metric(telemetry: &Telemetry, line: &str) {
-        let seen = tokio::time::timeout(WAIT, async {
-            while !telemetry.render().lines().any(|l| l == line) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        assert!(seen.is_ok(), "no {line:?} in:\n{}", telemetry.render());
-    }
-
-    /// A watcher of a state file of its own, loaded with `text` first.
-    struct Watching {
-        _dir: tempfile::TempDir,
-        path: PathBuf,
-        updates: watch::Receiver<Arc<ServiceTable>>,
-        telemetry: Arc<Telemetry>,
-        watcher: tokio::task::JoinHandle<()>,
-    }
-
-    fn start_watching(text: &str) -> Watching {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.yaml");
-        std::fs::write(&path, text).unwrap();
-        let initial = load(&path, &Scope::default()).unwrap();
-        let (tables, mut updates) = watch::channel(Arc::new(initial.table.clone()));
-        updates.borrow_and_update();
-        let telemetry = Telemetry::new();
-        let watcher = tokio::spawn(watch(
-            path.clone(),
-            Scope::default(),
-            tables,
-            telemetry.clone(),
-            initial,
-        ));
-        Watching {
-            _dir: dir,
-            path,
-            updates,
-            telemetry,
-            watcher,
-        }
-    }
-
-    #[tokio::test]
-    async fn watch_applies_good_versions_and_keeps_the_last_good_one() {
-        let first = state(&["10.1.0.1"]);
-        let Watching {
-            _dir,
-            path,
-            mut updates,
-            telemetry,
-            watcher,
-        } = start_watching(&first);
-
-        // Give the watcher time to settle on the first version (not an assertion: the
-        // test passes whichever version it sees first).
-        tokio::time::sleep(POLL_INTERVAL * 3).await;
-        assert!(
-            !updates.has_changed().unwrap(),
-            "an unchanged table is not republished"
-        );
-        let second = state(&["10.1.0.1", "10.1.0.2"]);
-        std::fs::write(&path, &second).unwrap();
-        let table = next_table(&mut updates).await;
-        assert_eq!(*table, table_of(&second));
-        assert_eq!(endpoints(&table, "web"), ["10.1.0.1:8080", "10.1.0.2:8080"]);
-        wait_for_metric(&telemetry, "carousel_config_errors_total 0").await;
-
-        // A refused version: counted once, the table stays.
-        std::fs::write(&path, second.replace("port: 8080", "port: eighty")).unwrap();
-        wait_for_metric(&telemetry, "carousel_config_errors_total 1").await;
-        assert_eq!(**updates.borrow(), table_of(&second));
-        assert!(!updates.has_changed().unwrap());
-
-        // A missing file: the table still stays.
-        std::fs::remove_file(&path).unwrap();
-        wait_for_metric(&telemetry, "carousel_config_errors_total 2").await;
-        assert_eq!(**updates.borrow(), table_of(&second));
-        assert!(!updates.has_changed().unwrap());
-
-        // Bytes that are not UTF-8 (here in a comment) are refused, as at start.
-        let mut not_utf8 = state(&["10.1.0.4"]).into_bytes();
-        not_utf8.extend_from_slice(b"# \xff\n");
-        std::fs::write(&path, not_utf8).unwrap();
-        wait_for_metric(&telemetry, "carousel_config_errors_total 3").await;
-        assert_eq!(**updates.borrow(), table_of(&second));
-        assert!(!updates.has_changed().unwrap());
-
-        // A good version again is applied.
-        let third = state(&["10.1.0.3"]);
-        std::fs::write(&path, &third).unwrap();
-        let table = next_table(&mut updates).await;
-        assert_eq!(endpoints(&table, "web"), ["10.1.0.3:8080"]);
-        assert_eq!(*table, table_of(&third));
-
-        // The watcher stops once nobody listens.
-        drop(updates);
-        tokio::time::timeout(WAIT, watcher)
-            .await
-            .expect("watcher did not stop")
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn watch_applies_a_change_made_between_load_and_watch() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.yaml");
-        std::fs::write(&path, state(&["10.1.0.1"])).unwrap();
-        let initial = load(&path, &Scope::default()).unwrap();
-        let (tables, mut updates) = watch::channel(Arc::new(initial.table.clone()));
-        updates.borrow_and_update();
-        // The file changes after it was loaded but before the watcher first looks at it.
-        let second = state(&["10.1.0.2"]);
-        std::fs::write(&path, &second).unwrap();
-        let watcher = tokio::spawn(watch(
-            path.clone(),
-            Scope::default(),
-            tables,
-            Telemetry::new(),
-            initial,
-        ));
-        let table = next_table(&mut updates).await;
-        assert_eq!(endpoints(&table, "web"), ["10.1.0.2:8080"]);
-        watcher.abort();
-    }
-
-    #[tokio::test]
-    async fn a_fifo_a_device_an_empty_or_an_oversized_file_is_refused_by_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("fifo");
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &fifo,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
-            0,
-        )
-        .unwrap();
-        let link = |name: &str, to: &Path| {
-            let at = dir.path().join(name);
-            std::os::unix::fs::symlink(to, &at).unwrap();
-            at
-        };
-        let to_fifo = link("state-fifo.yaml", &fifo);
-        let to_zero = link("state-zero.yaml", Path::new("/dev/zero"));
-        let empty = dir.path().join("empty.yaml");
-        std::fs::write(&empty, " \n\n").unwrap();
-        // Sparse: over the limit without taking the disk space.
-        let huge = dir.path().join("huge.yaml");
-        std::fs::File::create(&huge)
-            .unwrap()
-            .set_len(MAX_BYTES + 1)
-            .unwrap();
-        for (path, wanted) in [
-            (to_fifo, "is not a regular file"),
-            (to_zero, "is not a regular file"),
-            (empty, "is empty"),
-            (huge, &format!("over the limit of {MAX_BYTES} bytes")),
-        ] {
-            // On a thread with a deadline: a reader that blocked would hang here.
-            let at = path.clone();
-            let loaded = tokio::time::timeout(
-                WAIT,
-                tokio::task::spawn_blocking(move || load(&at, &Scope::default())),
-            )
-            .await
-            .expect("the read does not block")
-            .unwrap();
-            let message = loaded.unwrap_err().to_string();
-            assert!(message.contains(wanted), "{}: {message}", path.display());
-            assert!(message.contains(&path.display().to_string()), "{message}");
-        }
-    }
-
-    #[tokio::test]
-    async fn a_file_truncated_or_written_in_pieces_is_applied_only_once_settled() {
-        let first = state(&["10.1.0.1"]);
-        let Watching {
-            _dir,
-            path,
-            mut updates,
-            telemetry,
-            watcher,
-        } = start_watching(&first);
-        // Emptied for a second, then written back: refused, and the table stays.
-        std::fs::write(&path, "").unwrap();
-        wait_for_metric(&telemetry, "carousel_config_errors_total 1").await;
-        std::fs::write(&path, &first).unwrap();
-        // Written in four pieces a third of a second apart, as a slow `kubectl get -o
-        // yaml > state.yaml` does: every prefix that ends a document is a good file.
-        let last = state(&["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"]);
-        let cut = last.len() / 4;
-        let mut file = std::fs::File::create(&path).unwrap();
-        for piece in last.as_bytes().chunks(cut) {
-            use std::io::Write as _;
-            file.write_all(piece).unwrap();
-            tokio::time::sleep(Duration::from_millis(330)).await;
-        }
-        drop(file);
-        let table = next_table(&mut updates).await;
-        assert_eq!(
-            endpoints(&table, "web"),
-            [
-                "10.1.0.1:8080",
-                "10.1.0.2:8080",
-                "10.1.0.3:8080",
-                "10.1.0.4:8080"
-            ],
-            "a piece of the file was applied"
-        );
-        assert_eq!(*table, table_of(&last));
-        watcher.abort();
     }
 }

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::algorithm::Algorithm;
 use crate::balance;
 use crate::discovery::convert::Scope;
 use crate::discovery::file;
@@ -179,7 +180,7 @@ fn pod_names() -> Vec<String> {
 fn available(needed: &str) -> bool {
     match needed {
         "session-affinity" => balance::AFFINITY_AVAILABLE,
-        name => balance::is_known(name),
+        name => name.parse::<Algorithm>().is_ok(),
     }
 }
 

@@ -149,10 +149,11 @@ mod tests {
     #[test]
     fn an_idle_port_is_skipped_after_a_window_and_a_busy_one_is_measured() {
         use crate::addr::ClientAddr;
+        use crate::algorithm::Algorithm;
         use crate::model::Locality;
         use crate::proxy::routes::tests::{endpoint, table};
         let table = table(
-            "round-robin",
+            Algorithm::RoundRobin,
             None,
             vec![endpoint(1, true, 1), endpoint(2, true, 1)],
         );

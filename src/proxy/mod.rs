@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::algorithm::Algorithm;
 use crate::backoff::Backoff;
 use crate::balance::BuildOptions;
 use crate::dataplane::nftables::{self, NftError, Rules};
@@ -77,8 +78,8 @@ pub struct ProxyConfig {
     pub locality: Locality,
     /// Connections beyond this many open ones are refused at once.
     pub max_connections: Option<usize>,
-    /// Algorithms evaluated beside each Service's own (`--shadow`): registry names.
-    pub shadow: Vec<&'static str>,
+    /// Algorithms evaluated beside each Service's own (`--shadow`).
+    pub shadow: Vec<Algorithm>,
     /// How often the node's rules (or bind mode's listeners) are checked and repaired
     /// (`--sync-period`).
     pub sync_period: Duration,

@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use metrics::{Counter, Gauge, Histogram, Label};
 
 use crate::addr::PodAddr;
+use crate::algorithm::Algorithm;
 use crate::balance::AffinityStats;
 use crate::model::{ServiceKey, ServicePort};
 use crate::telemetry::{names, Telemetry};
@@ -141,10 +142,10 @@ impl PortMetrics {
     }
 
     /// `carousel_shadow_picks_total` of one endpoint under the shadow `algorithm`.
-    pub fn shadow_picks(&self, algorithm: &'static str, addr: PodAddr, pod: &str) -> Counter {
+    pub fn shadow_picks(&self, algorithm: Algorithm, addr: PodAddr, pod: &str) -> Counter {
         let mut labels = self.labels.to_vec();
         labels.extend([
-            Label::new("algorithm", algorithm),
+            Label::new("algorithm", algorithm.name()),
             Label::new("endpoint", addr.to_string()),
             Label::new("pod", pod.to_string()),
         ]);

@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use metrics::Counter;
 
 use crate::addr::{ClientAddr, PodAddr, ServiceAddr};
+use crate::algorithm::Algorithm;
 use crate::balance::{self, AffinityStats, Backend, Backends, Balancer, BuildOptions, Picker};
 use crate::model::{Endpoint, Locality, Service, ServiceKey, ServicePort, ServiceTable, Traffic};
 use crate::proxy::endpoint::EndpointState;
@@ -103,7 +104,7 @@ impl Route {
         self.picks.load(Ordering::Relaxed)
     }
 
-    pub fn algorithm(&self) -> &'static str {
+    pub fn algorithm(&self) -> Algorithm {
         self.balancer.algorithm()
     }
 
@@ -287,7 +288,7 @@ impl RouteTable {
         telemetry: &Arc<Telemetry>,
         options: &BuildOptions,
         here: &Locality,
-        shadow: &[&'static str],
+        shadow: &[Algorithm],
     ) -> RouteTable {
         let incremental = previous.here == *here;
         // O(1) copies of the persistent maps, that the changes below rewrite in part.
@@ -464,7 +465,7 @@ fn build_port(
     telemetry: &Arc<Telemetry>,
     options: &BuildOptions,
     here: &Locality,
-    shadow: &[&'static str],
+    shadow: &[Algorithm],
 ) -> PortRoutes {
     let previous_route = |traffic| {
         previous
@@ -539,7 +540,7 @@ struct Build<'a> {
     /// Whether the port has an endpoint for new connections anywhere in the cluster.
     has_endpoints: bool,
     options: &'a BuildOptions,
-    shadow: &'a [&'static str],
+    shadow: &'a [Algorithm],
 }
 
 impl Build<'_> {
@@ -608,17 +609,21 @@ impl Build<'_> {
     ) -> Vec<Shadow> {
         self.shadow
             .iter()
-            .filter_map(|name| {
+            .map(|&algorithm| {
                 let carried = previous
-                    .and_then(|p| p.shadows.iter().find(|s| s.balancer.name() == *name))
+                    .and_then(|p| {
+                        p.shadows
+                            .iter()
+                            .find(|s| s.balancer.algorithm() == algorithm)
+                    })
                     .map(|s| s.balancer.rebuild(backends.clone()));
-                let balancer =
-                    carried.or_else(|| balance::build(name, backends.clone(), self.options))?;
+                let balancer = carried
+                    .unwrap_or_else(|| balance::build(algorithm, backends.clone(), self.options));
                 let picks = endpoints
                     .iter()
-                    .map(|e| self.metrics.shadow_picks(name, e.addr, &e.pod))
+                    .map(|e| self.metrics.shadow_picks(algorithm, e.addr, &e.pod))
                     .collect();
-                Some(Shadow { balancer, picks })
+                Shadow { balancer, picks }
             })
             .collect()
     }
@@ -666,7 +671,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn table(
-        algorithm: &str,
+        algorithm: Algorithm,
         affinity: Option<Duration>,
         endpoints: Vec<Endpoint>,
     ) -> Arc<ServiceTable> {
@@ -683,7 +688,7 @@ pub(crate) mod tests {
                 endpoints,
             }],
             balancing: Balancing {
-                algorithm: algorithm.into(),
+                algorithm,
                 affinity,
             },
             external_traffic_local: false,
@@ -713,7 +718,12 @@ pub(crate) mod tests {
             }),
             ..endpoint(last, true, 1)
         };
-        let mut table = (*table("round-robin", None, vec![here(1, "a"), here(2, "b")])).clone();
+        let mut table = (*table(
+            Algorithm::RoundRobin,
+            None,
+            vec![here(1, "a"), here(2, "b")],
+        ))
+        .clone();
         let key = table.services.keys().next().unwrap().clone();
         let service = Arc::make_mut(table.services.get_mut(&key).unwrap());
         service.external_traffic_local = true;
@@ -788,7 +798,7 @@ pub(crate) mod tests {
         let options = BuildOptions::default();
         let drained = endpoint(2, true, 0);
         let unready = endpoint(3, false, 1);
-        for algorithm in balance::algorithms() {
+        for algorithm in Algorithm::ALL {
             for affinity in [None, Some(Duration::from_secs(60))] {
                 let all = vec![
                     endpoint(1, true, 1),
@@ -826,7 +836,7 @@ pub(crate) mod tests {
                 .collect::<Vec<_>>()
         };
         let first = RouteTable::build(
-            &table("round-robin", affinity, pods([1, 1, 1])),
+            &table(Algorithm::RoundRobin, affinity, pods([1, 1, 1])),
             &RouteTable::default(),
             &telemetry,
             &options,
@@ -841,7 +851,7 @@ pub(crate) mod tests {
             .filter(|e| e.addr == sticky)
             .for_each(|e| e.weight = 0);
         let drained = RouteTable::build(
-            &table("round-robin", affinity, draining),
+            &table(Algorithm::RoundRobin, affinity, draining),
             &first,
             &telemetry,
             &options,
@@ -889,7 +899,7 @@ pub(crate) mod tests {
         let telemetry = Telemetry::new();
         let build = |weights: [u32; 3]| {
             let endpoints = (1..=3).zip(weights).map(|(i, w)| endpoint(i, true, w));
-            let table = table("round-robin", None, endpoints.collect());
+            let table = table(Algorithm::RoundRobin, None, endpoints.collect());
             let mut routes = None;
             let log = logged(|| {
                 routes = Some(RouteTable::build(
@@ -921,7 +931,7 @@ pub(crate) mod tests {
         let options = BuildOptions::default();
         let here = Locality::default();
         let first = table(
-            "round-robin",
+            Algorithm::RoundRobin,
             None,
             vec![endpoint(1, true, 1), endpoint(2, true, 1)],
         );
@@ -937,7 +947,7 @@ pub(crate) mod tests {
         assert!(Arc::ptr_eq(again.routes().next().unwrap(), &before));
 
         // A changed Service: a new route over the new endpoints.
-        let changed = table("round-robin", None, vec![endpoint(1, true, 1)]);
+        let changed = table(Algorithm::RoundRobin, None, vec![endpoint(1, true, 1)]);
         let rebuilt = RouteTable::build(&changed, &again, &telemetry, &options, &here);
         let after = rebuilt.routes().next().unwrap();
         assert!(!Arc::ptr_eq(after, &before));
@@ -997,7 +1007,7 @@ pub(crate) mod tests {
             },
             ports,
             balancing: Balancing {
-                algorithm: "round-robin".into(),
+                algorithm: Algorithm::RoundRobin,
                 affinity: None,
             },
             external_traffic_local: local,
@@ -1105,7 +1115,7 @@ pub(crate) mod tests {
                 .map(|i| endpoint(2 * generation + i, true, 1))
                 .collect();
             routes = RouteTable::build(
-                &table("round-robin", None, pods),
+                &table(Algorithm::RoundRobin, None, pods),
                 &routes,
                 &telemetry,
                 &options,

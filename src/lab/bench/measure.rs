@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use crate::algorithm::Algorithm;
 use crate::lab::bench::report::{Latency, PodResult, RunResult, Window};
 use crate::lab::bench::stats;
 
@@ -44,7 +45,7 @@ pub const WINDOWS: usize = 10;
 
 pub fn measure(
     scenario: &str,
-    algorithm: &str,
+    algorithm: Algorithm,
     affinity: bool,
     many_clients: bool,
     mut observed: Observed,
@@ -282,7 +283,7 @@ mod tests {
             ],
             duration_ms: 100.0,
         };
-        let result = measure("scale-up", "round-robin", false, true, observed);
+        let result = measure("scale-up", Algorithm::RoundRobin, false, true, observed);
         assert_eq!(result.pods[0].target_share, 0.75);
         assert_eq!(result.pods[1].target_share, 0.25);
         assert_eq!(result.pods[1].connection_share, 0.25);

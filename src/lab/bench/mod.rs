@@ -21,7 +21,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::addr::PodAddr;
-use crate::balance::{self, BuildOptions};
+use crate::algorithm::Algorithm;
+use crate::balance::BuildOptions;
 use crate::model::{Balancing, Endpoint, Service, ServiceKey, ServicePort, ServiceTable};
 use crate::proxy::{self, ProxyConfig};
 use crate::telemetry::Telemetry;
@@ -40,8 +41,6 @@ const CLIENT_BLOCK: u8 = 200;
 pub enum BenchError {
     #[error("unknown scenario {0:?} (known: {known})", known = scenarios::names().collect::<Vec<_>>().join(", "))]
     UnknownScenario(String),
-    #[error("unknown algorithm {0:?} (known: {known})", known = balance::algorithms().collect::<Vec<_>>().join(", "))]
-    UnknownAlgorithm(String),
     #[error("{runs} runs do not fit in the address blocks from {first} to {CLIENT_BLOCK}")]
     TooManyRuns { runs: usize, first: u8 },
     #[error("cannot start pod {pod} on {addr}: {source}")]
@@ -62,8 +61,8 @@ pub enum BenchError {
 pub struct BenchOptions {
     /// Scenario names; empty: all.
     pub scenarios: Vec<String>,
-    /// Algorithm names; empty: all.
-    pub algorithms: Vec<String>,
+    /// The algorithms to compare; empty: all.
+    pub algorithms: Vec<Algorithm>,
     pub seed: u64,
     pub quick: bool,
     /// The second octet of the 127.x.0.0/16 the bench uses.
@@ -86,24 +85,16 @@ impl Default for BenchOptions {
 }
 
 /// The scenarios to run, checked against the registry.
-pub fn plan(options: &BenchOptions) -> Result<Vec<(Scenario, &'static str)>, BenchError> {
+pub fn plan(options: &BenchOptions) -> Result<Vec<(Scenario, Algorithm)>, BenchError> {
     let names: Vec<String> = if options.scenarios.is_empty() || options.scenarios == ["all"] {
         scenarios::names().map(String::from).collect()
     } else {
         options.scenarios.clone()
     };
-    let algorithms: Vec<&'static str> = if options.algorithms.is_empty() {
-        balance::algorithms().collect()
+    let algorithms: &[Algorithm] = if options.algorithms.is_empty() {
+        &Algorithm::ALL
     } else {
-        options
-            .algorithms
-            .iter()
-            .map(|a| {
-                balance::algorithms()
-                    .find(|known| known == a)
-                    .ok_or_else(|| BenchError::UnknownAlgorithm(a.clone()))
-            })
-            .collect::<Result<_, _>>()?
+        &options.algorithms
     };
     let mut runs = Vec::new();
     for name in names {
@@ -112,7 +103,7 @@ pub fn plan(options: &BenchOptions) -> Result<Vec<(Scenario, &'static str)>, Ben
             return Err(BenchError::UnknownScenario(name));
         }
         for scenario in built {
-            for algorithm in &algorithms {
+            for algorithm in algorithms {
                 runs.push((scenario.clone(), *algorithm));
             }
         }
@@ -134,7 +125,7 @@ pub async fn run(options: &BenchOptions, progress: &ProgressBar) -> Result<Repor
     for (i, (scenario, algorithm)) in runs.iter().enumerate() {
         progress.set_message(format!("{} / {algorithm}", scenario.name));
         let block = options.first_block + i as u8;
-        results.push(run_one(scenario, algorithm, options, block).await?);
+        results.push(run_one(scenario, *algorithm, options, block).await?);
         progress.inc(1);
     }
     Ok(Report {
@@ -166,7 +157,7 @@ struct Member {
 /// The Service as the proxy sees it: one port, the members as endpoints.
 fn table(
     service: SocketAddr,
-    algorithm: &str,
+    algorithm: Algorithm,
     affinity: bool,
     members: &[Member],
     names: &[String],
@@ -196,7 +187,7 @@ fn table(
             endpoints,
         }],
         balancing: Balancing {
-            algorithm: algorithm.to_string(),
+            algorithm,
             affinity: affinity.then_some(crate::model::DEFAULT_AFFINITY_TIMEOUT),
         },
         external_traffic_local: false,
@@ -228,7 +219,7 @@ fn targets(members: &[Member], pods: usize) -> Vec<f64> {
 /// One scenario under one algorithm, on addresses block `block`.
 pub async fn run_one(
     scenario: &Scenario,
-    algorithm: &str,
+    algorithm: Algorithm,
     options: &BenchOptions,
     block: u8,
 ) -> Result<RunResult, BenchError> {
