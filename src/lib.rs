@@ -14,6 +14,7 @@ pub mod addr;
 pub mod algorithm;
 pub mod discovery;
 pub mod model;
+pub mod stats;
 
 #[cfg(feature = "node")]
 pub mod backoff;

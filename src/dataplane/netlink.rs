@@ -14,7 +14,7 @@
 use std::io;
 use std::ops::Range;
 
-use super::nftables::{Change, Element, Op};
+use super::elements::{Change, Element, Op};
 
 // From <linux/netlink.h>, <linux/netfilter/nfnetlink.h> and <linux/netfilter/nf_tables.h>.
 const NLM_F_REQUEST: u16 = 0x1;

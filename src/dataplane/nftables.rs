@@ -22,7 +22,7 @@
 //! `nft -f`; element changes go to the kernel over netlink (`netlink.rs`).
 
 use imbl::{OrdMap, OrdSet};
-use std::fmt::{self, Write as _};
+use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Stdio;
 
@@ -30,8 +30,9 @@ use ipnet::IpNet;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+use super::elements::{Change, Element, Op};
 use super::netlink::{self, NetlinkError};
-use super::policy_route::{self, Family, PolicyRouteError};
+use super::policy_route::{self, Family, PolicyRouteError, INTERCEPT_MARK};
 use crate::addr::ServiceAddr;
 
 /// The table carousel owns; it touches nothing else.
@@ -39,8 +40,6 @@ pub const TABLE: &str = "carousel";
 /// The socket mark of carousel's own connections to pods: they skip the interception, so
 /// a pod whose address happens to equal a Service address is still reached, never looped.
 pub const MARK: u32 = 0x4341;
-/// The packet mark of intercepted traffic, which the policy route delivers locally.
-pub const INTERCEPT_MARK: u32 = 0x4342;
 
 /// Service addresses with their ports, by family, and node ports. Persistent sets: a
 /// copy is O(1), and `diff` of two versions skips what they share, so one changed
@@ -317,88 +316,6 @@ fn set(
         writeln!(s, " }}").unwrap();
     }
     writeln!(s, "  }}").unwrap();
-}
-
-/// One element of carousel's sets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Element {
-    /// An IPv4 Service address and port, in `services4`.
-    V4(Ipv4Addr, u16),
-    /// An IPv6 Service address and port, in `services6`.
-    V6(Ipv6Addr, u16),
-    /// A node port, in `nodeports`.
-    NodePort(u16),
-    /// An IPv4 Service address and port without endpoints, in `refused4`.
-    RefusedV4(Ipv4Addr, u16),
-    /// An IPv6 Service address and port without endpoints, in `refused6`.
-    RefusedV6(Ipv6Addr, u16),
-    /// A node port without endpoints, in `refused_nodeports`.
-    RefusedNodePort(u16),
-}
-
-impl Element {
-    /// The set that holds it.
-    pub fn set(&self) -> &'static str {
-        match self {
-            Element::V4(..) => "services4",
-            Element::V6(..) => "services6",
-            Element::NodePort(_) => "nodeports",
-            Element::RefusedV4(..) => "refused4",
-            Element::RefusedV6(..) => "refused6",
-            Element::RefusedNodePort(_) => "refused_nodeports",
-        }
-    }
-
-    /// The key as nf_tables stores it: in network byte order, and in a concatenation
-    /// (`addr . port`) each field padded with zeros to a multiple of 4 bytes, so an IPv4
-    /// element is 8 bytes and an IPv6 one 20; a lone port is 2 bytes.
-    pub fn key(&self) -> Vec<u8> {
-        let (addr, port): (&[u8], u16) = match self {
-            Element::V4(ip, port) | Element::RefusedV4(ip, port) => (&ip.octets(), *port),
-            Element::V6(ip, port) | Element::RefusedV6(ip, port) => (&ip.octets(), *port),
-            Element::NodePort(port) | Element::RefusedNodePort(port) => {
-                return port.to_be_bytes().to_vec()
-            }
-        };
-        let mut key = addr.to_vec();
-        key.extend(port.to_be_bytes());
-        key.extend([0, 0]);
-        key
-    }
-}
-
-/// As nft writes it.
-impl fmt::Display for Element {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Element::V4(ip, port) | Element::RefusedV4(ip, port) => write!(f, "{ip} . {port}"),
-            Element::V6(ip, port) | Element::RefusedV6(ip, port) => write!(f, "{ip} . {port}"),
-            Element::NodePort(port) | Element::RefusedNodePort(port) => write!(f, "{port}"),
-        }
-    }
-}
-
-/// What a change does to an element.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
-    Delete,
-    Add,
-}
-
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Op::Delete => "delete",
-            Op::Add => "add",
-        })
-    }
-}
-
-/// One element added or removed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Change {
-    pub op: Op,
-    pub element: Element,
 }
 
 /// The element changes that turn `old` into `new`: removals first, then additions, set

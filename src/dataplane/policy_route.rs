@@ -9,10 +9,11 @@ use std::fmt;
 use serde::Deserialize;
 use tokio::process::Command;
 
-use super::nftables::INTERCEPT_MARK;
-
 /// carousel's routing table (its number, as `ip route show table N` takes it).
 pub const TABLE: u32 = INTERCEPT_MARK;
+/// The packet mark of intercepted traffic (nftables sets it), which this route delivers
+/// locally.
+pub const INTERCEPT_MARK: u32 = 0x4342;
 /// The rule's priority: before `main` (32766), after `local` (0).
 pub const PRIORITY: u32 = 17218;
 

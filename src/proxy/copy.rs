@@ -15,7 +15,10 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use crate::proxy::ejection::now_ms;
+use crate::proxy::clock::now_ms;
+
+#[cfg(target_os = "linux")]
+mod splice;
 
 /// The most one read takes in.
 pub const BUFFER_SIZE: usize = 16 * 1024;
@@ -203,8 +206,8 @@ async fn copy_one_way(
         {
             return Ok(());
         }
-        match super::splice::Pipe::new() {
-            Ok(pipe) => return super::splice::copy(from, to, &pipe, bytes, activity).await,
+        match splice::Pipe::new() {
+            Ok(pipe) => return splice::copy(from, to, &pipe, bytes, activity).await,
             // Out of descriptors for a pipe: the buffer still works.
             Err(e) => tracing::debug!(error = %e, "no pipe for splice; copying through a buffer"),
         }

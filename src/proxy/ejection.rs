@@ -3,26 +3,11 @@
 //! period is over; the first connection it accepts again clears its record.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 /// The first ejection lasts this long; each failure in a row doubles it up to `MAX`.
 pub const BASE: Duration = Duration::from_millis(500);
 pub const MAX: Duration = Duration::from_secs(30);
-
-/// Time on the proxy's clock (tokio's, so that tests can pause it), in milliseconds.
-pub fn now_ms() -> u64 {
-    ms_at(Instant::now())
-}
-
-/// `at` on the same millisecond clock as [`now_ms`].
-pub fn ms_at(at: Instant) -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(|| at);
-    at.saturating_duration_since(epoch).as_millis() as u64
-}
 
 /// The ejection record of one endpoint: two atomics, read on every pick, no lock.
 #[derive(Debug, Default)]

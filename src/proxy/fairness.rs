@@ -11,9 +11,9 @@ use arc_swap::ArcSwap;
 use metrics::Gauge;
 
 use crate::addr::PodAddr;
-use crate::lab::bench::stats;
 use crate::proxy::port_metrics::PortMetrics;
 use crate::proxy::routes::{Route, RouteTable};
+use crate::stats;
 
 /// How often the counters are read.
 pub const TICK: Duration = Duration::from_secs(2);

@@ -2,6 +2,7 @@
 //! reaches carousel (a listener per Service address, or nftables redirects to one
 //! listener), and the forwarding of each connection.
 
+pub mod clock;
 pub mod copy;
 pub mod ejection;
 pub mod endpoint;
@@ -15,8 +16,6 @@ pub mod original_dst;
 pub mod port_metrics;
 pub mod redirects;
 pub mod routes;
-#[cfg(target_os = "linux")]
-mod splice;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use crate::algorithm::Algorithm;
 use crate::lab::bench::report::{Latency, PodResult, RunResult, Window};
-use crate::lab::bench::stats;
+use crate::stats;
 
 /// One connection as its client saw it.
 #[derive(Clone, Debug)]

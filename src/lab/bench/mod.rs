@@ -9,7 +9,6 @@ pub mod load;
 pub mod measure;
 pub mod report;
 pub mod scenarios;
-pub mod stats;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -10,7 +10,7 @@ use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::copy::{Activity, CopyError, Side};
+use super::{Activity, CopyError, Side};
 
 /// The pipe's capacity: one splice moves up to this much.
 const PIPE_SIZE: usize = 256 * 1024;

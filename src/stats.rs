@@ -1,5 +1,6 @@
-//! The numbers of the lab, as pure functions over counts and samples: shares, Jain's
-//! fairness index, max/mean load, deviation from a target, percentiles.
+//! Pure statistics over counts and samples: shares, Jain's fairness index, max/mean
+//! load, deviation from a target, percentiles. The proxy's fairness gauge and the lab's
+//! numbers both come from here.
 
 /// Each count's part of the total; all zero when the total is zero.
 pub fn shares(counts: &[u64]) -> Vec<f64> {
