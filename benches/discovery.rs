@@ -16,7 +16,7 @@ use carousel::discovery::kube::{SourceConfig, COALESCE};
 use carousel::discovery::store::Store;
 use carousel::lab::backend::{ask, Pod};
 use carousel::model::Locality;
-use carousel::proxy::routes::RouteTable;
+use carousel::proxy::routes::{RouteBuilder, RouteTable};
 use carousel::proxy::{ForwardConfig, Mode, ProxyConfig};
 use carousel::run::{self, ClusterRun};
 use carousel::telemetry::Telemetry;
@@ -138,7 +138,8 @@ fn one_slice_change(c: &mut Criterion) {
     store.apply_slice(Event::Apply(slices[turn].clone()));
     let table = Arc::new(store.flush().table.expect("a changed table"));
     let started = std::time::Instant::now();
-    let mut routes = RouteTable::build(&table, &RouteTable::default(), &telemetry, &options, &here);
+    let mut routes =
+        RouteBuilder::new(&telemetry, options).build(&table, &RouteTable::default(), &here);
     println!(
         "route table from scratch, {SERVICES} Services x {ENDPOINTS} endpoints: {:?}",
         started.elapsed()
@@ -150,7 +151,7 @@ fn one_slice_change(c: &mut Criterion) {
                 turn ^= 1;
                 store.apply_slice(Event::Apply(slices[turn].clone()));
                 let table = Arc::new(store.flush().table.expect("a changed table"));
-                routes = RouteTable::build(&table, &routes, &telemetry, &options, &here);
+                routes = RouteBuilder::new(&telemetry, options).build(&table, &routes, &here);
             })
         },
     );

@@ -152,17 +152,16 @@ mod tests {
         use crate::algorithm::Algorithm;
         use crate::model::Locality;
         use crate::proxy::routes::tests::{endpoint, table};
+        use crate::proxy::routes::RouteBuilder;
         let table = table(
             Algorithm::RoundRobin,
             None,
             vec![endpoint(1, true, 1), endpoint(2, true, 1)],
         );
         let telemetry = Telemetry::new();
-        let routes = RouteTable::build(
+        let routes = RouteBuilder::new(&telemetry, Default::default()).build(
             &table,
             &RouteTable::default(),
-            &telemetry,
-            &Default::default(),
             &Locality::default(),
         );
         let route = routes.internal_routes().next().unwrap();

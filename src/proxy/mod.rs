@@ -42,7 +42,7 @@ use health_check::HealthChecks;
 use inside::Inside;
 use listener::{Accepting, Dialed, Limit, Listeners};
 use redirects::Derived;
-use routes::RouteTable;
+use routes::{RouteBuilder, RouteTable};
 
 /// How Service traffic reaches carousel.
 #[derive(Clone, Debug)]
@@ -342,6 +342,7 @@ pub async fn run(
     listener::migrate_queued_connections_on_close();
     let mut intake = Intake::new(&config.mode, &telemetry);
     let sync_duration = telemetry.histogram(names::SYNC_DURATION, Vec::new());
+    let builder = RouteBuilder::new(&telemetry, config.balance).with_shadows(config.shadow.clone());
     let fairness = tokio::spawn(fairness::track(
         routes.clone(),
         fairness::TICK,
@@ -376,14 +377,7 @@ pub async fn run(
             // A full build (the first table, a relist) walks every endpoint, and the
             // replaced table frees as many: both off the connections' way.
             crate::heavy::run(|| {
-                let next = RouteTable::build_with_shadows(
-                    &table,
-                    &previous,
-                    &telemetry,
-                    &config.balance,
-                    &here,
-                    &config.shadow,
-                );
+                let next = builder.build(&table, &previous, &here);
                 drop(routes.swap(Arc::new(next)));
                 drop(previous);
             });

@@ -260,73 +260,6 @@ impl RouteTable {
             .map(|(_, route)| route)
     }
 
-    /// Builds the table for `table`, seen from `here`, reusing what `previous` knew.
-    ///
-    /// A Service port gets one route for ClusterIP traffic and, when its traffic
-    /// policies make external traffic see other endpoints, a second one for external
-    /// IPs, load-balancer IPs and node ports.
-    pub fn build(
-        table: &Arc<ServiceTable>,
-        previous: &RouteTable,
-        telemetry: &Arc<Telemetry>,
-        options: &BuildOptions,
-        here: &Locality,
-    ) -> RouteTable {
-        Self::build_with_shadows(table, previous, telemetry, options, here, &[])
-    }
-
-    /// [`RouteTable::build`], with the `shadow` algorithms evaluated beside each
-    /// Service's own (`carousel run --shadow`).
-    ///
-    /// Services that are the very same `Arc` in `table` and in `previous`'s table keep
-    /// their routes untouched; the others are taken out and put back. When `here`
-    /// changed (this node's zone label), every Service is rebuilt, as zone preferences
-    /// depend on it. Endpoints that persist keep their state either way.
-    pub fn build_with_shadows(
-        table: &Arc<ServiceTable>,
-        previous: &RouteTable,
-        telemetry: &Arc<Telemetry>,
-        options: &BuildOptions,
-        here: &Locality,
-        shadow: &[Algorithm],
-    ) -> RouteTable {
-        let incremental = previous.here == *here;
-        // O(1) copies of the persistent maps, that the changes below rewrite in part.
-        let mut routes = if incremental {
-            RouteTable {
-                by_addr: previous.by_addr.clone(),
-                by_node_port: previous.by_node_port.clone(),
-                by_port: previous.by_port.clone(),
-                source_ranges: previous.source_ranges.clone(),
-                edits: Edits {
-                    after: Some(previous.generation),
-                    ..Edits::default()
-                },
-                ..RouteTable::default()
-            }
-        } else {
-            RouteTable::default()
-        };
-        for (before, now) in changes(&previous.source, table, incremental) {
-            if let Some(before) = before {
-                routes.remove(before);
-            }
-            if let Some(now) = now {
-                for port in &now.ports {
-                    let built = build_port(now, port, previous, telemetry, options, here, shadow);
-                    routes.insert(now, port, built);
-                }
-            }
-        }
-        routes.source = table.clone();
-        routes.here = here.clone();
-        routes.generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
-        if !incremental {
-            routes.edits = Edits::default();
-        }
-        routes
-    }
-
     /// Takes out every entry of `service`, as it was. An address another Service has
     /// taken since stays that Service's. The series of its ports leave /metrics with
     /// the last table that holds them.
@@ -457,78 +390,153 @@ struct PortRoutes {
     inside: Option<Arc<Route>>,
 }
 
-/// The routes of one Service port, each over the endpoints its kind of traffic sees.
-fn build_port(
-    service: &Service,
-    port: &ServicePort,
-    previous: &RouteTable,
-    telemetry: &Arc<Telemetry>,
-    options: &BuildOptions,
-    here: &Locality,
-    shadow: &[Algorithm],
-) -> PortRoutes {
-    let previous_route = |traffic| {
-        previous
-            .by_port
-            .get(&(service.key.clone(), port.port, traffic))
-            .map(Arc::as_ref)
-    };
-    let metrics = previous_route(Traffic::Internal)
-        .map(|r| &r.metrics)
-        .filter(|m| m.describes(&service.key, port))
-        .cloned()
-        .unwrap_or_else(|| Arc::new(PortMetrics::new(telemetry, &service.key, port)));
-    metrics.count_endpoints(port);
-    let has_endpoints = !port.eligible().is_empty();
-    if !has_endpoints && port.endpoints.iter().any(|e| e.ready || e.serving) {
-        // Every endpoint that could serve weighs 0: the Service is drained by its own
-        // weights, which a user reading `carousel_endpoints{state="ready"}` would not
-        // guess. Said at each change of the Service, not per connection.
-        tracing::warn!(
-            service = %service.key,
-            port = port.port,
-            "every ready endpoint weighs 0 under carousel.dev/weights: new connections are refused until one weighs more"
-        );
+/// What a proxy builds each of its route tables with: the same for every table.
+#[derive(Clone, Debug)]
+pub struct RouteBuilder {
+    telemetry: Arc<Telemetry>,
+    options: BuildOptions,
+    /// Algorithms evaluated beside each Service's own (`carousel run --shadow`).
+    shadow: Vec<Algorithm>,
+}
+
+impl RouteBuilder {
+    pub fn new(telemetry: &Arc<Telemetry>, options: BuildOptions) -> Self {
+        Self {
+            telemetry: telemetry.clone(),
+            options,
+            shadow: Vec::new(),
+        }
     }
-    let build = Build {
-        service,
-        port,
-        metrics,
-        has_endpoints,
-        options,
-        shadow,
-    };
-    let internal_endpoints = port.select(service, Traffic::Internal, here);
-    let external_endpoints = port.select(service, Traffic::External, here);
-    let inside_endpoints = service
-        .external_traffic_local
-        .then(|| port.select(service, Traffic::Inside, here))
-        .filter(|e| *e != external_endpoints);
-    let internal = Arc::new(build.route(
-        internal_endpoints.clone(),
-        &[previous_route(Traffic::Internal)],
-    ));
-    let inside = inside_endpoints.map(|endpoints| {
-        if endpoints == internal_endpoints {
+
+    /// The same, with the `shadow` algorithms evaluated beside each Service's own.
+    pub fn with_shadows(self, shadow: Vec<Algorithm>) -> Self {
+        Self { shadow, ..self }
+    }
+
+    /// Builds the table for `table`, seen from `here`, reusing what `previous` knew.
+    ///
+    /// A Service port gets one route for ClusterIP traffic and, when its traffic
+    /// policies make external traffic see other endpoints, a second one for external
+    /// IPs, load-balancer IPs and node ports.
+    ///
+    /// Services that are the very same `Arc` in `table` and in `previous`'s table keep
+    /// their routes untouched; the others are taken out and put back. When `here`
+    /// changed (this node's zone label), every Service is rebuilt, as zone preferences
+    /// depend on it. Endpoints that persist keep their state either way.
+    pub fn build(
+        &self,
+        table: &Arc<ServiceTable>,
+        previous: &RouteTable,
+        here: &Locality,
+    ) -> RouteTable {
+        let incremental = previous.here == *here;
+        // O(1) copies of the persistent maps, that the changes below rewrite in part.
+        let mut routes = if incremental {
+            RouteTable {
+                by_addr: previous.by_addr.clone(),
+                by_node_port: previous.by_node_port.clone(),
+                by_port: previous.by_port.clone(),
+                source_ranges: previous.source_ranges.clone(),
+                edits: Edits {
+                    after: Some(previous.generation),
+                    ..Edits::default()
+                },
+                ..RouteTable::default()
+            }
+        } else {
+            RouteTable::default()
+        };
+        for (before, now) in changes(&previous.source, table, incremental) {
+            if let Some(before) = before {
+                routes.remove(before);
+            }
+            if let Some(now) = now {
+                for port in &now.ports {
+                    let built = self.build_port(now, port, previous, here);
+                    routes.insert(now, port, built);
+                }
+            }
+        }
+        routes.source = table.clone();
+        routes.here = here.clone();
+        routes.generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
+        if !incremental {
+            routes.edits = Edits::default();
+        }
+        routes
+    }
+
+    /// The routes of one Service port, each over the endpoints its kind of traffic sees.
+    fn build_port(
+        &self,
+        service: &Service,
+        port: &ServicePort,
+        previous: &RouteTable,
+        here: &Locality,
+    ) -> PortRoutes {
+        let previous_route = |traffic| {
+            previous
+                .by_port
+                .get(&(service.key.clone(), port.port, traffic))
+                .map(Arc::as_ref)
+        };
+        let metrics = previous_route(Traffic::Internal)
+            .map(|r| &r.metrics)
+            .filter(|m| m.describes(&service.key, port))
+            .cloned()
+            .unwrap_or_else(|| Arc::new(PortMetrics::new(&self.telemetry, &service.key, port)));
+        metrics.count_endpoints(port);
+        let has_endpoints = !port.eligible().is_empty();
+        if !has_endpoints && port.endpoints.iter().any(|e| e.ready || e.serving) {
+            // Every endpoint that could serve weighs 0: the Service is drained by its own
+            // weights, which a user reading `carousel_endpoints{state="ready"}` would not
+            // guess. Said at each change of the Service, not per connection.
+            tracing::warn!(
+                service = %service.key,
+                port = port.port,
+                "every ready endpoint weighs 0 under carousel.dev/weights: new connections are refused until one weighs more"
+            );
+        }
+        let build = Build {
+            service,
+            port,
+            metrics,
+            has_endpoints,
+            options: &self.options,
+            shadow: &self.shadow,
+        };
+        let internal_endpoints = port.select(service, Traffic::Internal, here);
+        let external_endpoints = port.select(service, Traffic::External, here);
+        let inside_endpoints = service
+            .external_traffic_local
+            .then(|| port.select(service, Traffic::Inside, here))
+            .filter(|e| *e != external_endpoints);
+        let internal = Arc::new(build.route(
+            internal_endpoints.clone(),
+            &[previous_route(Traffic::Internal)],
+        ));
+        let inside = inside_endpoints.map(|endpoints| {
+            if endpoints == internal_endpoints {
+                internal.clone()
+            } else {
+                let known = [previous_route(Traffic::Inside), Some(internal.as_ref())];
+                Arc::new(build.route(endpoints, &known))
+            }
+        });
+        let external = if external_endpoints == internal_endpoints && inside.is_none() {
             internal.clone()
         } else {
-            let known = [previous_route(Traffic::Inside), Some(internal.as_ref())];
-            Arc::new(build.route(endpoints, &known))
+            let known = [previous_route(Traffic::External), Some(internal.as_ref())];
+            Arc::new(Route {
+                inside: inside.clone(),
+                ..build.route(external_endpoints, &known)
+            })
+        };
+        PortRoutes {
+            internal,
+            external,
+            inside,
         }
-    });
-    let external = if external_endpoints == internal_endpoints && inside.is_none() {
-        internal.clone()
-    } else {
-        let known = [previous_route(Traffic::External), Some(internal.as_ref())];
-        Arc::new(Route {
-            inside: inside.clone(),
-            ..build.route(external_endpoints, &known)
-        })
-    };
-    PortRoutes {
-        internal,
-        external,
-        inside,
     }
 }
 
@@ -738,11 +746,9 @@ pub(crate) mod tests {
             node: Some("a".into()),
             zone: None,
         };
-        let routes = RouteTable::build(
+        let routes = RouteBuilder::new(&Telemetry::new(), BuildOptions::default()).build(
             &Arc::new(table),
             &RouteTable::default(),
-            &Telemetry::new(),
-            &BuildOptions::default(),
             &locality,
         );
         let addr = |s: &str| ServiceAddr(s.parse().unwrap());
@@ -806,11 +812,9 @@ pub(crate) mod tests {
                     unready.clone(),
                     endpoint(4, true, 1),
                 ];
-                let routes = RouteTable::build(
+                let routes = RouteBuilder::new(&telemetry, options).build(
                     &table(algorithm, affinity, all),
                     &RouteTable::default(),
-                    &telemetry,
-                    &options,
                     &Locality::default(),
                 );
                 for client in 0..200 {
@@ -835,11 +839,9 @@ pub(crate) mod tests {
                 .map(|(i, w)| endpoint(i, true, w))
                 .collect::<Vec<_>>()
         };
-        let first = RouteTable::build(
+        let first = RouteBuilder::new(&telemetry, options).build(
             &table(Algorithm::RoundRobin, affinity, pods([1, 1, 1])),
             &RouteTable::default(),
-            &telemetry,
-            &options,
             &Locality::default(),
         );
         let sticky = picked(&first, 1);
@@ -850,11 +852,9 @@ pub(crate) mod tests {
             .iter_mut()
             .filter(|e| e.addr == sticky)
             .for_each(|e| e.weight = 0);
-        let drained = RouteTable::build(
+        let drained = RouteBuilder::new(&telemetry, options).build(
             &table(Algorithm::RoundRobin, affinity, draining),
             &first,
-            &telemetry,
-            &options,
             &Locality::default(),
         );
         let moved = picked(&drained, 1);
@@ -902,13 +902,13 @@ pub(crate) mod tests {
             let table = table(Algorithm::RoundRobin, None, endpoints.collect());
             let mut routes = None;
             let log = logged(|| {
-                routes = Some(RouteTable::build(
-                    &table,
-                    &RouteTable::default(),
-                    &telemetry,
-                    &BuildOptions::default(),
-                    &Locality::default(),
-                ))
+                routes = Some(
+                    RouteBuilder::new(&telemetry, BuildOptions::default()).build(
+                        &table,
+                        &RouteTable::default(),
+                        &Locality::default(),
+                    ),
+                )
             });
             (routes.unwrap(), log)
         };
@@ -935,7 +935,8 @@ pub(crate) mod tests {
             None,
             vec![endpoint(1, true, 1), endpoint(2, true, 1)],
         );
-        let routes = RouteTable::build(&first, &RouteTable::default(), &telemetry, &options, &here);
+        let routes =
+            RouteBuilder::new(&telemetry, options).build(&first, &RouteTable::default(), &here);
         let before = routes.routes().next().unwrap().clone();
 
         // The same Arc<Service> in a new table: the very same route, not a rebuild.
@@ -943,12 +944,12 @@ pub(crate) mod tests {
             services: first.services.clone(),
             ..ServiceTable::default()
         });
-        let again = RouteTable::build(&same, &routes, &telemetry, &options, &here);
+        let again = RouteBuilder::new(&telemetry, options).build(&same, &routes, &here);
         assert!(Arc::ptr_eq(again.routes().next().unwrap(), &before));
 
         // A changed Service: a new route over the new endpoints.
         let changed = table(Algorithm::RoundRobin, None, vec![endpoint(1, true, 1)]);
-        let rebuilt = RouteTable::build(&changed, &again, &telemetry, &options, &here);
+        let rebuilt = RouteBuilder::new(&telemetry, options).build(&changed, &again, &here);
         let after = rebuilt.routes().next().unwrap();
         assert!(!Arc::ptr_eq(after, &before));
         assert_eq!(after.endpoints.len(), 1);
@@ -1063,8 +1064,8 @@ pub(crate) mod tests {
                     zone: Some(if zone_a { "a" } else { "b" }.into()),
                 };
                 let table = Arc::new(ServiceTable { services: services.clone(), ..ServiceTable::default() });
-                routes = RouteTable::build(&table, &routes, &telemetry, &options, &here);
-                let scratch = RouteTable::build(&table, &RouteTable::default(), &telemetry, &options, &here);
+                routes = RouteBuilder::new(&telemetry, options).build(&table, &routes, &here);
+                let scratch = RouteBuilder::new(&telemetry, options).build(&table, &RouteTable::default(), &here);
                 proptest::prop_assert_eq!(shape(&routes), shape(&scratch));
                 let next = derived.insert(Derived::next(derived.as_ref(), &routes));
                 proptest::prop_assert_eq!(next.redirects(), &redirects::whole(&scratch));
@@ -1114,11 +1115,9 @@ pub(crate) mod tests {
             let pods = (0..2)
                 .map(|i| endpoint(2 * generation + i, true, 1))
                 .collect();
-            routes = RouteTable::build(
+            routes = RouteBuilder::new(&telemetry, options).build(
                 &table(Algorithm::RoundRobin, None, pods),
                 &routes,
-                &telemetry,
-                &options,
                 &here,
             );
             counts.push(series(&routes));
@@ -1131,7 +1130,7 @@ pub(crate) mod tests {
         assert!(text.contains(gauge), "{text}");
 
         let empty = Arc::new(ServiceTable::default());
-        let after = RouteTable::build(&empty, &routes, &telemetry, &options, &here);
+        let after = RouteBuilder::new(&telemetry, options).build(&empty, &routes, &here);
         assert_eq!(after.routes().count(), 0);
         drop(routes);
         let text = telemetry.render();
