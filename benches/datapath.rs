@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use carousel::discovery::convert::Scope;
 use carousel::discovery::file;
 use carousel::proxy::{self, ProxyConfig};
+use carousel::shutdown::Shutdown;
 use carousel::telemetry::Telemetry;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -100,8 +101,7 @@ fn bench(c: &mut Criterion) {
         None,
         updates,
         telemetry.clone(),
-        std::future::pending(),
-        std::future::pending(),
+        Shutdown::new(std::future::pending(), std::future::pending()),
     ));
     let service: SocketAddr = SERVICE.parse().unwrap();
     rt.block_on(async {

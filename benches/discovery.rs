@@ -19,6 +19,7 @@ use carousel::model::Locality;
 use carousel::proxy::routes::{RouteBuilder, RouteTable};
 use carousel::proxy::{ForwardConfig, Mode, ProxyConfig};
 use carousel::run::{self, ClusterRun};
+use carousel::shutdown::Shutdown;
 use carousel::telemetry::Telemetry;
 use criterion::{criterion_group, criterion_main, Criterion};
 use k8s_openapi::api::core::v1 as core;
@@ -223,8 +224,7 @@ fn slice_change_to_traffic(c: &mut Criterion) {
             Telemetry::new(),
             metrics,
             health,
-            stop.clone().cancelled_owned(),
-            std::future::ready(()),
+            Shutdown::new(stop.clone().cancelled_owned(), std::future::ready(())),
         ));
         // Bounded: the first sync takes well under a second.
         for _ in 0..500 {

@@ -35,6 +35,8 @@ pub mod run;
 #[cfg(feature = "node")]
 pub mod series;
 #[cfg(feature = "node")]
+pub mod shutdown;
+#[cfg(feature = "node")]
 pub mod status;
 #[cfg(feature = "node")]
 pub mod telemetry;

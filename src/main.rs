@@ -11,6 +11,7 @@ use carousel::discovery::kube::SourceConfig;
 use carousel::model::Locality;
 use carousel::proxy::{ForwardConfig, Mode, ProxyConfig};
 use carousel::run::{self, ClusterRun, FileRun};
+use carousel::shutdown::Shutdown;
 use carousel::telemetry::Telemetry;
 use carousel::{balance, lab};
 use clap::Parser;
@@ -189,13 +190,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(metrics = %args.metrics_bind_address, health = %args.healthz_bind_address, "serving telemetry");
     // Per health address, as bound: carousels that share it are one node's proxy.
     proxy.handover = Some(format!("carousel/{}", health.local_addr()?));
-    let (shutdown, abandon) = signals(args.drain_timeout);
+    let shutdown = signals(args.drain_timeout);
     let telemetry = Telemetry::new();
     telemetry.set_endpoint_histograms(args.endpoint_histograms);
     match args.from_file {
         Some(path) => {
             let config = FileRun { path, scope, proxy };
-            run::run_from_file(config, telemetry, metrics, health, shutdown, abandon).await?;
+            run::run_from_file(config, telemetry, metrics, health, shutdown).await?;
         }
         None => {
             let config = ClusterRun {
@@ -210,7 +211,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 },
                 proxy,
             };
-            run::run_from_cluster(config, telemetry, metrics, health, shutdown, abandon).await?;
+            run::run_from_cluster(config, telemetry, metrics, health, shutdown).await?;
         }
     }
     Ok(())
@@ -231,7 +232,9 @@ const STOPPING_SIGNALS: [(&str, SignalKind); 6] = [
 /// The first stopping signal (SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2) starts
 /// the shutdown; the drain ends when `drain_timeout` has passed since, or at a second
 /// signal.
-fn signals(drain_timeout: Duration) -> (impl Future<Output = ()>, impl Future<Output = ()>) {
+fn signals(
+    drain_timeout: Duration,
+) -> Shutdown<impl Future<Output = ()>, impl Future<Output = ()>> {
     let (first_tx, first_rx) = oneshot::channel::<&'static str>();
     let (second_tx, second_rx) = oneshot::channel::<&'static str>();
     // Installed now, not in the task, so that no early signal meets the default action.
@@ -266,5 +269,5 @@ fn signals(drain_timeout: Duration) -> (impl Future<Output = ()>, impl Future<Ou
             () = tokio::time::sleep(drain_timeout) => tracing::warn!(?drain_timeout, "drain timeout reached"),
         }
     };
-    (shutdown, abandon)
+    Shutdown::new(shutdown, abandon)
 }

@@ -21,6 +21,7 @@ use crate::discovery::store::Store;
 use crate::model::ServiceTable;
 use crate::proxy::handover::Presence;
 use crate::proxy::{self, ProxyConfig, ProxyError};
+use crate::shutdown::Shutdown;
 use crate::telemetry::{self, Endpoints, Telemetry};
 
 /// What `carousel run --from-file` needs.
@@ -44,8 +45,8 @@ pub enum RunError {
     SourceEnded,
 }
 
-/// Proxies the Services of a state file until `shutdown` resolves, then drains open
-/// connections until they finish or `abandon` resolves.
+/// Proxies the Services of a state file until `shutdown` drains it: open connections
+/// then run until they finish or the shutdown abandons them.
 ///
 /// The first version of the file must be good: there is no last good state to keep yet.
 pub async fn run_from_file(
@@ -53,8 +54,7 @@ pub async fn run_from_file(
     telemetry: Arc<Telemetry>,
     metrics: TcpListener,
     health: TcpListener,
-    shutdown: impl Future<Output = ()>,
-    abandon: impl Future<Output = ()>,
+    shutdown: Shutdown<impl Future<Output = ()>, impl Future<Output = ()>>,
 ) -> Result<(), RunError> {
     let initial = file::load(&run.path, &run.scope)?;
     tracing::info!(
@@ -75,10 +75,7 @@ pub async fn run_from_file(
         wait_for_first: false,
         source,
     };
-    serve(
-        run.proxy, start, telemetry, metrics, health, shutdown, abandon,
-    )
-    .await
+    serve(run.proxy, start, telemetry, metrics, health, shutdown).await
 }
 
 /// What `carousel run` needs to proxy a cluster's Services.
@@ -93,7 +90,7 @@ pub struct ClusterRun {
     pub proxy: ProxyConfig,
 }
 
-/// Proxies the Services of a cluster until `shutdown` resolves, then drains as
+/// Proxies the Services of a cluster until `shutdown` drains it, as
 /// `run_from_file` does.
 ///
 /// Health stays 503 until every watch has listed once and the first table is applied;
@@ -104,8 +101,7 @@ pub async fn run_from_cluster(
     telemetry: Arc<Telemetry>,
     metrics: TcpListener,
     health: TcpListener,
-    shutdown: impl Future<Output = ()>,
-    abandon: impl Future<Output = ()>,
+    shutdown: Shutdown<impl Future<Output = ()>, impl Future<Output = ()>>,
 ) -> Result<(), RunError> {
     let cluster = kube::connect(run.kubeconfig.as_deref(), run.master.as_deref()).await?;
     let store = Store::new(
@@ -128,10 +124,7 @@ pub async fn run_from_cluster(
         wait_for_first: true,
         source,
     };
-    serve(
-        run.proxy, start, telemetry, metrics, health, shutdown, abandon,
-    )
-    .await
+    serve(run.proxy, start, telemetry, metrics, health, shutdown).await
 }
 
 /// A running discovery source, as `serve` takes it.
@@ -145,15 +138,13 @@ struct Start {
 /// Runs the proxy on the tables a discovery `source` task publishes on `updates`, with
 /// the metrics and health servers beside it, until stopped. The servers outlive the
 /// drain, so that `/readyz` says "not ready" while connections finish.
-#[allow(clippy::too_many_arguments)]
 async fn serve(
     config: ProxyConfig,
     start: Start,
     telemetry: Arc<Telemetry>,
     metrics: TcpListener,
     health: TcpListener,
-    shutdown: impl Future<Output = ()>,
-    abandon: impl Future<Output = ()>,
+    shutdown: Shutdown<impl Future<Output = ()>, impl Future<Output = ()>>,
 ) -> Result<(), RunError> {
     // Said before anything else, so that a carousel being replaced by this one waits.
     let presence = config.handover.as_deref().map(Presence::starting);
@@ -178,7 +169,8 @@ async fn serve(
         wait_for_first,
         source,
     } = start;
-    tokio::pin!(shutdown);
+    let Shutdown { drain, abandon } = shutdown;
+    tokio::pin!(drain);
     let first = async {
         if wait_for_first {
             // A source that ends before its first table leaves nothing to serve.
@@ -189,14 +181,14 @@ async fn serve(
     };
     let result = tokio::select! {
         // Stopped before the first sync: there is nothing to drain.
-        () = &mut shutdown => Ok(()),
+        () = &mut drain => Ok(()),
         ready = first => if ready {
             tracing::info!(
                 node = config.locality.node.as_deref().unwrap_or("(unknown)"),
                 "starting the proxy"
             );
             // A failure to start ends the proxy at once, without waiting for a signal.
-            proxy::run(config, presence, updates, telemetry, shutdown, abandon)
+            proxy::run(config, presence, updates, telemetry, Shutdown::new(drain, abandon))
                 .await
                 .map_err(RunError::from)
         } else {

@@ -15,6 +15,7 @@ use carousel::discovery::convert::Scope;
 use carousel::lab::backend::{ask, Pod};
 use carousel::proxy::{ProxyConfig, ProxyError};
 use carousel::run::{run_from_file, FileRun, RunError};
+use carousel::shutdown::Shutdown;
 use carousel::telemetry::Telemetry;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -113,8 +114,7 @@ impl Proxy {
                     telemetry,
                     metrics,
                     health,
-                    stop.cancelled_owned(),
-                    abandon,
+                    Shutdown::new(stop.cancelled_owned(), abandon),
                 )
                 .await
             }

@@ -19,6 +19,7 @@ use crate::discovery::convert::Scope;
 use crate::discovery::file;
 use crate::lab::backend::{self, Pod};
 use crate::proxy::{self, ProxyConfig};
+use crate::shutdown::Shutdown;
 use crate::telemetry::{self, Endpoints, Telemetry};
 
 /// The state the demo runs: the same file as `deploy/examples/kubechaos-state.yaml`.
@@ -123,9 +124,11 @@ pub async fn run(connections: u32) -> Result<(), DemoError> {
         None,
         updates,
         telemetry.clone(),
-        stop.clone().cancelled_owned(),
-        // Every demo connection has finished by the time the demo stops.
-        std::future::ready(()),
+        Shutdown::new(
+            stop.clone().cancelled_owned(),
+            // Every demo connection has finished by the time the demo stops.
+            std::future::ready(()),
+        ),
     ));
 
     println!(

@@ -34,6 +34,7 @@ use crate::backoff::Backoff;
 use crate::balance::BuildOptions;
 use crate::dataplane::nftables::{self, NftError, Rules};
 use crate::model::{Locality, ServiceTable};
+use crate::shutdown::Shutdown;
 use crate::telemetry::{names, Telemetry};
 
 pub use forward::ForwardConfig;
@@ -310,24 +311,27 @@ impl Failures {
     }
 }
 
-/// Runs the proxy: applies every table that `tables` yields until `shutdown` resolves,
+/// Runs the proxy: applies every table that `tables` yields until `shutdown` drains it,
 /// and every `sync_period` checks and repairs what it programmed (rules someone flushed,
 /// a listener that could not be opened).
 /// With a `presence`, it is ready to take over once its first table is programmed, and
 /// a stop waits for a starting successor to be ready (`handover`).
 /// Open connections are never cut by a table change.
 ///
-/// On `shutdown` it stops accepting and reports not-ready at once, then waits for the
-/// open connections to finish, or for `abandon` (a deadline, a second signal). Its rules
+/// On the drain it stops accepting and reports not-ready at once, then waits for the
+/// open connections to finish, or for the abandon (a deadline, a second signal). Its rules
 /// stay, for the carousel that takes over.
 pub async fn run(
     config: ProxyConfig,
     mut presence: Option<Presence>,
     mut tables: watch::Receiver<Arc<ServiceTable>>,
     telemetry: Arc<Telemetry>,
-    shutdown: impl Future<Output = ()>,
-    abandon: impl Future<Output = ()>,
+    shutdown: Shutdown<impl Future<Output = ()>, impl Future<Output = ()>>,
 ) -> Result<(), ProxyError> {
+    let Shutdown {
+        drain: shutdown,
+        abandon,
+    } = shutdown;
     tokio::pin!(shutdown);
     tokio::pin!(abandon);
     let accepting = Accepting {

@@ -14,6 +14,7 @@ use carousel::balance::BuildOptions;
 use carousel::discovery::convert::Scope;
 use carousel::proxy::{ForwardConfig, Mode, ProxyConfig};
 use carousel::run::{self, FileRun};
+use carousel::shutdown::Shutdown;
 use carousel::telemetry::Telemetry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -246,8 +247,10 @@ impl Carousel {
             telemetry.clone(),
             metrics,
             health,
-            stop.clone().cancelled_owned(),
-            abandon.clone().cancelled_owned(),
+            Shutdown::new(
+                stop.clone().cancelled_owned(),
+                abandon.clone().cancelled_owned(),
+            ),
         ));
         let c = Carousel {
             _dir: dir,
@@ -489,8 +492,7 @@ impl ClusterCarousel {
             telemetry.clone(),
             metrics,
             health,
-            stop.clone().cancelled_owned(),
-            std::future::ready(()),
+            Shutdown::new(stop.clone().cancelled_owned(), std::future::ready(())),
         ));
         ClusterCarousel {
             telemetry,

@@ -24,6 +24,7 @@ use crate::algorithm::Algorithm;
 use crate::balance::BuildOptions;
 use crate::model::{Balancing, Endpoint, Service, ServiceKey, ServicePort, ServiceTable};
 use crate::proxy::{self, ProxyConfig};
+use crate::shutdown::Shutdown;
 use crate::telemetry::Telemetry;
 use load::{BenchPod, Client, PodSpec};
 use measure::{Observed, Phase, Record};
@@ -274,9 +275,11 @@ pub async fn run_one(
         None,
         updates,
         telemetry.clone(),
-        stop.clone().cancelled_owned(),
-        // The clients have finished when the proxy stops; a straggler is not waited for long.
-        async { tokio::time::sleep(Duration::from_secs(1)).await },
+        Shutdown::new(
+            stop.clone().cancelled_owned(),
+            // The clients have finished when the proxy stops; a straggler is not waited for long.
+            async { tokio::time::sleep(Duration::from_secs(1)).await },
+        ),
     ));
     let mut started = false;
     for _ in 0..2000 {
