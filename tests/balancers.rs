@@ -16,6 +16,7 @@ use carousel::lab::backend::{ask, Pod};
 use carousel::proxy::{ProxyConfig, ProxyError};
 use carousel::run::{run_from_file, FileRun, RunError};
 use carousel::shutdown::Shutdown;
+use carousel::status;
 use carousel::telemetry::Telemetry;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -283,34 +284,15 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// The value of the series `name` whose labels include every one of `labels`, summed
-/// over the series that match.
+/// over the series that match (parsed as `carousel status` parses them).
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let (series_labels, value) = match rest.strip_prefix('{') {
-            Some(rest) => match rest.split_once("} ") {
-                Some(parts) => parts,
-                None => continue,
-            },
-            None => match rest.strip_prefix(' ') {
-                Some(value) => ("", value),
-                None => continue,
-            },
-        };
-        let wanted = labels.iter().all(|(k, v)| {
-            series_labels
-                .split(',')
-                .any(|l| l == format!("{k}=\"{v}\""))
-        });
-        if wanted {
-            let value: f64 = value.trim().parse().expect("a metric value");
-            *found.get_or_insert(0.0) += value;
-        }
-    }
-    found
+    let matching = status::samples(text).into_iter().filter(|s| {
+        s.name == name
+            && labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).is_some_and(|value| value == v))
+    });
+    matching.map(|s| s.value).reduce(|a, b| a + b)
 }
 
 fn share(counts: &BTreeMap<String, usize>, prefix: &str) -> f64 {

@@ -325,19 +325,17 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)>
 }
 
 /// The value of the one series of `name` whose labels include every `label="value"` given.
+/// Parsed as `carousel status` parses it.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+    carousel::status::samples(text)
+        .into_iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).is_some_and(|value| value == v))
         })
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit_once(' '))
-        .and_then(|(_, v)| v.parse().ok())
+        .map(|s| s.value)
 }
 
 /// An echo server on `ip` (port from the OS): echoes until the client half-closes,
