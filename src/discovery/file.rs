@@ -343,8 +343,8 @@ fn add_object(objects: &mut Objects, value: Value, at: Location) -> Result<(), S
             let pod: core::Pod = typed(value).map_err(invalid)?;
             convert::add_pod(&mut objects.pods, &pod.metadata).map_err(invalid)?;
         }
-        // Nodes are read for their zone label once topology-aware routing lands; until
-        // then they are checked, so that a broken one is still refused.
+        // Nodes are checked, so that a broken one is refused, but not read: from a file,
+        // this node's zone (for zone hints) is `--zone`'s.
         ("v1", "Node") => {
             typed::<core::Node>(value).map_err(invalid)?;
         }

@@ -1,7 +1,7 @@
 //! The API source's memory: every watched object kept converted (a `ServiceFront` per
 //! Service, a `SliceView` per slice, pod labels, this node's zone), fed with watcher
-//! events, and the `ServiceTable` patched one Service at a time. No I/O: tests feed it
-//! synthetic `Init`/`InitApply`/`InitDone`/`Apply`/`Delete` streams.
+//! events, and the `ServiceTable` patched one Service at a time. No I/O but its log
+//! lines: tests feed it synthetic `Init`/`InitApply`/`InitDone`/`Apply`/`Delete` streams.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;

@@ -145,9 +145,9 @@ pub struct RouteTable {
     by_port: FastMap<(ServiceKey, u16, Traffic), Arc<Route>>,
     /// The source ranges of load-balancer addresses that have some of their family.
     source_ranges: FastMap<ServiceAddr, Arc<[IpNet]>>,
-    /// The table and locality the routes were built from. The next build walks the old
-    /// and new tables side by side and touches only the Services that are not the very
-    /// same `Arc`: one changed Service among 10 000 costs one Service's work.
+    /// The table and locality the routes were built from. The next build walks the
+    /// difference of the old and new tables (persistent maps: the subtrees they share
+    /// are skipped) and rebuilds only the Services that are not the very same `Arc`.
     source: Arc<ServiceTable>,
     here: Locality,
     /// Unique to this table (0: the empty table nothing was built into).
