@@ -143,9 +143,9 @@ impl Picker {
 /// Builds the picker for a new endpoint set (sorted by address, as [`Backends`] are).
 ///
 /// State carries over from `previous`: the algorithm's (cursor, generator) when it runs
-/// the same algorithm, else a fresh one is built; the remembered clients whenever affinity stays on, even
-/// across a change of algorithm. `affinity_stats` are used only when `balancing` has
-/// affinity.
+/// the same algorithm, else a fresh one is built; the remembered clients whenever
+/// affinity stays on, even across a change of algorithm. `affinity_stats` are used only
+/// when `balancing` has affinity.
 pub fn rebuild_or_build(
     previous: Option<&Picker>,
     balancing: &Balancing,
