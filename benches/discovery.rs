@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use carousel::balance::BuildOptions;
 use carousel::discovery::convert::Scope;
-use carousel::discovery::kube::{SourceConfig, COALESCE};
+use carousel::discovery::kube::COALESCE;
 use carousel::discovery::store::Store;
 use carousel::lab::backend::{ask, Pod};
 use carousel::model::Locality;
@@ -199,8 +199,8 @@ fn slice_change_to_traffic(c: &mut Criterion) {
         let config = ClusterRun {
             master: None,
             kubeconfig: Some(api.kubeconfig().to_owned()),
+            service_selector: None,
             scope: Scope::default(),
-            source: SourceConfig::default(),
             proxy: ProxyConfig {
                 forward: ForwardConfig {
                     connect_timeout: Duration::from_secs(1),

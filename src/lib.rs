@@ -29,6 +29,8 @@ pub mod heavy;
 #[cfg(feature = "node")]
 pub mod lab;
 #[cfg(feature = "node")]
+pub mod plan;
+#[cfg(feature = "node")]
 pub mod proxy;
 #[cfg(feature = "node")]
 pub mod run;

@@ -4,18 +4,14 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context;
-use carousel::config::{BenchArgs, Cli, Command, ProxyMode, RunArgs, StatusArgs};
+use carousel::config::{BenchArgs, Cli, Command, RunArgs, StatusArgs};
 use carousel::dataplane::nftables;
-use carousel::discovery::convert::Scope;
-use carousel::discovery::kube::SourceConfig;
-use carousel::model::Locality;
-use carousel::proxy::{ForwardConfig, Mode, ProxyConfig};
-use carousel::run::{self, ClusterRun, FileRun};
+use carousel::lab;
+use carousel::plan::{self, Plan};
+use carousel::run;
 use carousel::shutdown::Shutdown;
 use carousel::telemetry::Telemetry;
-use carousel::{balance, lab};
 use clap::Parser;
-use ipnet::IpNet;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 use tracing_subscriber::EnvFilter;
@@ -124,96 +120,33 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let descriptor_limit = carousel::proxy::listener::raise_descriptor_limit();
     tracing::debug!(descriptor_limit, "descriptor limit");
-    let in_cluster = args.from_file.is_none();
-    let cidrs = if !args.nodeport_addresses.is_empty() {
-        args.nodeport_addresses.clone()
-    } else if in_cluster {
-        // kube-proxy's default: node ports on every address of the node.
-        vec![
-            "0.0.0.0/0".parse().expect("valid CIDR"),
-            "::/0".parse().expect("valid CIDR"),
-        ]
-    } else {
-        vec![IpNet::from(std::net::IpAddr::from(
-            std::net::Ipv4Addr::LOCALHOST,
-        ))]
-    };
-    let default_mode = if in_cluster {
-        ProxyMode::Nftables
-    } else {
-        ProxyMode::Bind
-    };
-    let mode = match args.proxy_mode.unwrap_or(default_mode) {
-        ProxyMode::Bind => Mode::Bind {
-            nodeport_addresses: run::nodeport_ips(&cidrs)
-                .context("cannot list this host's addresses")?,
-        },
-        ProxyMode::Nftables => Mode::Nftables {
-            redirect_port: args.redirect_port,
-            // Unset: every address of the node but loopback, as kube-proxy's nftables mode.
-            nodeport_nets: args.nodeport_addresses.clone(),
-        },
-    };
-    let proxy_name = args.service_proxy_name().map(str::to_owned);
-    let scope = Scope {
-        proxy_name: proxy_name.clone(),
-    };
-    let mut proxy = ProxyConfig {
-        forward: ForwardConfig {
-            connect_timeout: args.connect_timeout,
-            connect_attempts: args.connect_attempts.into(),
-            mark: None,
-            idle_timeout: args.tcp_idle_timeout,
-            keepalive: (!args.tcp_keepalive.is_zero()).then_some(args.tcp_keepalive),
-        },
-        max_connections: args.max_connections,
-        shadow: args.shadow.clone(),
-        sync_period: args.sync_period,
-        handover: None,
-        cluster_cidrs: args.cluster_cidr.clone(),
-        mode,
-        balance: balance::BuildOptions {
-            seed: args.seed,
-            ..Default::default()
-        },
-        // In a cluster without --zone, the zone comes from this node's Node object.
-        locality: Locality {
-            node: args.node_name.as_deref().map(Into::into),
-            zone: args.zone.as_deref().map(Into::into),
-        },
-    };
+    let host = plan::host_addresses().context("cannot list this host's addresses")?;
+    let Plan {
+        mut source,
+        metrics,
+        health,
+        drain_timeout,
+        endpoint_histograms,
+    } = Plan::new(args, &host);
     // Shared with a second carousel of the node (SO_REUSEPORT), as the data path is.
-    let metrics = carousel::proxy::listener::bind(args.metrics_bind_address, None)
-        .with_context(|| format!("cannot serve metrics on {}", args.metrics_bind_address))?;
-    let health = carousel::proxy::listener::bind(args.healthz_bind_address, None)
-        .with_context(|| format!("cannot serve health on {}", args.healthz_bind_address))?;
-    tracing::info!(metrics = %args.metrics_bind_address, health = %args.healthz_bind_address, "serving telemetry");
+    let metrics_listener = carousel::proxy::listener::bind(metrics, None)
+        .with_context(|| format!("cannot serve metrics on {metrics}"))?;
+    let health_listener = carousel::proxy::listener::bind(health, None)
+        .with_context(|| format!("cannot serve health on {health}"))?;
+    tracing::info!(%metrics, %health, "serving telemetry");
     // Per health address, as bound: carousels that share it are one node's proxy.
-    proxy.handover = Some(format!("carousel/{}", health.local_addr()?));
-    let shutdown = signals(args.drain_timeout);
+    source.proxy_mut().handover = Some(format!("carousel/{}", health_listener.local_addr()?));
+    let shutdown = signals(drain_timeout);
     let telemetry = Telemetry::new();
-    telemetry.set_endpoint_histograms(args.endpoint_histograms);
-    match args.from_file {
-        Some(path) => {
-            let config = FileRun { path, scope, proxy };
-            run::run_from_file(config, telemetry, metrics, health, shutdown).await?;
-        }
-        None => {
-            let config = ClusterRun {
-                master: args.master().map(str::to_owned),
-                kubeconfig: args.kubeconfig,
-                scope,
-                source: SourceConfig {
-                    proxy_name,
-                    service_selector: args.service_selector,
-                    node_name: args.node_name,
-                    zone: args.zone,
-                },
-                proxy,
-            };
-            run::run_from_cluster(config, telemetry, metrics, health, shutdown).await?;
-        }
-    }
+    telemetry.set_endpoint_histograms(endpoint_histograms);
+    run::run(
+        source,
+        telemetry,
+        metrics_listener,
+        health_listener,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 

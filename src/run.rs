@@ -3,11 +3,9 @@
 //! stop it when they like.
 
 use std::future::Future;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ipnet::IpNet;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -23,6 +21,36 @@ use crate::proxy::handover::Presence;
 use crate::proxy::{self, ProxyConfig, ProxyError};
 use crate::shutdown::Shutdown;
 use crate::telemetry::{self, Endpoints, Telemetry};
+
+/// Where the Services come from, with the proxy that serves them.
+#[derive(Clone, Debug)]
+pub enum Source {
+    File(FileRun),
+    Cluster(ClusterRun),
+}
+
+impl Source {
+    pub fn proxy_mut(&mut self) -> &mut ProxyConfig {
+        match self {
+            Source::File(run) => &mut run.proxy,
+            Source::Cluster(run) => &mut run.proxy,
+        }
+    }
+}
+
+/// Proxies the Services of `source` until `shutdown` drains it.
+pub async fn run(
+    source: Source,
+    telemetry: Arc<Telemetry>,
+    metrics: TcpListener,
+    health: TcpListener,
+    shutdown: Shutdown<impl Future<Output = ()>, impl Future<Output = ()>>,
+) -> Result<(), RunError> {
+    match source {
+        Source::File(run) => run_from_file(run, telemetry, metrics, health, shutdown).await,
+        Source::Cluster(run) => run_from_cluster(run, telemetry, metrics, health, shutdown).await,
+    }
+}
 
 /// What `carousel run --from-file` needs.
 #[derive(Clone, Debug)]
@@ -78,15 +106,18 @@ pub async fn run_from_file(
     serve(run.proxy, start, telemetry, metrics, health, shutdown).await
 }
 
-/// What `carousel run` needs to proxy a cluster's Services.
+/// What `carousel run` needs to proxy a cluster's Services. This node's name and zone
+/// are the proxy's (`ProxyConfig::locality`), and the proxy name is the scope's: each
+/// is given once.
 #[derive(Clone, Debug)]
 pub struct ClusterRun {
     /// `--kubeconfig`; without it, in-cluster, then `$KUBECONFIG`, then `~/.kube/config`.
     pub kubeconfig: Option<PathBuf>,
     /// `--master`: the API server's URL, replacing the configuration's.
     pub master: Option<String>,
+    /// `--service-selector`, appended to the ownership selector.
+    pub service_selector: Option<String>,
     pub scope: Scope,
-    pub source: SourceConfig,
     pub proxy: ProxyConfig,
 }
 
@@ -104,17 +135,20 @@ pub async fn run_from_cluster(
     shutdown: Shutdown<impl Future<Output = ()>, impl Future<Output = ()>>,
 ) -> Result<(), RunError> {
     let cluster = kube::connect(run.kubeconfig.as_deref(), run.master.as_deref()).await?;
-    let store = Store::new(
-        run.scope,
-        run.source.node_name.as_deref(),
-        run.source.zone.clone(),
-    );
+    let node_name = run.proxy.locality.node.as_deref().map(str::to_owned);
+    let source = SourceConfig {
+        proxy_name: run.scope.proxy_name.clone(),
+        service_selector: run.service_selector,
+        node_name,
+    };
+    // `--zone` is applied by the proxy (`ProxyConfig::locality`), over the table's.
+    let store = Store::new(run.scope, source.node_name.as_deref(), None);
     // The proxy is only handed the channel once the first real table is on it: until
     // then the empty placeholder must not count as a sync.
     let (tables, updates) = watch::channel(Arc::new(ServiceTable::default()));
     let source = tokio::spawn(kube::run(
         cluster,
-        run.source,
+        source,
         store,
         kube::Outputs { tables },
         telemetry.clone(),
@@ -203,25 +237,4 @@ async fn serve(
     }
     result?;
     Ok(())
-}
-
-/// The addresses bind mode serves node ports on: the address of a single-address CIDR
-/// as it is, and for a wider CIDR every address of this host's interfaces inside it.
-pub fn nodeport_ips(cidrs: &[IpNet]) -> std::io::Result<Vec<IpAddr>> {
-    let mut ips: Vec<IpAddr> = cidrs
-        .iter()
-        .filter(|c| c.prefix_len() == c.max_prefix_len())
-        .map(IpNet::addr)
-        .collect();
-    if cidrs.iter().any(|c| c.prefix_len() != c.max_prefix_len()) {
-        for iface in if_addrs::get_if_addrs()? {
-            let ip = iface.ip();
-            if cidrs.iter().any(|c| c.contains(&ip)) {
-                ips.push(ip);
-            }
-        }
-    }
-    ips.sort();
-    ips.dedup();
-    Ok(ips)
 }

@@ -61,11 +61,9 @@ pub struct SourceConfig {
     pub proxy_name: Option<String>,
     /// `--service-selector`, appended to the ownership selector.
     pub service_selector: Option<String>,
-    /// `--node-name` (or `$NODE_NAME`): whose Node gives the zone.
+    /// `--node-name` (or `$NODE_NAME`): whose Node gives the zone, its eligibility and
+    /// its pod CIDRs.
     pub node_name: Option<String>,
-    /// `--zone`: overrides the Node's zone label (the Node is still watched, for its
-    /// eligibility and its pod CIDRs).
-    pub zone: Option<String>,
 }
 
 /// The label selector of the Service watch: ownership by `service-proxy-name` the way

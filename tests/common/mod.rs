@@ -455,14 +455,9 @@ impl ClusterCarousel {
         let config = run::ClusterRun {
             kubeconfig: Some(api.kubeconfig().to_owned()),
             master: None,
+            service_selector: flags.service_selector,
             scope: Scope {
-                proxy_name: flags.proxy_name.clone(),
-            },
-            source: carousel::discovery::kube::SourceConfig {
                 proxy_name: flags.proxy_name,
-                service_selector: flags.service_selector,
-                node_name: flags.node_name.clone(),
-                zone: flags.zone.clone(),
             },
             proxy: ProxyConfig {
                 forward: ForwardConfig {
