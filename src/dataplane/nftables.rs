@@ -148,17 +148,25 @@ pub fn render_full(redirects: &Redirects, listen_port: u16, nodeport_nets: &[IpN
     writeln!(s, "add table inet {TABLE}").unwrap();
     writeln!(s, "delete table inet {TABLE}").unwrap();
     writeln!(s, "table inet {TABLE} {{").unwrap();
+    render_sets(&mut s, redirects);
+    render_chains(&mut s, listen_port, nodeport_nets);
+    writeln!(s, "}}").unwrap();
+    s
+}
+
+/// The table's sets, filled from `redirects`.
+fn render_sets(s: &mut String, redirects: &Redirects) {
     let (intercept, refuse) = (&redirects.intercept, &redirects.refuse);
     for (name, ports) in [("services", intercept), ("refused", refuse)] {
         set(
-            &mut s,
+            s,
             &format!("{name}4"),
             "ipv4_addr . inet_service",
             "",
             ports.v4.iter().map(|(ip, p)| format!("{ip} . {p}")),
         );
         set(
-            &mut s,
+            s,
             &format!("{name}6"),
             "ipv6_addr . inet_service",
             "",
@@ -166,14 +174,14 @@ pub fn render_full(redirects: &Redirects, listen_port: u16, nodeport_nets: &[IpN
         );
     }
     set(
-        &mut s,
+        s,
         "nodeports",
         "inet_service",
         "",
         intercept.node_ports.iter().map(u16::to_string),
     );
     set(
-        &mut s,
+        s,
         "refused_nodeports",
         "inet_service",
         "",
@@ -188,14 +196,14 @@ pub fn render_full(redirects: &Redirects, listen_port: u16, nodeport_nets: &[IpN
     for (family, v4) in [("4", true), ("6", false)] {
         let addr_type = if v4 { "ipv4_addr" } else { "ipv6_addr" };
         set(
-            &mut s,
+            s,
             &format!("guarded{family}"),
             &format!("{addr_type} . inet_service"),
             "",
             guarded(v4).map(|(a, _)| format!("{} . {}", a.ip(), a.port())),
         );
         set(
-            &mut s,
+            s,
             &format!("allowed{family}"),
             &format!("{addr_type} . inet_service . {addr_type}"),
             "interval",
@@ -205,6 +213,11 @@ pub fn render_full(redirects: &Redirects, listen_port: u16, nodeport_nets: &[IpN
             }),
         );
     }
+}
+
+/// The chains: prerouting intercepts, refuses and guards; output marks the node's own
+/// connections; bridged redirects what a bridge hands over.
+fn render_chains(s: &mut String, listen_port: u16, nodeport_nets: &[IpNet]) {
     let mark = format!("meta mark set {INTERCEPT_MARK:#010x}");
     // Only packets of a client's direction: a reply to one of carousel's own sockets
     // (whose port could equal a node port) is never taken over. Refusals and source
@@ -264,8 +277,7 @@ pub fn render_full(redirects: &Redirects, listen_port: u16, nodeport_nets: &[IpN
     for (_, matches) in &intercepted {
         writeln!(s, "    {matches} redirect to :{listen_port}").unwrap();
     }
-    writeln!(s, "  }}\n}}").unwrap();
-    s
+    writeln!(s, "  }}").unwrap();
 }
 
 /// The node addresses of `family` ("ip", "ip6") that serve node ports: local ones inside
