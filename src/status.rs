@@ -5,21 +5,29 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper::body::Bytes;
+use hyper::header::HOST;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::telemetry::names;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     #[error("{0}: only http://HOST:PORT/PATH URLs are supported")]
     Url(String),
-    #[error("cannot reach {url}: {source}")]
+    #[error("cannot read {url}: {source}")]
     Fetch {
         url: String,
         #[source]
-        source: std::io::Error,
+        source: BoxError,
     },
+    #[error("{url} answered more than {limit} bytes")]
+    TooLarge { url: String, limit: usize },
     #[error("{url} answered {status}")]
     Status { url: String, status: String },
 }
@@ -236,51 +244,68 @@ pub fn render(services: &[ServiceStatus]) -> String {
     out
 }
 
-/// GETs `url` (plain http) and returns the body.
+/// The largest body `fetch` reads: /metrics of 500 000 endpoints is well under it.
+pub const MAX_BODY: usize = 256 << 20;
+
+/// How long `fetch` waits for the whole answer.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// GETs `url` (plain http; `/metrics` when it names no path) and returns the body.
 pub async fn fetch(url: &str) -> Result<String, StatusError> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| StatusError::Url(url.to_string()))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/metrics"),
-    };
-    let io_err = |source| StatusError::Fetch {
+    fetch_at_most(url, MAX_BODY).await
+}
+
+/// `fetch`, refusing a body over `limit` bytes.
+async fn fetch_at_most(url: &str, limit: usize) -> Result<String, StatusError> {
+    let (authority, path) = split_url(url).ok_or_else(|| StatusError::Url(url.to_string()))?;
+    let failed = |source: BoxError| StatusError::Fetch {
         url: url.to_string(),
         source,
     };
     let exchange = async {
-        let mut stream = TcpStream::connect(authority).await?;
-        // HTTP/1.0 and no keep-alive: the body ends where the stream does.
-        let request = format!("GET {path} HTTP/1.0\r\nhost: {authority}\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok(String::from_utf8_lossy(&response).into_owned())
+        let stream = TcpStream::connect(authority).await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        // The connection ends when `sender` is dropped, at the end of this exchange.
+        tokio::spawn(connection);
+        let request = Request::get(path)
+            .header(HOST, authority)
+            .body(Empty::<Bytes>::new())?;
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), limit)
+            .collect()
+            .await?
+            .to_bytes();
+        Ok::<_, BoxError>((status, body))
     };
-    let response = tokio::time::timeout(Duration::from_secs(5), exchange)
+    let (status, body) = tokio::time::timeout(FETCH_TIMEOUT, exchange)
         .await
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no answer in 5 s",
-            ))
-        })
-        .map_err(io_err)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| StatusError::Status {
-            url: url.to_string(),
-            status: "no HTTP response".into(),
+        .map_err(|_| failed(format!("no answer in {FETCH_TIMEOUT:?}").into()))?
+        .map_err(|source| match source.is::<LengthLimitError>() {
+            true => StatusError::TooLarge {
+                url: url.to_string(),
+                limit,
+            },
+            false => failed(source),
         })?;
-    let status = head.lines().next().unwrap_or_default();
-    if status.split_whitespace().nth(1) != Some("200") {
+    if status != StatusCode::OK {
         return Err(StatusError::Status {
             url: url.to_string(),
             status: status.to_string(),
         });
     }
-    Ok(body.to_string())
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// `http://HOST:PORT/PATH` as its authority and path (`/metrics` when none is given).
+fn split_url(url: &str) -> Option<(&str, &str)> {
+    let rest = url.strip_prefix("http://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/metrics"),
+    };
+    (!authority.is_empty()).then_some((authority, path))
 }
 
 #[cfg(test)]
@@ -310,6 +335,97 @@ carousel_connect_duration_seconds_bucket{namespace="default",service="kubechaos-
 carousel_connections_total{namespace="other",service="q\"uote",port="80",endpoint="10.0.0.1:80",pod="p",outcome="ok"} 5
 carousel_endpoint_weight{namespace="other",service="q\"uote",port="80",endpoint="10.0.0.1:80",pod="p"} 0
 "#;
+
+    /// A one-shot HTTP server on port 0 that answers `response` and hands back the
+    /// request it read.
+    async fn answering(response: String) -> (String, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0; 1024];
+            while !request.ends_with(b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client closed before its request ended");
+                request.extend_from_slice(&buf[..n]);
+            }
+            stream.write_all(response.as_bytes()).await.unwrap();
+            String::from_utf8(request).unwrap()
+        });
+        (format!("127.0.0.1:{}", addr.port()), served)
+    }
+
+    fn ok(body: &str) -> String {
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[test]
+    fn urls_split_into_authority_and_path() {
+        assert_eq!(split_url("http://a:1"), Some(("a:1", "/metrics")));
+        assert_eq!(split_url("http://a:1/x?y"), Some(("a:1", "/x?y")));
+        assert_eq!(split_url("https://a:1/"), None);
+        assert_eq!(split_url("http:///metrics"), None);
+    }
+
+    #[tokio::test]
+    async fn fetch_gets_the_metrics_path_and_returns_the_body() {
+        let (authority, served) = answering(ok("carousel_up 1\n")).await;
+        let body = fetch(&format!("http://{authority}")).await.unwrap();
+        assert_eq!(body, "carousel_up 1\n");
+        let request = served.await.unwrap();
+        assert!(
+            request.starts_with("GET /metrics HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(
+            request
+                .to_lowercase()
+                .contains(&format!("host: {authority}")),
+            "{request}"
+        );
+    }
+
+    #[tokio::test]
+    async fn fetch_names_a_status_other_than_ok() {
+        let (authority, _served) =
+            answering("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".into()).await;
+        let error = fetch(&format!("http://{authority}/nope"))
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("answered 404 Not Found"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn fetch_refuses_a_body_over_its_limit() {
+        let (authority, _served) = answering(ok(&"x".repeat(2000))).await;
+        let error = fetch_at_most(&format!("http://{authority}/"), 1000)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!("http://{authority}/ answered more than 1000 bytes")
+        );
+    }
+
+    #[tokio::test]
+    async fn fetch_names_a_server_that_is_not_there() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/metrics", listener.local_addr().unwrap());
+        drop(listener);
+        let error = fetch(&url).await.unwrap_err();
+        assert!(
+            error.to_string().starts_with(&format!("cannot read {url}")),
+            "{error}"
+        );
+    }
 
     #[test]
     fn samples_parse_names_labels_and_values() {
