@@ -57,7 +57,7 @@ fn slice_json(i: usize, generation: u8) -> Value {
 }
 
 fn big_store() -> Store {
-    let mut store = Store::new(Scope::default(), None, None);
+    let mut store = Store::new(Scope::default(), None);
     store.apply_service(Event::Init);
     for i in 0..SERVICES {
         let svc: core::Service = serde_json::from_value(service_json(i)).unwrap();

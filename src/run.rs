@@ -142,7 +142,7 @@ pub async fn run_from_cluster(
         node_name,
     };
     // `--zone` is applied by the proxy (`ProxyConfig::locality`), over the table's.
-    let store = Store::new(run.scope, source.node_name.as_deref(), None);
+    let store = Store::new(run.scope, source.node_name.as_deref());
     // The proxy is only handed the channel once the first real table is on it: until
     // then the empty placeholder must not count as a sync.
     let (tables, updates) = watch::channel(Arc::new(ServiceTable::default()));

@@ -195,11 +195,13 @@ pub struct PodRef {
     pub name: Arc<str>,
 }
 
-fn namespace(meta: &ObjectMeta) -> &str {
+/// An object's namespace: `default` when it names none.
+pub fn namespace(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or("default")
 }
 
-fn name(meta: &ObjectMeta) -> Result<&str, FieldError> {
+/// An object's name, which must not be empty.
+pub fn name(meta: &ObjectMeta) -> Result<&str, FieldError> {
     match meta.name.as_deref() {
         Some(n) if !n.is_empty() => Ok(n),
         _ => Err(FieldError::new("metadata.name", "missing")),
@@ -267,48 +269,96 @@ pub fn service(svc: &core::Service) -> Result<Option<ServiceFront>, FieldError> 
     if spec.type_.as_deref() == Some("ExternalName") {
         return Ok(None);
     }
+    let Some(cluster_ips) = cluster_ips(spec)? else {
+        return Ok(None);
+    };
+    let external_ips = external_ips(spec)?;
+    let load_balancer_ips = load_balancer_ips(svc)?;
+    let annotations = meta.annotations.as_ref();
+    let annotation = |k: &str| annotations.and_then(|a| a.get(k)).map(String::as_str);
+    let mut warnings = Vec::new();
+    let ports = ports(&key, spec, &mut warnings)?;
+    let load_balancer_source_ranges = source_ranges(spec, annotation(ANNOTATION_SOURCE_RANGES))?;
+    let balancing = Balancing {
+        algorithm: algorithm(&key, annotation(ANNOTATION_LOAD_BALANCER), &mut warnings),
+        affinity: affinity(spec)?,
+    };
+    let weights = weights(&key, annotation(ANNOTATION_WEIGHTS), &mut warnings);
+    let local = |policy: &Option<String>| policy.as_deref() == Some("Local");
+    Ok(Some(ServiceFront {
+        proxy_name: meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME))
+            .cloned(),
+        cluster_ips,
+        external_ips,
+        load_balancer_ips,
+        load_balancer_source_ranges,
+        ports,
+        balancing,
+        weights,
+        external_traffic_local: local(&spec.external_traffic_policy),
+        health_check_node_port: health_check_node_port(spec),
+        internal_traffic_local: local(&spec.internal_traffic_policy),
+        prefer_close: prefer_close(spec, annotation(ANNOTATION_TOPOLOGY_MODE)),
+        key,
+        warnings,
+    }))
+}
+
+/// The ClusterIPs, from `spec.clusterIPs` else `spec.clusterIP`; `None` for a headless
+/// Service. An empty `clusterIP` is "not allocated yet": no ClusterIP.
+fn cluster_ips(spec: &core::ServiceSpec) -> Result<Option<Vec<IpAddr>>, FieldError> {
     // `(field, text)` of each ClusterIP; `spec.clusterIP` is a single string, not a list.
-    let cluster_ip_texts: Vec<(String, &str)> = match (&spec.cluster_ips, &spec.cluster_ip) {
+    let texts: Vec<(String, &str)> = match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ips
             .iter()
             .enumerate()
             .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip.as_str()))
             .collect(),
-        // An empty clusterIP is "not allocated yet": the Service has no ClusterIP.
         (_, Some(ip)) if !ip.is_empty() => vec![("spec.clusterIP".to_string(), ip.as_str())],
         _ => Vec::new(),
     };
-    if cluster_ip_texts.iter().any(|(_, ip)| *ip == "None") {
+    if texts.iter().any(|(_, ip)| *ip == "None") {
         return Ok(None);
     }
-    let cluster_ips = cluster_ip_texts
-        .into_iter()
-        .map(|(field, ip)| parse_ip(field, ip))
-        .collect::<Result<Vec<_>, _>>()?;
-    let external_ips = spec
-        .external_ips
+    let ips = texts.into_iter().map(|(field, ip)| parse_ip(field, ip));
+    ips.collect::<Result<_, _>>().map(Some)
+}
+
+fn external_ips(spec: &core::ServiceSpec) -> Result<Vec<IpAddr>, FieldError> {
+    spec.external_ips
         .iter()
         .flatten()
         .enumerate()
         .map(|(i, ip)| parse_ip(format!("spec.externalIPs[{i}]"), ip))
-        .collect::<Result<Vec<_>, _>>()?;
-    let load_balancer_ips = svc
-        .status
+        .collect()
+}
+
+/// `status.loadBalancer.ingress[].ip`, but for those in `ipMode: Proxy`: the load
+/// balancer itself proxies to the nodes, so packets no longer carry that IP as their
+/// destination, and it is not intercepted (kube-proxy does the same).
+fn load_balancer_ips(svc: &core::Service) -> Result<Vec<IpAddr>, FieldError> {
+    svc.status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
         .into_iter()
         .flatten()
         .enumerate()
-        // `ipMode: Proxy`: the load balancer itself proxies to the nodes, so packets no
-        // longer carry this IP as their destination; it is not intercepted (kube-proxy
-        // does the same).
         .filter(|(_, ing)| ing.ip_mode.as_deref() != Some("Proxy"))
         .filter_map(|(i, ing)| ing.ip.as_ref().map(|ip| (i, ip)))
         .map(|(i, ip)| parse_ip(format!("status.loadBalancer.ingress[{i}].ip"), ip))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect()
+}
 
-    let mut warnings = Vec::new();
+/// The TCP ports; others are skipped with a warning each.
+fn ports(
+    key: &ServiceKey,
+    spec: &core::ServiceSpec,
+    warnings: &mut Vec<Warning>,
+) -> Result<Vec<PortFront>, FieldError> {
     let mut ports = Vec::new();
     // TCP port number -> index of the first port with it.
     let mut tcp_ports: HashMap<u16, usize> = HashMap::new();
@@ -340,109 +390,108 @@ pub fn service(svc: &core::Service) -> Result<Option<ServiceFront>, FieldError> 
             .node_port
             .map(|np| parse_port(format!("spec.ports[{i}].nodePort"), np))
             .transpose()?;
-        let target = match &p.target_port {
-            None => IntOrString::Int(i32::from(port)),
-            Some(IntOrString::Int(t)) => {
-                IntOrString::Int(parse_port(format!("spec.ports[{i}].targetPort"), *t)?.into())
-            }
-            Some(IntOrString::String(s)) if s.is_empty() => {
-                return Err(FieldError::new(
-                    format!("spec.ports[{i}].targetPort"),
-                    "empty port name",
-                ))
-            }
-            Some(t) => t.clone(),
-        };
         ports.push(PortFront {
             name,
             port,
             node_port,
-            target,
+            target: target_port(i, port, p.target_port.as_ref())?,
         });
     }
+    Ok(ports)
+}
 
-    let annotations = meta.annotations.as_ref();
-    let annotation = |k: &str| annotations.and_then(|a| a.get(k)).map(String::as_str);
-    let load_balancer_source_ranges = source_ranges(spec, annotation(ANNOTATION_SOURCE_RANGES))?;
-    let mut balancing = Balancing::default();
-    if let Some(algorithm) = annotation(ANNOTATION_LOAD_BALANCER) {
-        let algorithm = algorithm.trim();
-        match algorithm.parse() {
-            Ok(known) => balancing.algorithm = known,
-            Err(_) => warnings.push(Warning::BadAnnotation {
-                service: key.clone(),
-                annotation: ANNOTATION_LOAD_BALANCER,
-                value: excerpt(algorithm),
-                reason: format!(
-                    "unknown algorithm (known: {}); using {}",
-                    Algorithm::known(),
-                    Algorithm::default()
-                ),
-            }),
+/// `spec.ports[i].targetPort`: a number, a name, or (absent) the port itself.
+fn target_port(
+    i: usize,
+    port: u16,
+    target: Option<&IntOrString>,
+) -> Result<IntOrString, FieldError> {
+    let field = || format!("spec.ports[{i}].targetPort");
+    match target {
+        None => Ok(IntOrString::Int(i32::from(port))),
+        Some(IntOrString::Int(t)) => Ok(IntOrString::Int(parse_port(field(), *t)?.into())),
+        Some(IntOrString::String(s)) if s.is_empty() => {
+            Err(FieldError::new(field(), "empty port name"))
         }
+        Some(t) => Ok(t.clone()),
     }
-    let weights = match annotation(ANNOTATION_WEIGHTS) {
-        Some(text) => {
-            let (rules, problem) = parse_weights(text);
-            warnings.extend(problem.map(|reason| Warning::BadAnnotation {
-                service: key.clone(),
-                annotation: ANNOTATION_WEIGHTS,
-                value: excerpt(text),
-                reason,
-            }));
-            rules
-        }
-        None => Vec::new(),
+}
+
+/// `carousel.dev/load-balancer`: an unknown name warns and keeps the default.
+fn algorithm(key: &ServiceKey, annotation: Option<&str>, warnings: &mut Vec<Warning>) -> Algorithm {
+    let Some(text) = annotation.map(str::trim) else {
+        return Algorithm::default();
     };
-    if spec.session_affinity.as_deref() == Some("ClientIP") {
-        let timeout = spec
-            .session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds);
-        balancing.affinity = Some(match timeout {
-            None => DEFAULT_AFFINITY_TIMEOUT,
-            Some(s) if (1..=86400).contains(&s) => Duration::from_secs(s as u64),
-            Some(s) => {
-                return Err(FieldError::new(
-                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-                    format!("{s} is outside 1-86400"),
-                ))
-            }
+    text.parse().unwrap_or_else(|_| {
+        warnings.push(Warning::BadAnnotation {
+            service: key.clone(),
+            annotation: ANNOTATION_LOAD_BALANCER,
+            value: excerpt(text),
+            reason: format!(
+                "unknown algorithm (known: {}); using {}",
+                Algorithm::known(),
+                Algorithm::default()
+            ),
         });
-    }
+        Algorithm::default()
+    })
+}
 
-    Ok(Some(ServiceFront {
-        proxy_name: meta
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME))
-            .cloned(),
-        key,
-        cluster_ips,
-        external_ips,
-        load_balancer_ips,
-        load_balancer_source_ranges,
-        ports,
-        balancing,
-        weights,
-        external_traffic_local: spec.external_traffic_policy.as_deref() == Some("Local"),
-        // Allocated by the API server for LoadBalancer Services with eTP Local only; a
-        // value that is no port is left out like a missing one.
-        health_check_node_port: spec
-            .health_check_node_port
-            .filter(|_| spec.external_traffic_policy.as_deref() == Some("Local"))
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0),
-        internal_traffic_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-        // Topology-aware routing: the Service asks for it by `trafficDistribution` or,
-        // before that field existed, by the topology-mode annotation.
-        prefer_close: matches!(
-            spec.traffic_distribution.as_deref(),
-            Some("PreferClose" | "PreferSameZone" | "PreferSameNode")
-        ) || matches!(annotation(ANNOTATION_TOPOLOGY_MODE), Some("Auto" | "auto")),
-        warnings,
-    }))
+/// `sessionAffinity: ClientIP` and its timeout (1-86400 s, 10 800 s when not given).
+fn affinity(spec: &core::ServiceSpec) -> Result<Option<Duration>, FieldError> {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return Ok(None);
+    }
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match timeout {
+        None => Ok(Some(DEFAULT_AFFINITY_TIMEOUT)),
+        Some(s) if (1..=86400).contains(&s) => Ok(Some(Duration::from_secs(s as u64))),
+        Some(s) => Err(FieldError::new(
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            format!("{s} is outside 1-86400"),
+        )),
+    }
+}
+
+/// `carousel.dev/weights`: its good rules, and a warning for what is wrong with it.
+fn weights(
+    key: &ServiceKey,
+    annotation: Option<&str>,
+    warnings: &mut Vec<Warning>,
+) -> Vec<WeightRule> {
+    let Some(text) = annotation else {
+        return Vec::new();
+    };
+    let (rules, problem) = parse_weights(text);
+    warnings.extend(problem.map(|reason| Warning::BadAnnotation {
+        service: key.clone(),
+        annotation: ANNOTATION_WEIGHTS,
+        value: excerpt(text),
+        reason,
+    }));
+    rules
+}
+
+/// Allocated by the API server for LoadBalancer Services with eTP Local only; a value
+/// that is no port is left out like a missing one.
+fn health_check_node_port(spec: &core::ServiceSpec) -> Option<u16> {
+    spec.health_check_node_port
+        .filter(|_| spec.external_traffic_policy.as_deref() == Some("Local"))
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
+}
+
+/// Topology-aware routing: the Service asks for it by `trafficDistribution` or, before
+/// that field existed, by the topology-mode annotation.
+fn prefer_close(spec: &core::ServiceSpec, topology_mode: Option<&str>) -> bool {
+    matches!(
+        spec.traffic_distribution.as_deref(),
+        Some("PreferClose" | "PreferSameZone" | "PreferSameNode")
+    ) || matches!(topology_mode, Some("Auto" | "auto"))
 }
 
 /// Parses `label=value:weight,...`: the rules, and what is wrong with the text, if
@@ -631,13 +680,29 @@ pub fn slice(
     }))
 }
 
-/// `namespace/name` → labels of every known pod, for the weight rules.
-pub type PodLabels = HashMap<(String, String), BTreeMap<String, String>>;
+/// `(namespace, name)` of a namespaced object.
+pub type ObjectKey = (String, String);
 
-/// Records one pod's labels (only its metadata is read).
+/// An object's labels.
+pub type Labels = BTreeMap<String, String>;
+
+/// `namespace/name` → labels of every known pod, for the weight rules.
+pub type PodLabels = HashMap<ObjectKey, Labels>;
+
+/// `(namespace, name)` of an object: how slices and pods are filed.
+pub fn object_key(meta: &ObjectMeta) -> Result<ObjectKey, FieldError> {
+    Ok((namespace(meta).to_string(), name(meta)?.to_string()))
+}
+
+/// One pod's key and labels (only its metadata is read).
+pub fn pod(meta: &ObjectMeta) -> Result<(ObjectKey, Labels), FieldError> {
+    Ok((object_key(meta)?, meta.labels.clone().unwrap_or_default()))
+}
+
+/// Records one pod's labels.
 pub fn add_pod(pods: &mut PodLabels, meta: &ObjectMeta) -> Result<(), FieldError> {
-    let key = (namespace(meta).to_string(), name(meta)?.to_string());
-    pods.insert(key, meta.labels.clone().unwrap_or_default());
+    let (key, labels) = pod(meta)?;
+    pods.insert(key, labels);
     Ok(())
 }
 

@@ -317,9 +317,8 @@ fn add_object(objects: &mut Objects, value: Value, at: Location) -> Result<(), S
         }
         ("v1", "Service") => {
             let svc: core::Service = typed(value).map_err(invalid)?;
-            if let Some(name) = svc.metadata.name.as_deref().filter(|n| !n.is_empty()) {
-                let namespace = svc.metadata.namespace.as_deref().unwrap_or("default");
-                let service = ServiceKey::new(namespace, name);
+            if let Ok(name) = convert::name(&svc.metadata) {
+                let service = ServiceKey::new(convert::namespace(&svc.metadata), name);
                 if let Some(first) = objects.service_at.get(&service) {
                     return Err(StateFileError::Duplicate {
                         first: first.clone(),

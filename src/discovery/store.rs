@@ -15,7 +15,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::Event;
 
-use crate::discovery::convert::{self, PodLabels, Scope, ServiceFront, SliceView, Warning};
+use crate::discovery::convert::{
+    self, Labels, ObjectKey, PodLabels, Scope, ServiceFront, SliceView, Warning,
+};
 use crate::discovery::names::Names;
 use crate::model::{ServiceKey, ServiceTable};
 
@@ -27,9 +29,6 @@ pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 /// Trigger times kept between two publications at most; beyond that the oldest
 /// measurements are dropped rather than letting a stalled publisher grow memory.
 const MAX_PENDING_TRIGGERS: usize = 10_000;
-
-/// `namespace/name` of an EndpointSlice or a Pod.
-type ObjectKey = (String, String);
 
 /// The live objects of one kind, and the fresh buffer a relist fills.
 ///
@@ -78,6 +77,86 @@ impl<K: Eq + Hash, V> Relisted<K, V> {
     }
 }
 
+impl<K: Eq + Hash + Clone, V: PartialEq> Relisted<K, V> {
+    /// Applies one converted watcher event, as kube-runtime's reflector does, and
+    /// returns what it changed: each key whose live value differs now, with the value
+    /// it had (`None`: it is new). An unchanged object changes nothing.
+    fn apply(&mut self, step: Step<K, V>) -> Vec<(K, Option<V>)> {
+        match step {
+            Step::Init => {
+                self.begin();
+                Vec::new()
+            }
+            Step::InitApply(Filed::Keep(key, value)) => {
+                self.listed(key, value);
+                Vec::new()
+            }
+            // Left out of the list, so gone when it completes.
+            Step::InitApply(_) => Vec::new(),
+            Step::InitDone => {
+                let mut old = self.finish();
+                let mut changed = Vec::new();
+                for (key, value) in &self.live {
+                    match old.remove(key) {
+                        Some(was) if was == *value => {}
+                        was => changed.push((key.clone(), was)),
+                    }
+                }
+                // What is left of `old` is gone.
+                changed.extend(old.into_iter().map(|(key, was)| (key, Some(was))));
+                changed
+            }
+            Step::Apply(Filed::Keep(key, value)) => {
+                if self.live.get(&key) == Some(&value) {
+                    return Vec::new();
+                }
+                let old = self.live.insert(key.clone(), value);
+                vec![(key, old)]
+            }
+            Step::Apply(Filed::Remove(key)) => match self.live.remove(&key) {
+                Some(old) => vec![(key, Some(old))],
+                None => Vec::new(),
+            },
+            Step::Apply(Filed::Ignore) => Vec::new(),
+        }
+    }
+}
+
+/// What one object becomes in the store.
+enum Filed<K, V> {
+    /// Its converted form (or, when it no longer converts, the last good one).
+    Keep(K, V),
+    /// Deleted, or no longer an object carousel uses.
+    Remove(K),
+    /// Nothing to file: it has no name, or broke before carousel knew it.
+    Ignore,
+}
+
+/// A watcher event with its object converted: a `Delete` is an `Apply` of a removal.
+enum Step<K, V> {
+    Init,
+    InitApply(Filed<K, V>),
+    InitDone,
+    Apply(Filed<K, V>),
+}
+
+impl<K, V> Step<K, V> {
+    /// Converts `event`'s object with `convert`, or only names it (`key`) when deleted.
+    fn of<T>(
+        event: Event<T>,
+        convert: impl FnOnce(&T) -> Filed<K, V>,
+        key: impl FnOnce(&T) -> Option<K>,
+    ) -> Self {
+        match event {
+            Event::Init => Step::Init,
+            Event::InitApply(object) => Step::InitApply(convert(&object)),
+            Event::InitDone => Step::InitDone,
+            Event::Apply(object) => Step::Apply(convert(&object)),
+            Event::Delete(object) => Step::Apply(key(&object).map_or(Filed::Ignore, Filed::Remove)),
+        }
+    }
+}
+
 /// What the publisher should know after a flush.
 #[derive(Debug, Default)]
 pub struct Flushed {
@@ -92,16 +171,14 @@ pub struct Flushed {
 #[derive(Debug)]
 pub struct Store {
     scope: Scope,
-    /// `--zone`: wins over the Node's label.
-    zone_override: Option<String>,
     /// Whether this node's Node object is watched (a node name is known): for its zone
-    /// (unless `--zone`) and whether it is leaving the cluster.
+    /// and whether it is leaving the cluster.
     watch_node: bool,
     services: Relisted<ServiceKey, ServiceFront>,
     slices: Relisted<ObjectKey, SliceView>,
     /// Node names, zones and namespaces, shared by all the slices' endpoints.
     names: Names,
-    pods: Relisted<ObjectKey, BTreeMap<String, String>>,
+    pods: Relisted<ObjectKey, Labels>,
     /// This node's Node, as far as carousel reads it.
     node: Relisted<String, NodeView>,
     /// Slice names per Service, so that an event rebuilds only its Service.
@@ -122,12 +199,10 @@ pub struct Store {
 }
 
 impl Store {
-    /// An empty store. `node_name` and `zone` come from `--node-name` and `--zone`.
-    pub fn new(scope: Scope, node_name: Option<&str>, zone: Option<String>) -> Self {
-        let zone_table = zone.as_deref().map(Arc::from);
+    /// An empty store; `node_name` is `--node-name` (`--zone` is the proxy's to apply).
+    pub fn new(scope: Scope, node_name: Option<&str>) -> Self {
         Self {
             watch_node: node_name.is_some(),
-            zone_override: zone,
             scope,
             services: Relisted::default(),
             slices: Relisted::default(),
@@ -139,10 +214,7 @@ impl Store {
             pod_watch: None,
             pod_watch_stale: false,
             dirty: BTreeSet::new(),
-            table: ServiceTable {
-                zone: zone_table,
-                ..ServiceTable::default()
-            },
+            table: ServiceTable::default(),
             changed: false,
             published: false,
             triggers: Vec::new(),
@@ -155,11 +227,9 @@ impl Store {
         self.watch_node
     }
 
-    /// This node's zone: `--zone`, else the Node's `topology.kubernetes.io/zone`.
+    /// This node's zone: its Node's `topology.kubernetes.io/zone`.
     pub fn zone(&self) -> Option<&str> {
-        self.zone_override
-            .as_deref()
-            .or_else(|| self.node.live.values().next()?.zone.as_deref())
+        self.node.live.values().next()?.zone.as_deref()
     }
 
     /// Whether this node is being deleted, or drained by the cluster autoscaler.
@@ -225,7 +295,10 @@ impl Store {
     // ---- Services ----
 
     pub fn apply_service(&mut self, event: Event<core::Service>) {
-        self.apply_service_event(event);
+        let step = Step::of(event, |svc| self.convert_service(svc), service_key);
+        for (key, _) in self.services.apply(step) {
+            self.service_changed(&key);
+        }
         if std::mem::take(&mut self.pod_watch_stale) {
             self.pod_watch = PodWatch::covering(
                 self.weighted
@@ -235,71 +308,26 @@ impl Store {
         }
     }
 
-    fn apply_service_event(&mut self, event: Event<core::Service>) {
-        match event {
-            Event::Init => self.services.begin(),
-            Event::InitApply(svc) => {
-                if let Some((key, front)) = self.convert_service(&svc) {
-                    self.services.listed(key, front);
-                }
-            }
-            Event::InitDone => {
-                let old = self.services.finish();
-                let keys: BTreeSet<ServiceKey> = old
-                    .keys()
-                    .chain(self.services.live.keys())
-                    .cloned()
-                    .collect();
-                for key in keys {
-                    if old.get(&key) != self.services.live.get(&key) {
-                        self.service_changed(&key);
-                    }
-                }
-            }
-            Event::Apply(svc) => {
-                if let Some((key, front)) = self.convert_service(&svc) {
-                    if self.services.live.get(&key) != Some(&front) {
-                        self.services.live.insert(key.clone(), front);
-                        self.service_changed(&key);
-                    }
-                }
-            }
-            Event::Delete(svc) => {
-                if let Ok(name) = object_name(&svc.metadata) {
-                    let key = ServiceKey::new(object_namespace(&svc.metadata), name);
-                    if self.services.live.remove(&key).is_some() {
-                        self.service_changed(&key);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Converts a Service, or reports it. A Service that stopped converting (it became
-    /// headless, or broke) leaves the table; `None` means "nothing to file".
-    fn convert_service(&mut self, svc: &core::Service) -> Option<(ServiceKey, ServiceFront)> {
-        let key = ServiceKey::new(
-            object_namespace(&svc.metadata),
-            object_name(&svc.metadata).ok()?,
-        );
+    /// Converts a Service, or reports it and keeps what was known of it. A Service that
+    /// is headless or ExternalName now leaves the table.
+    fn convert_service(&mut self, svc: &core::Service) -> Filed<ServiceKey, ServiceFront> {
+        let Some(key) = service_key(svc) else {
+            return Filed::Ignore;
+        };
         match convert::service(svc) {
             Ok(Some(front)) => {
                 let before = self.services.live.get(&key).map(|f| f.warnings.as_slice());
                 self.config_errors += report_warnings(before.unwrap_or_default(), &front.warnings);
-                Some((key, front))
+                Filed::Keep(key, front)
             }
-            Ok(None) => {
-                // Headless or ExternalName now: forget any earlier form.
-                if self.services.live.remove(&key).is_some() {
-                    self.service_changed(&key);
-                }
-                None
-            }
+            Ok(None) => Filed::Remove(key),
             Err(error) => {
                 tracing::error!(service = %key, %error, "Service refused, keeping what was known of it");
                 self.config_errors += 1;
-                let known = self.services.live.get(&key).cloned();
-                known.map(|front| (key, front))
+                match self.services.live.get(&key) {
+                    Some(front) => Filed::Keep(key, front.clone()),
+                    None => Filed::Ignore,
+                }
             }
         }
     }
@@ -323,97 +351,56 @@ impl Store {
     // ---- EndpointSlices ----
 
     pub fn apply_slice(&mut self, event: Event<discovery::EndpointSlice>) {
-        match event {
-            Event::Init => self.slices.begin(),
-            Event::InitApply(slice) => {
-                if let Some((key, view)) = self.convert_slice(&slice) {
-                    self.slices.listed(key, view);
-                }
-            }
-            Event::InitDone => {
-                let old = self.slices.finish();
-                self.slices_by_service.clear();
-                for (key, view) in &self.slices.live {
-                    self.slices_by_service
-                        .entry(view.service.clone())
-                        .or_default()
-                        .insert(key.clone());
-                }
-                for (key, view) in &old {
-                    if self.slices.live.get(key) != Some(view) {
-                        self.dirty.insert(view.service.clone());
-                    }
-                }
-                for (key, view) in &self.slices.live {
-                    if old.get(key) != Some(view) {
-                        self.dirty.insert(view.service.clone());
-                    }
-                }
-            }
-            Event::Apply(slice) => {
-                let Some((key, view)) = self.convert_slice(&slice) else {
-                    // Not a slice carousel uses (any more): FQDN, or no Service label.
-                    if let Ok(name) = object_name(&slice.metadata) {
-                        let key = (object_namespace(&slice.metadata).to_string(), name.into());
-                        self.remove_slice(&key);
-                    }
-                    return;
-                };
-                if self.slices.live.get(&key) == Some(&view) {
-                    return;
-                }
-                if let Some(at) = trigger_time(&slice.metadata) {
-                    if self.triggers.len() >= MAX_PENDING_TRIGGERS {
-                        self.triggers.remove(0);
-                    }
-                    self.triggers.push(at);
-                }
-                self.remove_slice(&key);
-                self.slices_by_service
-                    .entry(view.service.clone())
-                    .or_default()
-                    .insert(key.clone());
-                self.dirty.insert(view.service.clone());
-                self.slices.live.insert(key, view);
-            }
-            Event::Delete(slice) => {
-                if let Ok(name) = object_name(&slice.metadata) {
-                    let key = (object_namespace(&slice.metadata).to_string(), name.into());
-                    self.remove_slice(&key);
-                }
-            }
-        }
-    }
-
-    fn remove_slice(&mut self, key: &ObjectKey) {
-        let Some(old) = self.slices.live.remove(key) else {
-            return;
+        let trigger = match &event {
+            Event::Apply(slice) => trigger_time(&slice.metadata),
+            _ => None,
         };
-        if let Some(names) = self.slices_by_service.get_mut(&old.service) {
-            names.remove(key);
-            if names.is_empty() {
-                self.slices_by_service.remove(&old.service);
+        let step = Step::of(
+            event,
+            |slice| self.convert_slice(slice),
+            |slice| convert::object_key(&slice.metadata).ok(),
+        );
+        let changes = self.slices.apply(step);
+        if let Some(at) = trigger.filter(|_| !changes.is_empty()) {
+            if self.triggers.len() >= MAX_PENDING_TRIGGERS {
+                self.triggers.remove(0);
+            }
+            self.triggers.push(at);
+        }
+        for (key, old) in changes {
+            if let Some(old) = old {
+                if let Some(names) = self.slices_by_service.get_mut(&old.service) {
+                    names.remove(&key);
+                    if names.is_empty() {
+                        self.slices_by_service.remove(&old.service);
+                    }
+                }
+                self.dirty.insert(old.service);
+            }
+            if let Some(view) = self.slices.live.get(&key) {
+                self.dirty.insert(view.service.clone());
+                let names = self.slices_by_service.entry(view.service.clone());
+                names.or_default().insert(key);
             }
         }
-        self.dirty.insert(old.service);
     }
 
-    fn convert_slice(
-        &mut self,
-        slice: &discovery::EndpointSlice,
-    ) -> Option<(ObjectKey, SliceView)> {
-        let meta = &slice.metadata;
-        let key = (
-            object_namespace(meta).to_string(),
-            object_name(meta).ok()?.to_string(),
-        );
+    /// Converts a slice, or reports it and keeps what was known of it. A slice carousel
+    /// does not use (any more: FQDN, or no Service label) is removed.
+    fn convert_slice(&mut self, slice: &discovery::EndpointSlice) -> Filed<ObjectKey, SliceView> {
+        let Ok(key) = convert::object_key(&slice.metadata) else {
+            return Filed::Ignore;
+        };
         match convert::slice(slice, &mut self.names) {
-            Ok(view) => view.map(|v| (key, v)),
+            Ok(Some(view)) => Filed::Keep(key, view),
+            Ok(None) => Filed::Remove(key),
             Err(error) => {
                 tracing::error!(slice = %format!("{}/{}", key.0, key.1), %error, "EndpointSlice refused, keeping what was known of it");
                 self.config_errors += 1;
-                let known = self.slices.live.get(&key).cloned();
-                known.map(|view| (key, view))
+                match self.slices.live.get(&key) {
+                    Some(view) => Filed::Keep(key, view.clone()),
+                    None => Filed::Ignore,
+                }
             }
         }
     }
@@ -421,35 +408,22 @@ impl Store {
     // ---- Pods (metadata only) ----
 
     pub fn apply_pod(&mut self, event: Event<PartialObjectMeta<core::Pod>>) {
-        match event {
-            Event::Init => self.pods.begin(),
-            Event::InitApply(pod) => {
-                if let Some((key, labels)) = pod_labels(&pod.metadata) {
-                    self.pods.listed(key, labels);
-                }
-            }
-            Event::InitDone => {
-                let old = self.pods.finish();
-                if old != self.pods.live {
-                    self.dirty.extend(self.weighted.iter().cloned());
-                }
-            }
-            Event::Apply(pod) => {
-                let Some((key, labels)) = pod_labels(&pod.metadata) else {
-                    return;
-                };
-                // Most pod updates are status changes: only a label change matters.
-                if self.pods.live.get(&key) != Some(&labels) {
-                    self.pods.live.insert(key.clone(), labels);
-                    self.pod_changed(&key);
-                }
-            }
-            Event::Delete(pod) => {
-                if let Some((key, _)) = pod_labels(&pod.metadata) {
-                    if self.pods.live.remove(&key).is_some() {
-                        self.pod_changed(&key);
-                    }
-                }
+        let relisted = matches!(event, Event::InitDone);
+        let step = Step::of(
+            event,
+            |pod| match convert::pod(&pod.metadata) {
+                Ok((key, labels)) => Filed::Keep(key, labels),
+                Err(_) => Filed::Ignore,
+            },
+            |pod| convert::object_key(&pod.metadata).ok(),
+        );
+        // Most pod updates are status changes: only a label change comes back here.
+        let changes = self.pods.apply(step);
+        if relisted && !changes.is_empty() {
+            self.dirty.extend(self.weighted.iter().cloned());
+        } else {
+            for (key, _) in changes {
+                self.pod_changed(&key);
             }
         }
     }
@@ -487,29 +461,13 @@ impl Store {
             self.node_leaving(),
             self.pod_cidrs(),
         );
-        match event {
-            Event::Init => self.node.begin(),
-            Event::InitApply(node) => {
-                if let Ok(name) = object_name(&node.metadata) {
-                    self.node.listed(name.to_string(), NodeView::from(&node));
-                }
-            }
-            Event::InitDone => {
-                self.node.finish();
-            }
-            Event::Apply(node) => {
-                if let Ok(name) = object_name(&node.metadata) {
-                    self.node
-                        .live
-                        .insert(name.to_string(), NodeView::from(&node));
-                }
-            }
-            Event::Delete(node) => {
-                if let Ok(name) = object_name(&node.metadata) {
-                    self.node.live.remove(name);
-                }
-            }
-        }
+        let name = |node: &core::Node| convert::name(&node.metadata).ok().map(str::to_string);
+        let step = Step::of(
+            event,
+            |node| name(node).map_or(Filed::Ignore, |n| Filed::Keep(n, NodeView::from(node))),
+            name,
+        );
+        self.node.apply(step);
         if self.zone() != before.0.as_deref() {
             tracing::info!(zone = self.zone().unwrap_or("(none)"), "this node's zone");
             self.table.zone = self.zone().map(Arc::from);
@@ -593,20 +551,12 @@ fn report_warnings(before: &[Warning], after: &[Warning]) -> u64 {
     errors
 }
 
-fn object_namespace(meta: &ObjectMeta) -> &str {
-    meta.namespace.as_deref().unwrap_or("default")
-}
-
-fn object_name(meta: &ObjectMeta) -> Result<&str, ()> {
-    meta.name.as_deref().filter(|n| !n.is_empty()).ok_or(())
-}
-
-fn pod_labels(meta: &ObjectMeta) -> Option<(ObjectKey, BTreeMap<String, String>)> {
-    let key = (
-        object_namespace(meta).to_string(),
-        object_name(meta).ok()?.to_string(),
-    );
-    Some((key, meta.labels.clone().unwrap_or_default()))
+fn service_key(svc: &core::Service) -> Option<ServiceKey> {
+    let meta = &svc.metadata;
+    Some(ServiceKey::new(
+        convert::namespace(meta),
+        convert::name(meta).ok()?,
+    ))
 }
 
 /// The pods whose labels the weighted Services' rules can match: the pod-metadata watch
@@ -784,7 +734,7 @@ mod tests {
 
     /// A store that has listed one Service `web` with slice `web-1` (10.1.0.1, 10.1.0.2).
     fn synced() -> Store {
-        let mut store = Store::new(Scope::default(), None, None);
+        let mut store = Store::new(Scope::default(), None);
         store.apply_service(Event::Init);
         store.apply_service(Event::InitApply(svc("web", "10.96.0.10")));
         store.apply_service(Event::InitDone);
@@ -812,8 +762,35 @@ mod tests {
     }
 
     #[test]
+    fn a_relist_reports_what_changed_appeared_and_vanished_with_what_it_was() {
+        let mut map: Relisted<&str, u32> = Relisted::default();
+        let keep = |k, v| Step::Apply(Filed::Keep(k, v));
+        for (k, v) in [("same", 1), ("changed", 2), ("gone", 3)] {
+            assert_eq!(map.apply(keep(k, v)), vec![(k, None)]);
+        }
+        assert!(map.apply(keep("same", 1)).is_empty(), "an unchanged object");
+        map.apply(Step::Init);
+        for (k, v) in [("same", 1), ("changed", 20), ("new", 4)] {
+            assert!(map.apply(Step::InitApply(Filed::Keep(k, v))).is_empty());
+        }
+        map.apply(Step::InitApply(Filed::Remove("gone")));
+        let mut changes = map.apply(Step::InitDone);
+        changes.sort();
+        assert_eq!(
+            changes,
+            vec![("changed", Some(2)), ("gone", Some(3)), ("new", None)]
+        );
+        assert_eq!(
+            map.apply(Step::Apply(Filed::Remove("new"))),
+            vec![("new", Some(4))]
+        );
+        assert!(map.apply(Step::Apply(Filed::Remove("new"))).is_empty());
+        assert!(map.apply(Step::Apply(Filed::Ignore)).is_empty());
+    }
+
+    #[test]
     fn nothing_is_published_before_every_watch_has_listed() {
-        let mut store = Store::new(Scope::default(), None, None);
+        let mut store = Store::new(Scope::default(), None);
         store.apply_service(Event::Init);
         store.apply_service(Event::InitApply(svc("web", "10.96.0.10")));
         store.apply_service(Event::InitDone);
@@ -832,7 +809,7 @@ mod tests {
 
     #[test]
     fn an_empty_cluster_still_publishes_its_first_table() {
-        let mut store = Store::new(Scope::default(), None, None);
+        let mut store = Store::new(Scope::default(), None);
         for _ in 0..2 {
             store.apply_service(Event::Init);
             store.apply_service(Event::InitDone);
@@ -844,7 +821,7 @@ mod tests {
 
     #[test]
     fn the_node_watch_and_the_pod_watch_gate_the_first_sync_when_needed() {
-        let mut store = Store::new(Scope::default(), Some("node-a"), None);
+        let mut store = Store::new(Scope::default(), Some("node-a"));
         assert!(store.watches_node());
         store.apply_service(Event::Init);
         let weighted = service(
@@ -866,14 +843,13 @@ mod tests {
         store.apply_pod(Event::Init);
         store.apply_pod(Event::InitDone);
         assert!(store.is_synced());
-        // --zone wins over the Node's label; the Node is still watched, for whether it
-        // is leaving.
-        let mut store = Store::new(Scope::default(), Some("node-a"), Some("zone-z".into()));
+        // The Node is watched for whether it is leaving, too.
+        let mut store = Store::new(Scope::default(), Some("node-a"));
         assert!(store.watches_node());
         store.apply_node(Event::Init);
         store.apply_node(Event::InitApply(node(Some("zone-a"))));
         store.apply_node(Event::InitDone);
-        assert_eq!(store.zone(), Some("zone-z"));
+        assert_eq!(store.zone(), Some("zone-a"));
         assert!(!store.node_leaving());
         let mut tainted = node(None);
         tainted.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
@@ -1099,7 +1075,7 @@ mod tests {
 
     #[test]
     fn the_zone_follows_the_node_label() {
-        let mut store = Store::new(Scope::default(), Some("node-a"), None);
+        let mut store = Store::new(Scope::default(), Some("node-a"));
         store.apply_node(Event::Init);
         store.apply_node(Event::InitApply(node(None)));
         store.apply_node(Event::InitDone);
