@@ -42,7 +42,7 @@ impl Algorithm {
     }
 
     /// Every name, comma-separated, for the messages that list what is known.
-    pub fn known() -> String {
+    pub(crate) fn known() -> String {
         Self::ALL.map(Algorithm::name).join(", ")
     }
 }
@@ -57,7 +57,7 @@ impl fmt::Display for Algorithm {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("unknown algorithm {name:?} (known: {known})", known = Algorithm::known())]
 pub struct UnknownAlgorithm {
-    pub name: String,
+    pub(crate) name: String,
 }
 
 impl FromStr for Algorithm {

@@ -27,7 +27,7 @@ impl Default for Backoff {
 
 impl Backoff {
     /// A backoff whose jitter follows `seed`.
-    pub fn seeded(seed: u64) -> Self {
+    pub(crate) fn seeded(seed: u64) -> Self {
         Self {
             window: INITIAL,
             bits: seed,
@@ -35,7 +35,7 @@ impl Backoff {
     }
 
     /// The pause before the next attempt; the window doubles for the one after.
-    pub fn next_pause(&mut self) -> Duration {
+    pub(crate) fn next_pause(&mut self) -> Duration {
         self.bits = mix(self.bits.wrapping_add(1));
         // A fraction in [0.5, 1): pauses of many nodes spread out, none shrinks below
         // half the window, so the spacing still doubles.
@@ -46,7 +46,7 @@ impl Backoff {
     }
 
     /// Back to the first window, after a success.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.window = INITIAL;
     }
 }

@@ -46,14 +46,14 @@ pub enum ProxyMode {
 pub struct RunArgs {
     /// Kubeconfig for the cluster (default: in-cluster, then $KUBECONFIG, then ~/.kube/config).
     #[arg(long, conflicts_with = "from_file")]
-    pub kubeconfig: Option<PathBuf>,
+    pub(crate) kubeconfig: Option<PathBuf>,
 
     /// The API server, e.g. https://10.0.0.10:6443, in place of the in-cluster address or the
     /// kubeconfig's server (credentials still come from them). Needed where carousel
     /// replaces kube-proxy: the in-cluster address is a ClusterIP only a working proxy
     /// routes. Empty: not set.
     #[arg(long, value_name = "URL", value_parser = parse_master, conflicts_with = "from_file")]
-    pub master: Option<String>,
+    pub(crate) master: Option<String>,
 
     /// Proxy the Services of this file of Kubernetes objects instead of a cluster's; reloaded on change.
     #[arg(long, value_name = "STATE.yaml")]
@@ -66,19 +66,19 @@ pub struct RunArgs {
     /// Own only Services labelled service.kubernetes.io/service-proxy-name=NAME (empty:
     /// not set, so only Services without that label, as kube-proxy).
     #[arg(long, value_name = "NAME")]
-    pub service_proxy_name: Option<String>,
+    pub(crate) service_proxy_name: Option<String>,
 
     /// Further restrict the Services handled (a label selector, applied by the API server).
     #[arg(long, value_name = "LABEL_SELECTOR", conflicts_with = "from_file")]
-    pub service_selector: Option<String>,
+    pub(crate) service_selector: Option<String>,
 
     /// This node's name, for node-local traffic policies.
     #[arg(long, env = "NODE_NAME")]
-    pub node_name: Option<String>,
+    pub(crate) node_name: Option<String>,
 
     /// This node's zone, for topology-aware routing.
     #[arg(long)]
-    pub zone: Option<String>,
+    pub(crate) zone: Option<String>,
 
     /// Where /metrics is served.
     #[arg(long, default_value = "127.0.0.1:10249")]
@@ -94,26 +94,26 @@ pub struct RunArgs {
 
     /// Addresses that serve node ports (default 127.0.0.1/32 with --from-file).
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
-    pub nodeport_addresses: Vec<IpNet>,
+    pub(crate) nodeport_addresses: Vec<IpNet>,
 
     /// The pod networks of the cluster, as kube-proxy's flag: a client inside one is a
     /// pod, and reaches an `externalTrafficPolicy: Local` Service's external addresses
     /// at every endpoint. This node's `spec.podCIDRs` and addresses count without it.
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
-    pub cluster_cidr: Vec<IpNet>,
+    pub(crate) cluster_cidr: Vec<IpNet>,
 
     /// Latency histograms (connect and connection duration) per endpoint instead of per
     /// Service port: 44 more series for every endpoint with traffic.
     #[arg(long)]
-    pub endpoint_histograms: bool,
+    pub(crate) endpoint_histograms: bool,
 
     /// Give up on an endpoint that has not accepted within this time and try the next.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
 
     /// Endpoints tried for one connection before the client is closed.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=16))]
-    pub connect_attempts: u8,
+    pub(crate) connect_attempts: u8,
 
     /// On SIGTERM, how long open connections may take to finish before carousel exits.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -122,28 +122,28 @@ pub struct RunArgs {
     /// How often the node's rules (or bind mode's listeners) are checked and repaired, as
     /// kube-proxy's flag; a failed sync is retried sooner, with backoff.
     #[arg(long, default_value = "30s", value_parser = parse_sync_period)]
-    pub sync_period: Duration,
+    pub(crate) sync_period: Duration,
 
     /// Refuse new connections beyond this many open ones (default: no limit).
     #[arg(long, value_name = "N")]
-    pub max_connections: Option<usize>,
+    pub(crate) max_connections: Option<usize>,
 
     /// Close a connection that carried no byte either way for this long (default: never, as kube-proxy).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    pub tcp_idle_timeout: Option<Duration>,
+    pub(crate) tcp_idle_timeout: Option<Duration>,
 
     /// TCP keepalive on both sides of every connection: idle time before the first probe ("0s": off).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    pub tcp_keepalive: Duration,
+    pub(crate) tcp_keepalive: Duration,
 
     /// Seed for the balancers that draw random numbers (reproducible runs).
     #[arg(long)]
-    pub seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
 
     /// Also run these algorithms beside each Service's own, only counting where they
     /// would have sent each connection (carousel_shadow_picks_total).
     #[arg(long, value_delimiter = ',', value_name = "a,b,...")]
-    pub shadow: Vec<Algorithm>,
+    pub(crate) shadow: Vec<Algorithm>,
 }
 
 impl RunArgs {
@@ -192,7 +192,7 @@ pub struct DemoArgs {
 
 /// `carousel bench --help` lists the scenarios, one line each (kept in step with
 /// `lab::bench::scenarios::ABOUT` by a test).
-pub const BENCH_SCENARIOS_HELP: &str = "Scenarios:
+pub(crate) const BENCH_SCENARIOS_HELP: &str = "Scenarios:
   uniform         four equal pods, many clients: the baseline spread
   slow-pod        one pod ten times slower: p99/p999 per algorithm
   canary          custom:original weights 3:1: observed against target share

@@ -9,6 +9,15 @@
 //! the algorithms by name, and the conversion of Kubernetes objects and of the state
 //! file into a table. `fuzz/` builds that much, without the runtime, the Kubernetes
 //! client or the data path.
+//!
+//! Items are `pub(crate)` unless the command, tests/, benches/ or fuzz/ use them, so
+//! that the compiler reports what nothing uses.
+
+#![warn(rust_2018_idioms, unreachable_pub, unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+// Without `node` much of the core serves nothing (the proxy uses it): dead code is
+// looked for in the whole crate only.
+#![cfg_attr(not(feature = "node"), allow(dead_code))]
 
 pub mod addr;
 pub mod algorithm;

@@ -14,7 +14,7 @@ pub use crate::algorithm::Algorithm;
 /// `namespace/name` of a Service.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
-    pub namespace: Arc<str>,
+    pub(crate) namespace: Arc<str>,
     pub name: Arc<str>,
 }
 
@@ -34,7 +34,7 @@ impl fmt::Display for ServiceKey {
 }
 
 /// The default `sessionAffinityConfig.clientIP.timeoutSeconds`.
-pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);
+pub(crate) const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);
 
 /// One Service that carousel proxies: only TCP ports of ClusterIP, NodePort and
 /// LoadBalancer Services make it into the table.
@@ -42,24 +42,24 @@ pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);
 pub struct Service {
     pub key: ServiceKey,
     /// `spec.clusterIPs` (both families on a dual-stack Service).
-    pub cluster_ips: Vec<IpAddr>,
-    pub external_ips: Vec<IpAddr>,
-    pub load_balancer_ips: Vec<IpAddr>,
+    pub(crate) cluster_ips: Vec<IpAddr>,
+    pub(crate) external_ips: Vec<IpAddr>,
+    pub(crate) load_balancer_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub balancing: Balancing,
     /// `externalTrafficPolicy: Local`: node ports and load-balancer IPs reach only this node's endpoints.
-    pub external_traffic_local: bool,
+    pub(crate) external_traffic_local: bool,
     /// `internalTrafficPolicy: Local`: ClusterIP traffic reaches only this node's endpoints.
-    pub internal_traffic_local: bool,
+    pub(crate) internal_traffic_local: bool,
     /// Topology-aware routing (`trafficDistribution: PreferClose`): prefer the endpoints
     /// hinted for this node's zone.
-    pub prefer_close: bool,
+    pub(crate) prefer_close: bool,
     /// `spec.healthCheckNodePort` of an `externalTrafficPolicy: Local` Service: where
     /// load balancers ask whether this node has endpoints of it.
-    pub health_check_node_port: Option<u16>,
+    pub(crate) health_check_node_port: Option<u16>,
     /// `spec.loadBalancerSourceRanges`: when any is of an address's family, only clients
     /// inside one reach the Service at its load-balancer IPs of that family.
-    pub load_balancer_source_ranges: Vec<IpNet>,
+    pub(crate) load_balancer_source_ranges: Vec<IpNet>,
 }
 
 /// Where this carousel runs, for node-local and zone-aware endpoint selection.
@@ -71,7 +71,7 @@ pub struct Locality {
 
 /// Which way a connection reached the Service: the two may see different endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Traffic {
+pub(crate) enum Traffic {
     /// To a ClusterIP.
     Internal,
     /// To an external IP, a load-balancer IP or a node port.
@@ -104,7 +104,7 @@ pub struct ServicePort {
 
 impl ServicePort {
     /// The metric label: the port's name, or its number when unnamed.
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         if self.name.is_empty() {
             self.port.to_string()
         } else {
@@ -116,7 +116,7 @@ impl ServicePort {
     /// by kube-proxy's rule: the ready ones; if none is ready, those still serving while
     /// terminating (KEP-1669). Endpoints with weight 0 are being drained and take none,
     /// but a drained ready endpoint still keeps the terminating ones out.
-    pub fn eligible_where(&self, candidate: impl Fn(&Endpoint) -> bool) -> Vec<Endpoint> {
+    pub(crate) fn eligible_where(&self, candidate: impl Fn(&Endpoint) -> bool) -> Vec<Endpoint> {
         let candidates: Vec<&Endpoint> = self.endpoints.iter().filter(|e| candidate(e)).collect();
         let any_ready = candidates.iter().any(|e| e.ready);
         candidates
@@ -134,7 +134,7 @@ impl ServicePort {
     }
 
     /// [`ServicePort::eligible_where`] over every endpoint.
-    pub fn eligible(&self) -> Vec<Endpoint> {
+    pub(crate) fn eligible(&self) -> Vec<Endpoint> {
         self.eligible_where(|_| true)
     }
 
@@ -142,7 +142,12 @@ impl ServicePort {
     /// node-local under a `Local` traffic policy (none when this node has none, as
     /// kube-proxy does), zone-hinted under topology-aware routing when every endpoint
     /// carries hints and some serve this zone (all endpoints otherwise).
-    pub fn select(&self, service: &Service, traffic: Traffic, here: &Locality) -> Vec<Endpoint> {
+    pub(crate) fn select(
+        &self,
+        service: &Service,
+        traffic: Traffic,
+        here: &Locality,
+    ) -> Vec<Endpoint> {
         let local_only = match traffic {
             Traffic::Internal => service.internal_traffic_local,
             Traffic::External => service.external_traffic_local,
@@ -175,11 +180,11 @@ impl ServicePort {
 pub struct Endpoint {
     pub addr: PodAddr,
     /// The pod's name (`targetRef`), empty when the slice names none.
-    pub pod: Arc<str>,
-    pub placement: Arc<Placement>,
+    pub(crate) pod: Arc<str>,
+    pub(crate) placement: Arc<Placement>,
     pub ready: bool,
-    pub serving: bool,
-    pub terminating: bool,
+    pub(crate) serving: bool,
+    pub(crate) terminating: bool,
     /// Relative share of new connections (`carousel.dev/weights`); 1 unless set.
     pub weight: u32,
 }
@@ -188,11 +193,11 @@ pub struct Endpoint {
 /// is shared by all the endpoints that run alike (`discovery::names`), so that it costs
 /// each of them a pointer.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Placement {
-    pub node: Option<Arc<str>>,
-    pub zone: Option<Arc<str>>,
+pub(crate) struct Placement {
+    pub(crate) node: Option<Arc<str>>,
+    pub(crate) zone: Option<Arc<str>>,
     /// `hints.forZones` of the EndpointSlice.
-    pub zone_hints: Box<[Arc<str>]>,
+    pub(crate) zone_hints: Box<[Arc<str>]>,
 }
 
 /// An immutable snapshot of every Service carousel handles, keyed and sorted by Service.
@@ -206,12 +211,12 @@ pub struct ServiceTable {
     pub services: imbl::OrdMap<ServiceKey, Arc<Service>>,
     /// This node's zone, as the source knows it (its Node's label, or `--zone`): zone
     /// preferences follow it, so a new label reaches the proxy as a new table.
-    pub zone: Option<Arc<str>>,
+    pub(crate) zone: Option<Arc<str>>,
     /// This node is being deleted or drained by the cluster autoscaler (kube-proxy's
     /// `nodeEligible: false` on `/healthz`).
-    pub node_leaving: bool,
+    pub(crate) node_leaving: bool,
     /// `spec.podCIDRs` of this node's Node: a client inside one is a pod of this node.
-    pub pod_cidrs: Vec<IpNet>,
+    pub(crate) pod_cidrs: Vec<IpNet>,
 }
 
 impl ServiceTable {

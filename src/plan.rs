@@ -121,7 +121,7 @@ fn bind_nodeport_cidrs(given: &[IpNet], in_cluster: bool) -> Vec<IpNet> {
 
 /// The addresses bind mode serves node ports on: the address of a single-address CIDR
 /// as it is, and for a wider CIDR every one of the host's addresses inside it.
-pub fn nodeport_ips(cidrs: &[IpNet], host_addresses: &[IpAddr]) -> Vec<IpAddr> {
+pub(crate) fn nodeport_ips(cidrs: &[IpNet], host_addresses: &[IpAddr]) -> Vec<IpAddr> {
     let single = cidrs
         .iter()
         .filter(|c| c.prefix_len() == c.max_prefix_len())

@@ -19,7 +19,7 @@ use metrics_exporter_prometheus::formatting::{
 
 /// What a family counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Counter,
     Gauge,
     Histogram,
@@ -38,7 +38,7 @@ impl Kind {
 /// Cumulative buckets over fixed upper bounds, updated in place: a sample costs two
 /// atomic additions and no memory.
 #[derive(Debug)]
-pub struct Buckets {
+pub(crate) struct Buckets {
     bounds: &'static [f64],
     /// Samples per bucket (not cumulative); the last one is `+Inf`.
     counts: Box<[AtomicU64]>,
@@ -97,15 +97,15 @@ struct Family {
 /// The registry. One per proxy instance, so that tests running several see only
 /// their own series.
 #[derive(Debug, Default)]
-pub struct Registry {
+pub(crate) struct Registry {
     families: Mutex<BTreeMap<&'static str, Family>>,
 }
 
 /// The help line of each family: `(name, text)`.
-pub type Help = fn(&str) -> &'static str;
+pub(crate) type Help = fn(&str) -> &'static str;
 
 impl Registry {
-    pub fn counter(&self, name: &'static str, help: Help, labels: &[Label]) -> Counter {
+    pub(crate) fn counter(&self, name: &'static str, help: Help, labels: &[Label]) -> Counter {
         match self.storage(name, help, Kind::Counter, labels, || {
             Storage::Counter(Arc::default())
         }) {
@@ -114,7 +114,7 @@ impl Registry {
         }
     }
 
-    pub fn gauge(&self, name: &'static str, help: Help, labels: &[Label]) -> Gauge {
+    pub(crate) fn gauge(&self, name: &'static str, help: Help, labels: &[Label]) -> Gauge {
         match self.storage(name, help, Kind::Gauge, labels, || {
             Storage::Gauge(Arc::new(AtomicU64::new(0f64.to_bits())))
         }) {
@@ -123,7 +123,7 @@ impl Registry {
         }
     }
 
-    pub fn histogram(
+    pub(crate) fn histogram(
         &self,
         name: &'static str,
         help: Help,
@@ -165,7 +165,7 @@ impl Registry {
     }
 
     /// Forgets the series nothing holds any more; returns how many are left.
-    pub fn sweep(&self) -> usize {
+    pub(crate) fn sweep(&self) -> usize {
         let mut families = self.families.lock().expect("metrics lock poisoned");
         families.retain(|_, family| {
             family.series.retain(|_, s| !s.is_orphan());
@@ -175,7 +175,7 @@ impl Registry {
     }
 
     /// Every live series in the Prometheus text format, families in name order.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         self.sweep();
         // A copy of the handles, formatted outside the lock: a connection registering
         // its endpoint's series never waits for a scrape.

@@ -7,9 +7,9 @@ use std::future::Future;
 /// The two futures that end a run (`proxy::run`, `run::run_from_file`, ...).
 pub struct Shutdown<D, A> {
     /// Resolves when the drain begins (SIGTERM, a test's stop).
-    pub drain: D,
+    pub(crate) drain: D,
     /// Resolves when the drain is to be cut short.
-    pub abandon: A,
+    pub(crate) abandon: A,
 }
 
 impl<D: Future<Output = ()>, A: Future<Output = ()>> Shutdown<D, A> {

@@ -3,7 +3,7 @@
 //! numbers both come from here.
 
 /// Each count's part of the total; all zero when the total is zero.
-pub fn shares(counts: &[u64]) -> Vec<f64> {
+pub(crate) fn shares(counts: &[u64]) -> Vec<f64> {
     let total: u64 = counts.iter().sum();
     counts
         .iter()
@@ -19,7 +19,7 @@ pub fn shares(counts: &[u64]) -> Vec<f64> {
 
 /// Jain's fairness index (Σx)² / (n·Σx²): 1 when every value is equal, 1/n when one
 /// value takes everything. An empty or all-zero vector counts as fair.
-pub fn jain(values: &[f64]) -> f64 {
+pub(crate) fn jain(values: &[f64]) -> f64 {
     let sum: f64 = values.iter().sum();
     let squares: f64 = values.iter().map(|x| x * x).sum();
     if values.is_empty() || squares == 0.0 {
@@ -29,7 +29,7 @@ pub fn jain(values: &[f64]) -> f64 {
 }
 
 /// The busiest value over the mean: 1 when balanced, n when one takes everything.
-pub fn max_mean_ratio(values: &[f64]) -> f64 {
+pub(crate) fn max_mean_ratio(values: &[f64]) -> f64 {
     let mean = values.iter().sum::<f64>() / values.len().max(1) as f64;
     let max = values.iter().copied().fold(0.0, f64::max);
     if mean == 0.0 {
@@ -39,20 +39,8 @@ pub fn max_mean_ratio(values: &[f64]) -> f64 {
     }
 }
 
-/// Jain's index of the loads relative to their targets, so that a 3:1 canary that gets
-/// exactly 3:1 counts as perfectly fair. Targets of zero are left out.
-pub fn weighted_jain(shares: &[f64], targets: &[f64]) -> f64 {
-    let relative: Vec<f64> = shares
-        .iter()
-        .zip(targets)
-        .filter(|(_, t)| **t > 0.0)
-        .map(|(s, t)| s / t)
-        .collect();
-    jain(&relative)
-}
-
 /// The largest distance between a share and its target.
-pub fn max_deviation(shares: &[f64], targets: &[f64]) -> f64 {
+pub(crate) fn max_deviation(shares: &[f64], targets: &[f64]) -> f64 {
     shares
         .iter()
         .zip(targets)
@@ -61,7 +49,7 @@ pub fn max_deviation(shares: &[f64], targets: &[f64]) -> f64 {
 }
 
 /// The `q` quantile (0..=1) of `sorted` by the nearest-rank method; 0 when empty.
-pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -70,7 +58,7 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// p50, p99 and p999 of `samples` (sorted here).
-pub fn latency_percentiles(samples: &mut [f64]) -> [f64; 3] {
+pub(crate) fn latency_percentiles(samples: &mut [f64]) -> [f64; 3] {
     samples.sort_by(f64::total_cmp);
     [0.5, 0.99, 0.999].map(|q| percentile(samples, q))
 }
@@ -98,7 +86,6 @@ mod tests {
     #[test]
     fn a_canary_on_target_is_fair_by_weight() {
         let shares = [0.375, 0.375, 0.125, 0.125];
-        assert!(close(weighted_jain(&shares, &shares), 1.0));
         assert!(jain(&shares) < 0.9);
         assert!(close(max_deviation(&shares, &[0.25; 4]), 0.125));
     }

@@ -104,14 +104,14 @@ fn sample(line: &str) -> Option<Sample> {
 /// One pod of a Service port.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodStatus {
-    pub pod: String,
-    pub endpoint: String,
+    pub(crate) pod: String,
+    pub(crate) endpoint: String,
     /// "active" while it takes new connections, "out" once its weight is 0 (drained,
     /// terminating or gone), "unknown" for a carousel without the weight gauge.
     pub state: &'static str,
     pub weight: Option<f64>,
-    pub active: f64,
-    pub total: f64,
+    pub(crate) active: f64,
+    pub(crate) total: f64,
     /// Its part of the port's total connections.
     pub share: f64,
 }
@@ -119,9 +119,9 @@ pub struct PodStatus {
 /// One Service port.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceStatus {
-    pub namespace: String,
+    pub(crate) namespace: String,
     pub service: String,
-    pub port: String,
+    pub(crate) port: String,
     pub fairness: Option<f64>,
     pub pods: Vec<PodStatus>,
 }
@@ -245,7 +245,7 @@ pub fn render(services: &[ServiceStatus]) -> String {
 }
 
 /// The largest body `fetch` reads: /metrics of 500 000 endpoints is well under it.
-pub const MAX_BODY: usize = 256 << 20;
+pub(crate) const MAX_BODY: usize = 256 << 20;
 
 /// How long `fetch` waits for the whole answer.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);

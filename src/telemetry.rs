@@ -44,7 +44,7 @@ pub mod names {
     pub const SHADOW_PICKS_TOTAL: &str = "carousel_shadow_picks_total";
 
     /// The `# HELP` text of each family.
-    pub fn help(name: &str) -> &'static str {
+    pub(crate) fn help(name: &str) -> &'static str {
         match name {
             CONNECTIONS_TOTAL => "Connections handed to an endpoint, by outcome (ok, connect_error, no_endpoint).",
             CONNECTIONS_ACTIVE => "Connections open to an endpoint now.",
@@ -116,7 +116,7 @@ impl Telemetry {
     }
 
     /// A histogram in seconds, buckets from 100 µs to 5 min.
-    pub fn histogram(&self, name: &'static str, labels: Vec<Label>) -> Histogram {
+    pub(crate) fn histogram(&self, name: &'static str, labels: Vec<Label>) -> Histogram {
         self.registry
             .histogram(name, names::help, &labels, SECONDS_BUCKETS)
     }
@@ -127,12 +127,12 @@ impl Telemetry {
         self.endpoint_histograms.store(on, Ordering::Relaxed);
     }
 
-    pub fn endpoint_histograms(&self) -> bool {
+    pub(crate) fn endpoint_histograms(&self) -> bool {
         self.endpoint_histograms.load(Ordering::Relaxed)
     }
 
     /// `carousel_config_errors_total`.
-    pub fn config_errors(&self) -> &Counter {
+    pub(crate) fn config_errors(&self) -> &Counter {
         &self.config_errors
     }
 
@@ -147,7 +147,7 @@ impl Telemetry {
 
     /// Forgets the series nothing holds now and then, so that memory follows the
     /// cluster when nobody scrapes.
-    pub async fn upkeep(self: Arc<Self>) {
+    pub(crate) async fn upkeep(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
@@ -184,19 +184,19 @@ impl Default for Health {
 
 /// `/healthz` and `/livez` as kube-proxy answers them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HealthReport {
+pub(crate) struct HealthReport {
     /// The last sync, if any.
-    pub last_updated: Option<SystemTime>,
-    pub current_time: SystemTime,
+    pub(crate) last_updated: Option<SystemTime>,
+    pub(crate) current_time: SystemTime,
     /// Synced once, and no change has waited longer than the timeout.
-    pub healthy: bool,
+    pub(crate) healthy: bool,
     /// Not being deleted or drained by the cluster autoscaler.
-    pub node_eligible: bool,
+    pub(crate) node_eligible: bool,
 }
 
 impl HealthReport {
     /// kube-proxy's JSON, times in RFC 3339 (Go's zero time for never).
-    pub fn json(&self) -> String {
+    pub(crate) fn json(&self) -> String {
         let time = |t: SystemTime| humantime::format_rfc3339_nanos(t).to_string();
         let last = self
             .last_updated
@@ -211,22 +211,22 @@ impl HealthReport {
 
 impl Health {
     /// Shutting down: not ready for new connections any more, though still alive.
-    pub fn draining(&self) {
+    pub(crate) fn draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }
 
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
     /// A change arrived that is not programmed yet (the oldest one counts).
-    pub fn queued(&self) {
+    pub(crate) fn queued(&self) {
         let mut queued = self.queued.lock().expect("health lock poisoned");
         queued.get_or_insert_with(SystemTime::now);
     }
 
     /// Everything that arrived is programmed.
-    pub fn synced(&self) {
+    pub(crate) fn synced(&self) {
         *self.last_sync.lock().expect("health lock poisoned") = Some(SystemTime::now());
         *self.queued.lock().expect("health lock poisoned") = None;
     }
@@ -235,16 +235,16 @@ impl Health {
         *self.last_sync.lock().expect("health lock poisoned")
     }
 
-    pub fn set_timeout(&self, timeout: Duration) {
+    pub(crate) fn set_timeout(&self, timeout: Duration) {
         *self.timeout.lock().expect("health lock poisoned") = timeout;
     }
 
-    pub fn set_node_leaving(&self, leaving: bool) {
+    pub(crate) fn set_node_leaving(&self, leaving: bool) {
         self.node_leaving.store(leaving, Ordering::Relaxed);
     }
 
     /// The state at `now`.
-    pub fn report(&self, now: SystemTime) -> HealthReport {
+    pub(crate) fn report(&self, now: SystemTime) -> HealthReport {
         let last_updated = self.last_sync();
         let queued = *self.queued.lock().expect("health lock poisoned");
         let timeout = *self.timeout.lock().expect("health lock poisoned");
@@ -261,7 +261,7 @@ impl Health {
 
 /// What an HTTP listener of carousel's answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Endpoints {
+pub(crate) enum Endpoints {
     /// `/metrics` only (`--metrics-bind-address`).
     Metrics,
     /// `/healthz` and `/readyz` only (`--healthz-bind-address`): health answers only health.
@@ -271,13 +271,13 @@ pub enum Endpoints {
 /// Connections one telemetry server holds at once. A node's scraper and its kubelet's
 /// probes need a few; past the cap a new connection is closed at once, so that no client
 /// of these ports can take the descriptors the data path needs.
-pub const MAX_CONNECTIONS: usize = 32;
+pub(crate) const MAX_CONNECTIONS: usize = 32;
 /// Time for a request's headers to arrive, from the connection's start or the end of the
 /// previous answer: a client that sends nothing (or trickles) is closed after it.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `which` on `listener` until `shutdown` resolves.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     telemetry: Arc<Telemetry>,
     which: Endpoints,

@@ -184,7 +184,7 @@ fn lock(shard: &Shard) -> MutexGuard<'_, HashMap<u128, Sticky, Keys>> {
 
 impl Affinity {
     /// A layer with an empty map of at most `max_entries` clients.
-    pub fn new(timeout: Duration, max_entries: usize, stats: AffinityStats) -> Self {
+    pub(crate) fn new(timeout: Duration, max_entries: usize, stats: AffinityStats) -> Self {
         let keys = Keys::random();
         let clients = Clients {
             shards: (0..SHARDS)
@@ -207,7 +207,7 @@ impl Affinity {
 
     /// The layer of the next build: the same clients, this build's timeout and handles.
     /// Sweeps expired clients on the way (at most once per second).
-    pub fn carry(&self, timeout: Duration, stats: AffinityStats) -> Self {
+    pub(crate) fn carry(&self, timeout: Duration, stats: AffinityStats) -> Self {
         self.clients
             .sweep_if_due(Instant::now(), timeout, SWEEP_INTERVAL);
         Self {
@@ -225,34 +225,22 @@ impl Affinity {
     /// its periodic tick, so that the entries gauge and the memory follow expiries even
     /// when no client comes. O(entries) per sweep, so at most about 1/8 of the timeout
     /// late, for a cost that does not grow with how often it is called.
-    pub fn sweep_expired(&self, now: Instant) {
+    pub(crate) fn sweep_expired(&self, now: Instant) {
         let interval = (self.timeout / 8).clamp(SWEEP_INTERVAL, Duration::from_secs(60));
         self.clients.sweep_if_due(now, self.timeout, interval);
     }
 
     /// Clients remembered now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.clients.len.load(Ordering::Relaxed)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The endpoint for a new connection from `client`: the remembered one if it is
-    /// fresh and still among `backends`, else whatever `balancer` picks, remembered.
-    pub fn pick(
-        &self,
-        client: IpAddr,
-        backends: &[Backend],
-        balancer: &dyn Balancer,
-    ) -> Option<usize> {
-        self.pick_at(client, Instant::now(), backends, balancer)
-    }
-
-    /// [`Affinity::pick`] at a time the caller already read: the data path reads the
+    /// The endpoint for a new connection from `client` at `now`: the remembered one if
+    /// it is fresh and still among `backends`, else whatever `balancer` picks,
+    /// remembered. `now` is the connection's own clock reading: the data path reads the
     /// clock once per connection, and a clock read costs as much as the lookup here.
-    pub fn pick_at(
+    pub(crate) fn pick_at(
         &self,
         client: IpAddr,
         now: Instant,
@@ -382,6 +370,16 @@ impl Drop for Clients {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pick now.
+    fn pick(
+        affinity: &Affinity,
+        client: IpAddr,
+        backends: &[Backend],
+        balancer: &dyn Balancer,
+    ) -> Option<usize> {
+        affinity.pick_at(client, Instant::now(), backends, balancer)
+    }
     use crate::balance::testing::backends;
     use crate::balance::{Backends, RoundRobin};
     use std::net::Ipv4Addr;
@@ -430,17 +428,17 @@ mod tests {
         let rr = RoundRobin::new(set.clone());
         let seen = Seen::default();
         let affinity = Affinity::new(TIMEOUT, DEFAULT_MAX_ENTRIES, seen.stats());
-        let first = affinity.pick(client(1), &set, &rr);
+        let first = pick(&affinity, client(1), &set, &rr);
         assert_eq!(first, Some(0));
         // Round-robin alone would move on; the client stays, as long as it comes back
         // within the timeout each time.
         for _ in 0..5 {
             tokio::time::advance(TIMEOUT - Duration::from_secs(1)).await;
-            assert_eq!(affinity.pick(client(1), &set, &rr), first);
+            assert_eq!(pick(&affinity, client(1), &set, &rr), first);
         }
         assert_eq!(seen.counts(), (5, 1, 0));
         tokio::time::advance(TIMEOUT).await;
-        assert_eq!(affinity.pick(client(1), &set, &rr), Some(1));
+        assert_eq!(pick(&affinity, client(1), &set, &rr), Some(1));
         assert_eq!(seen.counts(), (5, 1, 1));
         assert_eq!(affinity.len(), 1);
         assert_eq!(seen.entries(), 1.0);
@@ -452,11 +450,14 @@ mod tests {
         let rr = RoundRobin::new(set.clone());
         let affinity = Affinity::new(TIMEOUT, DEFAULT_MAX_ENTRIES, AffinityStats::default());
         let firsts: Vec<_> = (1..=6)
-            .map(|c| affinity.pick(client(c), &set, &rr))
+            .map(|c| pick(&affinity, client(c), &set, &rr))
             .collect();
         assert_eq!(firsts, [0, 1, 2, 0, 1, 2].map(Some));
         for c in 1..=6 {
-            assert_eq!(affinity.pick(client(c), &set, &rr), firsts[c as usize - 1]);
+            assert_eq!(
+                pick(&affinity, client(c), &set, &rr),
+                firsts[c as usize - 1]
+            );
         }
     }
 
@@ -467,25 +468,25 @@ mod tests {
         let seen = Seen::default();
         let affinity = Affinity::new(TIMEOUT, DEFAULT_MAX_ENTRIES, seen.stats());
         rr.pick(client(0)); // move the rotation so the client lands on index 1
-        assert_eq!(affinity.pick(client(1), &all, &rr), Some(1));
+        assert_eq!(pick(&affinity, client(1), &all, &rr), Some(1));
         let pod = all[1].addr;
 
         // The first endpoint leaves: the client's pod is now at index 0.
         let without_first: Backends = all[1..].to_vec().into();
         let next = affinity.carry(TIMEOUT, seen.stats());
         let rr = RoundRobin::new(without_first.clone());
-        let i = next.pick(client(1), &without_first, &rr).unwrap();
+        let i = pick(&next, client(1), &without_first, &rr).unwrap();
         assert_eq!(without_first[i].addr, pod);
 
         // Its own pod leaves (drained or gone): the client is picked afresh.
         let without_pod: Backends = all.iter().filter(|b| b.addr != pod).cloned().collect();
         let last = next.carry(TIMEOUT, seen.stats());
         let rr = RoundRobin::new(without_pod.clone());
-        let i = last.pick(client(1), &without_pod, &rr).unwrap();
+        let i = pick(&last, client(1), &without_pod, &rr).unwrap();
         assert_ne!(without_pod[i].addr, pod);
         assert_eq!(seen.counts(), (1, 2, 0));
         // ...and then stays on the new one.
-        assert_eq!(last.pick(client(1), &without_pod, &rr), Some(i));
+        assert_eq!(pick(&last, client(1), &without_pod, &rr), Some(i));
     }
 
     #[tokio::test(start_paused = true)]
@@ -494,18 +495,18 @@ mod tests {
         let rr = RoundRobin::new(set.clone());
         let seen = Seen::default();
         let affinity = Affinity::new(TIMEOUT, 2, seen.stats());
-        affinity.pick(client(1), &set, &rr);
-        affinity.pick(client(2), &set, &rr);
+        pick(&affinity, client(1), &set, &rr);
+        pick(&affinity, client(2), &set, &rr);
         // The third is served, by the rotation, but not remembered, and that is counted.
-        assert_eq!(affinity.pick(client(3), &set, &rr), Some(2));
-        assert_eq!(affinity.pick(client(3), &set, &rr), Some(0));
+        assert_eq!(pick(&affinity, client(3), &set, &rr), Some(2));
+        assert_eq!(pick(&affinity, client(3), &set, &rr), Some(0));
         assert_eq!(affinity.len(), 2);
         assert_eq!(seen.entries(), 2.0);
         assert_eq!(seen.overflow.load(Ordering::Relaxed), 2);
         // Once the first two have expired, room is made for the next new client.
         tokio::time::advance(TIMEOUT + SWEEP_INTERVAL).await;
-        affinity.pick(client(3), &set, &rr);
-        affinity.pick(client(3), &set, &rr);
+        pick(&affinity, client(3), &set, &rr);
+        pick(&affinity, client(3), &set, &rr);
         assert_eq!(affinity.len(), 1);
         assert_eq!(seen.entries(), 1.0);
     }
@@ -517,7 +518,7 @@ mod tests {
         let seen = Seen::default();
         let affinity = Affinity::new(TIMEOUT, DEFAULT_MAX_ENTRIES, seen.stats());
         for c in 1..=10 {
-            affinity.pick(client(c), &set, &rr);
+            pick(&affinity, client(c), &set, &rr);
         }
         (set, rr, seen, affinity)
     }
@@ -536,7 +537,7 @@ mod tests {
     async fn a_rebuild_sweeps_expired_clients() {
         let (set, rr, seen, affinity) = ten_clients_remembered();
         tokio::time::advance(TIMEOUT / 2).await;
-        affinity.pick(client(1), &set, &rr);
+        pick(&affinity, client(1), &set, &rr);
         tokio::time::advance(TIMEOUT / 2).await;
         let next = affinity.carry(TIMEOUT, seen.stats());
         assert_eq!(next.len(), 1);
@@ -566,7 +567,7 @@ mod tests {
         let empty = backends(0, &[]);
         let rr = RoundRobin::new(empty.clone());
         let affinity = Affinity::new(TIMEOUT, DEFAULT_MAX_ENTRIES, AffinityStats::default());
-        assert_eq!(affinity.pick(client(1), &empty, &rr), None);
-        assert!(affinity.is_empty());
+        assert_eq!(pick(&affinity, client(1), &empty, &rr), None);
+        assert_eq!(affinity.len(), 0);
     }
 }

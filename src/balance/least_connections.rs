@@ -8,14 +8,14 @@ use super::{Backend, Backends, Balancer};
 use crate::algorithm::Algorithm;
 
 #[derive(Debug)]
-pub struct LeastConnections {
+pub(crate) struct LeastConnections {
     backends: Backends,
     /// Where the next scan starts: the tie-break, advanced on every pick.
     next: AtomicUsize,
 }
 
 impl LeastConnections {
-    pub fn new(backends: Backends) -> Self {
+    pub(crate) fn new(backends: Backends) -> Self {
         Self {
             backends,
             next: AtomicUsize::new(0),

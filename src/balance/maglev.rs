@@ -17,10 +17,7 @@ use crate::algorithm::Algorithm;
 
 /// The paper's small table size: prime, and at least 100 slots per endpoint up to 655
 /// endpoints, which keeps the disruption of a change close to the minimum.
-pub const DEFAULT_TABLE_SIZE: usize = 65_537;
-
-/// Above this a table would take more than 64 MiB per Service port.
-pub const MAX_TABLE_SIZE: usize = 16_777_259;
+pub(crate) const DEFAULT_TABLE_SIZE: usize = 65_537;
 
 /// Hash seeds (FNV-1a offset bases). Fixed: the same address must land in the same
 /// slot in every carousel process on every node, for every release.
@@ -28,18 +25,8 @@ const OFFSET_SEED: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a's own basis
 const SKIP_SEED: u64 = 0x6c62_272e_07bb_0142;
 const CLIENT_SEED: u64 = 0x8422_2325_cbf2_9ce4;
 
-/// Why a Maglev table cannot be built with a given size.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum MaglevError {
-    /// Each permutation must visit every slot, which needs a prime size.
-    #[error("maglev table size {0} is not a prime")]
-    NotPrime(usize),
-    #[error("maglev table size {0} is larger than {MAX_TABLE_SIZE}")]
-    TooLarge(usize),
-}
-
 #[derive(Debug)]
-pub struct Maglev {
+pub(crate) struct Maglev {
     backends: Backends,
     /// Endpoint index of each slot; empty when no endpoint carries weight.
     table: Arc<[u32]>,
@@ -48,7 +35,7 @@ pub struct Maglev {
 
 impl Maglev {
     /// A table of [`DEFAULT_TABLE_SIZE`] slots.
-    pub fn new(backends: Backends) -> Self {
+    pub(crate) fn new(backends: Backends) -> Self {
         let table = populate(
             DEFAULT_TABLE_SIZE,
             &preferences(&backends, DEFAULT_TABLE_SIZE),
@@ -60,23 +47,20 @@ impl Maglev {
         }
     }
 
-    /// A table of `size` slots; `size` must be a prime.
-    pub fn with_table_size(backends: Backends, size: usize) -> Result<Self, MaglevError> {
-        if size > MAX_TABLE_SIZE {
-            return Err(MaglevError::TooLarge(size));
-        }
-        if !is_prime(size) {
-            return Err(MaglevError::NotPrime(size));
-        }
-        Ok(Self {
+    /// A table of `size` slots (a prime): the tests' smaller tables.
+    #[cfg(test)]
+    fn with_table_size(backends: Backends, size: usize) -> Self {
+        assert!(is_prime(size), "{size} is not a prime");
+        Self {
             table: populate(size, &preferences(&backends, size)).into(),
             backends,
             size,
-        })
+        }
     }
 
     /// The endpoint index of every slot.
-    pub fn table(&self) -> &[u32] {
+    #[cfg(test)]
+    fn table(&self) -> &[u32] {
         &self.table
     }
 }
@@ -223,6 +207,7 @@ fn populate(size: usize, preferences: &[Preference]) -> Vec<u32> {
     table
 }
 
+#[cfg(test)]
 fn is_prime(n: usize) -> bool {
     n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
 }
@@ -294,16 +279,9 @@ mod tests {
     }
 
     #[test]
-    fn sizes_must_be_prime() {
-        assert_eq!(
-            Maglev::with_table_size(backends(3, &[]), 10_000).unwrap_err(),
-            MaglevError::NotPrime(10_000)
-        );
-        assert!(Maglev::with_table_size(backends(3, &[]), SMALL).is_ok());
-        assert!(matches!(
-            Maglev::with_table_size(backends(3, &[]), MAX_TABLE_SIZE + 2),
-            Err(MaglevError::TooLarge(_))
-        ));
+    fn the_default_size_is_a_prime() {
+        assert!(is_prime(DEFAULT_TABLE_SIZE) && is_prime(SMALL));
+        assert!(!is_prime(10_000) && !is_prime(1));
     }
 
     #[test]
@@ -348,7 +326,7 @@ mod tests {
     proptest! {
         #[test]
         fn every_endpoint_gets_m_over_n_slots(n in 1usize..=100) {
-            let b = Maglev::with_table_size(backends(n, &[]), SMALL).unwrap();
+            let b = Maglev::with_table_size(backends(n, &[]), SMALL);
             let c = counts(b.table(), n);
             let (lo, hi) = (SMALL / n, SMALL.div_ceil(n));
             prop_assert!(c.iter().all(|&k| lo <= k && k <= hi), "{:?}", c);

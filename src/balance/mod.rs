@@ -21,22 +21,19 @@ use crate::algorithm::Algorithm;
 use crate::model::Balancing;
 
 pub use affinity::{Affinity, AffinityStats, DEFAULT_MAX_ENTRIES as DEFAULT_AFFINITY_MAX_ENTRIES};
-pub use least_connections::LeastConnections;
-pub use maglev::{Maglev, MaglevError};
-pub use power_of_two_choices::PowerOfTwoChoices;
-pub use random::Random;
-pub use round_robin::RoundRobin;
-pub use weighted_round_robin::WeightedRoundRobin;
-
-/// Whether ClientIP session affinity is built (the demo and docs ask).
-pub const AFFINITY_AVAILABLE: bool = true;
+pub(crate) use least_connections::LeastConnections;
+pub(crate) use maglev::Maglev;
+pub(crate) use power_of_two_choices::PowerOfTwoChoices;
+pub(crate) use random::Random;
+pub(crate) use round_robin::RoundRobin;
+pub(crate) use weighted_round_robin::WeightedRoundRobin;
 
 /// What a balancer sees of one endpoint.
 #[derive(Clone, Debug)]
 pub struct Backend {
-    pub addr: PodAddr,
+    pub(crate) addr: PodAddr,
     /// Relative share of new connections; always > 0 (drained endpoints are not offered).
-    pub weight: u32,
+    pub(crate) weight: u32,
     /// Connections open to this endpoint right now. Shared with the data path and kept
     /// across table changes for as long as the endpoint persists.
     pub active: Arc<AtomicU32>,
@@ -130,12 +127,12 @@ impl Picker {
     }
 
     /// The algorithm that balances new clients.
-    pub fn algorithm(&self) -> Algorithm {
+    pub(crate) fn algorithm(&self) -> Algorithm {
         self.balancer.algorithm()
     }
 
     /// The affinity layer, when the Service has ClientIP affinity.
-    pub fn affinity(&self) -> Option<&Affinity> {
+    pub(crate) fn affinity(&self) -> Option<&Affinity> {
         self.affinity.as_ref()
     }
 }
@@ -182,7 +179,7 @@ pub(crate) mod testing {
     use std::net::{Ipv4Addr, SocketAddr};
 
     /// How many of `picks` picks (from one client) each of `n` endpoints got.
-    pub fn counts(b: &dyn Balancer, n: usize, picks: usize) -> Vec<usize> {
+    pub(crate) fn counts(b: &dyn Balancer, n: usize, picks: usize) -> Vec<usize> {
         let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let mut counts = vec![0; n];
         for _ in 0..picks {
@@ -192,7 +189,7 @@ pub(crate) mod testing {
     }
 
     /// `n` backends at 10.244.0.1.. with the given weights (1 when `weights` is short).
-    pub fn backends(n: usize, weights: &[u32]) -> Backends {
+    pub(crate) fn backends(n: usize, weights: &[u32]) -> Backends {
         (0..n)
             .map(|i| {
                 let ip = Ipv4Addr::new(10, 244, (i / 250) as u8, (i % 250) as u8 + 1);

@@ -16,7 +16,7 @@ use crate::algorithm::Algorithm;
 const REDRAWS: usize = 4;
 
 #[derive(Debug)]
-pub struct PowerOfTwoChoices {
+pub(crate) struct PowerOfTwoChoices {
     backends: Backends,
     table: AliasTable,
     /// `cumulative[i]`: the weights of endpoints `0..=i`, for the exact fallback draw.
@@ -26,7 +26,7 @@ pub struct PowerOfTwoChoices {
 
 impl PowerOfTwoChoices {
     /// `seed` makes the sequence of draws reproducible; without one it differs per run.
-    pub fn new(backends: Backends, seed: Option<u64>) -> Self {
+    pub(crate) fn new(backends: Backends, seed: Option<u64>) -> Self {
         Self::with_rng(backends, SplitMix::new(seed))
     }
 

@@ -8,14 +8,14 @@ use super::{Backends, Balancer};
 use crate::algorithm::Algorithm;
 
 #[derive(Debug)]
-pub struct Random {
+pub(crate) struct Random {
     table: AliasTable,
     rng: SplitMix,
 }
 
 impl Random {
     /// `seed` makes the sequence of picks reproducible; without one it differs per run.
-    pub fn new(backends: Backends, seed: Option<u64>) -> Self {
+    pub(crate) fn new(backends: Backends, seed: Option<u64>) -> Self {
         Self::with_rng(&backends, SplitMix::new(seed))
     }
 

@@ -8,13 +8,13 @@ use super::{Backends, Balancer};
 use crate::algorithm::Algorithm;
 
 #[derive(Debug)]
-pub struct RoundRobin {
+pub(crate) struct RoundRobin {
     backends: Backends,
     next: AtomicUsize,
 }
 
 impl RoundRobin {
-    pub fn new(backends: Backends) -> Self {
+    pub(crate) fn new(backends: Backends) -> Self {
         Self::starting_at(backends, 0)
     }
 

@@ -15,20 +15,20 @@ const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
 /// one counter value, so a draw is a single `fetch_add`: concurrent picks never wait on
 /// each other, no draw is handed out twice, and one seed replays the same sequence.
 #[derive(Debug)]
-pub struct SplitMix {
+pub(crate) struct SplitMix {
     state: AtomicU64,
 }
 
 impl SplitMix {
     /// A generator seeded with `seed`, or from the OS's randomness when there is none.
-    pub fn new(seed: Option<u64>) -> Self {
+    pub(crate) fn new(seed: Option<u64>) -> Self {
         Self {
             state: AtomicU64::new(seed.unwrap_or_else(entropy)),
         }
     }
 
     /// The next 64 random bits.
-    pub fn next_u64(&self) -> u64 {
+    pub(crate) fn next_u64(&self) -> u64 {
         mix(self
             .state
             .fetch_add(GAMMA, Ordering::Relaxed)
@@ -37,7 +37,7 @@ impl SplitMix {
 
     /// A generator that goes on with this one's sequence, for a rebuilt balancer: a
     /// table change does not replay the draws already made.
-    pub fn carry(&self) -> Self {
+    pub(crate) fn carry(&self) -> Self {
         Self {
             state: AtomicU64::new(self.state.load(Ordering::Relaxed)),
         }
@@ -46,18 +46,18 @@ impl SplitMix {
 
 /// The `k`-th further draw derived from one draw's `bits`: a SplitMix64 stream of its
 /// own, so a pick that needs several draws takes only one step of the shared state.
-pub fn derive(bits: u64, k: u64) -> u64 {
+pub(crate) fn derive(bits: u64, k: u64) -> u64 {
     mix(bits.wrapping_add(k.wrapping_mul(GAMMA)))
 }
 
 /// A uniform draw from `0..n` out of 64 random bits; `n` must be at least 1.
-pub fn below(bits: u64, n: u64) -> u64 {
+pub(crate) fn below(bits: u64, n: u64) -> u64 {
     // Lemire's multiply-shift: no division, and a bias of at most n / 2^64.
     ((u128::from(bits) * u128::from(n)) >> 64) as u64
 }
 
 /// SplitMix64's finalizer: every output bit depends on every input bit.
-pub fn mix(mut z: u64) -> u64 {
+pub(crate) fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
@@ -65,14 +65,14 @@ pub fn mix(mut z: u64) -> u64 {
 
 /// 64 unpredictable bits without a dependency: std keys every `RandomState` from the
 /// OS's randomness, so the hash of nothing under fresh keys is itself random.
-pub fn entropy() -> u64 {
+pub(crate) fn entropy() -> u64 {
     RandomState::new().build_hasher().finish()
 }
 
 /// Walker's alias table, built with Vose's method in exact integer arithmetic: one
 /// uniform draw picks index `i` with probability exactly `weight[i] / total`.
 #[derive(Debug)]
-pub struct AliasTable {
+pub(crate) struct AliasTable {
     /// Per bucket: keep the bucket's own index when the second part of the draw is below
     /// `keep` (out of `total`), else take `alias`.
     buckets: Box<[(u64, u32)]>,
@@ -82,7 +82,7 @@ pub struct AliasTable {
 impl AliasTable {
     /// The table for `weights`. Zero weights are never drawn; if every weight is zero
     /// the table is empty.
-    pub fn new(weights: &[u32]) -> Self {
+    pub(crate) fn new(weights: &[u32]) -> Self {
         let n = weights.len() as u64;
         let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
         if total == 0 {
@@ -112,12 +112,12 @@ impl AliasTable {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.buckets.is_empty()
     }
 
     /// The index that 64 random bits draw, or `None` for an empty table.
-    pub fn draw(&self, bits: u64) -> Option<usize> {
+    pub(crate) fn draw(&self, bits: u64) -> Option<usize> {
         let n = self.buckets.len() as u128;
         // The high half of bits × n picks the bucket; the low half is the fraction left
         // over, uniform enough to decide between the bucket and its alias.

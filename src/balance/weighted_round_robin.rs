@@ -23,17 +23,17 @@ use crate::algorithm::Algorithm;
 /// add up to more than this are they scaled to about this total, each endpoint keeping
 /// at least one slot, so a schedule never exceeds `SCHEDULE_CAP + N` slots; shares are
 /// then exact to within one slot in `SCHEDULE_CAP`.
-pub const SCHEDULE_CAP: u64 = 1 << 16;
+pub(crate) const SCHEDULE_CAP: u64 = 1 << 16;
 
 #[derive(Debug)]
-pub struct WeightedRoundRobin {
+pub(crate) struct WeightedRoundRobin {
     backends: Backends,
     schedule: Arc<[u32]>,
     next: AtomicUsize,
 }
 
 impl WeightedRoundRobin {
-    pub fn new(backends: Backends) -> Self {
+    pub(crate) fn new(backends: Backends) -> Self {
         let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Self {
             schedule: schedule(&shares(&weights)).into(),
@@ -43,7 +43,8 @@ impl WeightedRoundRobin {
     }
 
     /// The schedule's length: one whole cycle of picks.
-    pub fn cycle_len(&self) -> usize {
+    #[cfg(test)]
+    fn cycle_len(&self) -> usize {
         self.schedule.len()
     }
 }

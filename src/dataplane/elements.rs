@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// One element of carousel's sets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Element {
+pub(crate) enum Element {
     /// An IPv4 Service address and port, in `services4`.
     V4(Ipv4Addr, u16),
     /// An IPv6 Service address and port, in `services6`.
@@ -23,7 +23,7 @@ pub enum Element {
 
 impl Element {
     /// The set that holds it.
-    pub fn set(&self) -> &'static str {
+    pub(crate) fn set(&self) -> &'static str {
         match self {
             Element::V4(..) => "services4",
             Element::V6(..) => "services6",
@@ -37,7 +37,7 @@ impl Element {
     /// The key as nf_tables stores it: in network byte order, and in a concatenation
     /// (`addr . port`) each field padded with zeros to a multiple of 4 bytes, so an IPv4
     /// element is 8 bytes and an IPv6 one 20; a lone port is 2 bytes.
-    pub fn key(&self) -> Vec<u8> {
+    pub(crate) fn key(&self) -> Vec<u8> {
         let (addr, port): (&[u8], u16) = match self {
             Element::V4(ip, port) | Element::RefusedV4(ip, port) => (&ip.octets(), *port),
             Element::V6(ip, port) | Element::RefusedV6(ip, port) => (&ip.octets(), *port),
@@ -65,7 +65,7 @@ impl fmt::Display for Element {
 
 /// What a change does to an element.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     Delete,
     Add,
 }
@@ -81,7 +81,7 @@ impl fmt::Display for Op {
 
 /// One element added or removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Change {
-    pub op: Op,
-    pub element: Element,
+pub(crate) struct Change {
+    pub(crate) op: Op,
+    pub(crate) element: Element,
 }

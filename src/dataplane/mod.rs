@@ -2,7 +2,7 @@
 //! transparent listener (`--proxy-mode nftables`), the policy route that delivers it, and
 //! their removal.
 
-pub mod elements;
-pub mod netlink;
+pub(crate) mod elements;
+pub(crate) mod netlink;
 pub mod nftables;
 pub mod policy_route;

@@ -44,13 +44,13 @@ const PER_MESSAGE: usize = 256;
 
 /// A batch ready to send.
 #[derive(Debug)]
-pub struct Batch {
-    pub bytes: Vec<u8>,
+pub(crate) struct Batch {
+    pub(crate) bytes: Vec<u8>,
     /// The sequence number of BATCH_BEGIN; the messages after it are numbered on.
-    pub first_seq: u32,
+    pub(crate) first_seq: u32,
     /// The changes each element message carries, in order: message `i` has sequence
     /// number `first_seq + 1 + i`.
-    pub messages: Vec<Range<usize>>,
+    pub(crate) messages: Vec<Range<usize>>,
 }
 
 impl Batch {
@@ -71,7 +71,7 @@ impl Batch {
 /// [`PER_MESSAGE`] elements), each asking for an acknowledgement, between BATCH_BEGIN and
 /// BATCH_END. Additions do not ask for exclusivity: adding an element that is there
 /// already succeeds, as `nft add element` does.
-pub fn encode(table: &str, changes: &[Change], first_seq: u32) -> Batch {
+pub(crate) fn encode(table: &str, changes: &[Change], first_seq: u32) -> Batch {
     let mut bytes = Vec::new();
     let mut seq = first_seq;
     let batch_header = (NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES);
@@ -173,14 +173,14 @@ fn nul_terminated(s: &str) -> Vec<u8> {
 
 /// The kernel's answer to one message: 0, or the errno it was refused with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ack {
-    pub seq: u32,
-    pub errno: i32,
+pub(crate) struct Ack {
+    pub(crate) seq: u32,
+    pub(crate) errno: i32,
 }
 
 /// The acknowledgements among the netlink messages in `buf` (one read from the
 /// socket); other messages are skipped.
-pub fn acks(buf: &[u8]) -> Result<Vec<Ack>, NetlinkError> {
+pub(crate) fn acks(buf: &[u8]) -> Result<Vec<Ack>, NetlinkError> {
     let mut acks = Vec::new();
     let mut rest = buf;
     while !rest.is_empty() {
@@ -209,7 +209,7 @@ pub fn acks(buf: &[u8]) -> Result<Vec<Ack>, NetlinkError> {
 
 /// Why an element change did not apply.
 #[derive(Debug, thiserror::Error)]
-pub enum NetlinkError {
+pub(crate) enum NetlinkError {
     #[error("cannot open a netlink socket to nf_tables: {0}")]
     Open(#[source] io::Error),
     #[error("netlink socket to nf_tables: {0}")]
@@ -251,7 +251,7 @@ fn describe(elements: &[Element]) -> String {
 
 /// A netlink socket to nf_tables, opened once and kept.
 #[derive(Debug)]
-pub struct Socket {
+pub(crate) struct Socket {
     fd: std::os::fd::OwnedFd,
     next_seq: u32,
 }
@@ -262,7 +262,7 @@ impl Socket {
     /// its answers are queued when `send` returns; this only bounds a surprise.
     const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-    pub fn open() -> Result<Socket, NetlinkError> {
+    pub(crate) fn open() -> Result<Socket, NetlinkError> {
         use rustix::net::{netlink, sockopt, AddressFamily, SocketFlags, SocketType};
         let fd = rustix::net::socket_with(
             AddressFamily::NETLINK,
@@ -281,7 +281,7 @@ impl Socket {
 
     /// Applies `changes` to table `inet <table>` in one transaction, and waits for the
     /// kernel's answer to each message.
-    pub fn apply(&mut self, table: &str, changes: &[Change]) -> Result<(), NetlinkError> {
+    pub(crate) fn apply(&mut self, table: &str, changes: &[Change]) -> Result<(), NetlinkError> {
         use rustix::io::Errno;
         use rustix::net::{netlink::SocketAddrNetlink, sockopt, RecvFlags, SendFlags};
         if changes.is_empty() {
@@ -343,11 +343,11 @@ impl Socket {
 /// Elsewhere than Linux there is no nf_tables.
 #[cfg(not(target_os = "linux"))]
 impl Socket {
-    pub fn open() -> Result<Socket, NetlinkError> {
+    pub(crate) fn open() -> Result<Socket, NetlinkError> {
         Err(NetlinkError::Open(io::ErrorKind::Unsupported.into()))
     }
 
-    pub fn apply(&mut self, _table: &str, _changes: &[Change]) -> Result<(), NetlinkError> {
+    pub(crate) fn apply(&mut self, _table: &str, _changes: &[Change]) -> Result<(), NetlinkError> {
         Err(NetlinkError::Open(io::ErrorKind::Unsupported.into()))
     }
 }

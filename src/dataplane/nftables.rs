@@ -39,16 +39,16 @@ use crate::addr::ServiceAddr;
 pub const TABLE: &str = "carousel";
 /// The socket mark of carousel's own connections to pods: they skip the interception, so
 /// a pod whose address happens to equal a Service address is still reached, never looped.
-pub const MARK: u32 = 0x4341;
+pub(crate) const MARK: u32 = 0x4341;
 
 /// Service addresses with their ports, by family, and node ports. Persistent sets: a
 /// copy is O(1), and `diff` of two versions skips what they share, so one changed
 /// Service among thousands costs its own elements.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Ports {
-    pub v4: OrdSet<(Ipv4Addr, u16)>,
-    pub v6: OrdSet<(Ipv6Addr, u16)>,
-    pub node_ports: OrdSet<u16>,
+pub(crate) struct Ports {
+    pub(crate) v4: OrdSet<(Ipv4Addr, u16)>,
+    pub(crate) v6: OrdSet<(Ipv6Addr, u16)>,
+    pub(crate) node_ports: OrdSet<u16>,
 }
 
 impl Ports {
@@ -80,10 +80,10 @@ impl Ports {
 /// address's source ranges).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Redirects {
-    pub intercept: Ports,
-    pub refuse: Ports,
+    pub(crate) intercept: Ports,
+    pub(crate) refuse: Ports,
     /// Load-balancer addresses that only clients inside these ranges may reach.
-    pub source_ranges: OrdMap<ServiceAddr, Vec<IpNet>>,
+    pub(crate) source_ranges: OrdMap<ServiceAddr, Vec<IpNet>>,
 }
 
 impl Redirects {
@@ -99,7 +99,7 @@ impl Redirects {
     }
 
     /// A Service address, intercepted when its Service port has endpoints, else refused.
-    pub fn service(&mut self, addr: ServiceAddr, has_endpoints: bool) {
+    pub(crate) fn service(&mut self, addr: ServiceAddr, has_endpoints: bool) {
         match has_endpoints {
             true => self.intercept.add(addr),
             false => self.refuse.add(addr),
@@ -107,7 +107,7 @@ impl Redirects {
     }
 
     /// A node port, intercepted when its Service port has endpoints, else refused.
-    pub fn node_port(&mut self, port: u16, has_endpoints: bool) {
+    pub(crate) fn node_port(&mut self, port: u16, has_endpoints: bool) {
         match has_endpoints {
             true => self.intercept.node_ports.insert(port),
             false => self.refuse.node_ports.insert(port),
@@ -115,20 +115,20 @@ impl Redirects {
     }
 
     /// Takes `addr` out of every set, before it is put back as it is now.
-    pub fn forget(&mut self, addr: ServiceAddr) {
+    pub(crate) fn forget(&mut self, addr: ServiceAddr) {
         self.intercept.remove(addr);
         self.refuse.remove(addr);
         self.source_ranges.remove(&addr);
     }
 
     /// Takes a node port out of every set, before it is put back as it is now.
-    pub fn forget_node_port(&mut self, port: u16) {
+    pub(crate) fn forget_node_port(&mut self, port: u16) {
         self.intercept.node_ports.remove(&port);
         self.refuse.node_ports.remove(&port);
     }
 
     /// The source ranges of a load-balancer address; the ranges of its own family.
-    pub fn guard(&mut self, addr: ServiceAddr, ranges: &[IpNet]) {
+    pub(crate) fn guard(&mut self, addr: ServiceAddr, ranges: &[IpNet]) {
         let ranges: Vec<IpNet> = ranges
             .iter()
             .filter(|net| net.addr().is_ipv4() == addr.ip().is_ipv4())
@@ -334,7 +334,7 @@ fn set(
 /// by set. Empty when nothing changed. `None` when the source ranges changed: those
 /// sets are rewritten with the whole table (they change rarely, and their interval
 /// elements are nft's to lay out).
-pub fn diff(old: &Redirects, new: &Redirects) -> Option<Vec<Change>> {
+pub(crate) fn diff(old: &Redirects, new: &Redirects) -> Option<Vec<Change>> {
     if old.source_ranges != new.source_ranges {
         return None;
     }
@@ -400,7 +400,7 @@ fn split<T: Ord>(
 }
 
 /// Removes carousel's table, and nothing else. Succeeds when there is none.
-pub fn render_cleanup() -> String {
+pub(crate) fn render_cleanup() -> String {
     format!("add table inet {TABLE}\ndelete table inet {TABLE}\n")
 }
 
@@ -441,7 +441,7 @@ pub async fn cleanup() -> Result<(), NftError> {
 }
 
 /// Applies `script` with `nft -f -`: the only function here that touches the host.
-pub async fn apply(script: &str) -> Result<(), NftError> {
+pub(crate) async fn apply(script: &str) -> Result<(), NftError> {
     if script.is_empty() {
         return Ok(());
     }
@@ -522,7 +522,7 @@ impl Rules {
 
     /// Rewrites the whole table and checks the policy routes, whatever was applied
     /// before: repairs what someone else changed (a flushed ruleset, a deleted element).
-    pub async fn rewrite(&mut self, wanted: Redirects) -> Result<(), NftError> {
+    pub(crate) async fn rewrite(&mut self, wanted: Redirects) -> Result<(), NftError> {
         self.applied = None;
         self.sync(wanted).await
     }

@@ -13,19 +13,17 @@ use tokio::process::Command;
 pub const TABLE: u32 = INTERCEPT_MARK;
 /// The packet mark of intercepted traffic (nftables sets it), which this route delivers
 /// locally.
-pub const INTERCEPT_MARK: u32 = 0x4342;
+pub(crate) const INTERCEPT_MARK: u32 = 0x4342;
 /// The rule's priority: before `main` (32766), after `local` (0).
-pub const PRIORITY: u32 = 17218;
+pub(crate) const PRIORITY: u32 = 17218;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
+pub(crate) enum Family {
     V4,
     V6,
 }
 
 impl Family {
-    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
-
     fn flag(self) -> &'static str {
         match self {
             Family::V4 => "-4",
@@ -133,7 +131,7 @@ async fn ip(args: &[&str]) -> Result<String, PolicyRouteError> {
 }
 
 /// Puts the rule and the route of `family` in place; changes nothing that is there.
-pub async fn ensure(family: Family) -> Result<(), PolicyRouteError> {
+pub(crate) async fn ensure(family: Family) -> Result<(), PolicyRouteError> {
     let f = family.flag();
     let (stale, add) = rule_changes(&list_ours(f).await?);
     for priority in stale {
@@ -156,7 +154,7 @@ pub async fn ensure(family: Family) -> Result<(), PolicyRouteError> {
 }
 
 /// Removes carousel's rules and table of `family`; succeeds when there are none.
-pub async fn remove(family: Family) -> Result<(), PolicyRouteError> {
+pub(crate) async fn remove(family: Family) -> Result<(), PolicyRouteError> {
     let f = family.flag();
     for priority in list_ours(f).await? {
         delete_rule(f, priority).await?;

@@ -18,13 +18,13 @@ pub use crate::backoff::{Backoff, INITIAL, MAX};
 /// says so at warn, with the server; the others, and every further attempt, at debug;
 /// the last one to list again says it is back, at info.
 #[derive(Debug)]
-pub struct Outage {
+pub(crate) struct Outage {
     server: String,
     failing: AtomicUsize,
 }
 
 impl Outage {
-    pub fn new(server: impl Into<String>) -> Arc<Self> {
+    pub(crate) fn new(server: impl Into<String>) -> Arc<Self> {
         Arc::new(Self {
             server: server.into(),
             failing: AtomicUsize::new(0),
@@ -107,7 +107,7 @@ impl Drop for Streak {
 /// The events of `events` with its errors taken out: after an error the next attempt
 /// waits for `Backoff::next_pause`, and a completed list (`InitDone`) resets the pause.
 /// Errors are logged through `outage`.
-pub fn paced<K: Send + 'static>(
+pub(crate) fn paced<K: Send + 'static>(
     kind: &'static str,
     events: impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
     backoff: Backoff,

@@ -27,12 +27,12 @@ use crate::model::{
 
 pub const ANNOTATION_LOAD_BALANCER: &str = "carousel.dev/load-balancer";
 pub const ANNOTATION_WEIGHTS: &str = "carousel.dev/weights";
-pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
+pub(crate) const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 /// The source ranges of a LoadBalancer Service before `spec.loadBalancerSourceRanges`
 /// existed, comma-separated; read when the field is empty, as kube-proxy does.
 pub const ANNOTATION_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
-pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+pub(crate) const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 
 /// The longest `carousel.dev/weights` value read, and the most rules it may hold: past
 /// either, the whole annotation is ignored (every endpoint weighs 1), with one warning.
@@ -45,7 +45,7 @@ const QUOTED_CHARS: usize = 64;
 
 /// `text` as a message quotes it: at most `QUOTED_CHARS` characters, with the length
 /// of what was left out, so that no message grows with what it quotes.
-pub fn excerpt(text: &str) -> String {
+pub(crate) fn excerpt(text: &str) -> String {
     match text.char_indices().nth(QUOTED_CHARS) {
         None => format!("{text:?}"),
         Some((cut, _)) => format!("{:?}... ({} bytes)", &text[..cut], text.len()),
@@ -131,29 +131,29 @@ pub struct Scope {
 /// A Service, converted on its own, before its endpoints are known.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceFront {
-    pub key: ServiceKey,
-    pub proxy_name: Option<String>,
-    pub cluster_ips: Vec<IpAddr>,
-    pub external_ips: Vec<IpAddr>,
-    pub load_balancer_ips: Vec<IpAddr>,
-    pub ports: Vec<PortFront>,
-    pub balancing: Balancing,
+    pub(crate) key: ServiceKey,
+    pub(crate) proxy_name: Option<String>,
+    pub(crate) cluster_ips: Vec<IpAddr>,
+    pub(crate) external_ips: Vec<IpAddr>,
+    pub(crate) load_balancer_ips: Vec<IpAddr>,
+    pub(crate) ports: Vec<PortFront>,
+    pub(crate) balancing: Balancing,
     /// `carousel.dev/weights`: label rules, first match wins.
-    pub weights: Vec<WeightRule>,
-    pub external_traffic_local: bool,
-    pub internal_traffic_local: bool,
-    pub prefer_close: bool,
-    pub health_check_node_port: Option<u16>,
-    pub load_balancer_source_ranges: Vec<IpNet>,
-    pub warnings: Vec<Warning>,
+    pub(crate) weights: Vec<WeightRule>,
+    pub(crate) external_traffic_local: bool,
+    pub(crate) internal_traffic_local: bool,
+    pub(crate) prefer_close: bool,
+    pub(crate) health_check_node_port: Option<u16>,
+    pub(crate) load_balancer_source_ranges: Vec<IpNet>,
+    pub(crate) warnings: Vec<Warning>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct PortFront {
-    pub name: String,
-    pub port: u16,
-    pub node_port: Option<u16>,
-    pub target: IntOrString,
+pub(crate) struct PortFront {
+    pub(crate) name: String,
+    pub(crate) port: u16,
+    pub(crate) node_port: Option<u16>,
+    pub(crate) target: IntOrString,
 }
 
 /// `label=value:weight`, from `carousel.dev/weights`.
@@ -167,41 +167,41 @@ pub struct WeightRule {
 /// An EndpointSlice, converted on its own.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SliceView {
-    pub service: ServiceKey,
+    pub(crate) service: ServiceKey,
     /// `(name, port)` of each TCP port of the slice; the name is empty when unnamed.
-    pub ports: Vec<(String, u16)>,
-    pub endpoints: Vec<SliceEndpoint>,
+    pub(crate) ports: Vec<(String, u16)>,
+    pub(crate) endpoints: Vec<SliceEndpoint>,
 }
 
 /// One endpoint of a slice. Its names are shared ([`Names`]) with every other endpoint
 /// and with the table built from it: an endpoint costs about 100 bytes here.
 #[derive(Clone, Debug, PartialEq)]
-pub struct SliceEndpoint {
-    pub ip: IpAddr,
+pub(crate) struct SliceEndpoint {
+    pub(crate) ip: IpAddr,
     /// The pod behind it, when the slice says.
-    pub pod: Option<PodRef>,
+    pub(crate) pod: Option<PodRef>,
     /// Its node, zone and `hints.forZones` (the zones it should serve under
     /// topology-aware routing).
-    pub placement: Arc<Placement>,
-    pub ready: bool,
-    pub serving: bool,
-    pub terminating: bool,
+    pub(crate) placement: Arc<Placement>,
+    pub(crate) ready: bool,
+    pub(crate) serving: bool,
+    pub(crate) terminating: bool,
 }
 
 /// `namespace/name` of a pod; the namespace is shared.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct PodRef {
-    pub namespace: Arc<str>,
-    pub name: Arc<str>,
+pub(crate) struct PodRef {
+    pub(crate) namespace: Arc<str>,
+    pub(crate) name: Arc<str>,
 }
 
 /// An object's namespace: `default` when it names none.
-pub fn namespace(meta: &ObjectMeta) -> &str {
+pub(crate) fn namespace(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or("default")
 }
 
 /// An object's name, which must not be empty.
-pub fn name(meta: &ObjectMeta) -> Result<&str, FieldError> {
+pub(crate) fn name(meta: &ObjectMeta) -> Result<&str, FieldError> {
     match meta.name.as_deref() {
         Some(n) if !n.is_empty() => Ok(n),
         _ => Err(FieldError::new("metadata.name", "missing")),
@@ -552,7 +552,7 @@ fn weight_rule(entry: &str) -> Option<WeightRule> {
 
 /// Whether `value` can be a Kubernetes label value: at most 63 characters of
 /// `[A-Za-z0-9_.-]`, beginning and ending with a letter or digit, or empty.
-pub fn is_label_value(value: &str) -> bool {
+pub(crate) fn is_label_value(value: &str) -> bool {
     let edges = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
     value.is_empty()
         || (value.len() <= 63
@@ -565,7 +565,7 @@ pub fn is_label_value(value: &str) -> bool {
 
 /// Whether `key` can be a Kubernetes label key: a non-empty name as for values, after
 /// an optional DNS-subdomain prefix and `/`.
-pub fn is_label_key(key: &str) -> bool {
+pub(crate) fn is_label_key(key: &str) -> bool {
     let (prefix, name) = match key.split_once('/') {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),
@@ -681,26 +681,26 @@ pub fn slice(
 }
 
 /// `(namespace, name)` of a namespaced object.
-pub type ObjectKey = (String, String);
+pub(crate) type ObjectKey = (String, String);
 
 /// An object's labels.
-pub type Labels = BTreeMap<String, String>;
+pub(crate) type Labels = BTreeMap<String, String>;
 
 /// `namespace/name` → labels of every known pod, for the weight rules.
-pub type PodLabels = HashMap<ObjectKey, Labels>;
+pub(crate) type PodLabels = HashMap<ObjectKey, Labels>;
 
 /// `(namespace, name)` of an object: how slices and pods are filed.
-pub fn object_key(meta: &ObjectMeta) -> Result<ObjectKey, FieldError> {
+pub(crate) fn object_key(meta: &ObjectMeta) -> Result<ObjectKey, FieldError> {
     Ok((namespace(meta).to_string(), name(meta)?.to_string()))
 }
 
 /// One pod's key and labels (only its metadata is read).
-pub fn pod(meta: &ObjectMeta) -> Result<(ObjectKey, Labels), FieldError> {
+pub(crate) fn pod(meta: &ObjectMeta) -> Result<(ObjectKey, Labels), FieldError> {
     Ok((object_key(meta)?, meta.labels.clone().unwrap_or_default()))
 }
 
 /// Records one pod's labels.
-pub fn add_pod(pods: &mut PodLabels, meta: &ObjectMeta) -> Result<(), FieldError> {
+pub(crate) fn add_pod(pods: &mut PodLabels, meta: &ObjectMeta) -> Result<(), FieldError> {
     let (key, labels) = pod(meta)?;
     pods.insert(key, labels);
     Ok(())
@@ -709,7 +709,7 @@ pub fn add_pod(pods: &mut PodLabels, meta: &ObjectMeta) -> Result<(), FieldError
 /// Joins converted Services and slices into one table, by kube-proxy's rules.
 ///
 /// Returns the table and the warnings of the Services it holds.
-pub fn join(
+pub(crate) fn join(
     services: &[ServiceFront],
     slices: &[SliceView],
     pods: &PodLabels,
@@ -735,7 +735,7 @@ pub fn join(
 ///
 /// The API source keeps Services and slices converted and calls this for the one
 /// Service an event touched, instead of joining the whole table again.
-pub fn join_service(
+pub(crate) fn join_service(
     front: &ServiceFront,
     slices: &[&SliceView],
     pods: &PodLabels,

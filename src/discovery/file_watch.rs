@@ -21,7 +21,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(150);
 /// a file written in pieces (`kubectl get -o yaml > state.yaml`) is not taken for a new
 /// state at each piece. A file renamed into place is applied without it; a writer that
 /// pauses longer, or changes the file more often, should write elsewhere and rename.
-pub const SETTLE: Duration = Duration::from_secs(1);
+pub(crate) const SETTLE: Duration = Duration::from_secs(1);
 
 /// How long after its last change a file's metadata is trusted to tell a change.
 const SETTLED: Duration = Duration::from_secs(1);
@@ -53,7 +53,7 @@ impl Stamp {
 /// `MAX_BYTES` is refused.
 /// Refused versions, a missing file and bad annotations are logged once each and
 /// counted in `carousel_config_errors_total`; the last good table stays in force.
-pub async fn watch(
+pub(crate) async fn watch(
     path: PathBuf,
     scope: Scope,
     tables: watch::Sender<Arc<ServiceTable>>,

@@ -25,7 +25,7 @@ use crate::model::ServiceTable;
 use crate::telemetry::{names, Telemetry};
 
 /// The label kube-proxy leaves alone: headless Services get no proxying.
-pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+pub(crate) const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 
 /// Events closer together than this are applied in one table: the first change after a
 /// quiet spell is published at once, the rest of a burst at most this often.
@@ -56,19 +56,19 @@ pub enum KubeError {
 
 /// What the source watches, from the command line.
 #[derive(Clone, Debug, Default)]
-pub struct SourceConfig {
+pub(crate) struct SourceConfig {
     /// `--service-proxy-name`.
-    pub proxy_name: Option<String>,
+    pub(crate) proxy_name: Option<String>,
     /// `--service-selector`, appended to the ownership selector.
-    pub service_selector: Option<String>,
+    pub(crate) service_selector: Option<String>,
     /// `--node-name` (or `$NODE_NAME`): whose Node gives the zone, its eligibility and
     /// its pod CIDRs.
-    pub node_name: Option<String>,
+    pub(crate) node_name: Option<String>,
 }
 
 /// The label selector of the Service watch: ownership by `service-proxy-name` the way
 /// kube-proxy reads it, no headless Services, then the user's own selector.
-pub fn service_label_selector(proxy_name: Option<&str>, extra: Option<&str>) -> String {
+pub(crate) fn service_label_selector(proxy_name: Option<&str>, extra: Option<&str>) -> String {
     let mut selector = match proxy_name {
         Some(name) => format!("{LABEL_SERVICE_PROXY_NAME}={name}"),
         None => format!("!{LABEL_SERVICE_PROXY_NAME}"),
@@ -83,16 +83,16 @@ pub fn service_label_selector(proxy_name: Option<&str>, extra: Option<&str>) -> 
 
 /// A client, and the API server it talks to (for the log).
 #[derive(Clone)]
-pub struct Cluster {
-    pub client: Client,
-    pub server: String,
+pub(crate) struct Cluster {
+    pub(crate) client: Client,
+    pub(crate) server: String,
 }
 
 /// A client for the cluster: `kubeconfig` when given; else the in-cluster service
 /// account, then `$KUBECONFIG`, then `~/.kube/config`. `master` replaces the server of
 /// whichever is used, and stands alone (no credentials) when there is none, as
 /// kube-proxy's `--master` does.
-pub async fn connect(
+pub(crate) async fn connect(
     kubeconfig: Option<&Path>,
     master: Option<&str>,
 ) -> Result<Cluster, KubeError> {
@@ -171,14 +171,14 @@ fn tag<T: 'static + Send>(
 
 /// Where the source publishes.
 #[derive(Debug)]
-pub struct Outputs {
+pub(crate) struct Outputs {
     /// A table after the first full sync, and after every change.
-    pub tables: watch::Sender<Arc<ServiceTable>>,
+    pub(crate) tables: watch::Sender<Arc<ServiceTable>>,
 }
 
 /// Watches the cluster and publishes on `outputs` until the table channel has no
 /// receiver left.
-pub async fn run(
+pub(crate) async fn run(
     cluster: Cluster,
     config: SourceConfig,
     store: Store,

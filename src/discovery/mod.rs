@@ -8,12 +8,12 @@
 pub mod convert;
 pub mod file;
 pub mod names;
-pub mod yaml_budget;
+pub(crate) mod yaml_budget;
 
 #[cfg(feature = "node")]
 pub mod backoff;
 #[cfg(feature = "node")]
-pub mod file_watch;
+pub(crate) mod file_watch;
 #[cfg(feature = "node")]
 pub mod kube;
 #[cfg(feature = "node")]

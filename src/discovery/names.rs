@@ -22,7 +22,7 @@ const PURGE_FLOOR: usize = 256;
 
 impl Names {
     /// The shared copy of `name`.
-    pub fn get(&mut self, name: &str) -> Arc<str> {
+    pub(crate) fn get(&mut self, name: &str) -> Arc<str> {
         if let Some(shared) = self.set.get(name) {
             return shared.clone();
         }
@@ -32,7 +32,7 @@ impl Names {
     }
 
     /// The shared placement on `node`, in `zone`, hinted for `hints`.
-    pub fn placement<'a>(
+    pub(crate) fn placement<'a>(
         &mut self,
         node: Option<&str>,
         zone: Option<&str>,
@@ -54,7 +54,7 @@ impl Names {
     /// Forgets what nothing else holds any more (nodes gone, namespaces deleted), once
     /// the sets have doubled since the last purge: amortised O(1) an entry, and the sets
     /// stay within twice what is in use.
-    pub fn purge(&mut self) {
+    pub(crate) fn purge(&mut self) {
         if self.len() < PURGE_FLOOR.max(2 * self.kept) {
             return;
         }
@@ -64,12 +64,8 @@ impl Names {
         self.kept = self.len();
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.set.len() + self.placements.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -22,9 +22,9 @@ use crate::discovery::names::Names;
 use crate::model::{ServiceKey, ServiceTable};
 
 /// The EndpointSlice controller's stamp of when the change behind a slice happened.
-pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+pub(crate) const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// The Node label that names its zone.
-pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+pub(crate) const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 
 /// Trigger times kept between two publications at most; beyond that the oldest
 /// measurements are dropped rather than letting a stalled publisher grow memory.
@@ -164,7 +164,7 @@ pub struct Flushed {
     /// always new).
     pub table: Option<ServiceTable>,
     /// Trigger times of the slice changes this table is the first to contain.
-    pub triggers: Vec<SystemTime>,
+    pub(crate) triggers: Vec<SystemTime>,
 }
 
 /// The converted cluster state and the table built from it.
@@ -223,22 +223,22 @@ impl Store {
     }
 
     /// Whether the Node object is to be watched.
-    pub fn watches_node(&self) -> bool {
+    pub(crate) fn watches_node(&self) -> bool {
         self.watch_node
     }
 
     /// This node's zone: its Node's `topology.kubernetes.io/zone`.
-    pub fn zone(&self) -> Option<&str> {
+    pub(crate) fn zone(&self) -> Option<&str> {
         self.node.live.values().next()?.zone.as_deref()
     }
 
     /// Whether this node is being deleted, or drained by the cluster autoscaler.
-    pub fn node_leaving(&self) -> bool {
+    pub(crate) fn node_leaving(&self) -> bool {
         self.node.live.values().any(|n| n.leaving)
     }
 
     /// The pod CIDRs of this node.
-    pub fn pod_cidrs(&self) -> Vec<IpNet> {
+    pub(crate) fn pod_cidrs(&self) -> Vec<IpNet> {
         self.node
             .live
             .values()
@@ -248,17 +248,17 @@ impl Store {
 
     /// Whether pod labels are needed: some Service weighs its pods by a label that a
     /// pod can carry.
-    pub fn needs_pods(&self) -> bool {
+    pub(crate) fn needs_pods(&self) -> bool {
         self.pod_watch.is_some()
     }
 
     /// What the pod-metadata watch must see, or `None` for no watch at all.
-    pub fn pod_watch(&self) -> Option<&PodWatch> {
+    pub(crate) fn pod_watch(&self) -> Option<&PodWatch> {
         self.pod_watch.as_ref()
     }
 
     /// Every watch has listed once: the table reflects the cluster.
-    pub fn is_synced(&self) -> bool {
+    pub(crate) fn is_synced(&self) -> bool {
         self.services.listed
             && self.slices.listed
             && (self.node.listed || !self.watch_node)
@@ -266,7 +266,7 @@ impl Store {
     }
 
     /// Whether a flush may publish something.
-    pub fn has_pending(&self) -> bool {
+    pub(crate) fn has_pending(&self) -> bool {
         let work = self.changed || !self.dirty.is_empty();
         if self.published {
             work
@@ -276,19 +276,15 @@ impl Store {
     }
 
     /// Configuration errors seen since the last call (for `carousel_config_errors_total`).
-    pub fn take_config_errors(&mut self) -> u64 {
+    pub(crate) fn take_config_errors(&mut self) -> u64 {
         std::mem::take(&mut self.config_errors)
     }
 
-    pub fn service_count(&self) -> usize {
-        self.services.live.len()
-    }
-
-    pub fn slice_count(&self) -> usize {
+    pub(crate) fn slice_count(&self) -> usize {
         self.slices.live.len()
     }
 
-    pub fn pod_count(&self) -> usize {
+    pub(crate) fn pod_count(&self) -> usize {
         self.pods.live.len()
     }
 
@@ -407,7 +403,7 @@ impl Store {
 
     // ---- Pods (metadata only) ----
 
-    pub fn apply_pod(&mut self, event: Event<PartialObjectMeta<core::Pod>>) {
+    pub(crate) fn apply_pod(&mut self, event: Event<PartialObjectMeta<core::Pod>>) {
         let relisted = matches!(event, Event::InitDone);
         let step = Step::of(
             event,
@@ -446,7 +442,7 @@ impl Store {
     }
 
     /// Drops every pod: the pod watch stopped because no Service weighs by label.
-    pub fn forget_pods(&mut self) {
+    pub(crate) fn forget_pods(&mut self) {
         self.pods = Relisted::default();
     }
 
@@ -455,7 +451,7 @@ impl Store {
     // The zone rides along with the table (`ServiceTable::zone`): the Services do not
     // depend on it, so a zone change rebuilds nothing here, but it is published.
 
-    pub fn apply_node(&mut self, event: Event<core::Node>) {
+    pub(crate) fn apply_node(&mut self, event: Event<core::Node>) {
         let before = (
             self.zone().map(str::to_owned),
             self.node_leaving(),
@@ -562,11 +558,11 @@ fn service_key(svc: &core::Service) -> Option<ServiceKey> {
 /// The pods whose labels the weighted Services' rules can match: the pod-metadata watch
 /// asks for these only, so that a cluster's other pods cost this node nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodWatch {
+pub(crate) struct PodWatch {
     /// The one namespace every weighted Service is in; `None`: all namespaces.
-    pub namespace: Option<String>,
+    pub(crate) namespace: Option<String>,
     /// A label selector that every pod a rule matches passes; `None`: every pod.
-    pub selector: Option<String>,
+    pub(crate) selector: Option<String>,
 }
 
 impl PodWatch {
@@ -610,7 +606,7 @@ impl PodWatch {
 }
 
 /// The taint the cluster autoscaler puts on a node it is about to remove.
-pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+pub(crate) const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// What carousel reads of its own Node.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -1131,7 +1127,7 @@ mod tests {
             }
             store.flush();
         }
-        assert!(store.service_count() <= 8);
+        assert!(store.services.live.len() <= 8);
         assert!(store.slice_count() <= 8);
         assert!(store.table.len() <= 8);
         assert!(store.slices_by_service.len() <= 8);

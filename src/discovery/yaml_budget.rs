@@ -14,17 +14,20 @@ use serde_yaml::{Mapping, Value};
 /// How many values a text may expand to, for each of its bytes, and at the least. No
 /// document without aliases comes near: every value takes a byte or more of text, and
 /// Kubernetes objects as `kubectl` prints them hold about one value per 10 bytes.
-pub const VALUES_PER_BYTE: usize = 1;
-pub const MIN_VALUES: usize = 4096;
+pub(crate) const VALUES_PER_BYTE: usize = 1;
+pub(crate) const MIN_VALUES: usize = 4096;
 
 /// The budget for a text of `len` bytes.
-pub fn budget_for(len: usize) -> Cell<usize> {
+pub(crate) fn budget_for(len: usize) -> Cell<usize> {
     Cell::new(len.saturating_mul(VALUES_PER_BYTE).max(MIN_VALUES))
 }
 
 /// Reads one document into a value, spending one unit of `budget` for each value (a
 /// scalar, a sequence, a mapping) it holds once its aliases are expanded.
-pub fn value<'de, D: Deserializer<'de>>(doc: D, budget: &Cell<usize>) -> Result<Value, D::Error> {
+pub(crate) fn value<'de, D: Deserializer<'de>>(
+    doc: D,
+    budget: &Cell<usize>,
+) -> Result<Value, D::Error> {
     Budgeted(budget).deserialize(doc)
 }
 
@@ -57,7 +60,7 @@ impl<'de> DeserializeSeed<'de> for Budgeted<'_> {
 impl<'de> Visitor<'de> for Budgeted<'_> {
     type Value = Value;
 
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any YAML value")
     }
 

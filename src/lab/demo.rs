@@ -14,7 +14,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::algorithm::Algorithm;
-use crate::balance;
 use crate::discovery::convert::Scope;
 use crate::discovery::file;
 use crate::lab::backend::{self, Pod};
@@ -23,7 +22,7 @@ use crate::shutdown::Shutdown;
 use crate::telemetry::{self, Endpoints, Telemetry};
 
 /// The state the demo runs: the same file as `deploy/examples/kubechaos-state.yaml`.
-pub const STATE: &str = include_str!("../../deploy/examples/kubechaos-state.yaml");
+pub(crate) const STATE: &str = include_str!("../../deploy/examples/kubechaos-state.yaml");
 
 const SERVICE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 77, 0, 1)), 3000);
 const CONCURRENCY: usize = 16;
@@ -181,10 +180,7 @@ fn pod_names() -> Vec<String> {
 }
 
 fn available(needed: &str) -> bool {
-    match needed {
-        "session-affinity" => balance::AFFINITY_AVAILABLE,
-        name => name.parse::<Algorithm>().is_ok(),
-    }
+    needed == "session-affinity" || needed.parse::<Algorithm>().is_ok()
 }
 
 /// The embedded state with this phase's annotations and affinity.

@@ -21,7 +21,7 @@ use crate::proxy::clock::now_ms;
 mod splice;
 
 /// The most one read takes in.
-pub const BUFFER_SIZE: usize = 16 * 1024;
+pub(crate) const BUFFER_SIZE: usize = 16 * 1024;
 
 thread_local! {
     /// What every connection on this thread reads into. Borrowed only between a read
@@ -31,7 +31,7 @@ thread_local! {
 
 /// What ended a connection early, and on whose side.
 #[derive(Debug, thiserror::Error)]
-pub enum CopyError {
+pub(crate) enum CopyError {
     #[error("client side: {0}")]
     Client(#[source] io::Error),
     #[error("endpoint side: {0}")]
@@ -63,7 +63,7 @@ impl Side {
 /// may be waiting on a peer that will never speak again), and so does `idle_timeout`
 /// without a byte either way. A side that has half-closed is still watched: its reset
 /// ends the connection at once, even while the other side stays silent.
-pub async fn copy_both_ways(
+pub(crate) async fn copy_both_ways(
     client: &TcpStream,
     upstream: &TcpStream,
     to_endpoint: &Counter,

@@ -6,24 +6,24 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The first ejection lasts this long; each failure in a row doubles it up to `MAX`.
-pub const BASE: Duration = Duration::from_millis(500);
-pub const MAX: Duration = Duration::from_secs(30);
+pub(crate) const BASE: Duration = Duration::from_millis(500);
+pub(crate) const MAX: Duration = Duration::from_secs(30);
 
 /// The ejection record of one endpoint: two atomics, read on every pick, no lock.
 #[derive(Debug, Default)]
-pub struct Ejection {
+pub(crate) struct Ejection {
     failures: AtomicU32,
     until_ms: AtomicU64,
 }
 
 impl Ejection {
     /// Whether the endpoint is to be skipped at `now` (ms).
-    pub fn is_ejected(&self, now: u64) -> bool {
+    pub(crate) fn is_ejected(&self, now: u64) -> bool {
         now < self.until_ms.load(Ordering::Relaxed)
     }
 
     /// Records a failed connect at `now`; returns the length of the ejection it starts.
-    pub fn failed(&self, now: u64) -> Duration {
+    pub(crate) fn failed(&self, now: u64) -> Duration {
         let failures = self
             .failures
             .fetch_add(1, Ordering::Relaxed)
@@ -35,7 +35,7 @@ impl Ejection {
     }
 
     /// Records an accepted connection: the endpoint is healthy again.
-    pub fn succeeded(&self) {
+    pub(crate) fn succeeded(&self) {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
             self.until_ms.store(0, Ordering::Relaxed);

@@ -11,16 +11,16 @@ use crate::proxy::ejection::Ejection;
 use crate::proxy::port_metrics::{EndpointSeries, PortMetrics};
 
 #[derive(Debug)]
-pub struct EndpointState {
-    pub addr: PodAddr,
-    pub pod: Arc<str>,
+pub(crate) struct EndpointState {
+    pub(crate) addr: PodAddr,
+    pub(crate) pod: Arc<str>,
     /// Open connections; the same counter the balancer reads.
-    pub active: Arc<AtomicU32>,
+    pub(crate) active: Arc<AtomicU32>,
     /// Passive health.
-    pub ejection: Ejection,
+    pub(crate) ejection: Ejection,
     /// Picks of this endpoint, read by the fairness task (`fairness.rs`): a plain
     /// atomic because a metrics counter cannot be read back.
-    pub picks: AtomicU64,
+    pub(crate) picks: AtomicU64,
     /// Its weight while it takes new connections, else 0; the weight gauge shows it
     /// once the series exist.
     weight: AtomicU32,
@@ -31,7 +31,7 @@ pub struct EndpointState {
 }
 
 impl EndpointState {
-    pub fn new(addr: PodAddr, pod: Arc<str>, port: &Arc<PortMetrics>) -> Self {
+    pub(crate) fn new(addr: PodAddr, pod: Arc<str>, port: &Arc<PortMetrics>) -> Self {
         Self {
             addr,
             pod,
@@ -45,7 +45,7 @@ impl EndpointState {
     }
 
     /// The endpoint's series, registered on first use.
-    pub fn series(&self) -> &EndpointSeries {
+    pub(crate) fn series(&self) -> &EndpointSeries {
         self.series.get_or_init(|| {
             let weight = self.weight.load(Ordering::Relaxed);
             Box::new(self.port.endpoint(self.addr, &self.pod, weight))
@@ -53,15 +53,10 @@ impl EndpointState {
     }
 
     /// Sets the weight, and the gauge when the series exist.
-    pub fn set_weight(&self, weight: u32) {
+    pub(crate) fn set_weight(&self, weight: u32) {
         self.weight.store(weight, Ordering::Relaxed);
         if let Some(series) = self.series.get() {
             series.weight.set(f64::from(weight));
         }
-    }
-
-    /// The port whose series these are.
-    pub fn port(&self) -> &Arc<PortMetrics> {
-        &self.port
     }
 }

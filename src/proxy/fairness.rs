@@ -16,13 +16,13 @@ use crate::proxy::routes::{Route, RouteTable};
 use crate::stats;
 
 /// How often the counters are read.
-pub const TICK: Duration = Duration::from_secs(2);
+pub(crate) const TICK: Duration = Duration::from_secs(2);
 /// Ticks in the sliding window: ten seconds of picks.
-pub const WINDOW_TICKS: usize = 5;
+pub(crate) const WINDOW_TICKS: usize = 5;
 
 /// Jain's index of `(picks, weight)` pairs, picks relative to weight; None when the
 /// window saw no pick, so that an idle Service keeps its last value.
-pub fn window_fairness(counts: &[(u64, u32)]) -> Option<f64> {
+pub(crate) fn window_fairness(counts: &[(u64, u32)]) -> Option<f64> {
     if counts.iter().all(|(picks, _)| *picks == 0) {
         return None;
     }
@@ -67,7 +67,7 @@ struct RouteHistory {
 ///
 /// The gauge is resolved here, once a window has picks, rather than with the route: a
 /// gauge registered early would read 0, "maximally unfair", for an idle Service.
-pub async fn track(routes: Arc<ArcSwap<RouteTable>>, tick: Duration, window: usize) {
+pub(crate) async fn track(routes: Arc<ArcSwap<RouteTable>>, tick: Duration, window: usize) {
     // Keyed by the address of the port's series: the same across tables while the
     // port's labels stay.
     let mut history: HashMap<usize, RouteHistory> = HashMap::new();
@@ -168,7 +168,7 @@ mod tests {
         let client = ClientAddr(([192, 0, 2, 1], 40000).into());
         let mut h = RouteHistory::default();
         for _ in 0..4 {
-            route.pick(client);
+            route.pick_at(client, tokio::time::Instant::now());
         }
         update(&mut h, route, 3);
         assert_eq!(h.endpoints.len(), 2);
@@ -183,15 +183,15 @@ mod tests {
             "a quiet window drops the endpoints' histories"
         );
         // Picks again: measured from the counts at that tick, not from the start.
-        route.pick(client);
+        route.pick_at(client, tokio::time::Instant::now());
         update(&mut h, route, 3);
         let deltas: u64 = h.endpoints.values().flat_map(|e| &e.deltas).sum();
         assert_eq!(
             deltas, 0,
             "the tick that wakes a port only sets its baseline"
         );
-        route.pick(client);
-        route.pick(client);
+        route.pick_at(client, tokio::time::Instant::now());
+        route.pick_at(client, tokio::time::Instant::now());
         update(&mut h, route, 3);
         let deltas: u64 = h.endpoints.values().flat_map(|e| &e.deltas).sum();
         assert_eq!(deltas, 2);

@@ -45,7 +45,7 @@ impl Default for ForwardConfig {
 
 /// Why no endpoint took a connection.
 #[derive(Debug, thiserror::Error)]
-pub enum ForwardError {
+pub(crate) enum ForwardError {
     #[error("no endpoint for the service")]
     NoEndpoint,
     /// This host is out of something (descriptors, say): no endpoint is to blame.
@@ -62,7 +62,7 @@ pub enum ForwardError {
 /// Forwards `client` to an endpoint of `route` and copies until both sides are done, or
 /// until `cut`: then both sides are reset, so that neither takes the cut transfer for a
 /// complete one.
-pub async fn forward(
+pub(crate) async fn forward(
     client: TcpStream,
     peer: ClientAddr,
     route: &Route,
@@ -119,13 +119,13 @@ pub async fn forward(
 }
 
 /// Makes the coming close a reset: the peer must not mistake it for a complete answer.
-pub fn reset(stream: &TcpStream) {
+pub(crate) fn reset(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// Keepalive probes after `idle` without traffic; the interval and count between probes
 /// are the system's, which keeps it to two system calls a socket.
-pub fn keepalive(idle: Duration) -> TcpKeepalive {
+pub(crate) fn keepalive(idle: Duration) -> TcpKeepalive {
     TcpKeepalive::new().with_time(idle)
 }
 

@@ -47,7 +47,7 @@ pub struct Presence {
 
 impl Presence {
     /// A carousel that has not routed anything yet.
-    pub fn starting(key: impl Into<String>) -> Self {
+    pub(crate) fn starting(key: impl Into<String>) -> Self {
         let key = key.into();
         let starting = hold(&key, "starting");
         Self {
@@ -58,7 +58,7 @@ impl Presence {
     }
 
     /// Its first route table is in place and its listeners are open: it can take over.
-    pub fn ready(&mut self) {
+    pub(crate) fn ready(&mut self) {
         if self.ready.is_some() {
             return;
         }
@@ -86,7 +86,7 @@ impl Presence {
     }
 
     /// Told to stop: returns once a successor is ready, or at once when none is coming.
-    pub async fn hand_over(&self) {
+    pub(crate) async fn hand_over(&self) {
         loop {
             let successor_ready = held(&self.key, "successor");
             if successor_ready {

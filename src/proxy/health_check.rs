@@ -18,15 +18,15 @@ use crate::telemetry::{self, Telemetry};
 
 /// What one health check port answers for.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Check {
-    pub service: ServiceKey,
+pub(crate) struct Check {
+    pub(crate) service: ServiceKey,
     /// Ready endpoints of the Service on this node.
-    pub local_endpoints: usize,
+    pub(crate) local_endpoints: usize,
 }
 
 impl Check {
     /// kube-proxy's answer: 200 with local endpoints (and a healthy proxy), else 503.
-    pub fn answer(&self, proxy_healthy: bool) -> (StatusCode, String) {
+    pub(crate) fn answer(&self, proxy_healthy: bool) -> (StatusCode, String) {
         let status = if self.local_endpoints > 0 && proxy_healthy {
             StatusCode::OK
         } else {
@@ -44,7 +44,7 @@ impl Check {
 /// The health check ports of `table` and what each answers. A pure function of the table
 /// and this node. A port claimed by two Services goes to the first (the API server
 /// allocates each once).
-pub fn checks(table: &ServiceTable, here: &Locality) -> HashMap<u16, Check> {
+pub(crate) fn checks(table: &ServiceTable, here: &Locality) -> HashMap<u16, Check> {
     let mut checks = HashMap::new();
     for service in table.services.values() {
         let Some(port) = service.health_check_node_port else {
@@ -69,7 +69,7 @@ pub fn checks(table: &ServiceTable, here: &Locality) -> HashMap<u16, Check> {
 
 /// The open health check listeners, kept in step with the table.
 #[derive(Debug)]
-pub struct HealthChecks {
+pub(crate) struct HealthChecks {
     /// Where the ports are served: the node port addresses (bind mode), or every address.
     addrs: Vec<IpAddr>,
     answers: Arc<ArcSwap<HashMap<u16, Check>>>,
@@ -81,7 +81,7 @@ pub struct HealthChecks {
 }
 
 impl HealthChecks {
-    pub fn new(nodeport_addresses: Option<&[IpAddr]>) -> Self {
+    pub(crate) fn new(nodeport_addresses: Option<&[IpAddr]>) -> Self {
         let addrs = match nodeport_addresses {
             Some(addrs) => addrs.to_vec(),
             None => vec![
@@ -102,7 +102,7 @@ impl HealthChecks {
     /// at once. Returns how many ports could not be listened on (retried next time).
     /// A table whose changes touch no Service with a health check costs a walk of
     /// those changes only.
-    pub fn reconcile(
+    pub(crate) fn reconcile(
         &mut self,
         table: &Arc<ServiceTable>,
         here: &Locality,

@@ -12,13 +12,13 @@ use ipnet::IpNet;
 
 /// The pod networks and the node's own addresses, as of the last sync.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Inside {
+pub(crate) struct Inside {
     nets: Vec<IpNet>,
     local: Vec<IpAddr>,
 }
 
 impl Inside {
-    pub fn new(nets: impl IntoIterator<Item = IpNet>, local: Vec<IpAddr>) -> Self {
+    pub(crate) fn new(nets: impl IntoIterator<Item = IpNet>, local: Vec<IpAddr>) -> Self {
         let mut nets: Vec<IpNet> = nets.into_iter().collect();
         nets.sort();
         nets.dedup();
@@ -27,7 +27,7 @@ impl Inside {
 
     /// [`Inside::new`] with the addresses this node holds now. When they cannot be read
     /// only loopback counts as the node.
-    pub fn with_local_addresses(nets: impl IntoIterator<Item = IpNet>) -> Self {
+    pub(crate) fn with_local_addresses(nets: impl IntoIterator<Item = IpNet>) -> Self {
         let local = match if_addrs::get_if_addrs() {
             Ok(ifaces) => ifaces.into_iter().map(|i| i.ip()).collect(),
             Err(e) => {
@@ -39,7 +39,7 @@ impl Inside {
     }
 
     /// Whether a client at `ip` is a pod or the node itself.
-    pub fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         ip.is_loopback() || self.local.contains(&ip) || self.nets.iter().any(|n| n.contains(&ip))
     }
 }

@@ -14,7 +14,7 @@ use crate::telemetry::Telemetry;
 
 /// Why a sync of the node (rules, or bind mode's listeners) failed; it is retried.
 #[derive(Debug, thiserror::Error)]
-pub enum SyncError {
+pub(crate) enum SyncError {
     #[error(transparent)]
     Rules(#[from] NftError),
     #[error("{0} Service address(es) or health check port(s) could not be listened on")]

@@ -35,7 +35,10 @@ pub fn bind(addr: SocketAddr, keepalive: Option<Duration>) -> io::Result<TcpList
 /// A listener for intercepted traffic (IP_TRANSPARENT, IPV6_TRANSPARENT): it accepts
 /// connections to any address that TPROXY hands it, and each accepted socket's local
 /// address is the one the client dialed. Needs CAP_NET_ADMIN.
-pub fn bind_transparent(addr: SocketAddr, keepalive: Option<Duration>) -> io::Result<TcpListener> {
+pub(crate) fn bind_transparent(
+    addr: SocketAddr,
+    keepalive: Option<Duration>,
+) -> io::Result<TcpListener> {
     let socket = socket(addr, keepalive)?;
     if addr.is_ipv6() {
         socket.set_ip_transparent_v6(true)?;
@@ -100,7 +103,10 @@ pub fn migrate_queued_connections_on_close() {
 /// every `--nodeport-addresses` address at every node port, of the Service ports that
 /// have endpoints (without a listener, a client is refused at the SYN). The value names
 /// the Service port, for messages.
-pub fn wanted(routes: &RouteTable, nodeport_addresses: &[IpAddr]) -> BTreeMap<ServiceAddr, String> {
+pub(crate) fn wanted(
+    routes: &RouteTable,
+    nodeport_addresses: &[IpAddr],
+) -> BTreeMap<ServiceAddr, String> {
     let mut wanted = BTreeMap::new();
     for (addr, route) in routes.service_addrs().filter(|(_, r)| r.has_endpoints) {
         wanted.insert(*addr, format!("{} port {}", route.service, route.port));
@@ -120,7 +126,7 @@ pub fn wanted(routes: &RouteTable, nodeport_addresses: &[IpAddr]) -> BTreeMap<Se
 /// from the table of generation `last`: each with its Service port, or `None` where it is
 /// no longer wanted. `None` when the edits do not follow `last`: then only the whole
 /// [`wanted`] tells. So one changed Service among thousands costs its own addresses.
-pub fn changed(
+pub(crate) fn changed(
     routes: &RouteTable,
     nodeport_addresses: &[IpAddr],
     last: u64,
@@ -163,7 +169,7 @@ fn wanted_at(
 
 /// The descriptor limit (RLIMIT_NOFILE) now: its soft value, which is what the kernel
 /// enforces.
-pub fn descriptor_limit() -> u64 {
+pub(crate) fn descriptor_limit() -> u64 {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     limit.current.unwrap_or(u64::MAX)
 }
@@ -195,13 +201,13 @@ pub fn raise_descriptor_limit() -> u64 {
 /// How many listeners bind mode opens at most: half the descriptor limit. The other
 /// half stays for what must never starve: the connections (two descriptors each), the
 /// health and metrics servers, the state file and the API client.
-pub fn listener_budget(limit: u64) -> usize {
+pub(crate) fn listener_budget(limit: u64) -> usize {
     usize::try_from(limit / 2).unwrap_or(usize::MAX)
 }
 
 /// The open listeners of bind mode.
 #[derive(Debug)]
-pub struct Listeners {
+pub(crate) struct Listeners {
     open: HashMap<ServiceAddr, JoinHandle<()>>,
     /// Addresses that failed to bind, so each failure is reported once.
     failed: HashSet<ServiceAddr>,
@@ -212,7 +218,7 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub fn new(telemetry: &Telemetry) -> Self {
+    pub(crate) fn new(telemetry: &Telemetry) -> Self {
         Self {
             open: HashMap::new(),
             failed: HashSet::new(),
@@ -227,7 +233,7 @@ impl Listeners {
     /// of the addresses (in address order; open ones keep their listener) are refused
     /// without a system call, with one log line for the count and a gauge, so that the
     /// descriptors the rest of carousel needs are never taken.
-    pub fn reconcile(
+    pub(crate) fn reconcile(
         &mut self,
         wanted: &BTreeMap<ServiceAddr, String>,
         intake: &Accepting,
@@ -276,7 +282,7 @@ impl Listeners {
     /// [`changed`]): `None`, with nothing done, when the last reconcile left an address
     /// failed or refused (those are retried by a whole reconcile) or when the changes
     /// would pass the budget.
-    pub fn apply(
+    pub(crate) fn apply(
         &mut self,
         changes: &[(ServiceAddr, Option<String>)],
         intake: &Accepting,
@@ -336,13 +342,8 @@ impl Listeners {
         }
     }
 
-    /// The addresses listened on now.
-    pub fn addrs(&self) -> impl Iterator<Item = &ServiceAddr> {
-        self.open.keys()
-    }
-
     /// Stops accepting everywhere. Open connections are not touched.
-    pub fn close_all(&mut self) {
+    pub(crate) fn close_all(&mut self) {
         for (_, task) in self.open.drain() {
             task.abort();
         }
@@ -357,7 +358,7 @@ impl Drop for Listeners {
 
 /// How a listener learns which Service address a client dialed.
 #[derive(Clone, Copy, Debug)]
-pub enum Dialed {
+pub(crate) enum Dialed {
     /// Bind mode: the listener's own address is the Service address.
     Listener(ServiceAddr),
     /// nftables mode, on a listener at this port: a connection intercepted with TPROXY
@@ -369,30 +370,30 @@ pub enum Dialed {
 /// What every accept loop shares: the routes, how to forward, the open connections
 /// (so that shutdown can wait for them) and the connection limit.
 #[derive(Clone, Debug)]
-pub struct Accepting {
-    pub routes: Arc<ArcSwap<RouteTable>>,
+pub(crate) struct Accepting {
+    pub(crate) routes: Arc<ArcSwap<RouteTable>>,
     /// Who counts as a pod or the node itself, as of the last sync.
-    pub inside: Arc<ArcSwap<Inside>>,
-    pub forward: ForwardConfig,
-    pub connections: TaskTracker,
-    pub limit: Arc<Limit>,
+    pub(crate) inside: Arc<ArcSwap<Inside>>,
+    pub(crate) forward: ForwardConfig,
+    pub(crate) connections: TaskTracker,
+    pub(crate) limit: Arc<Limit>,
     /// Cancelled when the drain runs out: every open connection is reset.
-    pub cut: CancellationToken,
+    pub(crate) cut: CancellationToken,
 }
 
 /// `--max-connections` and what it and the accept loop count.
 #[derive(Debug)]
-pub struct Limit {
-    pub max: Option<usize>,
+pub(crate) struct Limit {
+    pub(crate) max: Option<usize>,
     open: AtomicUsize,
     /// `carousel_connections_rejected_total{reason="max_connections"}`.
-    pub rejected: Counter,
+    pub(crate) rejected: Counter,
     /// `carousel_accept_errors_total`: e.g. out of file descriptors.
-    pub accept_errors: Counter,
+    pub(crate) accept_errors: Counter,
 }
 
 impl Limit {
-    pub fn new(max: Option<usize>, telemetry: &Telemetry) -> Self {
+    pub(crate) fn new(max: Option<usize>, telemetry: &Telemetry) -> Self {
         Self {
             max,
             open: AtomicUsize::new(0),
@@ -440,7 +441,7 @@ fn intercepted(stream: &TcpStream, listen_port: u16) -> io::Result<ServiceAddr> 
 }
 
 /// Accepts connections and hands each to its own task.
-pub async fn accept_loop(listener: TcpListener, dialed: Dialed, intake: Accepting) {
+pub(crate) async fn accept_loop(listener: TcpListener, dialed: Dialed, intake: Accepting) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,

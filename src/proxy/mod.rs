@@ -2,20 +2,20 @@
 //! reaches carousel (a listener per Service address, or nftables redirects to one
 //! listener), and the forwarding of each connection.
 
-pub mod clock;
-pub mod copy;
-pub mod ejection;
-pub mod endpoint;
-pub mod fairness;
-pub mod forward;
-pub mod handover;
-pub mod health_check;
-pub mod inside;
+pub(crate) mod clock;
+pub(crate) mod copy;
+pub(crate) mod ejection;
+pub(crate) mod endpoint;
+pub(crate) mod fairness;
+pub(crate) mod forward;
+pub(crate) mod handover;
+pub(crate) mod health_check;
+pub(crate) mod inside;
 mod intake;
 pub mod listener;
-pub mod original_dst;
-pub mod port_metrics;
-pub mod redirects;
+pub(crate) mod original_dst;
+pub(crate) mod port_metrics;
+pub(crate) mod redirects;
 pub mod routes;
 
 use std::future::Future;
@@ -93,7 +93,7 @@ pub struct ProxyConfig {
 }
 
 /// kube-proxy's default `--sync-period`.
-pub const SYNC_PERIOD: Duration = Duration::from_secs(30);
+pub(crate) const SYNC_PERIOD: Duration = Duration::from_secs(30);
 
 impl Default for ProxyConfig {
     fn default() -> Self {

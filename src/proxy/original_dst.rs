@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use crate::addr::ServiceAddr;
 
 /// The destination the client dialed, as conntrack remembers it.
-pub fn original_dst(stream: &TcpStream) -> io::Result<ServiceAddr> {
+pub(crate) fn original_dst(stream: &TcpStream) -> io::Result<ServiceAddr> {
     let sock = SockRef::from(stream);
     let local = stream.local_addr()?;
     let dst = match local {

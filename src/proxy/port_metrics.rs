@@ -15,7 +15,7 @@ use crate::telemetry::{names, Telemetry};
 
 /// One Service port's series, shared by its routes and carried across tables.
 #[derive(Debug)]
-pub struct PortMetrics {
+pub(crate) struct PortMetrics {
     telemetry: Arc<Telemetry>,
     service: ServiceKey,
     /// The port's label: its name, or its number when unnamed.
@@ -23,7 +23,7 @@ pub struct PortMetrics {
     /// `namespace`, `service`, `port`: the labels of every series of the port.
     labels: Arc<[Label]>,
     /// `carousel_connections_total{outcome="no_endpoint"}`.
-    pub no_endpoint: Counter,
+    pub(crate) no_endpoint: Counter,
     /// `carousel_endpoints{state}`: ready, serving, terminating.
     endpoint_counts: [Gauge; 3],
     /// The port's latency histograms, registered at its first connection.
@@ -32,25 +32,29 @@ pub struct PortMetrics {
 
 /// The series of one endpoint, resolved once: a connection only increments them.
 #[derive(Debug)]
-pub struct EndpointSeries {
-    pub ok: Counter,
-    pub connect_errors: Counter,
-    pub active: Gauge,
-    pub bytes_to_endpoint: Counter,
-    pub bytes_to_client: Counter,
+pub(crate) struct EndpointSeries {
+    pub(crate) ok: Counter,
+    pub(crate) connect_errors: Counter,
+    pub(crate) active: Gauge,
+    pub(crate) bytes_to_endpoint: Counter,
+    pub(crate) bytes_to_client: Counter,
     /// The Service port's histogram; the endpoint's own with `--endpoint-histograms`.
-    pub connect_duration: Histogram,
-    pub connection_duration: Histogram,
+    pub(crate) connect_duration: Histogram,
+    pub(crate) connection_duration: Histogram,
     /// `carousel_endpoint_ejections_total`: failed connects that took the endpoint out.
-    pub ejections: Counter,
+    pub(crate) ejections: Counter,
     /// `carousel_endpoint_weight`.
-    pub weight: Gauge,
+    pub(crate) weight: Gauge,
 }
 
 const ENDPOINT_STATES: [&str; 3] = ["ready", "serving", "terminating"];
 
 impl PortMetrics {
-    pub fn new(telemetry: &Arc<Telemetry>, service: &ServiceKey, port: &ServicePort) -> Self {
+    pub(crate) fn new(
+        telemetry: &Arc<Telemetry>,
+        service: &ServiceKey,
+        port: &ServicePort,
+    ) -> Self {
         let port_label = port.label();
         let labels: Arc<[Label]> = vec![
             Label::new("namespace", service.namespace.to_string()),
@@ -79,12 +83,12 @@ impl PortMetrics {
     }
 
     /// Whether these are the series of `port` of `service`.
-    pub fn describes(&self, service: &ServiceKey, port: &ServicePort) -> bool {
+    pub(crate) fn describes(&self, service: &ServiceKey, port: &ServicePort) -> bool {
         self.service == *service && self.port == port.label()
     }
 
     /// Sets `carousel_endpoints{state}` from the port's endpoints.
-    pub fn count_endpoints(&self, port: &ServicePort) {
+    pub(crate) fn count_endpoints(&self, port: &ServicePort) {
         let mut counts = [0usize; 3];
         for e in &port.endpoints {
             for (n, on) in counts.iter_mut().zip([e.ready, e.serving, e.terminating]) {
@@ -97,7 +101,7 @@ impl PortMetrics {
     }
 
     /// The series of the endpoint at `addr`, `pod`, with its weight gauge at `weight`.
-    pub fn endpoint(&self, addr: PodAddr, pod: &str, weight: u32) -> EndpointSeries {
+    pub(crate) fn endpoint(&self, addr: PodAddr, pod: &str, weight: u32) -> EndpointSeries {
         let telemetry = &self.telemetry;
         let labels = |extra: &[(&'static str, &'static str)]| {
             let mut l = self.labels.to_vec();
@@ -142,7 +146,7 @@ impl PortMetrics {
     }
 
     /// `carousel_shadow_picks_total` of one endpoint under the shadow `algorithm`.
-    pub fn shadow_picks(&self, algorithm: Algorithm, addr: PodAddr, pod: &str) -> Counter {
+    pub(crate) fn shadow_picks(&self, algorithm: Algorithm, addr: PodAddr, pod: &str) -> Counter {
         let mut labels = self.labels.to_vec();
         labels.extend([
             Label::new("algorithm", algorithm.name()),
@@ -153,7 +157,7 @@ impl PortMetrics {
     }
 
     /// The `carousel_affinity_*` handles, for a port with ClientIP affinity.
-    pub fn affinity(&self) -> AffinityStats {
+    pub(crate) fn affinity(&self) -> AffinityStats {
         let lookups = |result: &'static str| {
             let mut labels = self.labels.to_vec();
             labels.push(Label::new("result", result));
@@ -174,7 +178,7 @@ impl PortMetrics {
     }
 
     /// `carousel_fairness_jain` of the port.
-    pub fn fairness(&self) -> Gauge {
+    pub(crate) fn fairness(&self) -> Gauge {
         self.telemetry
             .gauge(names::FAIRNESS_JAIN, self.labels.to_vec())
     }

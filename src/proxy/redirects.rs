@@ -9,7 +9,7 @@ use crate::proxy::routes::RouteTable;
 
 /// The sets for `table`, and the table they were derived for.
 #[derive(Clone, Debug, Default)]
-pub struct Derived {
+pub(crate) struct Derived {
     generation: u64,
     /// Boxed: the sets' roots are a few hundred bytes, and the intake keeps one.
     redirects: Box<Redirects>,
@@ -18,7 +18,7 @@ pub struct Derived {
 impl Derived {
     /// The sets for `table`: `last`'s rewritten at `table`'s edits when `table` was
     /// built from the table `last` describes, else derived from every route.
-    pub fn next(last: Option<&Derived>, table: &RouteTable) -> Derived {
+    pub(crate) fn next(last: Option<&Derived>, table: &RouteTable) -> Derived {
         let redirects = Box::new(match last {
             Some(last) if table.edits().after == Some(last.generation) => {
                 follow(&last.redirects, table)
@@ -31,13 +31,13 @@ impl Derived {
         }
     }
 
-    pub fn redirects(&self) -> &Redirects {
+    pub(crate) fn redirects(&self) -> &Redirects {
         &self.redirects
     }
 }
 
 /// The sets for every route of `table`.
-pub fn whole(table: &RouteTable) -> Redirects {
+pub(crate) fn whole(table: &RouteTable) -> Redirects {
     let mut redirects = Redirects::default();
     for (addr, route) in table.service_addrs() {
         redirects.service(*addr, route.has_endpoints);

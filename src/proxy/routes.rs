@@ -22,9 +22,9 @@ use crate::telemetry::Telemetry;
 /// One endpoint as the data path sees it: its lasting state and its weight in this
 /// route. Reads as the state (`endpoint.addr`, `endpoint.active`, ...).
 #[derive(Debug, Clone)]
-pub struct RouteEndpoint {
-    pub state: Arc<EndpointState>,
-    pub weight: u32,
+pub(crate) struct RouteEndpoint {
+    pub(crate) state: Arc<EndpointState>,
+    pub(crate) weight: u32,
 }
 
 impl std::ops::Deref for RouteEndpoint {
@@ -37,25 +37,25 @@ impl std::ops::Deref for RouteEndpoint {
 
 /// One Service port: where its connections may go and how the next one is chosen.
 #[derive(Debug)]
-pub struct Route {
-    pub service: ServiceKey,
+pub(crate) struct Route {
+    pub(crate) service: ServiceKey,
     /// The port's metric label: its name, or its number when unnamed.
-    pub port: String,
+    pub(crate) port: String,
     /// Parallel to the balancer's backends: index `i` of a pick is `endpoints[i]`.
-    pub endpoints: Vec<RouteEndpoint>,
+    pub(crate) endpoints: Vec<RouteEndpoint>,
     balancer: Picker,
     /// The port's series; shared by its routes, and carried to the next table.
-    pub metrics: Arc<PortMetrics>,
+    pub(crate) metrics: Arc<PortMetrics>,
     /// Algorithms evaluated beside the real one (`carousel run --shadow`).
     shadows: Vec<Shadow>,
     /// Whether the Service port has an endpoint for new connections anywhere in the
     /// cluster. Without one, its addresses refuse connections at the SYN (nftables mode)
     /// or have no listener (bind mode): the client sees ECONNREFUSED, as with kube-proxy.
-    pub has_endpoints: bool,
+    pub(crate) has_endpoints: bool,
     /// Where connections from inside the cluster go instead (`Traffic::Inside`): set on
     /// the external route of an `externalTrafficPolicy: Local` Service whose every
     /// endpoint differs from this node's.
-    pub inside: Option<Arc<Route>>,
+    pub(crate) inside: Option<Arc<Route>>,
     /// Picks made by this route, so that the fairness task skips idle ones at a glance.
     picks: AtomicU64,
 }
@@ -73,15 +73,8 @@ struct Shadow {
 impl Route {
     /// The index of the endpoint for a new connection from `client`.
     /// [`Route::pick`] at `now`, the connection's own clock reading.
-    pub fn pick_at(&self, client: ClientAddr, now: tokio::time::Instant) -> Option<usize> {
+    pub(crate) fn pick_at(&self, client: ClientAddr, now: tokio::time::Instant) -> Option<usize> {
         let picked = self.balancer.pick_at(client.ip(), now);
-        self.count(client, picked);
-        picked
-    }
-
-    /// The index of the endpoint for a new connection from `client`.
-    pub fn pick(&self, client: ClientAddr) -> Option<usize> {
-        let picked = self.balancer.pick(client.ip());
         self.count(client, picked);
         picked
     }
@@ -100,17 +93,13 @@ impl Route {
     }
 
     /// Picks made by this route (not by an earlier route of the same port).
-    pub fn picks(&self) -> u64 {
+    pub(crate) fn picks(&self) -> u64 {
         self.picks.load(Ordering::Relaxed)
-    }
-
-    pub fn algorithm(&self) -> Algorithm {
-        self.balancer.algorithm()
     }
 
     /// Lets the ClientIP affinity map, if any, drop the clients that have expired (it
     /// does so at most every eighth of its timeout).
-    pub fn sweep_affinity(&self, now: tokio::time::Instant) {
+    pub(crate) fn sweep_affinity(&self, now: tokio::time::Instant) {
         if let Some(affinity) = self.balancer.affinity() {
             affinity.sweep_expired(now);
         }
@@ -127,7 +116,7 @@ type FastMap<K, V> =
 
 /// What becomes of a new connection, by [`RouteTable::admit`].
 #[derive(Debug)]
-pub enum Admission<'a> {
+pub(crate) enum Admission<'a> {
     /// Forward it over this route.
     Route(&'a Arc<Route>),
     /// Nothing is served at the address dialed.
@@ -159,12 +148,12 @@ pub struct RouteTable {
 /// whose route may differ, so that whoever follows tables one by one (the nftables
 /// sets) touches only those.
 #[derive(Debug, Default)]
-pub struct Edits {
+pub(crate) struct Edits {
     /// The generation of the table these edits apply to; `None` when this table was
     /// built from nothing (the first, or after this node's zone changed).
-    pub after: Option<u64>,
-    pub addrs: Vec<ServiceAddr>,
-    pub node_ports: Vec<u16>,
+    pub(crate) after: Option<u64>,
+    pub(crate) addrs: Vec<ServiceAddr>,
+    pub(crate) node_ports: Vec<u16>,
 }
 
 /// Generations handed to built tables.
@@ -176,7 +165,7 @@ type Change<'a> = (Option<&'a Arc<Service>>, Option<&'a Arc<Service>>);
 impl RouteTable {
     /// The Service port a client reached by dialing `dialed`: its Service address, or
     /// else any local address at one of its node ports.
-    pub fn lookup(&self, dialed: ServiceAddr) -> Option<&Arc<Route>> {
+    pub(crate) fn lookup(&self, dialed: ServiceAddr) -> Option<&Arc<Route>> {
         self.by_addr
             .get(&dialed)
             .or_else(|| self.by_node_port.get(&dialed.port()))
@@ -185,7 +174,7 @@ impl RouteTable {
     /// What becomes of a connection from `client` to `dialed`: its route (the cluster-wide
     /// one when `inside` says the client is in the cluster and the Service keeps outside
     /// traffic on this node), unless the Service's source ranges keep the client out.
-    pub fn admit(
+    pub(crate) fn admit(
         &self,
         dialed: ServiceAddr,
         client: ClientAddr,
@@ -208,52 +197,52 @@ impl RouteTable {
     }
 
     /// The route at a Service address (not a node port).
-    pub fn service_addr(&self, addr: ServiceAddr) -> Option<&Arc<Route>> {
+    pub(crate) fn service_addr(&self, addr: ServiceAddr) -> Option<&Arc<Route>> {
         self.by_addr.get(&addr)
     }
 
     /// The route at a node port.
-    pub fn node_port(&self, port: u16) -> Option<&Arc<Route>> {
+    pub(crate) fn node_port(&self, port: u16) -> Option<&Arc<Route>> {
         self.by_node_port.get(&port)
     }
 
     /// The source ranges that guard a load-balancer address, if any do.
-    pub fn source_range(&self, addr: ServiceAddr) -> Option<&Arc<[IpNet]>> {
+    pub(crate) fn source_range(&self, addr: ServiceAddr) -> Option<&Arc<[IpNet]>> {
         self.source_ranges.get(&addr)
     }
 
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.generation
     }
 
     /// What changed since the table this one was built from.
-    pub fn edits(&self) -> &Edits {
+    pub(crate) fn edits(&self) -> &Edits {
         &self.edits
     }
 
     /// The load-balancer addresses guarded by source ranges, with their ranges.
-    pub fn source_ranges(&self) -> impl Iterator<Item = (&ServiceAddr, &Arc<[IpNet]>)> {
+    pub(crate) fn source_ranges(&self) -> impl Iterator<Item = (&ServiceAddr, &Arc<[IpNet]>)> {
         self.source_ranges.iter()
     }
 
     /// Every Service address (ClusterIPs, external and load-balancer IPs) with its port.
-    pub fn service_addrs(&self) -> impl Iterator<Item = (&ServiceAddr, &Arc<Route>)> {
+    pub(crate) fn service_addrs(&self) -> impl Iterator<Item = (&ServiceAddr, &Arc<Route>)> {
         self.by_addr.iter()
     }
 
     /// Every node port with its Service port.
-    pub fn node_ports(&self) -> impl Iterator<Item = (u16, &Arc<Route>)> {
+    pub(crate) fn node_ports(&self) -> impl Iterator<Item = (u16, &Arc<Route>)> {
         self.by_node_port.iter().map(|(p, r)| (*p, r))
     }
 
     /// Every Service port.
-    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+    pub(crate) fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
         self.by_port.values()
     }
 
     /// Every Service port's route for ClusterIP traffic: one per port, as the
     /// per-port series (`carousel_fairness_jain`) want.
-    pub fn internal_routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+    pub(crate) fn internal_routes(&self) -> impl Iterator<Item = &Arc<Route>> {
         self.by_port
             .iter()
             .filter(|((_, _, traffic), _)| *traffic == Traffic::Internal)
@@ -409,7 +398,7 @@ impl RouteBuilder {
     }
 
     /// The same, with the `shadow` algorithms evaluated beside each Service's own.
-    pub fn with_shadows(self, shadow: Vec<Algorithm>) -> Self {
+    pub(crate) fn with_shadows(self, shadow: Vec<Algorithm>) -> Self {
         Self { shadow, ..self }
     }
 
@@ -714,7 +703,7 @@ pub(crate) mod tests {
     fn picked(routes: &RouteTable, client: u8) -> PodAddr {
         let route = routes.routes().next().unwrap();
         let peer = ClientAddr(SocketAddr::from(([192, 0, 2, client], 40000)));
-        route.endpoints[route.pick(peer).unwrap()].addr
+        route.endpoints[route.pick_at(peer, tokio::time::Instant::now()).unwrap()].addr
     }
 
     #[test]
@@ -753,7 +742,7 @@ pub(crate) mod tests {
         );
         let addr = |s: &str| ServiceAddr(s.parse().unwrap());
         let client = |s: &str| ClientAddr(SocketAddr::new(s.parse().unwrap(), 40000));
-        let pods = |admission: Admission| match admission {
+        let pods = |admission: Admission<'_>| match admission {
             Admission::Route(route) => route
                 .endpoints
                 .iter()

@@ -19,13 +19,13 @@ const REQUEST: u8 = b'?';
 /// How a pod serves.
 #[derive(Clone, Debug)]
 pub struct PodSpec {
-    pub name: String,
+    pub(crate) name: String,
     /// Relative share the Service gives it (`carousel.dev/weights`).
-    pub weight: u32,
+    pub(crate) weight: u32,
     /// Time spent on each request.
-    pub service_time: Duration,
+    pub(crate) service_time: Duration,
     /// Requests served at once; the others wait their turn (None: no limit).
-    pub concurrency: Option<usize>,
+    pub(crate) concurrency: Option<usize>,
 }
 
 impl PodSpec {
@@ -69,7 +69,7 @@ impl BenchPod {
     }
 
     /// Connections open to this pod right now.
-    pub fn open(&self) -> u64 {
+    pub(crate) fn open(&self) -> u64 {
         self.open.load(Ordering::Relaxed)
     }
 }

@@ -9,41 +9,41 @@ use crate::stats;
 
 /// One connection as its client saw it.
 #[derive(Clone, Debug)]
-pub struct Record {
-    pub client: u32,
+pub(crate) struct Record {
+    pub(crate) client: u32,
     /// Milliseconds from the start of the run to the connect.
-    pub start_ms: f64,
+    pub(crate) start_ms: f64,
     /// The pod that answered (index into the run's pods); None when nothing answered.
-    pub pod: Option<usize>,
-    pub requests: u32,
-    pub failed: bool,
+    pub(crate) pod: Option<usize>,
+    pub(crate) requests: u32,
+    pub(crate) failed: bool,
 }
 
 /// The pods' target shares from `at_ms` on (parallel to the run's pods).
 #[derive(Clone, Debug)]
-pub struct Phase {
-    pub at_ms: f64,
-    pub targets: Vec<f64>,
+pub(crate) struct Phase {
+    pub(crate) at_ms: f64,
+    pub(crate) targets: Vec<f64>,
 }
 
 /// Everything one run produced.
 #[derive(Debug)]
-pub struct Observed {
-    pub pods: Vec<String>,
-    pub records: Vec<Record>,
-    pub latencies_ms: Vec<f64>,
+pub(crate) struct Observed {
+    pub(crate) pods: Vec<String>,
+    pub(crate) records: Vec<Record>,
+    pub(crate) latencies_ms: Vec<f64>,
     /// Target shares over time; the first phase starts at 0.
-    pub phases: Vec<Phase>,
-    pub duration_ms: f64,
+    pub(crate) phases: Vec<Phase>,
+    pub(crate) duration_ms: f64,
 }
 
 /// Endpoint changes closer than this are one change for `moved_fraction`.
 const SAME_CHANGE_MS: f64 = 5.0;
 
 /// How many windows the run is cut into for the share-over-time view.
-pub const WINDOWS: usize = 10;
+pub(crate) const WINDOWS: usize = 10;
 
-pub fn measure(
+pub(crate) fn measure(
     scenario: &str,
     algorithm: Algorithm,
     affinity: bool,

@@ -6,7 +6,7 @@
 //! 127.N.200-255.x, so that runs never meet each other's lingering sockets.
 
 pub mod load;
-pub mod measure;
+pub(crate) mod measure;
 pub mod report;
 pub mod scenarios;
 
@@ -85,7 +85,7 @@ impl Default for BenchOptions {
 }
 
 /// The scenarios to run, checked against the registry.
-pub fn plan(options: &BenchOptions) -> Result<Vec<(Scenario, Algorithm)>, BenchError> {
+pub(crate) fn plan(options: &BenchOptions) -> Result<Vec<(Scenario, Algorithm)>, BenchError> {
     let names: Vec<String> = if options.scenarios.is_empty() || options.scenarios == ["all"] {
         scenarios::names().map(String::from).collect()
     } else {
@@ -141,7 +141,7 @@ fn v4(net: u8, block: u8, host: u8) -> IpAddr {
 }
 
 /// Client `i`'s address: 127.net.200.1, .2, … .250, then 127.net.201.1, …
-pub fn client_addr(net: u8, i: usize) -> IpAddr {
+pub(crate) fn client_addr(net: u8, i: usize) -> IpAddr {
     v4(net, CLIENT_BLOCK + (i / 250) as u8, (i % 250) as u8 + 1)
 }
 

@@ -6,14 +6,14 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 /// The version of the JSON format; fields may be added, none renamed.
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 
 /// The whole run: `carousel bench --json FILE`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
-    pub version: u32,
+    pub(crate) version: u32,
     pub seed: u64,
-    pub quick: bool,
+    pub(crate) quick: bool,
     pub results: Vec<RunResult>,
 }
 
@@ -27,9 +27,9 @@ pub struct RunResult {
     pub pods: Vec<PodResult>,
     /// Jain's index of each pod's request share over its target share (1: every pod
     /// got exactly its target).
-    pub jain_fairness: f64,
+    pub(crate) jain_fairness: f64,
     /// The busiest pod's share over target, against the mean of the same.
-    pub max_mean_ratio: f64,
+    pub(crate) max_mean_ratio: f64,
     pub latency_ms: Latency,
     /// Share of a client's connections that reached its most frequent pod.
     pub stickiness: Option<f64>,
@@ -38,14 +38,14 @@ pub struct RunResult {
     // Added fields beyond the original set (docs/lab-json.md lists them all).
     /// ClientIP affinity on the Service.
     pub affinity: bool,
-    pub requests: u64,
+    pub(crate) requests: u64,
     /// The largest distance between a pod's request share and its target share.
-    pub max_target_deviation: f64,
+    pub(crate) max_target_deviation: f64,
     /// After the first endpoint change, the time until every pod stays within 5 points
     /// of its target share (window resolution); None when it never does or nothing changed.
-    pub converged_ms: Option<f64>,
+    pub(crate) converged_ms: Option<f64>,
     /// Connection shares over equal slices of the run, pods in the order of `pods`.
-    pub windows: Vec<Window>,
+    pub(crate) windows: Vec<Window>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -53,23 +53,23 @@ pub struct PodResult {
     pub pod: String,
     pub target_share: f64,
     pub connection_share: f64,
-    pub request_share: f64,
+    pub(crate) request_share: f64,
     pub connections: u64,
-    pub requests: u64,
+    pub(crate) requests: u64,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct Latency {
-    pub p50: f64,
+    pub(crate) p50: f64,
     pub p99: f64,
-    pub p999: f64,
+    pub(crate) p999: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Window {
-    pub start_ms: f64,
-    pub end_ms: f64,
-    pub connection_share: Vec<f64>,
+pub(crate) struct Window {
+    pub(crate) start_ms: f64,
+    pub(crate) end_ms: f64,
+    pub(crate) connection_share: Vec<f64>,
 }
 
 impl Report {

@@ -7,7 +7,7 @@ use crate::lab::bench::load::PodSpec;
 
 /// A change to the Service's pods during the load.
 #[derive(Clone, Debug)]
-pub enum Change {
+pub(crate) enum Change {
     /// A new pod joins.
     Add(PodSpec),
     /// The pod at this index of the initial list is replaced by a new one: the new pod
@@ -17,33 +17,33 @@ pub enum Change {
 
 /// A change and when it happens, as a fraction of the run's duration.
 #[derive(Clone, Debug)]
-pub struct Event {
-    pub at: f64,
-    pub change: Change,
+pub(crate) struct Event {
+    pub(crate) at: f64,
+    pub(crate) change: Change,
 }
 
 /// One scenario, run once per algorithm.
 #[derive(Clone, Debug)]
 pub struct Scenario {
-    pub name: &'static str,
-    pub pods: Vec<PodSpec>,
+    pub(crate) name: &'static str,
+    pub(crate) pods: Vec<PodSpec>,
     /// Distinct client addresses; each connection comes from one drawn by the seed.
-    pub clients: usize,
+    pub(crate) clients: usize,
     /// Connections open at once (one worker each, one connection after another).
     pub concurrency: usize,
-    pub requests_per_connection: u32,
+    pub(crate) requests_per_connection: u32,
     /// The run stops at this many connections or at `duration`, whichever comes first.
     pub connections: usize,
     pub duration: Duration,
     /// ClientIP session affinity on the Service.
-    pub affinity: bool,
-    pub events: Vec<Event>,
+    pub(crate) affinity: bool,
+    pub(crate) events: Vec<Event>,
     /// Whether clients are many enough for stickiness to mean something.
-    pub many_clients: bool,
+    pub(crate) many_clients: bool,
 }
 
 /// Every scenario name with its one-line description, for `--help` and `--scenario`.
-pub const ABOUT: &[(&str, &str)] = &[
+pub(crate) const ABOUT: &[(&str, &str)] = &[
     (
         "uniform",
         "four equal pods, many clients: the baseline spread",

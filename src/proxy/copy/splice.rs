@@ -16,14 +16,14 @@ use super::{Activity, CopyError, Side};
 const PIPE_SIZE: usize = 256 * 1024;
 
 /// A pipe that carries one direction of one connection.
-pub struct Pipe {
+pub(crate) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     capacity: usize,
 }
 
 impl Pipe {
-    pub fn new() -> io::Result<Pipe> {
+    pub(crate) fn new() -> io::Result<Pipe> {
         let (read, write) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
         // A bigger pipe means fewer splices per megabyte; the default (64 KiB) is kept
         // when the system allows no more.
@@ -37,7 +37,7 @@ impl Pipe {
 }
 
 /// Copies `from` → `to` through `pipe` until end of stream, then passes the end on.
-pub async fn copy(
+pub(crate) async fn copy(
     (from, from_side): (&TcpStream, Side),
     (to, to_side): (&TcpStream, Side),
     pipe: &Pipe,
