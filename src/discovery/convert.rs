@@ -585,9 +585,9 @@ pub(crate) fn is_label_key(key: &str) -> bool {
     prefix_ok && !name.is_empty() && is_label_value(name)
 }
 
-/// Converts one EndpointSlice. `Ok(None)` for slices carousel does not use: FQDN slices
-/// and slices that name no Service.
-/// An EndpointSlice on its own; its repeated names come from `names`.
+/// Converts one EndpointSlice on its own; its repeated names come from `names`.
+/// `Ok(None)` for slices carousel does not use: FQDN slices and slices that name no
+/// Service.
 pub fn slice(
     slice: &discovery::EndpointSlice,
     names: &mut Names,
@@ -608,6 +608,20 @@ pub fn slice(
             ))
         }
     };
+    let ports = slice_ports(slice)?;
+    let endpoints = slice.endpoints.iter().flatten().enumerate();
+    let endpoints = endpoints
+        .map(|(i, e)| slice_endpoint(i, e, ipv6, namespace(meta), names))
+        .collect::<Result<_, _>>()?;
+    Ok(Some(SliceView {
+        service: ServiceKey::new(namespace(meta), service),
+        ports,
+        endpoints,
+    }))
+}
+
+/// The slice's TCP ports that have a number.
+fn slice_ports(slice: &discovery::EndpointSlice) -> Result<Vec<(String, u16)>, FieldError> {
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
@@ -622,62 +636,59 @@ pub fn slice(
             parse_port(format!("ports[{i}].port"), port)?,
         ));
     }
-    let mut endpoints = Vec::with_capacity(slice.endpoints.as_ref().map_or(0, Vec::len));
-    for (i, e) in slice.endpoints.iter().flatten().enumerate() {
-        // kube-proxy uses the first address only; the others are the same pod.
-        let Some(first) = e.addresses.first() else {
-            return Err(FieldError::new(
-                format!("endpoints[{i}].addresses"),
-                "empty",
-            ));
-        };
-        let ip = parse_ip(format!("endpoints[{i}].addresses[0]"), first)?;
-        if ip.is_ipv6() != ipv6 {
-            return Err(FieldError::new(
-                format!("endpoints[{i}].addresses[0]"),
-                format!("{ip} does not match addressType {}", slice.address_type),
-            ));
-        }
-        let conditions = e.conditions.as_ref();
+    Ok(ports)
+}
+
+/// `endpoints[i]` of a slice of `namespace` whose addresses are IPv6 (`ipv6`) or IPv4.
+fn slice_endpoint(
+    i: usize,
+    e: &discovery::Endpoint,
+    ipv6: bool,
+    namespace: &str,
+    names: &mut Names,
+) -> Result<SliceEndpoint, FieldError> {
+    // kube-proxy uses the first address only; the others are the same pod.
+    let Some(first) = e.addresses.first() else {
+        return Err(FieldError::new(
+            format!("endpoints[{i}].addresses"),
+            "empty",
+        ));
+    };
+    let ip = parse_ip(format!("endpoints[{i}].addresses[0]"), first)?;
+    if ip.is_ipv6() != ipv6 {
+        let family = if ipv6 { "IPv6" } else { "IPv4" };
+        return Err(FieldError::new(
+            format!("endpoints[{i}].addresses[0]"),
+            format!("{ip} does not match addressType {family}"),
+        ));
+    }
+    let conditions = e.conditions.as_ref();
+    let pod = e
+        .target_ref
+        .as_ref()
+        .filter(|r| r.kind.as_deref().unwrap_or("Pod") == "Pod")
+        .and_then(|r| {
+            let ns = r.namespace.as_deref().unwrap_or(namespace);
+            r.name.as_deref().map(|n| PodRef {
+                namespace: names.get(ns),
+                name: n.into(),
+            })
+        });
+    let hints = e.hints.as_ref().and_then(|h| h.for_zones.as_ref());
+    Ok(SliceEndpoint {
+        ip,
+        pod,
+        placement: names.placement(
+            e.node_name.as_deref(),
+            e.zone.as_deref(),
+            hints.into_iter().flatten().map(|z| z.name.as_str()),
+        ),
         // Unknown conditions count as ready and serving, as the API documents and
         // kube-proxy reads them.
-        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-        let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
-        let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-        let pod = e
-            .target_ref
-            .as_ref()
-            .filter(|r| r.kind.as_deref().unwrap_or("Pod") == "Pod")
-            .and_then(|r| {
-                let ns = r.namespace.as_deref().unwrap_or(namespace(meta));
-                r.name.as_deref().map(|n| PodRef {
-                    namespace: names.get(ns),
-                    name: n.into(),
-                })
-            });
-        endpoints.push(SliceEndpoint {
-            ip,
-            pod,
-            placement: names.placement(
-                e.node_name.as_deref(),
-                e.zone.as_deref(),
-                e.hints
-                    .as_ref()
-                    .and_then(|h| h.for_zones.as_ref())
-                    .into_iter()
-                    .flatten()
-                    .map(|z| z.name.as_str()),
-            ),
-            ready,
-            serving,
-            terminating,
-        });
-    }
-    Ok(Some(SliceView {
-        service: ServiceKey::new(namespace(meta), service),
-        ports,
-        endpoints,
-    }))
+        ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+        serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+    })
 }
 
 /// `(namespace, name)` of a namespaced object.

@@ -62,14 +62,7 @@ pub(crate) async fn watch(
 ) {
     let mut reporter = Reporter::default();
     reporter.report_loaded(&initial, &telemetry);
-    // What `load` read counts as applied. Without it (a table parsed elsewhere), the
-    // first stable look parses the file, and publishes only if the table differs.
-    let mut last_seen = initial.version;
-    let mut applied: Option<u64> = last_seen.as_ref().map(|(_, digest)| *digest);
-    // The digest of the version being looked at, and since when it has been so.
-    let mut settling: Option<(u64, Instant)> = None;
-    // The file (device and inode) the applied version was read from.
-    let mut applied_file = last_seen.as_ref().map(|(stamp, _)| stamp.file());
+    let mut versions = Versions::new(initial.version);
     drop(initial.table);
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -78,57 +71,19 @@ pub(crate) async fn watch(
         if tables.is_closed() {
             return;
         }
-        // The metadata, then the bytes unless the metadata says they are as applied.
-        let looked = async {
-            let stamp = Stamp::of(&tokio::fs::metadata(&path).await.map_err(|source| {
-                StateFileError::Read {
-                    path: path.clone(),
-                    source,
-                }
-            })?);
-            let unchanged = last_seen.as_ref().is_some_and(|(last, digest)| {
-                *last == stamp && !stamp.is_fresh(SystemTime::now()) && Some(*digest) == applied
-            });
-            if unchanged {
-                return Ok(None);
-            }
-            let at = path.clone();
-            match tokio::task::spawn_blocking(move || read(&at)).await {
-                Ok(read) => read.map(Some),
-                Err(e) => Err(StateFileError::Read {
-                    path: path.clone(),
-                    source: std::io::Error::other(e),
-                }),
-            }
-        };
-        let (stamp, bytes) = match looked.await {
+        let (stamp, bytes) = match versions.look(&path).await {
             Ok(Some(read)) => read,
             Ok(None) => continue,
             Err(error) => {
                 reporter.refused(&error.to_string(), &telemetry);
-                last_seen = None;
-                settling = None;
+                versions.lost();
                 continue;
             }
         };
-        let seen = digest(&bytes);
-        // A version is applied once it has stayed the same for `SETTLE`; a file renamed
-        // into place (another inode) was complete when it arrived, and needs two looks.
-        let since = match settling {
-            Some((digest, since)) if digest == seen => since,
-            _ => settling.insert((seen, Instant::now())).1,
-        }
-        .elapsed();
-        let replaced = applied_file != Some(stamp.file());
-        let settle = if replaced { POLL_INTERVAL } else { SETTLE };
-        last_seen = Some((stamp, seen));
-        if since < settle || applied == Some(seen) {
+        if !versions.settled(stamp, &bytes) {
             continue;
         }
-        applied_file = last_seen.as_ref().map(|(stamp, _)| stamp.file());
-        applied = Some(seen);
-        let parsed = crate::heavy::run(|| parse(utf8(&path, &bytes)?, &scope));
-        match parsed {
+        match crate::heavy::run(|| parse(utf8(&path, &bytes)?, &scope)) {
             Ok(loaded) => {
                 reporter.report_loaded(&loaded, &telemetry);
                 tables.send_if_modified(|current| {
@@ -142,6 +97,83 @@ pub(crate) async fn watch(
             }
             Err(error) => reporter.refused(&error.to_string(), &telemetry),
         }
+    }
+}
+
+/// What the watch knows of the file's versions: the last one seen, the one applied, and
+/// the one settling.
+struct Versions {
+    /// The metadata and digest of the last version read.
+    last_seen: Option<(Stamp, u64)>,
+    /// The digest of the version applied.
+    applied: Option<u64>,
+    /// The file (device and inode) the applied version was read from.
+    applied_file: Option<(u64, u64)>,
+    /// The digest of the version being looked at, and since when it has been so.
+    settling: Option<(u64, Instant)>,
+}
+
+impl Versions {
+    /// What `load` read counts as applied. Without it (a table parsed elsewhere), the
+    /// first stable look parses the file, and publishes only if the table differs.
+    fn new(loaded: Option<(Stamp, u64)>) -> Self {
+        Self {
+            applied: loaded.as_ref().map(|(_, digest)| *digest),
+            applied_file: loaded.as_ref().map(|(stamp, _)| stamp.file()),
+            last_seen: loaded,
+            settling: None,
+        }
+    }
+
+    /// The file's metadata, then its bytes, unless the metadata says they are the ones
+    /// applied (`None`). The bytes are read off the runtime's threads.
+    async fn look(&self, path: &PathBuf) -> Result<Option<(Stamp, Vec<u8>)>, StateFileError> {
+        let io = |source| StateFileError::Read {
+            path: path.clone(),
+            source,
+        };
+        let stamp = Stamp::of(&tokio::fs::metadata(path).await.map_err(io)?);
+        let unchanged = self.last_seen.as_ref().is_some_and(|(last, digest)| {
+            *last == stamp && !stamp.is_fresh(SystemTime::now()) && Some(*digest) == self.applied
+        });
+        if unchanged {
+            return Ok(None);
+        }
+        let at = path.clone();
+        match tokio::task::spawn_blocking(move || read(&at)).await {
+            Ok(read) => read.map(Some),
+            Err(e) => Err(io(std::io::Error::other(e))),
+        }
+    }
+
+    /// The file could not be read: whatever comes next is looked at afresh.
+    fn lost(&mut self) {
+        self.last_seen = None;
+        self.settling = None;
+    }
+
+    /// Files what a look read; true when it is a new version to apply now. A version is
+    /// applied once it has stayed the same for `SETTLE`; a file renamed into place
+    /// (another inode) was complete when it arrived, and needs two looks.
+    fn settled(&mut self, stamp: Stamp, bytes: &[u8]) -> bool {
+        let seen = digest(bytes);
+        let since = match self.settling {
+            Some((digest, since)) if digest == seen => since,
+            _ => self.settling.insert((seen, Instant::now())).1,
+        }
+        .elapsed();
+        let file = stamp.file();
+        let settle = match self.applied_file != Some(file) {
+            true => POLL_INTERVAL,
+            false => SETTLE,
+        };
+        self.last_seen = Some((stamp, seen));
+        if since < settle || self.applied == Some(seen) {
+            return false;
+        }
+        self.applied_file = Some(file);
+        self.applied = Some(seen);
+        true
     }
 }
 

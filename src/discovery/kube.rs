@@ -189,44 +189,8 @@ pub(crate) async fn run(
     let Outputs { tables } = outputs;
     let Cluster { client, server } = cluster;
     let outage = Outage::new(server);
-    let selector = service_label_selector(
-        config.proxy_name.as_deref(),
-        config.service_selector.as_deref(),
-    );
-    tracing::info!(%selector, "watching Services");
-    let mut watches: SelectAll<Updates> = stream::select_all([
-        tag(
-            "Service",
-            Update::Service,
-            watcher(
-                Api::<core::Service>::all(client.clone()),
-                watcher::Config::default().labels(&selector),
-            ),
-            &outage,
-        ),
-        tag(
-            "EndpointSlice",
-            Update::Slice,
-            watcher(
-                Api::<discovery::EndpointSlice>::all(client.clone()),
-                // Slices that name no Service are of no use; hand-written ones for
-                // selector-less Services carry the label too.
-                watcher::Config::default().labels(LABEL_SERVICE_NAME),
-            ),
-            &outage,
-        ),
-    ]);
-    if let (true, Some(node)) = (store.watches_node(), &config.node_name) {
-        watches.push(tag(
-            "Node",
-            Update::Node,
-            watcher(
-                Api::<core::Node>::all(client.clone()),
-                watcher::Config::default().fields(&format!("metadata.name={node}")),
-            ),
-            &outage,
-        ));
-    }
+    let node = config.node_name.as_deref().filter(|_| store.watches_node());
+    let mut watches = cluster_watches(&client, &config, node, &outage);
     let mut pods: Option<Updates> = None;
     let mut pod_watch: Option<PodWatch> = None;
     let programming = telemetry.histogram(names::NETWORK_PROGRAMMING_DURATION, Vec::new());
@@ -257,33 +221,13 @@ pub(crate) async fn run(
         }
         if store.pod_watch() != pod_watch.as_ref() {
             pod_watch = store.pod_watch().cloned();
-            pods = match &pod_watch {
-                Some(scope) => {
-                    tracing::info!(
-                        namespace = scope.namespace.as_deref().unwrap_or("(all)"),
-                        selector = scope.selector.as_deref().unwrap_or("(none)"),
-                        "a Service weighs pods by label: watching their metadata"
-                    );
-                    // Metadata only (PartialObjectMetadata): no pod specs in memory. A
-                    // new scope lists afresh; the labels known so far serve meanwhile.
-                    let api = match &scope.namespace {
-                        Some(ns) => {
-                            Api::<PartialObjectMeta<core::Pod>>::namespaced(client.clone(), ns)
-                        }
-                        None => Api::all(client.clone()),
-                    };
-                    let config = match &scope.selector {
-                        Some(selector) => watcher::Config::default().labels(selector),
-                        None => watcher::Config::default(),
-                    };
-                    Some(tag("Pod", Update::Pod, watcher(api, config), &outage))
-                }
-                None => {
-                    tracing::info!("no Service weighs pods by label: pod watch stopped");
-                    store.forget_pods();
-                    None
-                }
-            };
+            pods = pod_watch
+                .as_ref()
+                .map(|scope| pod_updates(&client, scope, &outage));
+            if pods.is_none() {
+                tracing::info!("no Service weighs pods by label: pod watch stopped");
+                store.forget_pods();
+            }
         }
         if !store.has_pending() || deadline.is_some() {
             continue;
@@ -298,6 +242,62 @@ pub(crate) async fn run(
             }
         }
     }
+}
+
+/// The watches every node runs: the Services it owns, the slices that name a Service,
+/// and its own Node when `node` is given.
+fn cluster_watches(
+    client: &Client,
+    config: &SourceConfig,
+    node: Option<&str>,
+    outage: &Arc<Outage>,
+) -> SelectAll<Updates> {
+    let selector = service_label_selector(
+        config.proxy_name.as_deref(),
+        config.service_selector.as_deref(),
+    );
+    tracing::info!(%selector, "watching Services");
+    let services = watcher(
+        Api::<core::Service>::all(client.clone()),
+        watcher::Config::default().labels(&selector),
+    );
+    // Slices that name no Service are of no use; hand-written ones for selector-less
+    // Services carry the label too.
+    let slices = watcher(
+        Api::<discovery::EndpointSlice>::all(client.clone()),
+        watcher::Config::default().labels(LABEL_SERVICE_NAME),
+    );
+    let mut watches = stream::select_all([
+        tag("Service", Update::Service, services, outage),
+        tag("EndpointSlice", Update::Slice, slices, outage),
+    ]);
+    if let Some(node) = node {
+        let nodes = watcher(
+            Api::<core::Node>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={node}")),
+        );
+        watches.push(tag("Node", Update::Node, nodes, outage));
+    }
+    watches
+}
+
+/// The pod-metadata watch for `scope`. Metadata only (PartialObjectMetadata): no pod
+/// specs in memory. A new scope lists afresh; the labels known so far serve meanwhile.
+fn pod_updates(client: &Client, scope: &PodWatch, outage: &Arc<Outage>) -> Updates {
+    tracing::info!(
+        namespace = scope.namespace.as_deref().unwrap_or("(all)"),
+        selector = scope.selector.as_deref().unwrap_or("(none)"),
+        "a Service weighs pods by label: watching their metadata"
+    );
+    let api = match &scope.namespace {
+        Some(ns) => Api::<PartialObjectMeta<core::Pod>>::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let config = match &scope.selector {
+        Some(selector) => watcher::Config::default().labels(selector),
+        None => watcher::Config::default(),
+    };
+    tag("Pod", Update::Pod, watcher(api, config), outage)
 }
 
 /// Publishes the store's table if it changed; true if it did.
