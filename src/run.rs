@@ -182,21 +182,7 @@ async fn serve(
 ) -> Result<(), RunError> {
     // Said before anything else, so that a carousel being replaced by this one waits.
     let presence = config.handover.as_deref().map(Presence::starting);
-    let servers_stop = CancellationToken::new();
-    let servers = [
-        tokio::spawn(telemetry::serve(
-            metrics,
-            telemetry.clone(),
-            Endpoints::Metrics,
-            servers_stop.clone().cancelled_owned(),
-        )),
-        tokio::spawn(telemetry::serve(
-            health,
-            telemetry.clone(),
-            Endpoints::Health,
-            servers_stop.clone().cancelled_owned(),
-        )),
-    ];
+    let servers = Servers::start(&telemetry, metrics, health);
     let upkeep = tokio::spawn(telemetry.clone().upkeep());
     let Start {
         mut updates,
@@ -231,10 +217,39 @@ async fn serve(
     };
     source.abort();
     upkeep.abort();
-    servers_stop.cancel();
-    for task in servers {
-        let _ = task.await;
-    }
+    servers.stop().await;
     result?;
     Ok(())
+}
+
+/// The metrics and health servers, with what stops them.
+struct Servers {
+    stop: CancellationToken,
+    tasks: [JoinHandle<()>; 2],
+}
+
+impl Servers {
+    fn start(telemetry: &Arc<Telemetry>, metrics: TcpListener, health: TcpListener) -> Self {
+        let stop = CancellationToken::new();
+        let serve = |listener, endpoints| {
+            tokio::spawn(telemetry::serve(
+                listener,
+                telemetry.clone(),
+                endpoints,
+                stop.clone().cancelled_owned(),
+            ))
+        };
+        let tasks = [
+            serve(metrics, Endpoints::Metrics),
+            serve(health, Endpoints::Health),
+        ];
+        Servers { stop, tasks }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
 }

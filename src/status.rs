@@ -166,28 +166,8 @@ pub fn parse(text: &str) -> Vec<ServiceStatus> {
         }
         let pod = pods
             .entry((key, endpoint.clone()))
-            .or_insert_with(|| PodStatus {
-                pod: s.labels.get("pod").cloned().unwrap_or_default(),
-                endpoint,
-                state: "unknown",
-                weight: None,
-                active: 0.0,
-                total: 0.0,
-                share: 0.0,
-            });
-        match s.name.as_str() {
-            names::CONNECTIONS_TOTAL
-                if s.labels.get("outcome").map(String::as_str) == Some("ok") =>
-            {
-                pod.total += s.value
-            }
-            names::CONNECTIONS_ACTIVE => pod.active = s.value,
-            names::ENDPOINT_WEIGHT => {
-                pod.weight = Some(s.value);
-                pod.state = if s.value > 0.0 { "active" } else { "out" };
-            }
-            _ => {}
-        }
+            .or_insert_with(|| PodStatus::new(&s, endpoint));
+        pod.add(&s);
     }
     for ((key, _), pod) in pods {
         if let Some(service) = ports.get_mut(&key) {
@@ -205,6 +185,37 @@ pub fn parse(text: &str) -> Vec<ServiceStatus> {
         }
     }
     services
+}
+
+impl PodStatus {
+    fn new(first: &Sample, endpoint: String) -> Self {
+        PodStatus {
+            pod: first.labels.get("pod").cloned().unwrap_or_default(),
+            endpoint,
+            state: "unknown",
+            weight: None,
+            active: 0.0,
+            total: 0.0,
+            share: 0.0,
+        }
+    }
+
+    /// Takes in one per-pod sample: its connections or its weight.
+    fn add(&mut self, s: &Sample) {
+        match s.name.as_str() {
+            names::CONNECTIONS_TOTAL
+                if s.labels.get("outcome").map(String::as_str) == Some("ok") =>
+            {
+                self.total += s.value
+            }
+            names::CONNECTIONS_ACTIVE => self.active = s.value,
+            names::ENDPOINT_WEIGHT => {
+                self.weight = Some(s.value);
+                self.state = if s.value > 0.0 { "active" } else { "out" };
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The table `carousel status` prints.

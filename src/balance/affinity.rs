@@ -176,6 +176,15 @@ enum Lookup {
     Expired,
 }
 
+/// What storing a fresh pick did.
+enum Remember {
+    Stored,
+    /// Another connection of the client got there first, to this endpoint.
+    Raced(usize),
+    /// The table is at its cap.
+    Full,
+}
+
 /// Locks a shard, ignoring poison: entries are plain values that a panicking holder
 /// cannot have left half-written.
 fn lock(shard: &Shard) -> MutexGuard<'_, HashMap<u128, Sticky, Keys>> {
@@ -248,29 +257,13 @@ impl Affinity {
         balancer: &dyn Balancer,
     ) -> Option<usize> {
         let (shard, client_key) = (self.clients.shard(client), key(client));
-        let lookup = {
-            let mut map = lock(shard);
-            match map.get_mut(&client_key) {
-                None => Lookup::Miss,
-                Some(s) if now.saturating_duration_since(s.last_seen) >= self.timeout => {
-                    Lookup::Expired
-                }
-                Some(s) => match s.locate(backends) {
-                    Some(i) => {
-                        s.index = i as u32;
-                        s.last_seen = s.last_seen.max(now);
-                        drop(map);
-                        self.hit.increment(1);
-                        return Some(i);
-                    }
-                    // Its pod left the eligible set: the client starts afresh.
-                    None => Lookup::Miss,
-                },
+        match self.recall(shard, client_key, now, backends) {
+            Ok(i) => {
+                self.hit.increment(1);
+                return Some(i);
             }
-        };
-        match lookup {
-            Lookup::Miss => self.miss.increment(1),
-            Lookup::Expired => self.expired.increment(1),
+            Err(Lookup::Miss) => self.miss.increment(1),
+            Err(Lookup::Expired) => self.expired.increment(1),
         }
         // The algorithm picks outside the lock: least-connections scans every endpoint.
         let picked = balancer.pick(client)?;
@@ -279,34 +272,73 @@ impl Affinity {
             index: picked as u32,
             last_seen: now,
         };
-        let remembered = match lock(shard).entry(client_key) {
-            Entry::Occupied(mut e) => {
-                let s = e.get_mut();
-                if now.saturating_duration_since(s.last_seen) < self.timeout {
-                    if let Some(i) = s.locate(backends) {
-                        // Another connection of this client got here between our two
-                        // looks: follow it, so that both reach the same pod.
-                        s.last_seen = s.last_seen.max(now);
-                        return Some(i);
-                    }
-                }
-                *s = fresh;
-                true
-            }
-            Entry::Vacant(e) => {
-                let room = self.clients.reserve();
-                if room {
-                    e.insert(fresh);
-                    self.clients.entries.increment(1.0);
-                }
-                room
-            }
+        let remembered = match self.remember(shard, client_key, fresh, backends) {
+            Remember::Raced(i) => return Some(i),
+            Remember::Stored => true,
+            Remember::Full => false,
         };
         if !remembered {
             self.overflow.increment(1);
             self.clients.sweep_if_due(now, self.timeout, SWEEP_INTERVAL);
         }
         Some(picked)
+    }
+}
+
+impl Affinity {
+    /// The fresh, still eligible endpoint remembered for `client_key`, refreshed.
+    #[inline]
+    fn recall(
+        &self,
+        shard: &Shard,
+        client_key: u128,
+        now: Instant,
+        backends: &[Backend],
+    ) -> Result<usize, Lookup> {
+        let mut map = lock(shard);
+        let s = map.get_mut(&client_key).ok_or(Lookup::Miss)?;
+        if now.saturating_duration_since(s.last_seen) >= self.timeout {
+            return Err(Lookup::Expired);
+        }
+        // None: its pod left the eligible set, and the client starts afresh.
+        let i = s.locate(backends).ok_or(Lookup::Miss)?;
+        s.index = i as u32;
+        s.last_seen = s.last_seen.max(now);
+        Ok(i)
+    }
+
+    /// Stores a fresh pick, unless another connection of the client stored one between
+    /// our two looks (followed, so that both reach the same pod) or the table is full.
+    #[inline]
+    fn remember(
+        &self,
+        shard: &Shard,
+        client_key: u128,
+        fresh: Sticky,
+        backends: &[Backend],
+    ) -> Remember {
+        let now = fresh.last_seen;
+        match lock(shard).entry(client_key) {
+            Entry::Occupied(mut e) => {
+                let s = e.get_mut();
+                if now.saturating_duration_since(s.last_seen) < self.timeout {
+                    if let Some(i) = s.locate(backends) {
+                        s.last_seen = s.last_seen.max(now);
+                        return Remember::Raced(i);
+                    }
+                }
+                *s = fresh;
+                Remember::Stored
+            }
+            Entry::Vacant(e) => {
+                if !self.clients.reserve() {
+                    return Remember::Full;
+                }
+                e.insert(fresh);
+                self.clients.entries.increment(1.0);
+                Remember::Stored
+            }
+        }
     }
 }
 

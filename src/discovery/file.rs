@@ -294,44 +294,8 @@ fn add_object(objects: &mut Objects, value: Value, at: Location) -> Result<(), S
         error,
     };
     match (api_version.as_str(), kind.as_str()) {
-        ("v1", "List") => {
-            let items = match value.get("items") {
-                Some(Value::Sequence(items)) => items.clone(),
-                None | Some(Value::Null) => Vec::new(),
-                Some(_) => {
-                    return Err(invalid(FieldError {
-                        field: "items".into(),
-                        message: "not a list".into(),
-                    }))
-                }
-            };
-            for (i, item) in items.into_iter().enumerate() {
-                // The items of a List inside a List are named by the outer item that holds
-                // them: numbering them afresh would point at another object.
-                let at = Location {
-                    document: at.document,
-                    item: Some(at.item.unwrap_or(i + 1)),
-                };
-                add_object(objects, item, at)?;
-            }
-        }
-        ("v1", "Service") => {
-            let svc: core::Service = typed(value).map_err(invalid)?;
-            if let Ok(name) = convert::name(&svc.metadata) {
-                let service = ServiceKey::new(convert::namespace(&svc.metadata), name);
-                if let Some(first) = objects.service_at.get(&service) {
-                    return Err(StateFileError::Duplicate {
-                        first: first.clone(),
-                        at,
-                        service,
-                    });
-                }
-                objects.service_at.insert(service, at.clone());
-            }
-            if let Some(front) = convert::service(&svc).map_err(invalid)? {
-                objects.services.push(front);
-            }
-        }
+        ("v1", "List") => add_items(objects, &value, &at, invalid)?,
+        ("v1", "Service") => add_service(objects, value, at.clone(), invalid)?,
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             let slice: discovery::EndpointSlice = typed(value).map_err(invalid)?;
             if let Some(view) = convert::slice(&slice, &mut objects.names).map_err(invalid)? {
@@ -352,6 +316,60 @@ fn add_object(objects: &mut Objects, value: Value, at: Location) -> Result<(), S
                 .ignored_kinds
                 .insert(format!("{api_version} {kind}"));
         }
+    }
+    Ok(())
+}
+
+/// A List's items, each added as if it stood alone in the file.
+fn add_items(
+    objects: &mut Objects,
+    list: &Value,
+    at: &Location,
+    invalid: impl Fn(FieldError) -> StateFileError,
+) -> Result<(), StateFileError> {
+    let items = match list.get("items") {
+        Some(Value::Sequence(items)) => items.clone(),
+        None | Some(Value::Null) => Vec::new(),
+        Some(_) => {
+            return Err(invalid(FieldError {
+                field: "items".into(),
+                message: "not a list".into(),
+            }))
+        }
+    };
+    for (i, item) in items.into_iter().enumerate() {
+        // The items of a List inside a List are named by the outer item that holds
+        // them: numbering them afresh would point at another object.
+        let at = Location {
+            document: at.document,
+            item: Some(at.item.unwrap_or(i + 1)),
+        };
+        add_object(objects, item, at)?;
+    }
+    Ok(())
+}
+
+/// A Service, refused if another object in the file already named it.
+fn add_service(
+    objects: &mut Objects,
+    value: Value,
+    at: Location,
+    invalid: impl Fn(FieldError) -> StateFileError,
+) -> Result<(), StateFileError> {
+    let svc: core::Service = typed(value).map_err(&invalid)?;
+    if let Ok(name) = convert::name(&svc.metadata) {
+        let service = ServiceKey::new(convert::namespace(&svc.metadata), name);
+        if let Some(first) = objects.service_at.get(&service) {
+            return Err(StateFileError::Duplicate {
+                first: first.clone(),
+                at,
+                service,
+            });
+        }
+        objects.service_at.insert(service, at);
+    }
+    if let Some(front) = convert::service(&svc).map_err(invalid)? {
+        objects.services.push(front);
     }
     Ok(())
 }

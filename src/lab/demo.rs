@@ -11,6 +11,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_yaml::Value;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::algorithm::Algorithm;
@@ -93,18 +94,7 @@ const PHASES: &[Phase] = &[
 
 /// Runs the demo and prints what it saw.
 pub async fn run(connections: u32) -> Result<(), DemoError> {
-    let mut pods = Vec::new();
-    for (i, name) in pod_names().iter().enumerate() {
-        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 77, 1, i as u8 + 1)), 3000);
-        let pod = Pod::start(name, addr)
-            .await
-            .map_err(|source| DemoError::Pod {
-                pod: name.clone(),
-                addr,
-                source,
-            })?;
-        pods.push(pod);
-    }
+    let pods = start_pods().await?;
     let telemetry = Telemetry::new();
     let metrics = TcpListener::bind("127.0.0.1:0")
         .await
@@ -154,6 +144,31 @@ pub async fn run(connections: u32) -> Result<(), DemoError> {
             break;
         }
     }
+    print_own_count(&telemetry, metrics_addr);
+    stop.cancel();
+    let _ = proxy.await;
+    result
+}
+
+/// The four pods, on 127.77.1.1-4:3000.
+async fn start_pods() -> Result<Vec<Pod>, DemoError> {
+    let mut pods = Vec::new();
+    for (i, name) in pod_names().iter().enumerate() {
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 77, 1, i as u8 + 1)), 3000);
+        let pod = Pod::start(name, addr)
+            .await
+            .map_err(|source| DemoError::Pod {
+                pod: name.clone(),
+                addr,
+                source,
+            })?;
+        pods.push(pod);
+    }
+    Ok(pods)
+}
+
+/// carousel's own count of the connections, beside the pods' answers.
+fn print_own_count(telemetry: &Telemetry, metrics_addr: SocketAddr) {
     println!(
         "The shares above were counted from the pods' answers; carousel's own count is in\n\
          carousel_connections_total at http://{metrics_addr}/metrics:"
@@ -163,9 +178,6 @@ pub async fn run(connections: u32) -> Result<(), DemoError> {
             println!("  {line}");
         }
     }
-    stop.cancel();
-    let _ = proxy.await;
-    result
 }
 
 fn pod_names() -> Vec<String> {
@@ -223,20 +235,7 @@ async fn run_phase(phase: &Phase, total: usize, pods: &[Pod]) -> Result<(), Demo
     let clients: Vec<IpAddr> = (1..=phase.clients)
         .map(|i| IpAddr::V4(Ipv4Addr::new(127, 77, 2, i)))
         .collect();
-    let per_worker = total.div_ceil(CONCURRENCY);
-    let mut workers = Vec::new();
-    for w in 0..CONCURRENCY {
-        let clients = clients.clone();
-        let count = per_worker.min(total.saturating_sub(w * per_worker));
-        workers.push(tokio::spawn(async move {
-            let mut seen = Vec::with_capacity(count);
-            for i in 0..count {
-                let client = clients[(w * per_worker + i) % clients.len()];
-                seen.push((client, backend::ask(client, SERVICE, ASK_TIMEOUT).await));
-            }
-            seen
-        }));
-    }
+    let workers = ask_all(&clients, total);
     let mut by_client: BTreeMap<IpAddr, BTreeMap<String, usize>> = BTreeMap::new();
     let mut failed = 0;
     let mut last_error = String::new();
@@ -272,6 +271,29 @@ async fn run_phase(phase: &Phase, total: usize, pods: &[Pod]) -> Result<(), Demo
         });
     }
     Ok(())
+}
+
+/// A client and the pod that answered it, or why none did.
+type Answer = (IpAddr, std::io::Result<String>);
+
+/// `total` connections from `clients` in turn, over CONCURRENCY tasks; each task's
+/// answers, with the client that asked.
+fn ask_all(clients: &[IpAddr], total: usize) -> Vec<JoinHandle<Vec<Answer>>> {
+    let per_worker = total.div_ceil(CONCURRENCY);
+    (0..CONCURRENCY)
+        .map(|w| {
+            let clients = clients.to_vec();
+            let count = per_worker.min(total.saturating_sub(w * per_worker));
+            tokio::spawn(async move {
+                let mut seen = Vec::with_capacity(count);
+                for i in 0..count {
+                    let client = clients[(w * per_worker + i) % clients.len()];
+                    seen.push((client, backend::ask(client, SERVICE, ASK_TIMEOUT).await));
+                }
+                seen
+            })
+        })
+        .collect()
 }
 
 fn print_shares(by_client: &BTreeMap<IpAddr, BTreeMap<String, usize>>, pods: &[Pod], total: usize) {

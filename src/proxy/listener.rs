@@ -22,7 +22,7 @@ use crate::addr::{ClientAddr, ServiceAddr};
 use crate::proxy::forward::{self, ForwardConfig, ForwardError};
 use crate::proxy::inside::Inside;
 use crate::proxy::original_dst::original_dst;
-use crate::proxy::routes::{Admission, RouteTable};
+use crate::proxy::routes::{Admission, Route, RouteTable};
 use crate::telemetry::{names, Telemetry};
 
 /// Opens a listening TCP socket with the options a proxy wants. Accepted connections
@@ -488,20 +488,31 @@ pub(crate) async fn accept_loop(listener: TcpListener, dialed: Dialed, intake: A
         let cut = intake.cut.clone();
         intake.connections.spawn(async move {
             let _slot = slot;
-            let Some(route) = route else {
-                tracing::debug!(%peer, %target, "no service at this address");
-                return;
-            };
-            match forward::forward(stream, peer, &route, config, &cut).await {
-                Ok(()) => {}
-                Err(ForwardError::NoEndpoint) => {
-                    tracing::debug!(%peer, service = %route.service, "no endpoint; connection refused")
-                }
-                Err(e) => {
-                    tracing::warn!(%peer, service = %route.service, error = %e, "no endpoint accepted the connection")
-                }
+            match route {
+                Some(route) => serve(stream, peer, &route, config, &cut).await,
+                None => tracing::debug!(%peer, %target, "no service at this address"),
             }
         });
+    }
+}
+
+/// Forwards one accepted connection; what went wrong is logged, at debug level when
+/// the client was refused by the Service having no endpoint.
+async fn serve(
+    stream: TcpStream,
+    peer: ClientAddr,
+    route: &Route,
+    config: ForwardConfig,
+    cut: &CancellationToken,
+) {
+    match forward::forward(stream, peer, route, config, cut).await {
+        Ok(()) => {}
+        Err(ForwardError::NoEndpoint) => {
+            tracing::debug!(%peer, service = %route.service, "no endpoint; connection refused")
+        }
+        Err(e) => {
+            tracing::warn!(%peer, service = %route.service, error = %e, "no endpoint accepted the connection")
+        }
     }
 }
 

@@ -260,6 +260,22 @@ impl NodeSync {
         }
     }
 
+    /// Where this node stands: `--zone`, else the zone the table read from the Node.
+    fn here(&self, table: &ServiceTable) -> Locality {
+        let locality = &self.config.locality;
+        Locality {
+            node: locality.node.clone(),
+            zone: locality.zone.clone().or_else(|| table.zone.clone()),
+        }
+    }
+
+    /// The addresses that count as inside the cluster: its CIDRs, the pods' and the
+    /// node's own.
+    fn inside(&self, table: &ServiceTable) -> Inside {
+        let cidrs = self.config.cluster_cidrs.iter().chain(&table.pod_cidrs);
+        Inside::with_local_addresses(cidrs.copied())
+    }
+
     /// Builds the routes of a `new_table`, then programs the node (checking everything
     /// on a repair); whether the table is in force. Errs only when the proxy cannot
     /// start; a failed sync sets a shorter `pause` instead.
@@ -270,15 +286,7 @@ impl NodeSync {
         accepting: &Accepting,
     ) -> Result<bool, ProxyError> {
         let started = Instant::now();
-        let here = Locality {
-            node: self.config.locality.node.clone(),
-            zone: self
-                .config
-                .locality
-                .zone
-                .clone()
-                .or_else(|| table.zone.clone()),
-        };
+        let here = self.here(table);
         if new_table {
             self.telemetry.health().queued();
             self.telemetry.health().set_node_leaving(table.node_leaving);
@@ -294,13 +302,7 @@ impl NodeSync {
             self.intake.open(accepting)?;
         }
         // The node's addresses are read again at every sync, so a new one counts.
-        let inside = Inside::with_local_addresses(
-            self.config
-                .cluster_cidrs
-                .iter()
-                .chain(&table.pod_cidrs)
-                .copied(),
-        );
+        let inside = self.inside(table);
         if **accepting.inside.load() != inside {
             accepting.inside.store(Arc::new(inside));
         }

@@ -455,6 +455,23 @@ impl RouteBuilder {
         routes
     }
 
+    /// The port's metric handles: the previous build's while they describe the same port,
+    /// so that its counters carry on, else new ones.
+    fn port_metrics(
+        &self,
+        service: &Service,
+        port: &ServicePort,
+        previous: Option<&Route>,
+    ) -> Arc<PortMetrics> {
+        let metrics = previous
+            .map(|r| &r.metrics)
+            .filter(|m| m.describes(&service.key, port))
+            .cloned()
+            .unwrap_or_else(|| Arc::new(PortMetrics::new(&self.telemetry, &service.key, port)));
+        metrics.count_endpoints(port);
+        metrics
+    }
+
     /// The routes of one Service port, each over the endpoints its kind of traffic sees.
     fn build_port(
         &self,
@@ -469,22 +486,10 @@ impl RouteBuilder {
                 .get(&(service.key.clone(), port.port, traffic))
                 .map(Arc::as_ref)
         };
-        let metrics = previous_route(Traffic::Internal)
-            .map(|r| &r.metrics)
-            .filter(|m| m.describes(&service.key, port))
-            .cloned()
-            .unwrap_or_else(|| Arc::new(PortMetrics::new(&self.telemetry, &service.key, port)));
-        metrics.count_endpoints(port);
+        let metrics = self.port_metrics(service, port, previous_route(Traffic::Internal));
         let has_endpoints = !port.eligible().is_empty();
         if !has_endpoints && port.endpoints.iter().any(|e| e.ready || e.serving) {
-            // Every endpoint that could serve weighs 0: the Service is drained by its own
-            // weights, which a user reading `carousel_endpoints{state="ready"}` would not
-            // guess. Said at each change of the Service, not per connection.
-            tracing::warn!(
-                service = %service.key,
-                port = port.port,
-                "every ready endpoint weighs 0 under carousel.dev/weights: new connections are refused until one weighs more"
-            );
+            warn_weighed_out(service, port);
         }
         let build = Build {
             service,
@@ -527,6 +532,17 @@ impl RouteBuilder {
             inside,
         }
     }
+}
+
+/// Every endpoint that could serve weighs 0: the Service is drained by its own weights,
+/// which a user reading `carousel_endpoints{state="ready"}` would not guess. Said at each
+/// change of the Service, not per connection.
+fn warn_weighed_out(service: &Service, port: &ServicePort) {
+    tracing::warn!(
+        service = %service.key,
+        port = port.port,
+        "every ready endpoint weighs 0 under carousel.dev/weights: new connections are refused until one weighs more"
+    );
 }
 
 /// What every route of one Service port is built with.

@@ -56,25 +56,11 @@ pub(crate) fn measure(
         .iter()
         .filter(|r| r.pod.is_some())
         .collect();
-    let mut connections = vec![0u64; n];
-    let mut requests = vec![0u64; n];
-    // A connection's targets are those of the table it met: a pod present for half the
-    // run is expected to take half its share.
-    let mut targets = vec![0.0; n];
-    for r in &answered {
-        let pod = r.pod.expect("filtered on answered");
-        connections[pod] += 1;
-        requests[pod] += u64::from(r.requests);
-        let phase = phase_at(&observed.phases, r.start_ms);
-        for (t, p) in targets.iter_mut().zip(&phase.targets) {
-            *t += p;
-        }
-    }
-    let total = answered.len().max(1) as f64;
-    targets.iter_mut().for_each(|t| *t /= total);
-    if answered.is_empty() {
-        targets = observed.phases[0].targets.clone();
-    }
+    let Tally {
+        connections,
+        requests,
+        targets,
+    } = tally(&answered, &observed.phases, n);
     let connection_share = stats::shares(&connections);
     let request_share = stats::shares(&requests);
     let relative: Vec<f64> = request_share
@@ -84,16 +70,7 @@ pub(crate) fn measure(
         .map(|(s, t)| s / t)
         .collect();
     let [p50, p99, p999] = stats::latency_percentiles(&mut observed.latencies_ms);
-    // Changes pushed together (two pods added at once) count as one.
-    let mut changes: Vec<f64> = Vec::new();
-    for phase in observed.phases.iter().skip(1) {
-        if changes
-            .last()
-            .is_none_or(|last| phase.at_ms - last > SAME_CHANGE_MS)
-        {
-            changes.push(phase.at_ms);
-        }
-    }
+    let changes = changes(&observed.phases);
     let windows = windows(&answered, n, observed.duration_ms);
     RunResult {
         scenario: scenario.to_string(),
@@ -126,6 +103,55 @@ pub(crate) fn measure(
             .and_then(|at| converged_after(&windows, &observed.phases, *at)),
         windows,
     }
+}
+
+/// Per pod: the connections and requests it answered, and its expected share.
+struct Tally {
+    connections: Vec<u64>,
+    requests: Vec<u64>,
+    targets: Vec<f64>,
+}
+
+fn tally(answered: &[&Record], phases: &[Phase], pods: usize) -> Tally {
+    let mut connections = vec![0u64; pods];
+    let mut requests = vec![0u64; pods];
+    // A connection's targets are those of the table it met: a pod present for half the
+    // run is expected to take half its share.
+    let mut targets = vec![0.0; pods];
+    for r in answered {
+        let pod = r.pod.expect("filtered on answered");
+        connections[pod] += 1;
+        requests[pod] += u64::from(r.requests);
+        let phase = phase_at(phases, r.start_ms);
+        for (t, p) in targets.iter_mut().zip(&phase.targets) {
+            *t += p;
+        }
+    }
+    let total = answered.len().max(1) as f64;
+    targets.iter_mut().for_each(|t| *t /= total);
+    if answered.is_empty() {
+        targets = phases[0].targets.clone();
+    }
+    Tally {
+        connections,
+        requests,
+        targets,
+    }
+}
+
+/// When the table changed; changes pushed together (two pods added at once) count as
+/// one.
+fn changes(phases: &[Phase]) -> Vec<f64> {
+    let mut changes: Vec<f64> = Vec::new();
+    for phase in phases.iter().skip(1) {
+        if changes
+            .last()
+            .is_none_or(|last| phase.at_ms - last > SAME_CHANGE_MS)
+        {
+            changes.push(phase.at_ms);
+        }
+    }
+    changes
 }
 
 fn phase_at(phases: &[Phase], at_ms: f64) -> &Phase {

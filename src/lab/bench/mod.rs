@@ -12,11 +12,12 @@ pub mod scenarios;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::addr::PodAddr;
@@ -223,196 +224,234 @@ pub async fn run_one(
     options: &BenchOptions,
     block: u8,
 ) -> Result<RunResult, BenchError> {
-    let service = SocketAddr::new(v4(options.net, block, 1), PORT);
-    // Every pod the run will see, initial ones first: indices are stable for the report.
-    let mut specs: Vec<PodSpec> = scenario.pods.clone();
-    for event in &scenario.events {
-        match &event.change {
-            Change::Add(spec) | Change::Replace(_, spec) => specs.push(spec.clone()),
-        }
-    }
-    let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
-    let addr_of = |i: usize| SocketAddr::new(v4(options.net, block, 10 + i as u8), PORT);
-    let mut running: Vec<Option<BenchPod>> = Vec::new();
-    for (i, spec) in specs.iter().enumerate() {
-        // Pods that join later are started now too: the proxy does not know them yet.
-        let pod = BenchPod::start(spec, addr_of(i))
-            .await
-            .map_err(|source| BenchError::Pod {
-                pod: spec.name.clone(),
-                addr: addr_of(i),
-                source,
-            })?;
-        running.push(Some(pod));
-    }
-    let mut members: Vec<Member> = (0..scenario.pods.len())
-        .map(|i| Member {
-            index: i,
-            addr: addr_of(i),
-            weight: specs[i].weight,
-            terminating: false,
-        })
-        .collect();
-
-    let telemetry = Telemetry::new();
-    let (tables, updates) = watch::channel(Arc::new(table(
-        service,
+    let specs = all_pods(scenario);
+    let lab = Lab {
+        service: SocketAddr::new(v4(options.net, block, 1), PORT),
         algorithm,
-        scenario.affinity,
-        &members,
-        &names,
-    )));
-    let stop = CancellationToken::new();
-    let config = ProxyConfig {
-        balance: BuildOptions {
-            seed: Some(options.seed),
-            ..Default::default()
-        },
-        ..Default::default()
+        affinity: scenario.affinity,
+        names: specs.iter().map(|s| s.name.clone()).collect(),
+        pods: (0..specs.len())
+            .map(|i| SocketAddr::new(v4(options.net, block, 10 + i as u8), PORT))
+            .collect(),
+        specs,
+        telemetry: Telemetry::new(),
+        tables: watch::Sender::new(Arc::default()),
     };
-    let proxy = tokio::spawn(proxy::run(
-        config,
-        None,
-        updates,
-        telemetry.clone(),
-        Shutdown::new(
-            stop.clone().cancelled_owned(),
-            // The clients have finished when the proxy stops; a straggler is not waited for long.
-            async { tokio::time::sleep(Duration::from_secs(1)).await },
-        ),
-    ));
-    let mut started = false;
-    for _ in 0..2000 {
-        if telemetry.health().last_sync().is_some() {
-            started = true;
-            break;
-        }
-        if proxy.is_finished() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    if !started {
-        stop.cancel();
-        proxy.await.expect("the proxy task does not panic")?;
-        return Err(BenchError::ProxyStart(service));
-    }
+    let mut running = start_pods(&lab.specs, &lab.pods).await?;
+    let mut members: Vec<Member> = (0..scenario.pods.len()).map(|i| lab.member(i)).collect();
+    lab.tables.send_replace(Arc::new(lab.table(&members)));
+    let (proxy, stop) = lab.start_proxy(options.seed).await?;
 
     let begin = Instant::now();
-    let deadline = begin + scenario.duration;
-    let issued = Arc::new(AtomicUsize::new(0));
-    let latencies = Arc::new(Mutex::new(Vec::new()));
-    let clients: Arc<[IpAddr]> = (0..scenario.clients)
-        .map(|i| client_addr(options.net, i))
+    let load = Arc::new(Load {
+        service: lab.service,
+        clients: (0..scenario.clients)
+            .map(|i| client_addr(options.net, i))
+            .collect(),
+        issued: AtomicUsize::new(0),
+        budget: scenario.connections,
+        requests_per_connection: scenario.requests_per_connection,
+        begin,
+        deadline: begin + scenario.duration,
+        names: lab.names.clone(),
+        seed: options.seed,
+    });
+    let workers: Vec<_> = (0..scenario.concurrency)
+        .map(|_| tokio::spawn(worker(load.clone())))
         .collect();
-    let mut workers = Vec::new();
-    for _ in 0..scenario.concurrency {
-        workers.push(tokio::spawn(worker(
-            service,
-            clients.clone(),
-            issued.clone(),
-            scenario.connections,
-            scenario.requests_per_connection,
-            begin,
-            deadline,
-            latencies.clone(),
-            names.clone(),
-            options.seed,
-        )));
-    }
-
-    // The events, in time order, while the workers run.
-    let mut phases = vec![Phase {
-        at_ms: 0.0,
-        targets: targets(&members, specs.len()),
-    }];
-    // The pods of the events follow the initial ones in `specs`, in event order.
-    for (new_index, event) in (scenario.pods.len()..).zip(&scenario.events) {
-        let at = begin + scenario.duration.mul_f64(event.at);
-        tokio::time::sleep_until(at.into()).await;
-        let new = Member {
-            index: new_index,
-            addr: addr_of(new_index),
-            weight: specs[new_index].weight,
-            terminating: false,
-        };
-        members.push(new);
-        let old = match event.change {
-            Change::Replace(old, _) => {
-                members
-                    .iter_mut()
-                    .filter(|m| m.index == old)
-                    .for_each(|m| m.terminating = true);
-                Some(old)
-            }
-            Change::Add(_) => None,
-        };
-        let push = |members: &[Member]| {
-            tables.send_replace(Arc::new(table(
-                service,
-                algorithm,
-                scenario.affinity,
-                members,
-                &names,
-            )));
-        };
-        push(&members);
-        phases.push(Phase {
-            at_ms: begin.elapsed().as_secs_f64() * 1000.0,
-            targets: targets(&members, specs.len()),
-        });
-        if let Some(old) = old {
-            // As a kubelet would: the old pod goes once the proxy has taken it out and
-            // its connections are done, and only then leaves the slice. A pod stopped
-            // before the proxy's table changed would reset what sits in its accept
-            // queue: a failure of the lab, not of the balancer.
-            let pushed = std::time::SystemTime::now();
-            for _ in 0..200 {
-                if telemetry
-                    .health()
-                    .last_sync()
-                    .is_some_and(|at| at >= pushed)
-                {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            // Connections picked just before the change still land in its queue.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            for _ in 0..100 {
-                if running[old].as_ref().is_none_or(|p| p.open() == 0) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            running[old] = None;
-            members.retain(|m| m.index != old);
-            push(&members);
-        }
-    }
+    let phases = lab.play(scenario, begin, &mut members, &mut running).await;
 
     let mut records = Vec::new();
+    let mut latencies_ms = Vec::new();
     for w in workers {
-        records.extend(w.await.expect("a bench worker does not panic"));
+        let (their_records, their_latencies) = w.await.expect("a bench worker does not panic");
+        records.extend(their_records);
+        latencies_ms.extend(their_latencies);
     }
     let duration_ms = begin.elapsed().as_secs_f64() * 1000.0;
     stop.cancel();
     proxy.await.expect("the proxy task does not panic")?;
     drop(running);
-    let latencies_ms = std::mem::take(&mut *latencies.lock().expect("not poisoned"));
     Ok(measure::measure(
         scenario.name,
         algorithm,
         scenario.affinity,
         scenario.many_clients,
         Observed {
-            pods: names,
+            pods: lab.names,
             records,
             latencies_ms,
             phases,
             duration_ms,
         },
     ))
+}
+
+/// Every pod the run will see, initial ones first: indices are stable for the report.
+fn all_pods(scenario: &Scenario) -> Vec<PodSpec> {
+    let joining = scenario.events.iter().map(|event| match &event.change {
+        Change::Add(spec) | Change::Replace(_, spec) => spec.clone(),
+    });
+    scenario.pods.iter().cloned().chain(joining).collect()
+}
+
+/// Starts every pod, those that join later too: the proxy does not know them yet.
+async fn start_pods(
+    specs: &[PodSpec],
+    addrs: &[SocketAddr],
+) -> Result<Vec<Option<BenchPod>>, BenchError> {
+    let mut running = Vec::with_capacity(specs.len());
+    for (spec, &addr) in specs.iter().zip(addrs) {
+        let pod = BenchPod::start(spec, addr)
+            .await
+            .map_err(|source| BenchError::Pod {
+                pod: spec.name.clone(),
+                addr,
+                source,
+            })?;
+        running.push(Some(pod));
+    }
+    Ok(running)
+}
+
+/// One run's Service, its pods and the proxy in front of them.
+struct Lab {
+    service: SocketAddr,
+    algorithm: Algorithm,
+    affinity: bool,
+    /// Every pod of the run, as `all_pods` orders them, with its name and address.
+    specs: Vec<PodSpec>,
+    names: Vec<String>,
+    pods: Vec<SocketAddr>,
+    telemetry: Arc<Telemetry>,
+    /// What the proxy is told.
+    tables: watch::Sender<Arc<ServiceTable>>,
+}
+
+impl Lab {
+    /// Pod `index`, serving.
+    fn member(&self, index: usize) -> Member {
+        Member {
+            index,
+            addr: self.pods[index],
+            weight: self.specs[index].weight,
+            terminating: false,
+        }
+    }
+
+    /// Plays the scenario's events at their times, while the workers run; the target
+    /// shares from each change on.
+    async fn play(
+        &self,
+        scenario: &Scenario,
+        begin: Instant,
+        members: &mut Vec<Member>,
+        running: &mut [Option<BenchPod>],
+    ) -> Vec<Phase> {
+        let pods = self.specs.len();
+        let mut phases = vec![Phase {
+            at_ms: 0.0,
+            targets: targets(members, pods),
+        }];
+        // The pods of the events follow the initial ones, in event order.
+        for (new_index, event) in (scenario.pods.len()..).zip(&scenario.events) {
+            tokio::time::sleep_until((begin + scenario.duration.mul_f64(event.at)).into()).await;
+            members.push(self.member(new_index));
+            let old = match event.change {
+                Change::Replace(old, _) => {
+                    members
+                        .iter_mut()
+                        .filter(|m| m.index == old)
+                        .for_each(|m| m.terminating = true);
+                    Some(old)
+                }
+                Change::Add(_) => None,
+            };
+            self.tables.send_replace(Arc::new(self.table(members)));
+            phases.push(Phase {
+                at_ms: begin.elapsed().as_secs_f64() * 1000.0,
+                targets: targets(members, pods),
+            });
+            if let Some(old) = old {
+                self.retire(&mut running[old]).await;
+                members.retain(|m| m.index != old);
+                self.tables.send_replace(Arc::new(self.table(members)));
+            }
+        }
+        phases
+    }
+
+    fn table(&self, members: &[Member]) -> ServiceTable {
+        table(
+            self.service,
+            self.algorithm,
+            self.affinity,
+            members,
+            &self.names,
+        )
+    }
+
+    /// The proxy, in bind mode in this process, once it has applied its first table.
+    async fn start_proxy(
+        &self,
+        seed: u64,
+    ) -> Result<(JoinHandle<Result<(), proxy::ProxyError>>, CancellationToken), BenchError> {
+        let stop = CancellationToken::new();
+        let config = ProxyConfig {
+            balance: BuildOptions {
+                seed: Some(seed),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let proxy = tokio::spawn(proxy::run(
+            config,
+            None,
+            self.tables.subscribe(),
+            self.telemetry.clone(),
+            Shutdown::new(
+                stop.clone().cancelled_owned(),
+                // The clients have finished when the proxy stops; a straggler is not waited for long.
+                async { tokio::time::sleep(Duration::from_secs(1)).await },
+            ),
+        ));
+        for _ in 0..2000 {
+            if self.telemetry.health().last_sync().is_some() {
+                return Ok((proxy, stop));
+            }
+            if proxy.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        stop.cancel();
+        proxy.await.expect("the proxy task does not panic")?;
+        Err(BenchError::ProxyStart(self.service))
+    }
+
+    /// Stops a replaced pod as a kubelet would: once the proxy has taken it out and its
+    /// connections are done; the caller then takes it out of the slice. A pod stopped
+    /// before the proxy's table changed would reset what sits in its accept queue: a
+    /// failure of the lab, not of the balancer.
+    async fn retire(&self, pod: &mut Option<BenchPod>) {
+        let pushed = std::time::SystemTime::now();
+        for _ in 0..200 {
+            let synced = self.telemetry.health().last_sync();
+            if synced.is_some_and(|at| at >= pushed) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Connections picked just before the change still land in its queue.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        for _ in 0..100 {
+            if pod.as_ref().is_none_or(|p| p.open() == 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        *pod = None;
+    }
 }
 
 /// The client of connection `n`: drawn from a hash of `n` and the seed, because taking
@@ -426,69 +465,69 @@ fn client_of(n: usize, seed: u64, clients: usize) -> usize {
     ((z ^ (z >> 31)) % clients.max(1) as u64) as usize
 }
 
-/// One client worker: connection after connection until the budget or the deadline.
-#[allow(clippy::too_many_arguments)]
-async fn worker(
+/// What the workers of one run share.
+struct Load {
     service: SocketAddr,
     clients: Arc<[IpAddr]>,
-    issued: Arc<AtomicUsize>,
+    /// Connections begun so far, by every worker.
+    issued: AtomicUsize,
     budget: usize,
     requests_per_connection: u32,
     begin: Instant,
     deadline: Instant,
-    latencies: Arc<Mutex<Vec<f64>>>,
     names: Vec<String>,
     seed: u64,
-) -> Vec<Record> {
+}
+
+/// One client worker: connection after connection until the budget or the deadline;
+/// what each connection did, and the latency of every answered request.
+async fn worker(load: Arc<Load>) -> (Vec<Record>, Vec<f64>) {
     let mut records = Vec::new();
-    let mut mine = Vec::new();
+    let mut latencies = Vec::new();
     loop {
-        let n = issued.fetch_add(1, Ordering::Relaxed);
-        if n >= budget || Instant::now() >= deadline {
+        let n = load.issued.fetch_add(1, Ordering::Relaxed);
+        if n >= load.budget || Instant::now() >= load.deadline {
             break;
         }
-        let client = client_of(n, seed, clients.len());
+        records.push(load.connection(n, &mut latencies).await);
+    }
+    (records, latencies)
+}
+
+impl Load {
+    /// Connection `n`, from its client, with its requests.
+    async fn connection(&self, n: usize, latencies: &mut Vec<f64>) -> Record {
+        let client = client_of(n, self.seed, self.clients.len());
         let started = Instant::now();
         let mut record = Record {
             client: client as u32,
-            start_ms: started.duration_since(begin).as_secs_f64() * 1000.0,
+            start_ms: started.duration_since(self.begin).as_secs_f64() * 1000.0,
             pod: None,
             requests: 0,
             failed: false,
         };
-        let connected =
-            tokio::time::timeout(STEP_TIMEOUT, Client::connect(clients[client], service)).await;
-        let mut conn = match connected {
-            Ok(Ok(conn)) => conn,
-            _ => {
-                record.failed = true;
-                records.push(record);
-                continue;
-            }
+        let connect = Client::connect(self.clients[client], self.service);
+        let Ok(Ok(mut conn)) = tokio::time::timeout(STEP_TIMEOUT, connect).await else {
+            record.failed = true;
+            return record;
         };
         // The first request's latency includes the connect, as a client sees it.
         let mut sent = started;
-        for r in 0..requests_per_connection {
-            if r > 0 && Instant::now() >= deadline {
+        for r in 0..self.requests_per_connection {
+            if r > 0 && Instant::now() >= self.deadline {
                 break;
             }
-            match tokio::time::timeout(STEP_TIMEOUT, conn.request()).await {
-                Ok(Ok(pod)) => {
-                    mine.push(sent.elapsed().as_secs_f64() * 1000.0);
-                    if record.pod.is_none() {
-                        record.pod = names.iter().position(|n| n == pod);
-                    }
-                    record.requests += 1;
-                }
-                _ => {
-                    record.failed = true;
-                    break;
-                }
+            let Ok(Ok(pod)) = tokio::time::timeout(STEP_TIMEOUT, conn.request()).await else {
+                record.failed = true;
+                break;
+            };
+            latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+            if record.pod.is_none() {
+                record.pod = self.names.iter().position(|n| n == pod);
             }
+            record.requests += 1;
             sent = Instant::now();
         }
-        records.push(record);
+        record
     }
-    latencies.lock().expect("not poisoned").extend(mine);
-    records
 }

@@ -247,8 +247,15 @@ fn share_chart(scenario: &str, results: &[&RunResult]) -> String {
             r.pods.iter().map(|p| p.request_share).collect(),
         );
     }
-    let mut x = left;
-    for (i, p) in first.pods.iter().enumerate() {
+    legend(&mut svg, &first.pods, left, height);
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Each pod's colour and name, in a row along the bottom of a chart `height` high.
+fn legend(svg: &mut String, pods: &[PodResult], left: f64, height: f64) {
+    for (i, p) in pods.iter().enumerate() {
+        let x = left + 100.0 * i as f64;
         let _ = writeln!(
             svg,
             "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\">{}</text>",
@@ -258,10 +265,7 @@ fn share_chart(scenario: &str, results: &[&RunResult]) -> String {
             height - 3.0,
             escape(&p.pod)
         );
-        x += 100.0;
     }
-    svg.push_str("</svg>\n");
-    svg
 }
 
 /// p50, p99 and p999 per algorithm as grouped bars on a shared linear scale.

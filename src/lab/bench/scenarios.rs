@@ -88,114 +88,154 @@ fn pods(names: &[&str], service_time: Duration) -> Vec<PodSpec> {
 /// The scenario `name` (sticky yields two: affinity off, then on), sized for a quick
 /// or a full run; empty for an unknown name.
 pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
-    // A quick run keeps every scenario to a fraction of a second per algorithm.
-    let scale = |full: u64, short: u64| if quick { ms(short) } else { ms(full) };
-    let cap = |full: usize, short: usize| if quick { short } else { full };
-    let four = pods(&["pod-a", "pod-b", "pod-c", "pod-d"], ms(1));
-    let base = Scenario {
+    let size = Size { quick };
+    let base = uniform(size);
+    match name {
+        "uniform" => vec![base],
+        "slow-pod" => vec![slow_pod(base, size)],
+        "canary" => vec![canary(base, size)],
+        "keepalive" => vec![keepalive(base, size)],
+        "sticky" => [false, true]
+            .into_iter()
+            .map(|affinity| sticky(base.clone(), size, affinity))
+            .collect(),
+        "rolling-update" => vec![rolling_update(base, size)],
+        "scale-up" => vec![scale_up(base, size)],
+        _ => Vec::new(),
+    }
+}
+
+/// A quick run keeps every scenario to a fraction of a second per algorithm.
+#[derive(Clone, Copy)]
+struct Size {
+    quick: bool,
+}
+
+impl Size {
+    fn time(self, full: u64, short: u64) -> Duration {
+        ms(if self.quick { short } else { full })
+    }
+
+    fn count(self, full: usize, short: usize) -> usize {
+        if self.quick {
+            short
+        } else {
+            full
+        }
+    }
+}
+
+fn four_pods() -> Vec<PodSpec> {
+    pods(&["pod-a", "pod-b", "pod-c", "pod-d"], ms(1))
+}
+
+/// Four equal pods and many clients: the base the others vary.
+fn uniform(size: Size) -> Scenario {
+    Scenario {
         name: "uniform",
-        pods: four.clone(),
+        pods: four_pods(),
         clients: 64,
         concurrency: 8,
         requests_per_connection: 1,
-        connections: cap(4000, 400),
-        duration: scale(800, 100),
+        connections: size.count(4000, 400),
+        duration: size.time(800, 100),
         affinity: false,
         events: Vec::new(),
         many_clients: true,
+    }
+}
+
+fn slow_pod(base: Scenario, size: Size) -> Scenario {
+    let mut pods = pods(&["pod-a", "pod-b", "pod-c", "pod-d"], ms(2));
+    // Ten times slower and able to serve only two at once: it queues.
+    pods[3] = PodSpec {
+        name: "pod-slow".into(),
+        service_time: ms(20),
+        concurrency: Some(2),
+        weight: 1,
     };
-    match name {
-        "uniform" => vec![base],
-        "slow-pod" => {
-            let mut pods = pods(&["pod-a", "pod-b", "pod-c", "pod-d"], ms(2));
-            // Ten times slower and able to serve only two at once: it queues.
-            pods[3] = PodSpec {
-                name: "pod-slow".into(),
-                service_time: ms(20),
-                concurrency: Some(2),
-                weight: 1,
-            };
-            vec![Scenario {
-                name: "slow-pod",
-                pods,
-                concurrency: 16,
-                connections: cap(6000, 1200),
-                duration: scale(1000, 220),
-                many_clients: false,
-                ..base
-            }]
-        }
-        "canary" => {
-            let mut pods = pods(&["custom-1", "custom-2", "original-1", "original-2"], ms(1));
-            pods[0].weight = 3;
-            pods[1].weight = 3;
-            vec![Scenario {
-                name: "canary",
-                pods,
-                // A multiple of the weights' sum, so that a perfect split is possible.
-                connections: cap(3200, 320),
-                duration: scale(1500, 400),
-                many_clients: false,
-                ..base
-            }]
-        }
-        "keepalive" => vec![Scenario {
-            name: "keepalive",
-            clients: 6,
-            concurrency: 6,
-            requests_per_connection: if quick { 60 } else { 400 },
-            connections: 6,
-            duration: scale(800, 100),
-            many_clients: false,
-            ..base
-        }],
-        "sticky" => [false, true]
-            .into_iter()
-            .map(|affinity| Scenario {
-                name: "sticky",
-                // Enough connections per client for stickiness to show in a quick run.
-                clients: if quick { 48 } else { 200 },
-                affinity,
-                connections: cap(3000, 600),
-                duration: scale(700, 90),
-                ..base.clone()
+    Scenario {
+        name: "slow-pod",
+        pods,
+        concurrency: 16,
+        connections: size.count(6000, 1200),
+        duration: size.time(1000, 220),
+        many_clients: false,
+        ..base
+    }
+}
+
+fn canary(base: Scenario, size: Size) -> Scenario {
+    let mut pods = pods(&["custom-1", "custom-2", "original-1", "original-2"], ms(1));
+    pods[0].weight = 3;
+    pods[1].weight = 3;
+    Scenario {
+        name: "canary",
+        pods,
+        // A multiple of the weights' sum, so that a perfect split is possible.
+        connections: size.count(3200, 320),
+        duration: size.time(1500, 400),
+        many_clients: false,
+        ..base
+    }
+}
+
+fn keepalive(base: Scenario, size: Size) -> Scenario {
+    Scenario {
+        name: "keepalive",
+        clients: 6,
+        concurrency: 6,
+        requests_per_connection: if size.quick { 60 } else { 400 },
+        connections: 6,
+        duration: size.time(800, 100),
+        many_clients: false,
+        ..base
+    }
+}
+
+fn sticky(base: Scenario, size: Size, affinity: bool) -> Scenario {
+    Scenario {
+        name: "sticky",
+        // Enough connections per client for stickiness to show in a quick run.
+        clients: if size.quick { 48 } else { 200 },
+        affinity,
+        connections: size.count(3000, 600),
+        duration: size.time(700, 90),
+        ..base
+    }
+}
+
+fn rolling_update(base: Scenario, size: Size) -> Scenario {
+    let four = four_pods();
+    Scenario {
+        name: "rolling-update",
+        clients: 100,
+        connections: 100_000,
+        duration: size.time(1000, 200),
+        events: (0..4)
+            .map(|i| Event {
+                at: 0.2 + 0.15 * i as f64,
+                change: Change::Replace(i, PodSpec::new(&format!("{}-v2", four[i].name), ms(1))),
             })
             .collect(),
-        "rolling-update" => vec![Scenario {
-            name: "rolling-update",
-            clients: 100,
-            connections: 100_000,
-            duration: scale(1000, 200),
-            events: (0..4)
-                .map(|i| Event {
-                    at: 0.2 + 0.15 * i as f64,
-                    change: Change::Replace(
-                        i,
-                        PodSpec::new(&format!("{}-v2", four[i].name), ms(1)),
-                    ),
-                })
-                .collect(),
-            ..base.clone()
-        }],
-        "scale-up" => vec![Scenario {
-            name: "scale-up",
-            pods: four[..2].to_vec(),
-            clients: 100,
-            connections: 100_000,
-            duration: scale(1000, 160),
-            events: vec![
-                Event {
-                    at: 0.3,
-                    change: Change::Add(four[2].clone()),
-                },
-                Event {
-                    at: 0.3,
-                    change: Change::Add(four[3].clone()),
-                },
-            ],
-            ..base
-        }],
-        _ => Vec::new(),
+        ..base
+    }
+}
+
+fn scale_up(base: Scenario, size: Size) -> Scenario {
+    let four = four_pods();
+    let joins = |pod: &PodSpec| Event {
+        at: 0.3,
+        change: Change::Add(pod.clone()),
+    };
+    Scenario {
+        name: "scale-up",
+        pods: four[..2].to_vec(),
+        clients: 100,
+        connections: 100_000,
+        duration: size.time(1000, 160),
+        events: four[2..].iter().map(joins).collect(),
+        ..base
     }
 }
 
