@@ -125,8 +125,11 @@ impl Size {
     }
 }
 
+/// The pods of most scenarios.
+const FOUR: [&str; 4] = ["pod-a", "pod-b", "pod-c", "pod-d"];
+
 fn four_pods() -> Vec<PodSpec> {
-    pods(&["pod-a", "pod-b", "pod-c", "pod-d"], ms(1))
+    pods(&FOUR, ms(1))
 }
 
 /// Four equal pods and many clients: the base the others vary.
@@ -146,7 +149,7 @@ fn uniform(size: Size) -> Scenario {
 }
 
 fn slow_pod(base: Scenario, size: Size) -> Scenario {
-    let mut pods = pods(&["pod-a", "pod-b", "pod-c", "pod-d"], ms(2));
+    let mut pods = pods(&FOUR, ms(2));
     // Ten times slower and able to serve only two at once: it queues.
     pods[3] = PodSpec {
         name: "pod-slow".into(),
