@@ -37,6 +37,8 @@ fn churn_events() -> usize {
     std::env::var("SCALE_CHURN").map_or(CHURN, |n| n.parse().expect("SCALE_CHURN is a count"))
 }
 
+/// The churn runs in this many rounds, with memory read after each.
+const CHURN_ROUNDS: usize = 4;
 /// Changes timed for the "new connections follow" figure.
 const FOLLOW_CHANGES: usize = 100;
 const METRICS: &str = "127.0.0.1:10249";
@@ -423,8 +425,12 @@ fn measure(services: usize, endpoints: usize, from_file: bool) -> String {
     let churn = if from_file {
         String::from("-")
     } else {
-        // Pods replaced in slices, and Services created and deleted, in turn.
-        for n in 0..churn_events() {
+        // Pods replaced in slices, and Services created and deleted, in turn, in four
+        // rounds: memory read after each, settled, shows whether it grows with the
+        // events or stays at one level.
+        let events = churn_events();
+        let mut after_rounds = Vec::new();
+        for n in 0..events {
             if n % 10 == 9 {
                 let i = services + n;
                 if (n / 10) % 2 == 0 {
@@ -445,18 +451,19 @@ fn measure(services: usize, endpoints: usize, from_file: bool) -> String {
                     None => failed_asks += 1,
                 }
             }
-            if n % 10_000 == 0 {
-                eprintln!("  churn {n}");
+            if (n + 1) % (events / CHURN_ROUNDS).max(1) == 0 && after_rounds.len() < CHURN_ROUNDS {
+                // Settling: the watch catches up, freed memory goes back.
+                std::thread::sleep(Duration::from_secs(10));
+                let (rss, _) = usage(pid);
+                eprintln!("  churn {}: {} MB", n + 1, rss / 1024);
+                after_rounds.push((rss / 1024).to_string());
             }
         }
-        // Settling again: the watch catches up, freed memory goes back.
-        std::thread::sleep(Duration::from_secs(20));
-        let (rss_20, _) = usage(pid);
-        std::thread::sleep(Duration::from_secs(40));
+        std::thread::sleep(Duration::from_secs(50));
         let (rss_60, _) = usage(pid);
         format!(
-            "{} MB 20 s later, {} MB 60 s later",
-            rss_20 / 1024,
+            "{} MB after each quarter (10 s settled), {} MB 60 s after",
+            after_rounds.join(" / "),
             rss_60 / 1024
         )
     };

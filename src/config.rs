@@ -132,6 +132,18 @@ pub struct RunArgs {
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub(crate) tcp_idle_timeout: Option<Duration>,
 
+    /// End a UDP flow (a client address and port to a Service port) after this long
+    /// without a datagram either way; its next datagram picks an endpoint again.
+    /// conntrack's UDP timeout, as kube-proxy's users have it.
+    #[arg(long, default_value = "30s", value_parser = parse_udp_idle_timeout)]
+    pub(crate) udp_idle_timeout: Duration,
+
+    /// UDP flows open at most at once; the datagrams of new flows beyond are dropped and
+    /// counted (carousel_udp_dropped_total{reason="flow_limit"}). Each takes a socket.
+    #[arg(long, default_value_t = crate::proxy::udp::DEFAULT_MAX_FLOWS, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) max_udp_flows: u32,
+
     /// TCP keepalive on both sides of every connection: idle time before the first probe ("0s": off).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) tcp_keepalive: Duration,
@@ -165,6 +177,18 @@ fn parse_sync_period(value: &str) -> Result<Duration, String> {
         return Err(format!("{value} is shorter than 100ms"));
     }
     Ok(period)
+}
+
+/// A UDP idle timeout: at least 100ms (a flow must outlive one round trip), at most a day.
+fn parse_udp_idle_timeout(value: &str) -> Result<Duration, String> {
+    let timeout = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if timeout < Duration::from_millis(100) {
+        return Err(format!("{value} is shorter than 100ms"));
+    }
+    if timeout > Duration::from_secs(86_400) {
+        return Err(format!("{value} is longer than a day"));
+    }
+    Ok(timeout)
 }
 
 /// An http(s) URL with a host, or empty (a ConfigMap value that leaves it unset).

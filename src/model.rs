@@ -36,7 +36,7 @@ impl fmt::Display for ServiceKey {
 /// The default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub(crate) const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);
 
-/// One Service that carousel proxies: only TCP ports of ClusterIP, NodePort and
+/// One Service that carousel proxies: only TCP and UDP ports of ClusterIP, NodePort and
 /// LoadBalancer Services make it into the table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Service {
@@ -91,11 +91,36 @@ pub struct Balancing {
     pub affinity: Option<Duration>,
 }
 
-/// One TCP port of a Service with the endpoints behind it.
+/// The transport of a Service port. TCP 53 and UDP 53 of one Service are two ports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// As Kubernetes spells it (`spec.ports[].protocol`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One TCP or UDP port of a Service with the endpoints behind it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServicePort {
     /// The port's name; empty when the Service has a single unnamed port.
     pub name: String,
+    pub protocol: Protocol,
     pub port: u16,
     pub node_port: Option<u16>,
     /// Every known endpoint, deduplicated and sorted by address, whatever its state.
@@ -261,6 +286,7 @@ mod tests {
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),
             ports: vec![ServicePort {
+                protocol: Protocol::Tcp,
                 name: "http".into(),
                 port: 80,
                 node_port: Some(30080),

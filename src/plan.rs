@@ -12,6 +12,7 @@ use crate::balance::BuildOptions;
 use crate::config::{ProxyMode, RunArgs};
 use crate::discovery::convert::Scope;
 use crate::model::Locality;
+use crate::proxy::udp::UdpConfig;
 use crate::proxy::{ForwardConfig, Mode, ProxyConfig};
 use crate::run::{ClusterRun, FileRun, Source};
 
@@ -86,6 +87,10 @@ fn proxy_config(args: &RunArgs, in_cluster: bool, host_addresses: &[IpAddr]) -> 
             keepalive: (!args.tcp_keepalive.is_zero()).then_some(args.tcp_keepalive),
         },
         max_connections: args.max_connections,
+        udp: UdpConfig {
+            idle_timeout: args.udp_idle_timeout,
+            max_flows: args.max_udp_flows as usize,
+        },
         shadow: args.shadow.clone(),
         sync_period: args.sync_period,
         // Known once the health address is bound: see `main`.

@@ -42,6 +42,10 @@ pub mod names {
     pub const ENDPOINT_WEIGHT: &str = "carousel_endpoint_weight";
     pub const FAIRNESS_JAIN: &str = "carousel_fairness_jain";
     pub const SHADOW_PICKS_TOTAL: &str = "carousel_shadow_picks_total";
+    pub const UDP_FLOWS_TOTAL: &str = "carousel_udp_flows_total";
+    pub const UDP_FLOWS_ACTIVE: &str = "carousel_udp_flows_active";
+    pub const UDP_DATAGRAMS_TOTAL: &str = "carousel_udp_datagrams_total";
+    pub const UDP_DROPPED_TOTAL: &str = "carousel_udp_dropped_total";
 
     /// The `# HELP` text of each family.
     pub(crate) fn help(name: &str) -> &'static str {
@@ -66,6 +70,10 @@ pub mod names {
             ENDPOINT_WEIGHT => "The share of new connections an endpoint is weighted for (0: drained).",
             FAIRNESS_JAIN => "Jain's index of the last few seconds of picks over weights (1: every endpoint got its share).",
             SHADOW_PICKS_TOTAL => "Picks a shadow balancer would have made, per endpoint.",
+            UDP_FLOWS_TOTAL => "UDP flows (a client address and port to a Service port) opened to an endpoint.",
+            UDP_FLOWS_ACTIVE => "UDP flows open to an endpoint now.",
+            UDP_DATAGRAMS_TOTAL => "UDP datagrams forwarded, by direction (to_endpoint, to_client).",
+            UDP_DROPPED_TOTAL => "UDP datagrams dropped, by reason (no_endpoint, flow_limit, endpoint_busy, client_busy, socket_error).",
             _ => "A carousel metric.",
         }
     }

@@ -102,10 +102,14 @@ fn check_table(table: &ServiceTable) {
                 "{key}: {timeout:?}"
             );
         }
-        let mut numbers: Vec<u16> = svc.ports.iter().map(|p| p.port).collect();
+        let mut numbers: Vec<_> = svc.ports.iter().map(|p| (p.protocol, p.port)).collect();
         numbers.sort_unstable();
         numbers.dedup();
-        assert_eq!(numbers.len(), svc.ports.len(), "{key}: a port number twice");
+        assert_eq!(
+            numbers.len(),
+            svc.ports.len(),
+            "{key}: a port number twice in one protocol"
+        );
         for port in &svc.ports {
             assert_ne!(port.port, 0, "{key}: port 0");
             assert_ne!(port.node_port, Some(0), "{key}: node port 0");

@@ -21,8 +21,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use crate::addr::PodAddr;
 use crate::discovery::names::Names;
 use crate::model::{
-    Algorithm, Balancing, Endpoint, Placement, Service, ServiceKey, ServicePort, ServiceTable,
-    DEFAULT_AFFINITY_TIMEOUT,
+    Algorithm, Balancing, Endpoint, Placement, Protocol, Service, ServiceKey, ServicePort,
+    ServiceTable, DEFAULT_AFFINITY_TIMEOUT,
 };
 
 pub const ANNOTATION_LOAD_BALANCER: &str = "carousel.dev/load-balancer";
@@ -72,7 +72,7 @@ impl FieldError {
 /// Something about a usable object that carousel reports but works around.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Warning {
-    /// A UDP or SCTP port: carousel proxies TCP only.
+    /// An SCTP port (or another protocol): carousel proxies TCP and UDP only.
     SkippedPort {
         service: ServiceKey,
         port: String,
@@ -105,7 +105,7 @@ impl fmt::Display for Warning {
                 protocol,
             } => write!(
                 f,
-                "service {service}: port {port} is {protocol}; carousel proxies TCP only, skipped"
+                "service {service}: port {port} is {protocol}; carousel proxies TCP and UDP only, skipped"
             ),
             Warning::BadAnnotation {
                 service,
@@ -151,6 +151,7 @@ pub struct ServiceFront {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct PortFront {
     pub(crate) name: String,
+    pub(crate) protocol: Protocol,
     pub(crate) port: u16,
     pub(crate) node_port: Option<u16>,
     pub(crate) target: IntOrString,
@@ -168,9 +169,17 @@ pub struct WeightRule {
 #[derive(Clone, Debug, PartialEq)]
 pub struct SliceView {
     pub(crate) service: ServiceKey,
-    /// `(name, port)` of each TCP port of the slice; the name is empty when unnamed.
-    pub(crate) ports: Vec<(String, u16)>,
+    /// Each TCP and UDP port of the slice that has a number.
+    pub(crate) ports: Vec<SlicePort>,
     pub(crate) endpoints: Vec<SliceEndpoint>,
+}
+
+/// One port of a slice; the name is empty when unnamed.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct SlicePort {
+    pub(crate) name: String,
+    pub(crate) protocol: Protocol,
+    pub(crate) port: u16,
 }
 
 /// One endpoint of a slice. Its names are shared ([`Names`]) with every other endpoint
@@ -353,20 +362,19 @@ fn load_balancer_ips(svc: &core::Service) -> Result<Vec<IpAddr>, FieldError> {
         .collect()
 }
 
-/// The TCP ports; others are skipped with a warning each.
+/// The TCP and UDP ports; others are skipped with a warning each.
 fn ports(
     key: &ServiceKey,
     spec: &core::ServiceSpec,
     warnings: &mut Vec<Warning>,
 ) -> Result<Vec<PortFront>, FieldError> {
     let mut ports = Vec::new();
-    // TCP port number -> index of the first port with it.
-    let mut tcp_ports: HashMap<u16, usize> = HashMap::new();
+    // Protocol and port number -> index of the first port with them.
+    let mut numbers: HashMap<(Protocol, u16), usize> = HashMap::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let port = parse_port(format!("spec.ports[{i}].port"), p.port)?;
         let name = p.name.clone().unwrap_or_default();
-        let protocol = p.protocol.as_deref().unwrap_or("TCP");
-        if protocol != "TCP" {
+        let Some(protocol) = protocol(p.protocol.as_deref()) else {
             warnings.push(Warning::SkippedPort {
                 service: key.clone(),
                 port: if name.is_empty() {
@@ -374,13 +382,13 @@ fn ports(
                 } else {
                     name
                 },
-                protocol: protocol.to_string(),
+                protocol: p.protocol.clone().unwrap_or_default(),
             });
             continue;
-        }
+        };
         // Kubernetes refuses two ports of one protocol with one number: both would be the
         // same listener, and the second would silently take the first one's traffic.
-        if let Some(first) = tcp_ports.insert(port, i) {
+        if let Some(first) = numbers.insert((protocol, port), i) {
             return Err(FieldError::new(
                 format!("spec.ports[{i}].port"),
                 format!("{port} is also spec.ports[{first}].port"),
@@ -392,6 +400,7 @@ fn ports(
             .transpose()?;
         ports.push(PortFront {
             name,
+            protocol,
             port,
             node_port,
             target: target_port(i, port, p.target_port.as_ref())?,
@@ -620,23 +629,33 @@ pub fn slice(
     }))
 }
 
-/// The slice's TCP ports that have a number.
-fn slice_ports(slice: &discovery::EndpointSlice) -> Result<Vec<(String, u16)>, FieldError> {
+/// The slice's TCP and UDP ports that have a number.
+fn slice_ports(slice: &discovery::EndpointSlice) -> Result<Vec<SlicePort>, FieldError> {
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
-        if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+        let Some(protocol) = protocol(p.protocol.as_deref()) else {
             continue;
-        }
+        };
         let Some(port) = p.port else {
             // A port without a number means "all ports"; carousel needs a number to dial.
             continue;
         };
-        ports.push((
-            p.name.clone().unwrap_or_default(),
-            parse_port(format!("ports[{i}].port"), port)?,
-        ));
+        ports.push(SlicePort {
+            name: p.name.clone().unwrap_or_default(),
+            protocol,
+            port: parse_port(format!("ports[{i}].port"), port)?,
+        });
     }
     Ok(ports)
+}
+
+/// The protocols carousel proxies, from a port's `protocol` (TCP when absent).
+fn protocol(protocol: Option<&str>) -> Option<Protocol> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        _ => None,
+    }
 }
 
 /// `endpoints[i]` of a slice of `namespace` whose addresses are IPv6 (`ipv6`) or IPv4.
@@ -760,6 +779,7 @@ pub(crate) fn join_service(
         .iter()
         .map(|p| ServicePort {
             name: p.name.clone(),
+            protocol: p.protocol,
             port: p.port,
             node_port: p.node_port,
             endpoints: endpoints_for(p, slices, &front.weights, pods),
@@ -784,14 +804,13 @@ pub(crate) fn join_service(
 /// EndpointSlice controller's naming), else the one named by a named `targetPort`, else,
 /// for hand-written slices, the one whose number is a numeric `targetPort`.
 fn slice_port(port: &PortFront, slice: &SliceView) -> Option<u16> {
-    let by_name = |n: &str| slice.ports.iter().find(|(name, _)| name == n).map(|p| p.1);
+    let same = || slice.ports.iter().filter(|p| p.protocol == port.protocol);
+    let by_name = |n: &str| same().find(|p| p.name == n).map(|p| p.port);
     by_name(&port.name).or_else(|| match &port.target {
         IntOrString::String(target) => by_name(target),
-        IntOrString::Int(target) => slice
-            .ports
-            .iter()
-            .find(|(_, p)| i32::from(*p) == *target)
-            .map(|p| p.1),
+        IntOrString::Int(target) => same()
+            .find(|p| i32::from(p.port) == *target)
+            .map(|p| p.port),
     })
 }
 
@@ -956,12 +975,14 @@ mod tests {
             vec![
                 PortFront {
                     name: "http".into(),
+                    protocol: Protocol::Tcp,
                     port: 80,
                     node_port: None,
                     target: IntOrString::Int(8080),
                 },
                 PortFront {
                     name: "metrics".into(),
+                    protocol: Protocol::Tcp,
                     port: 9090,
                     node_port: None,
                     target: IntOrString::String("prom".into()),
@@ -984,6 +1005,7 @@ mod tests {
             f.ports,
             vec![PortFront {
                 name: String::new(),
+                protocol: Protocol::Tcp,
                 port: 80,
                 node_port: None,
                 target: IntOrString::Int(80),
@@ -1016,34 +1038,31 @@ mod tests {
     }
 
     #[test]
-    fn udp_and_sctp_ports_are_skipped_with_a_warning() {
+    fn udp_ports_are_kept_and_sctp_ports_skipped_with_a_warning() {
         let f = front(
             "clusterIP: 10.96.0.10, ports: [\
              {name: dns, port: 53, protocol: UDP}, \
              {name: dns-tcp, port: 53, protocol: TCP}, \
              {port: 9899, protocol: SCTP}]",
         );
-        assert_eq!(f.ports.len(), 1);
-        assert_eq!(f.ports[0].name, "dns-tcp");
+        let kept: Vec<(&str, Protocol)> = f
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.protocol))
+            .collect();
+        assert_eq!(kept, [("dns", Protocol::Udp), ("dns-tcp", Protocol::Tcp)]);
         assert_eq!(
             f.warnings,
-            vec![
-                Warning::SkippedPort {
-                    service: key(),
-                    port: "dns".into(),
-                    protocol: "UDP".into(),
-                },
-                Warning::SkippedPort {
-                    service: key(),
-                    port: "9899".into(),
-                    protocol: "SCTP".into(),
-                },
-            ]
+            vec![Warning::SkippedPort {
+                service: key(),
+                port: "9899".into(),
+                protocol: "SCTP".into(),
+            }]
         );
         assert!(f.warnings.iter().all(|w| !w.is_config_error()));
         assert_eq!(
             f.warnings[0].to_string(),
-            "service shop/web: port dns is UDP; carousel proxies TCP only, skipped"
+            "service shop/web: port 9899 is SCTP; carousel proxies TCP and UDP only, skipped"
         );
     }
 
@@ -1198,7 +1217,11 @@ mod tests {
         let f = front(
             "clusterIP: 10.96.0.10, ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53}]",
         );
-        assert_eq!(f.ports.len(), 1);
+        assert_eq!(f.ports.len(), 2);
+        let err = service_error(
+            "clusterIP: 10.96.0.10, ports: [{name: a, port: 53, protocol: UDP}, {name: b, port: 53, protocol: UDP}]",
+        );
+        assert_eq!(err.message, "53 is also spec.ports[0].port");
     }
 
     #[test]
@@ -1528,7 +1551,18 @@ mod tests {
               {addresses: [10.1.0.3], targetRef: {kind: Node, name: node-c}}]",
         );
         assert_eq!(s.service, key());
-        assert_eq!(s.ports, vec![("http".to_string(), 8080)]);
+        let port = |name: &str, protocol, port| SlicePort {
+            name: name.into(),
+            protocol,
+            port,
+        };
+        assert_eq!(
+            s.ports,
+            [
+                port("http", Protocol::Tcp, 8080),
+                port("dns", Protocol::Udp, 53)
+            ]
+        );
         assert_eq!(
             s.endpoints,
             vec![
@@ -1845,6 +1879,40 @@ mod tests {
     }
 
     #[test]
+    fn a_udp_port_finds_the_slice_port_of_its_protocol() {
+        // As CoreDNS publishes itself: UDP 53 and TCP 53, and a metrics port.
+        let f = front(
+            "clusterIP: 10.96.0.10, ports: [{name: dns, port: 53, protocol: UDP}, \
+             {name: dns-tcp, port: 53, protocol: TCP}, {name: metrics, port: 9153, targetPort: 9153, protocol: UDP}]",
+        );
+        let s = view(
+            "[{name: dns-tcp, port: 5353, protocol: TCP}, {name: dns, port: 53, protocol: UDP}, \
+              {name: metrics, port: 9153, protocol: TCP}]",
+            "[{addresses: [10.1.0.1]}]",
+        );
+        let (table, _) = join(&[f], &[s], &PodLabels::new(), &Scope::default());
+        let ports = &table.get(&key()).unwrap().ports;
+        let found: Vec<(Protocol, Vec<String>)> = ports
+            .iter()
+            .map(|p| {
+                (
+                    p.protocol,
+                    p.endpoints.iter().map(|e| e.addr.to_string()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (Protocol::Udp, vec!["10.1.0.1:53".to_string()]),
+                (Protocol::Tcp, vec!["10.1.0.1:5353".to_string()]),
+                // Only a TCP slice port has the number: the UDP port has no endpoint.
+                (Protocol::Udp, vec![]),
+            ]
+        );
+    }
+
+    #[test]
     fn joined_service_carries_the_front() {
         let f = front_with(
             "",
@@ -1866,6 +1934,7 @@ mod tests {
                 load_balancer_ips: vec![],
                 ports: vec![ServicePort {
                     name: "http".into(),
+                    protocol: Protocol::Tcp,
                     port: 80,
                     node_port: Some(30080),
                     endpoints: vec![Endpoint {
@@ -1916,6 +1985,7 @@ mod tests {
     fn eligible(endpoints: Vec<Endpoint>) -> Vec<String> {
         let port = ServicePort {
             name: "http".into(),
+            protocol: Protocol::Tcp,
             port: 80,
             node_port: None,
             endpoints,

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::addr::PodAddr;
 use crate::proxy::ejection::Ejection;
-use crate::proxy::port_metrics::{EndpointSeries, PortMetrics};
+use crate::proxy::port_metrics::{EndpointSeries, PortMetrics, Series, UdpEndpointSeries};
 
 #[derive(Debug)]
 pub(crate) struct EndpointState {
@@ -27,7 +27,7 @@ pub(crate) struct EndpointState {
     port: Arc<PortMetrics>,
     /// Boxed: most endpoints never get a connection through this node, and an empty
     /// slot costs a pointer.
-    series: OnceLock<Box<EndpointSeries>>,
+    series: OnceLock<Box<Series>>,
 }
 
 impl EndpointState {
@@ -44,19 +44,39 @@ impl EndpointState {
         }
     }
 
-    /// The endpoint's series, registered on first use.
-    pub(crate) fn series(&self) -> &EndpointSeries {
+    /// The endpoint's series, of its port's protocol, registered on first use.
+    fn registered(&self) -> &Series {
         self.series.get_or_init(|| {
             let weight = self.weight.load(Ordering::Relaxed);
             Box::new(self.port.endpoint(self.addr, &self.pod, weight))
         })
     }
 
+    /// The series of an endpoint of a TCP port.
+    pub(crate) fn series(&self) -> &EndpointSeries {
+        match self.registered() {
+            Series::Tcp(series) => series,
+            // A state belongs to one Service port: the routes of a UDP port have no
+            // connections.
+            Series::Udp(_) => unreachable!("connection series of a UDP endpoint"),
+        }
+    }
+
+    /// The series of an endpoint of a UDP port.
+    pub(crate) fn udp_series(&self) -> &UdpEndpointSeries {
+        match self.registered() {
+            Series::Udp(series) => series,
+            Series::Tcp(_) => unreachable!("flow series of a TCP endpoint"),
+        }
+    }
+
     /// Sets the weight, and the gauge when the series exist.
     pub(crate) fn set_weight(&self, weight: u32) {
         self.weight.store(weight, Ordering::Relaxed);
-        if let Some(series) = self.series.get() {
-            series.weight.set(f64::from(weight));
+        match self.series.get().map(Box::as_ref) {
+            Some(Series::Tcp(series)) => series.weight.set(f64::from(weight)),
+            Some(Series::Udp(series)) => series.weight.set(f64::from(weight)),
+            None => {}
         }
     }
 }

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tokio::task::JoinHandle;
 
-use super::listener::{self, Accepting, Dialed, Listeners};
+use super::listener::{self, Accepting, Destination, Listeners};
 use super::redirects::Derived;
 use super::{ForwardConfig, Mode, ProxyError};
 use crate::dataplane::nftables::{self, NftError, Rules};
@@ -105,7 +105,7 @@ impl Intake {
             };
             accept.push(tokio::spawn(listener::accept_loop(
                 listener,
-                Dialed::Intercepted {
+                Destination::Intercepted {
                     listen_port: *listen_port,
                 },
                 accepting.clone(),

@@ -19,10 +19,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::addr::{ClientAddr, ServiceAddr};
+use crate::model::Protocol;
 use crate::proxy::forward::{self, ForwardConfig, ForwardError};
 use crate::proxy::inside::Inside;
 use crate::proxy::original_dst::original_dst;
-use crate::proxy::routes::{Admission, Route, RouteTable};
+use crate::proxy::routes::{Admission, Dialed, Route, RouteTable};
+use crate::proxy::udp;
 use crate::telemetry::{names, Telemetry};
 
 /// Opens a listening TCP socket with the options a proxy wants. Accepted connections
@@ -106,14 +108,14 @@ pub fn migrate_queued_connections_on_close() {
 pub(crate) fn wanted(
     routes: &RouteTable,
     nodeport_addresses: &[IpAddr],
-) -> BTreeMap<ServiceAddr, String> {
+) -> BTreeMap<Dialed, String> {
     let mut wanted = BTreeMap::new();
     for (addr, route) in routes.service_addrs().filter(|(_, r)| r.has_endpoints) {
         wanted.insert(*addr, format!("{} port {}", route.service, route.port));
     }
-    for (port, route) in routes.node_ports().filter(|(_, r)| r.has_endpoints) {
+    for ((protocol, port), route) in routes.node_ports().filter(|(_, r)| r.has_endpoints) {
         for ip in nodeport_addresses {
-            let addr = ServiceAddr(SocketAddr::new(*ip, port));
+            let addr = (protocol, ServiceAddr(SocketAddr::new(*ip, port)));
             wanted
                 .entry(addr)
                 .or_insert_with(|| format!("{} port {} (node port)", route.service, route.port));
@@ -130,17 +132,17 @@ pub(crate) fn changed(
     routes: &RouteTable,
     nodeport_addresses: &[IpAddr],
     last: u64,
-) -> Option<Vec<(ServiceAddr, Option<String>)>> {
+) -> Option<Vec<(Dialed, Option<String>)>> {
     let edits = routes.edits();
     if edits.after != Some(last) {
         return None;
     }
-    let at_node_ports = edits.node_ports.iter().flat_map(|&port| {
+    let at_node_ports = edits.node_ports.iter().flat_map(|&(protocol, port)| {
         nodeport_addresses
             .iter()
-            .map(move |ip| ServiceAddr(SocketAddr::new(*ip, port)))
+            .map(move |ip| (protocol, ServiceAddr(SocketAddr::new(*ip, port))))
     });
-    let touched: BTreeSet<ServiceAddr> = edits.addrs.iter().copied().chain(at_node_ports).collect();
+    let touched: BTreeSet<Dialed> = edits.addrs.iter().copied().chain(at_node_ports).collect();
     Some(
         touched
             .into_iter()
@@ -150,19 +152,16 @@ pub(crate) fn changed(
 }
 
 /// [`wanted`] for one address: the Service port it serves, or `None`.
-fn wanted_at(
-    routes: &RouteTable,
-    nodeport_addresses: &[IpAddr],
-    addr: ServiceAddr,
-) -> Option<String> {
+fn wanted_at(routes: &RouteTable, nodeport_addresses: &[IpAddr], addr: Dialed) -> Option<String> {
     if let Some(route) = routes.service_addr(addr).filter(|r| r.has_endpoints) {
         return Some(format!("{} port {}", route.service, route.port));
     }
-    if !nodeport_addresses.contains(&addr.0.ip()) {
+    let (protocol, addr) = addr;
+    if !nodeport_addresses.contains(&addr.ip()) {
         return None;
     }
     let route = routes
-        .node_port(addr.0.port())
+        .node_port((protocol, addr.port()))
         .filter(|r| r.has_endpoints)?;
     Some(format!("{} port {} (node port)", route.service, route.port))
 }
@@ -208,9 +207,9 @@ pub(crate) fn listener_budget(limit: u64) -> usize {
 /// The open listeners of bind mode.
 #[derive(Debug)]
 pub(crate) struct Listeners {
-    open: HashMap<ServiceAddr, JoinHandle<()>>,
+    open: HashMap<Dialed, JoinHandle<()>>,
     /// Addresses that failed to bind, so each failure is reported once.
-    failed: HashSet<ServiceAddr>,
+    failed: HashSet<Dialed>,
     /// Wanted addresses left without a listener by the descriptor limit at the last
     /// reconcile, and `carousel_listeners_refused`, which shows them.
     refused: usize,
@@ -235,13 +234,14 @@ impl Listeners {
     /// descriptors the rest of carousel needs are never taken.
     pub(crate) fn reconcile(
         &mut self,
-        wanted: &BTreeMap<ServiceAddr, String>,
+        wanted: &BTreeMap<Dialed, String>,
         intake: &Accepting,
     ) -> usize {
         self.open.retain(|addr, task| {
             let keep = wanted.contains_key(addr);
             if !keep {
-                tracing::info!(%addr, "closing listener");
+                let (protocol, addr) = addr;
+                tracing::info!(%addr, %protocol, "closing listener");
                 task.abort();
             }
             keep
@@ -284,7 +284,7 @@ impl Listeners {
     /// would pass the budget.
     pub(crate) fn apply(
         &mut self,
-        changes: &[(ServiceAddr, Option<String>)],
+        changes: &[(Dialed, Option<String>)],
         intake: &Accepting,
     ) -> Option<usize> {
         if self.refused > 0 || !self.failed.is_empty() {
@@ -305,7 +305,8 @@ impl Listeners {
             match owner {
                 None => {
                     if let Some(task) = self.open.remove(addr) {
-                        tracing::info!(%addr, "closing listener");
+                        let (protocol, addr) = addr;
+                        tracing::info!(%addr, %protocol, "closing listener");
                         task.abort();
                     }
                 }
@@ -316,27 +317,36 @@ impl Listeners {
         Some(self.failed.len())
     }
 
-    /// Listens on `addr` for `owner`, or reports (once) that it cannot.
-    fn open_one(&mut self, addr: ServiceAddr, owner: &str, intake: &Accepting) {
-        match bind(addr.0, intake.forward.keepalive) {
-            Ok(listener) => {
-                tracing::info!(%addr, service = %owner, "listening");
-                self.failed.remove(&addr);
-                let task = tokio::spawn(accept_loop(
-                    listener,
-                    Dialed::Listener(addr),
+    /// Listens on `dialed` for `owner`, or reports (once) that it cannot.
+    fn open_one(&mut self, dialed: Dialed, owner: &str, intake: &Accepting) {
+        let (protocol, addr) = dialed;
+        let served = match protocol {
+            Protocol::Tcp => bind(addr.0, intake.forward.keepalive).map(|listener| {
+                let destination = Destination::Listener(addr);
+                tokio::spawn(accept_loop(listener, destination, intake.clone()))
+            }),
+            Protocol::Udp => udp::bind(addr.0).map(|socket| {
+                tokio::spawn(udp::serve(
+                    socket,
+                    Destination::Listener(addr),
                     intake.clone(),
-                ));
-                self.open.insert(addr, task);
+                ))
+            }),
+        };
+        match served {
+            Ok(task) => {
+                tracing::info!(%addr, %protocol, service = %owner, "listening");
+                self.failed.remove(&dialed);
+                self.open.insert(dialed, task);
             }
             Err(e) => {
-                if self.failed.insert(addr) {
+                if self.failed.insert(dialed) {
                     let hint = if e.raw_os_error() == Some(99) {
                         " (the address is not local to this host; bind mode needs it assigned to an interface)"
                     } else {
                         ""
                     };
-                    tracing::error!(%addr, service = %owner, error = %e, "cannot listen{hint}; retrying");
+                    tracing::error!(%addr, %protocol, service = %owner, error = %e, "cannot listen{hint}; retrying");
                 }
             }
         }
@@ -358,7 +368,7 @@ impl Drop for Listeners {
 
 /// How a listener learns which Service address a client dialed.
 #[derive(Clone, Copy, Debug)]
-pub(crate) enum Dialed {
+pub(crate) enum Destination {
     /// Bind mode: the listener's own address is the Service address.
     Listener(ServiceAddr),
     /// nftables mode, on a listener at this port: a connection intercepted with TPROXY
@@ -377,6 +387,9 @@ pub(crate) struct Accepting {
     pub(crate) forward: ForwardConfig,
     pub(crate) connections: TaskTracker,
     pub(crate) limit: Arc<Limit>,
+    pub(crate) udp: udp::UdpConfig,
+    /// UDP flows open over every Service address, against `udp.max_flows`.
+    pub(crate) udp_flows: Arc<udp::FlowCount>,
     /// Cancelled when the drain runs out: every open connection is reset.
     pub(crate) cut: CancellationToken,
 }
@@ -441,7 +454,7 @@ fn intercepted(stream: &TcpStream, listen_port: u16) -> io::Result<ServiceAddr> 
 }
 
 /// Accepts connections and hands each to its own task.
-pub(crate) async fn accept_loop(listener: TcpListener, dialed: Dialed, intake: Accepting) {
+pub(crate) async fn accept_loop(listener: TcpListener, dialed: Destination, intake: Accepting) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -460,8 +473,8 @@ pub(crate) async fn accept_loop(listener: TcpListener, dialed: Dialed, intake: A
             continue;
         };
         let target = match dialed {
-            Dialed::Listener(addr) => addr,
-            Dialed::Intercepted { listen_port } => match intercepted(&stream, listen_port) {
+            Destination::Listener(addr) => addr,
+            Destination::Intercepted { listen_port } => match intercepted(&stream, listen_port) {
                 Ok(addr) => addr,
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "no Service address; not an intercepted connection");
@@ -474,8 +487,9 @@ pub(crate) async fn accept_loop(listener: TcpListener, dialed: Dialed, intake: A
         let route = match intake
             .routes
             .load()
-            .admit(target, peer, |ip| intake.inside.load().contains(ip))
-        {
+            .admit((Protocol::Tcp, target), peer, |ip| {
+                intake.inside.load().contains(ip)
+            }) {
             Admission::Route(route) => Some(route.clone()),
             Admission::NoService => None,
             Admission::OutOfRange => {

@@ -17,6 +17,7 @@ pub(crate) mod original_dst;
 pub(crate) mod port_metrics;
 pub(crate) mod redirects;
 pub mod routes;
+pub mod udp;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -78,6 +79,8 @@ pub struct ProxyConfig {
     pub locality: Locality,
     /// Connections beyond this many open ones are refused at once.
     pub max_connections: Option<usize>,
+    /// How UDP flows are kept.
+    pub udp: udp::UdpConfig,
     /// Algorithms evaluated beside each Service's own (`--shadow`).
     pub shadow: Vec<Algorithm>,
     /// How often the node's rules (or bind mode's listeners) are checked and repaired
@@ -103,6 +106,7 @@ impl Default for ProxyConfig {
             balance: BuildOptions::default(),
             locality: Locality::default(),
             max_connections: None,
+            udp: udp::UdpConfig::default(),
             shadow: Vec::new(),
             sync_period: SYNC_PERIOD,
             handover: None,
@@ -183,6 +187,8 @@ pub async fn run(
         forward: config.forward,
         connections: TaskTracker::new(),
         limit: Arc::new(Limit::new(config.max_connections, &telemetry)),
+        udp: config.udp,
+        udp_flows: Arc::default(),
         inside: Arc::default(),
         cut: CancellationToken::new(),
     };

@@ -10,7 +10,7 @@ use metrics::{Counter, Gauge, Histogram, Label};
 use crate::addr::PodAddr;
 use crate::algorithm::Algorithm;
 use crate::balance::AffinityStats;
-use crate::model::{ServiceKey, ServicePort};
+use crate::model::{Protocol, ServiceKey, ServicePort};
 use crate::telemetry::{names, Telemetry};
 
 /// One Service port's series, shared by its routes and carried across tables.
@@ -20,6 +20,7 @@ pub(crate) struct PortMetrics {
     service: ServiceKey,
     /// The port's label: its name, or its number when unnamed.
     port: String,
+    protocol: Protocol,
     /// `namespace`, `service`, `port`: the labels of every series of the port.
     labels: Arc<[Label]>,
     /// `carousel_connections_total{outcome="no_endpoint"}`.
@@ -28,6 +29,54 @@ pub(crate) struct PortMetrics {
     endpoint_counts: [Gauge; 3],
     /// The port's latency histograms, registered at its first connection.
     histograms: OnceLock<(Histogram, Histogram)>,
+    /// `carousel_udp_dropped_total` by reason, registered at the first drop.
+    udp_drops: OnceLock<Box<[Counter; UDP_DROP_REASONS.len()]>>,
+}
+
+/// Why a UDP datagram was dropped: the `reason` label of `carousel_udp_dropped_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum UdpDrop {
+    /// The Service port has no endpoint for a new flow.
+    NoEndpoint,
+    /// `--max-udp-flows` flows are open: a new flow is not opened.
+    FlowLimit,
+    /// The endpoint's socket had no room (its send buffer is full).
+    EndpointBusy,
+    /// The client's side had no room for a reply.
+    ClientBusy,
+    /// No socket to the endpoint could be opened (out of descriptors, say).
+    SocketError,
+}
+
+const UDP_DROP_REASONS: [&str; 5] = [
+    "no_endpoint",
+    "flow_limit",
+    "endpoint_busy",
+    "client_busy",
+    "socket_error",
+];
+
+/// The series of one endpoint of a UDP Service port, resolved once.
+#[derive(Debug)]
+pub(crate) struct UdpEndpointSeries {
+    /// `carousel_udp_flows_total`: flows opened to the endpoint.
+    pub(crate) flows: Counter,
+    /// `carousel_udp_flows_active`.
+    pub(crate) active: Gauge,
+    pub(crate) datagrams_to_endpoint: Counter,
+    pub(crate) datagrams_to_client: Counter,
+    pub(crate) bytes_to_endpoint: Counter,
+    pub(crate) bytes_to_client: Counter,
+    /// `carousel_endpoint_ejections_total`: ICMP port unreachable from the endpoint.
+    pub(crate) ejections: Counter,
+    pub(crate) weight: Gauge,
+}
+
+/// An endpoint's series: those of its port's protocol.
+#[derive(Debug)]
+pub(crate) enum Series {
+    Tcp(EndpointSeries),
+    Udp(UdpEndpointSeries),
 }
 
 /// The series of one endpoint, resolved once: a connection only increments them.
@@ -77,14 +126,28 @@ impl PortMetrics {
             telemetry: telemetry.clone(),
             service: service.clone(),
             port: port_label,
+            protocol: port.protocol,
             labels,
             histograms: OnceLock::new(),
+            udp_drops: OnceLock::new(),
         }
+    }
+
+    /// Counts a dropped UDP datagram.
+    pub(crate) fn udp_drop(&self, why: UdpDrop) {
+        let counters = self.udp_drops.get_or_init(|| {
+            Box::new(UDP_DROP_REASONS.map(|reason| {
+                let mut labels = self.labels.to_vec();
+                labels.push(Label::new("reason", reason));
+                self.telemetry.counter(names::UDP_DROPPED_TOTAL, labels)
+            }))
+        });
+        counters[why as usize].increment(1);
     }
 
     /// Whether these are the series of `port` of `service`.
     pub(crate) fn describes(&self, service: &ServiceKey, port: &ServicePort) -> bool {
-        self.service == *service && self.port == port.label()
+        self.service == *service && self.port == port.label() && self.protocol == port.protocol
     }
 
     /// Sets `carousel_endpoints{state}` from the port's endpoints.
@@ -100,8 +163,17 @@ impl PortMetrics {
         }
     }
 
-    /// The series of the endpoint at `addr`, `pod`, with its weight gauge at `weight`.
-    pub(crate) fn endpoint(&self, addr: PodAddr, pod: &str, weight: u32) -> EndpointSeries {
+    /// The series of the endpoint at `addr`, `pod`, of the port's protocol, with its
+    /// weight gauge at `weight`.
+    pub(crate) fn endpoint(&self, addr: PodAddr, pod: &str, weight: u32) -> Series {
+        match self.protocol {
+            Protocol::Tcp => Series::Tcp(self.tcp_endpoint(addr, pod, weight)),
+            Protocol::Udp => Series::Udp(self.udp_endpoint(addr, pod, weight)),
+        }
+    }
+
+    /// The series of an endpoint of a TCP port.
+    fn tcp_endpoint(&self, addr: PodAddr, pod: &str, weight: u32) -> EndpointSeries {
         let telemetry = &self.telemetry;
         let labels = |extra: &[(&'static str, &'static str)]| {
             let mut l = self.labels.to_vec();
@@ -138,6 +210,38 @@ impl PortMetrics {
                 .counter(names::BYTES_TOTAL, labels(&[("direction", "to_client")])),
             connect_duration,
             connection_duration,
+            ejections: telemetry.counter(names::EJECTIONS_TOTAL, labels(&[])),
+            weight: telemetry.gauge(names::ENDPOINT_WEIGHT, labels(&[])),
+        };
+        series.weight.set(f64::from(weight));
+        series
+    }
+
+    /// The series of an endpoint of a UDP port.
+    fn udp_endpoint(&self, addr: PodAddr, pod: &str, weight: u32) -> UdpEndpointSeries {
+        let telemetry = &self.telemetry;
+        let labels = |extra: &[(&'static str, &'static str)]| {
+            let mut l = self.labels.to_vec();
+            l.push(Label::new("endpoint", addr.to_string()));
+            l.push(Label::new("pod", pod.to_string()));
+            l.extend(extra.iter().map(|(k, v)| Label::new(*k, *v)));
+            l
+        };
+        let series = UdpEndpointSeries {
+            flows: telemetry.counter(names::UDP_FLOWS_TOTAL, labels(&[])),
+            active: telemetry.gauge(names::UDP_FLOWS_ACTIVE, labels(&[])),
+            datagrams_to_endpoint: telemetry.counter(
+                names::UDP_DATAGRAMS_TOTAL,
+                labels(&[("direction", "to_endpoint")]),
+            ),
+            datagrams_to_client: telemetry.counter(
+                names::UDP_DATAGRAMS_TOTAL,
+                labels(&[("direction", "to_client")]),
+            ),
+            bytes_to_endpoint: telemetry
+                .counter(names::BYTES_TOTAL, labels(&[("direction", "to_endpoint")])),
+            bytes_to_client: telemetry
+                .counter(names::BYTES_TOTAL, labels(&[("direction", "to_client")])),
             ejections: telemetry.counter(names::EJECTIONS_TOTAL, labels(&[])),
             weight: telemetry.gauge(names::ENDPOINT_WEIGHT, labels(&[])),
         };

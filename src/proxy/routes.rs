@@ -14,7 +14,9 @@ use metrics::Counter;
 use crate::addr::{ClientAddr, PodAddr, ServiceAddr};
 use crate::algorithm::Algorithm;
 use crate::balance::{self, AffinityStats, Backend, Backends, Balancer, BuildOptions, Picker};
-use crate::model::{Endpoint, Locality, Service, ServiceKey, ServicePort, ServiceTable, Traffic};
+use crate::model::{
+    Endpoint, Locality, Protocol, Service, ServiceKey, ServicePort, ServiceTable, Traffic,
+};
 use crate::proxy::endpoint::EndpointState;
 use crate::proxy::port_metrics::PortMetrics;
 use crate::telemetry::Telemetry;
@@ -125,15 +127,19 @@ pub(crate) enum Admission<'a> {
     OutOfRange,
 }
 
+/// A Service address with the transport it is dialed over: TCP and UDP 53 of one
+/// ClusterIP are two Service ports.
+pub(crate) type Dialed = (Protocol, ServiceAddr);
+
 /// The whole lookup table, swapped atomically on every change.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    by_addr: FastMap<ServiceAddr, Arc<Route>>,
-    by_node_port: FastMap<u16, Arc<Route>>,
+    by_addr: FastMap<Dialed, Arc<Route>>,
+    by_node_port: FastMap<(Protocol, u16), Arc<Route>>,
     /// Keyed by port number, not label: no string is built to look a route up.
-    by_port: FastMap<(ServiceKey, u16, Traffic), Arc<Route>>,
+    by_port: FastMap<(ServiceKey, Protocol, u16, Traffic), Arc<Route>>,
     /// The source ranges of load-balancer addresses that have some of their family.
-    source_ranges: FastMap<ServiceAddr, Arc<[IpNet]>>,
+    source_ranges: FastMap<Dialed, Arc<[IpNet]>>,
     /// The table and locality the routes were built from. The next build walks the
     /// difference of the old and new tables (persistent maps: the subtrees they share
     /// are skipped) and rebuilds only the Services that are not the very same `Arc`.
@@ -152,8 +158,8 @@ pub(crate) struct Edits {
     /// The generation of the table these edits apply to; `None` when this table was
     /// built from nothing (the first, or after this node's zone changed).
     pub(crate) after: Option<u64>,
-    pub(crate) addrs: Vec<ServiceAddr>,
-    pub(crate) node_ports: Vec<u16>,
+    pub(crate) addrs: Vec<Dialed>,
+    pub(crate) node_ports: Vec<(Protocol, u16)>,
 }
 
 /// Generations handed to built tables.
@@ -165,10 +171,11 @@ type Change<'a> = (Option<&'a Arc<Service>>, Option<&'a Arc<Service>>);
 impl RouteTable {
     /// The Service port a client reached by dialing `dialed`: its Service address, or
     /// else any local address at one of its node ports.
-    pub(crate) fn lookup(&self, dialed: ServiceAddr) -> Option<&Arc<Route>> {
+    pub(crate) fn lookup(&self, dialed: Dialed) -> Option<&Arc<Route>> {
+        let (protocol, addr) = dialed;
         self.by_addr
             .get(&dialed)
-            .or_else(|| self.by_node_port.get(&dialed.port()))
+            .or_else(|| self.by_node_port.get(&(protocol, addr.port())))
     }
 
     /// What becomes of a connection from `client` to `dialed`: its route (the cluster-wide
@@ -176,7 +183,7 @@ impl RouteTable {
     /// traffic on this node), unless the Service's source ranges keep the client out.
     pub(crate) fn admit(
         &self,
-        dialed: ServiceAddr,
+        dialed: Dialed,
         client: ClientAddr,
         inside: impl FnOnce(IpAddr) -> bool,
     ) -> Admission<'_> {
@@ -197,17 +204,17 @@ impl RouteTable {
     }
 
     /// The route at a Service address (not a node port).
-    pub(crate) fn service_addr(&self, addr: ServiceAddr) -> Option<&Arc<Route>> {
+    pub(crate) fn service_addr(&self, addr: Dialed) -> Option<&Arc<Route>> {
         self.by_addr.get(&addr)
     }
 
     /// The route at a node port.
-    pub(crate) fn node_port(&self, port: u16) -> Option<&Arc<Route>> {
+    pub(crate) fn node_port(&self, port: (Protocol, u16)) -> Option<&Arc<Route>> {
         self.by_node_port.get(&port)
     }
 
     /// The source ranges that guard a load-balancer address, if any do.
-    pub(crate) fn source_range(&self, addr: ServiceAddr) -> Option<&Arc<[IpNet]>> {
+    pub(crate) fn source_range(&self, addr: Dialed) -> Option<&Arc<[IpNet]>> {
         self.source_ranges.get(&addr)
     }
 
@@ -221,17 +228,17 @@ impl RouteTable {
     }
 
     /// The load-balancer addresses guarded by source ranges, with their ranges.
-    pub(crate) fn source_ranges(&self) -> impl Iterator<Item = (&ServiceAddr, &Arc<[IpNet]>)> {
+    pub(crate) fn source_ranges(&self) -> impl Iterator<Item = (&Dialed, &Arc<[IpNet]>)> {
         self.source_ranges.iter()
     }
 
     /// Every Service address (ClusterIPs, external and load-balancer IPs) with its port.
-    pub(crate) fn service_addrs(&self) -> impl Iterator<Item = (&ServiceAddr, &Arc<Route>)> {
+    pub(crate) fn service_addrs(&self) -> impl Iterator<Item = (&Dialed, &Arc<Route>)> {
         self.by_addr.iter()
     }
 
     /// Every node port with its Service port.
-    pub(crate) fn node_ports(&self) -> impl Iterator<Item = (u16, &Arc<Route>)> {
+    pub(crate) fn node_ports(&self) -> impl Iterator<Item = ((Protocol, u16), &Arc<Route>)> {
         self.by_node_port.iter().map(|(p, r)| (*p, r))
     }
 
@@ -245,7 +252,7 @@ impl RouteTable {
     pub(crate) fn internal_routes(&self) -> impl Iterator<Item = &Arc<Route>> {
         self.by_port
             .iter()
-            .filter(|((_, _, traffic), _)| *traffic == Traffic::Internal)
+            .filter(|((_, _, _, traffic), _)| *traffic == Traffic::Internal)
             .map(|(_, route)| route)
     }
 
@@ -255,7 +262,7 @@ impl RouteTable {
     fn remove(&mut self, service: &Service) {
         let owned = |route: &Arc<Route>| route.service == service.key;
         for port in &service.ports {
-            let key = |traffic| (service.key.clone(), port.port, traffic);
+            let key = |traffic| (service.key.clone(), port.protocol, port.port, traffic);
             self.by_port.remove(&key(Traffic::Internal));
             self.by_port.remove(&key(Traffic::External));
             self.by_port.remove(&key(Traffic::Inside));
@@ -265,7 +272,7 @@ impl RouteTable {
                 .chain(&service.external_ips)
                 .chain(&service.load_balancer_ips)
             {
-                let addr = ServiceAddr(SocketAddr::new(*ip, port.port));
+                let addr = (port.protocol, ServiceAddr(SocketAddr::new(*ip, port.port)));
                 self.edits.addrs.push(addr);
                 if self.by_addr.get(&addr).is_some_and(owned) {
                     self.by_addr.remove(&addr);
@@ -273,6 +280,7 @@ impl RouteTable {
                 }
             }
             if let Some(node_port) = port.node_port {
+                let node_port = (port.protocol, node_port);
                 self.edits.node_ports.push(node_port);
                 if self.by_node_port.get(&node_port).is_some_and(owned) {
                     self.by_node_port.remove(&node_port);
@@ -298,19 +306,20 @@ impl RouteTable {
                 );
             }
         };
+        let dialed = |ip: &IpAddr| (port.protocol, ServiceAddr(SocketAddr::new(*ip, port.port)));
         for ip in &service.cluster_ips {
-            let addr = ServiceAddr(SocketAddr::new(*ip, port.port));
+            let addr = dialed(ip);
             self.edits.addrs.push(addr);
-            claim(self.by_addr.insert(addr, internal.clone()), &addr);
+            claim(self.by_addr.insert(addr, internal.clone()), &addr.1);
         }
         for ip in service
             .external_ips
             .iter()
             .chain(&service.load_balancer_ips)
         {
-            let addr = ServiceAddr(SocketAddr::new(*ip, port.port));
+            let addr = dialed(ip);
             self.edits.addrs.push(addr);
-            claim(self.by_addr.insert(addr, external.clone()), &addr);
+            claim(self.by_addr.insert(addr, external.clone()), &addr.1);
             self.source_ranges.remove(&addr);
         }
         // kube-proxy's rule: the ranges of the address's family guard it; without any of
@@ -323,16 +332,20 @@ impl RouteTable {
                 .copied()
                 .collect();
             if !ranges.is_empty() {
-                let addr = ServiceAddr(SocketAddr::new(*ip, port.port));
-                self.source_ranges.insert(addr, ranges);
+                self.source_ranges.insert(dialed(ip), ranges);
             }
         }
         if let Some(node_port) = port.node_port {
-            self.edits.node_ports.push(node_port);
-            let taken = self.by_node_port.insert(node_port, external.clone());
-            claim(taken, &format_args!("node port {node_port}"));
+            self.edits.node_ports.push((port.protocol, node_port));
+            let taken = self
+                .by_node_port
+                .insert((port.protocol, node_port), external.clone());
+            claim(
+                taken,
+                &format_args!("node port {node_port}/{}", port.protocol),
+            );
         }
-        let key = |traffic| (service.key.clone(), port.port, traffic);
+        let key = |traffic| (service.key.clone(), port.protocol, port.port, traffic);
         self.by_port.insert(key(Traffic::Internal), internal);
         self.by_port.insert(key(Traffic::External), external);
         if let Some(inside) = inside {
@@ -483,7 +496,7 @@ impl RouteBuilder {
         let previous_route = |traffic| {
             previous
                 .by_port
-                .get(&(service.key.clone(), port.port, traffic))
+                .get(&(service.key.clone(), port.protocol, port.port, traffic))
                 .map(Arc::as_ref)
         };
         let metrics = self.port_metrics(service, port, previous_route(Traffic::Internal));
@@ -660,7 +673,7 @@ fn set_weights(previous: Option<&Route>, endpoints: &[RouteEndpoint]) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::model::{Balancing, Endpoint, Placement, Service};
+    use crate::model::{Balancing, Endpoint, Placement, Protocol, Service};
     use crate::proxy::listener;
     use crate::proxy::redirects::{self, Derived};
     use std::collections::BTreeMap;
@@ -695,6 +708,7 @@ pub(crate) mod tests {
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),
             ports: vec![ServicePort {
+                protocol: Protocol::Tcp,
                 name: "http".into(),
                 port: 80,
                 node_port: None,
@@ -767,7 +781,7 @@ pub(crate) mod tests {
             other => panic!("{other:?}"),
         };
         let (outside, inside) = (|_| false, |_| true);
-        let external = addr("198.51.100.9:80");
+        let external = (Protocol::Tcp, addr("198.51.100.9:80"));
         assert_eq!(
             pods(routes.admit(external, client("192.0.2.7"), outside)),
             ["10.244.0.1"]
@@ -777,12 +791,12 @@ pub(crate) mod tests {
             ["10.244.0.1", "10.244.0.2"]
         );
         // ClusterIP traffic keeps its own Local policy, whoever sends it.
-        let cluster_ip = addr("10.96.0.1:80");
+        let cluster_ip = (Protocol::Tcp, addr("10.96.0.1:80"));
         assert_eq!(
             pods(routes.admit(cluster_ip, client("10.244.9.9"), inside)),
             ["10.244.0.1"]
         );
-        let lb = addr("203.0.113.9:80");
+        let lb = (Protocol::Tcp, addr("203.0.113.9:80"));
         assert_eq!(
             pods(routes.admit(lb, client("192.0.2.7"), outside)),
             ["10.244.0.1"]
@@ -792,7 +806,11 @@ pub(crate) mod tests {
             Admission::OutOfRange
         ));
         assert!(matches!(
-            routes.admit(addr("10.96.0.2:80"), client("192.0.2.7"), inside),
+            routes.admit(
+                (Protocol::Tcp, addr("10.96.0.2:80")),
+                client("192.0.2.7"),
+                inside
+            ),
             Admission::NoService
         ));
         let guarded: Vec<_> = routes
@@ -965,20 +983,22 @@ pub(crate) mod tests {
     fn shape(routes: &RouteTable) -> BTreeMap<String, Vec<PodAddr>> {
         let endpoints = |r: &Route| r.endpoints.iter().map(|e| e.addr).collect();
         let mut shape = BTreeMap::new();
-        for (addr, r) in routes.service_addrs() {
-            shape.insert(format!("{addr} {} {}", r.service, r.port), endpoints(r));
+        for ((protocol, addr), r) in routes.service_addrs() {
+            let at = format!("{addr}/{protocol} {} {}", r.service, r.port);
+            shape.insert(at, endpoints(r));
         }
-        for (port, r) in routes.node_ports() {
-            shape.insert(format!("node port {port} {}", r.service), endpoints(r));
+        for ((protocol, port), r) in routes.node_ports() {
+            let at = format!("node port {port}/{protocol} {}", r.service);
+            shape.insert(at, endpoints(r));
         }
-        for ((key, port, traffic), r) in &routes.by_port {
-            shape.insert(format!("{key} {port} {traffic:?}"), endpoints(r));
+        for ((key, protocol, port, traffic), r) in &routes.by_port {
+            shape.insert(format!("{key} {port}/{protocol} {traffic:?}"), endpoints(r));
         }
         shape
     }
 
     /// Service `i` of the generated tables: its own addresses, some of ports 80 and
-    /// 443, endpoints `mask` picks out of four (odd ones hinted for zone a, on this
+    /// 443 over TCP and 80 over UDP, endpoints `mask` picks out of four (odd ones hinted for zone a, on this
     /// node), and the traffic policies.
     fn generated(i: u8, ports: u8, mask: u8, local: bool, prefer_close: bool) -> Arc<Service> {
         let endpoints: Vec<Endpoint> = (1..=4u8)
@@ -992,17 +1012,23 @@ pub(crate) mod tests {
                 ..endpoint(i * 10 + e, true, 1)
             })
             .collect();
-        let ports = [80u16, 443]
-            .into_iter()
-            .enumerate()
-            .filter(|(n, _)| ports & (1 << n) != 0)
-            .map(|(n, port)| ServicePort {
-                name: format!("p{port}"),
-                port,
-                node_port: (n == 0).then_some(30_000 + u16::from(i)),
-                endpoints: endpoints.clone(),
-            })
-            .collect();
+        // UDP 80 shares its number and node port with TCP 80, as DNS's two ports do.
+        let ports = [
+            (80u16, Protocol::Tcp),
+            (443, Protocol::Tcp),
+            (80, Protocol::Udp),
+        ]
+        .into_iter()
+        .enumerate()
+        .filter(|(n, _)| ports & (1 << n) != 0)
+        .map(|(n, (port, protocol))| ServicePort {
+            protocol,
+            name: format!("p{port}{protocol}"),
+            port,
+            node_port: (n != 1).then_some(30_000 + u16::from(i)),
+            endpoints: endpoints.clone(),
+        })
+        .collect();
         Arc::new(Service {
             key: ServiceKey::new("default", &format!("svc-{i}")),
             cluster_ips: vec![IpAddr::V4(Ipv4Addr::new(10, 96, 0, i))],
@@ -1034,7 +1060,7 @@ pub(crate) mod tests {
     fn step() -> impl proptest::strategy::Strategy<Value = Step> {
         use proptest::prelude::*;
         (
-            proptest::collection::vec((0u8..3, 0u8..4, 0u8..16, any::<bool>(), any::<bool>()), 6),
+            proptest::collection::vec((0u8..3, 0u8..8, 0u8..16, any::<bool>(), any::<bool>()), 6),
             any::<bool>(),
         )
     }
@@ -1054,7 +1080,7 @@ pub(crate) mod tests {
             // Bind mode's wanted listeners, followed as the intake follows them; node
             // ports on 10.96.0.1 too, which is also a Service address.
             let nodeport_addresses = [IpAddr::from([127, 0, 0, 1]), IpAddr::from([10, 96, 0, 1])];
-            let mut bind: Option<(u64, BTreeMap<ServiceAddr, String>)> = None;
+            let mut bind: Option<(u64, BTreeMap<Dialed, String>)> = None;
             for (choices, zone_a) in steps {
                 for (i, (what, ports, mask, local, close)) in (1u8..).zip(choices) {
                     let key = ServiceKey::new("default", &format!("svc-{i}"));

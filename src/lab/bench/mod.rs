@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::addr::PodAddr;
 use crate::algorithm::Algorithm;
 use crate::balance::BuildOptions;
-use crate::model::{Balancing, Endpoint, Service, ServiceKey, ServicePort, ServiceTable};
+use crate::model::{Balancing, Endpoint, Protocol, Service, ServiceKey, ServicePort, ServiceTable};
 use crate::proxy::{self, ProxyConfig};
 use crate::shutdown::Shutdown;
 use crate::telemetry::Telemetry;
@@ -182,6 +182,7 @@ fn table(
         external_ips: Vec::new(),
         load_balancer_ips: Vec::new(),
         ports: vec![ServicePort {
+            protocol: Protocol::Tcp,
             name: "tcp".into(),
             port: service.port(),
             node_port: None,
