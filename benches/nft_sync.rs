@@ -11,17 +11,18 @@ use std::time::{Duration, Instant};
 
 use carousel::addr::ServiceAddr;
 use carousel::dataplane::nftables::{render_full, Redirects, Rules};
+use carousel::model::{Dialed, Protocol};
 
 const SERVICES: u32 = 10_000;
 const RUNS: usize = 5;
 
-fn service_addr(i: u32) -> ServiceAddr {
+fn service_addr(i: u32) -> Dialed {
     let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
-    ServiceAddr(SocketAddr::from((ip, 80)))
+    (Protocol::Tcp, ServiceAddr(SocketAddr::from((ip, 80))))
 }
 
 fn redirects(services: impl Iterator<Item = u32>) -> Redirects {
-    Redirects::new(services.map(service_addr), [30080])
+    Redirects::new(services.map(service_addr), [(Protocol::Tcp, 30080)])
 }
 
 fn median(mut samples: Vec<Duration>) -> Duration {

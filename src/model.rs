@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::addr::PodAddr;
+use crate::addr::{PodAddr, ServiceAddr};
 pub use crate::algorithm::Algorithm;
 
 /// `namespace/name` of a Service.
@@ -114,6 +114,10 @@ impl fmt::Display for Protocol {
         f.write_str(self.name())
     }
 }
+
+/// A Service address with the transport it is dialed over: TCP and UDP 53 of one
+/// ClusterIP are two Service ports.
+pub type Dialed = (Protocol, ServiceAddr);
 
 /// One TCP or UDP port of a Service with the endpoints behind it.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,5 +1,6 @@
 //! `carousel status`: reads a running carousel's /metrics and shows, per Service port,
-//! its pods with their state, weight, connections and share, like `ipvsadm -Ln --stats`.
+//! its pods with their state, weight, connections (flows, for a UDP port) and share,
+//! like `ipvsadm -Ln --stats`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -110,9 +111,11 @@ pub struct PodStatus {
     /// terminating or gone), "unknown" for a carousel without the weight gauge.
     pub state: &'static str,
     pub weight: Option<f64>,
+    /// Connections open now; for a UDP port, flows.
     pub(crate) active: f64,
+    /// Connections taken; for a UDP port, flows opened.
     pub(crate) total: f64,
-    /// Its part of the port's total connections.
+    /// Its part of the port's total connections (flows).
     pub share: f64,
 }
 
@@ -122,6 +125,8 @@ pub struct ServiceStatus {
     pub(crate) namespace: String,
     pub service: String,
     pub(crate) port: String,
+    /// "TCP", or "UDP" once a pod of the port has a UDP flow series.
+    pub protocol: &'static str,
     pub fairness: Option<f64>,
     pub pods: Vec<PodStatus>,
 }
@@ -146,6 +151,7 @@ pub fn parse(text: &str) -> Vec<ServiceStatus> {
             namespace: key.0.clone(),
             service: key.1.clone(),
             port: key.2.clone(),
+            protocol: "TCP",
             fairness: None,
             pods: Vec::new(),
         });
@@ -157,10 +163,14 @@ pub fn parse(text: &str) -> Vec<ServiceStatus> {
             Some(e) if !e.is_empty() => e.clone(),
             _ => continue,
         };
-        let per_pod = matches!(
-            s.name.as_str(),
-            names::CONNECTIONS_TOTAL | names::CONNECTIONS_ACTIVE | names::ENDPOINT_WEIGHT
-        );
+        let per_pod = match s.name.as_str() {
+            names::UDP_FLOWS_TOTAL | names::UDP_FLOWS_ACTIVE => {
+                service.protocol = "UDP";
+                true
+            }
+            names::CONNECTIONS_TOTAL | names::CONNECTIONS_ACTIVE | names::ENDPOINT_WEIGHT => true,
+            _ => false,
+        };
         if !per_pod {
             continue;
         }
@@ -200,7 +210,7 @@ impl PodStatus {
         }
     }
 
-    /// Takes in one per-pod sample: its connections or its weight.
+    /// Takes in one per-pod sample: its connections, its flows or its weight.
     fn add(&mut self, s: &Sample) {
         match s.name.as_str() {
             names::CONNECTIONS_TOTAL
@@ -208,7 +218,8 @@ impl PodStatus {
             {
                 self.total += s.value
             }
-            names::CONNECTIONS_ACTIVE => self.active = s.value,
+            names::UDP_FLOWS_TOTAL => self.total += s.value,
+            names::CONNECTIONS_ACTIVE | names::UDP_FLOWS_ACTIVE => self.active = s.value,
             names::ENDPOINT_WEIGHT => {
                 self.weight = Some(s.value);
                 self.state = if s.value > 0.0 { "active" } else { "out" };
@@ -226,9 +237,14 @@ pub fn render(services: &[ServiceStatus]) -> String {
     }
     for s in services {
         let fairness = s.fairness.map_or("-".to_string(), |f| format!("{f:.3}"));
+        // A UDP port's active, total and share count flows.
+        let protocol = match s.protocol {
+            "UDP" => " UDP (flows)",
+            _ => "",
+        };
         let _ = writeln!(
             out,
-            "{}/{} port {}  fairness (Jain, recent picks) {fairness}",
+            "{}/{} port {}{protocol}  fairness (Jain, recent picks) {fairness}",
             s.namespace, s.service, s.port
         );
         let _ = writeln!(
@@ -345,6 +361,13 @@ carousel_endpoints{namespace="default",service="kubechaos-svc",port="http",state
 carousel_connect_duration_seconds_bucket{namespace="default",service="kubechaos-svc",port="http",endpoint="127.77.1.1:3000",pod="kubechaos-original-7d4b9-a1",le="0.0001"} 3
 carousel_connections_total{namespace="other",service="q\"uote",port="80",endpoint="10.0.0.1:80",pod="p",outcome="ok"} 5
 carousel_endpoint_weight{namespace="other",service="q\"uote",port="80",endpoint="10.0.0.1:80",pod="p"} 0
+# TYPE carousel_udp_flows_total counter
+carousel_udp_flows_total{namespace="kube-system",service="kube-dns",port="dns",endpoint="10.244.1.5:53",pod="coredns-a"} 40
+carousel_udp_flows_total{namespace="kube-system",service="kube-dns",port="dns",endpoint="10.244.2.7:53",pod="coredns-b"} 120
+carousel_udp_flows_active{namespace="kube-system",service="kube-dns",port="dns",endpoint="10.244.1.5:53",pod="coredns-a"} 2
+carousel_udp_datagrams_total{namespace="kube-system",service="kube-dns",port="dns",endpoint="10.244.1.5:53",pod="coredns-a",direction="to_endpoint"} 400
+carousel_endpoint_weight{namespace="kube-system",service="kube-dns",port="dns",endpoint="10.244.1.5:53",pod="coredns-a"} 1
+carousel_connections_total{namespace="kube-system",service="kube-dns",port="dns-tcp",endpoint="10.244.1.5:53",pod="coredns-a",outcome="ok"} 3
 "#;
 
     /// A one-shot HTTP server on port 0 that answers `response` and hands back the
@@ -455,8 +478,9 @@ carousel_endpoint_weight{namespace="other",service="q\"uote",port="80",endpoint=
     #[test]
     fn a_captured_metrics_text_gives_services_pods_and_shares() {
         let services = parse(CAPTURED);
-        assert_eq!(services.len(), 2);
+        assert_eq!(services.len(), 4);
         let kubechaos = &services[0];
+        assert_eq!(kubechaos.protocol, "TCP");
         assert_eq!(
             (
                 kubechaos.namespace.as_str(),
@@ -477,7 +501,7 @@ carousel_endpoint_weight{namespace="other",service="q\"uote",port="80",endpoint=
         assert_eq!(original.total, 30.0);
         assert_eq!(original.share, 0.25);
         assert_eq!(kubechaos.pods[1].share, 0.75);
-        let other = &services[1];
+        let other = &services[3];
         assert_eq!(other.pods[0].state, "out");
         assert_eq!(other.fairness, None);
         let table = render(&services);
@@ -486,5 +510,36 @@ carousel_endpoint_weight{namespace="other",service="q\"uote",port="80",endpoint=
             "{table}"
         );
         assert!(table.contains("75.0%"), "{table}");
+    }
+
+    #[test]
+    fn a_udp_port_counts_flows_and_its_tcp_twin_connections() {
+        let services = parse(CAPTURED);
+        let (dns, dns_tcp) = (&services[1], &services[2]);
+        assert_eq!((dns.port.as_str(), dns.protocol), ("dns", "UDP"));
+        assert_eq!(
+            dns.pods
+                .iter()
+                .map(|p| (p.pod.as_str(), p.active, p.total, p.share))
+                .collect::<Vec<_>>(),
+            [
+                ("coredns-a", 2.0, 40.0, 0.25),
+                ("coredns-b", 0.0, 120.0, 0.75)
+            ]
+        );
+        assert_eq!(
+            (dns_tcp.port.as_str(), dns_tcp.protocol),
+            ("dns-tcp", "TCP")
+        );
+        assert_eq!(dns_tcp.pods[0].total, 3.0);
+        let table = render(&services);
+        assert!(
+            table.contains("kube-system/kube-dns port dns UDP (flows)  fairness"),
+            "{table}"
+        );
+        assert!(
+            table.contains("kube-system/kube-dns port dns-tcp  fairness"),
+            "{table}"
+        );
     }
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{state_yaml, Ep, Svc};
+use common::{dnsmasq, state_yaml, Ep, Svc};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_carousel");
@@ -346,6 +346,51 @@ impl Lab {
     fn node_ip(&self, args: &str) -> String {
         let out = run(self.in_ns("node", "ip").args(args.split_whitespace()));
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// dnsmasq in pod `i` (from 1) on port 5353 of its addresses, UDP and TCP,
+    /// answering `who.test` with the pod's IPv4 address; stopped with the lab.
+    fn start_dns(&mut self, i: usize) {
+        let v4 = Lab::pod_v4(i).ip();
+        let v6 = Lab::pod_v6(i).ip();
+        let dnsmasq_in_pod = self.in_ns(&format!("pod{i}"), "dnsmasq");
+        let child = dnsmasq(dnsmasq_in_pod, &[v4, v6], 5353, v4);
+        self.children.push(child);
+        let pod = format!("pod{i}");
+        self.until(
+            &format!("dnsmasq answers in {pod}"),
+            Duration::from_secs(10),
+            || self.dns_spread(&pod, &v4.to_string(), 5353, 1).1 == 0,
+        );
+    }
+
+    /// `count` DNS queries over UDP from namespace `role` to `host:port`, each from a
+    /// port of its own: the pods' addresses answered, counted, and the errors.
+    fn dns_spread(
+        &self,
+        role: &str,
+        host: &str,
+        port: u16,
+        count: usize,
+    ) -> (Vec<(String, u64)>, u64) {
+        let out = run(self.in_ns(role, "python3").env("AGENT_TIMEOUT", "2").args([
+            AGENT,
+            "dns",
+            host,
+            &port.to_string(),
+            &count.to_string(),
+        ]));
+        let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut seen: Vec<(String, u64)> = answer["seen"]["-"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        seen.sort();
+        (seen, answer["errors"].as_u64().unwrap())
     }
 
     /// A client pod wired as Calico, Cilium and the AWS VPC CNI wire pods: a /32 (and a
@@ -725,7 +770,7 @@ fn rules_someone_removed_are_restored_within_a_sync_period() {
             "a deleted set element",
             &[
                 "nft",
-                "delete element inet carousel services4 { 10.96.0.80 . 80 }",
+                "delete element inet carousel services4 { 10.96.0.80 . tcp . 80 }",
             ],
         ),
     ];
@@ -921,9 +966,9 @@ fn a_reload_changes_the_elements_over_netlink_and_the_table_holds_nothing_stale(
     second.node_port = Some(30085);
     let six = Svc::new("six", "fd00:96::21", 80, pods_named(&names, Lab::pod_v6));
     lab.write_state(&state_yaml(&[second, six]));
-    lab.wait_for_element("services4", "10.96.0.21 . 81");
-    lab.wait_for_element("services6", "fd00:96::21 . 80");
-    lab.wait_for_element("nodeports", "30085");
+    lab.wait_for_element("services4", "10.96.0.21 . tcp . 81");
+    lab.wait_for_element("services6", "fd00:96::21 . tcp . 80");
+    lab.wait_for_element("nodeports", "tcp . 30085");
     assert!(!lab
         .nft("list set inet carousel services4")
         .contains("10.96.0.20"));
@@ -942,7 +987,7 @@ fn a_reload_changes_the_elements_over_netlink_and_the_table_holds_nothing_stale(
 
     // And back: every element of the second state goes.
     lab.write_state(&first.state());
-    lab.wait_for_element("services4", "10.96.0.20 . 80");
+    lab.wait_for_element("services4", "10.96.0.20 . tcp . 80");
     assert!(!lab
         .nft("list set inet carousel services4")
         .contains("10.96.0.21"));
@@ -971,15 +1016,15 @@ fn a_change_the_kernel_refuses_falls_back_to_rewriting_the_whole_table() {
 
     // Someone else edits carousel's table: the element carousel is about to remove is
     // gone already, so the kernel refuses the removal, and the whole batch with it.
-    lab.nft("delete element inet carousel services4 { 10.96.0.70 . 80 }");
+    lab.nft("delete element inet carousel services4 { 10.96.0.70 . tcp . 80 }");
     lab.write_state(&state_yaml(&[
         svc("kept", "10.96.0.71"),
         svc("new", "10.96.0.72"),
     ]));
-    lab.wait_for_element("services4", "10.96.0.72 . 80");
+    lab.wait_for_element("services4", "10.96.0.72 . tcp . 80");
     let set = lab.nft("list set inet carousel services4");
     assert!(
-        set.contains("10.96.0.71 . 80") && !set.contains("10.96.0.70"),
+        set.contains("10.96.0.71 . tcp . 80") && !set.contains("10.96.0.70"),
         "{set}"
     );
     assert_eq!(
@@ -989,7 +1034,7 @@ fn a_change_the_kernel_refuses_falls_back_to_rewriting_the_whole_table() {
     let log = lab.log();
     assert!(
         log.contains("rewriting carousel's table")
-            && log.contains("refused to delete 10.96.0.70 . 80 in set services4")
+            && log.contains("refused to delete 10.96.0.70 . tcp . 80 in set services4")
             && log.contains("No such file or directory"),
         "the refusal is reported with its element and errno:\n{log}"
     );
@@ -1212,7 +1257,7 @@ fn external_and_load_balancer_ips_are_redirected_too() {
     );
     let set = lab.nft("list set inet carousel services4");
     assert!(
-        set.contains("10.97.0.100 . 80") && set.contains("10.98.0.1 . 80"),
+        set.contains("10.97.0.100 . tcp . 80") && set.contains("10.98.0.1 . tcp . 80"),
         "{set}"
     );
 }
@@ -1269,11 +1314,11 @@ fn a_service_port_without_endpoints_is_refused_at_the_syn() {
     }
     assert!(lab
         .nft("list set inet carousel refused4")
-        .contains("10.96.0.80 . 80"));
+        .contains("10.96.0.80 . tcp . 80"));
 
     lab.write_state(&services(true));
-    lab.wait_for_element("services6", "fd00:96::80 . 80");
-    lab.wait_for_element("nodeports", "30081");
+    lab.wait_for_element("services6", "fd00:96::80 . tcp . 80");
+    lab.wait_for_element("nodeports", "tcp . 30081");
     for (role, host, port) in clients {
         assert_eq!(
             lab.spread(role, host, port, 2),
@@ -1323,7 +1368,10 @@ fn load_balancer_source_ranges_keep_other_clients_out() {
     let cluster_ip = lab.ask("client", "10.96.0.90", 80, 2, &["10.0.0.3"]);
     assert_eq!(cluster_ip["errors"], 0, "{cluster_ip}");
     let allowed = lab.nft("list set inet carousel allowed4");
-    assert!(allowed.contains("10.98.0.9 . 80 . 10.0.0.2"), "{allowed}");
+    assert!(
+        allowed.contains("10.98.0.9 . tcp . 80 . 10.0.0.2"),
+        "{allowed}"
+    );
 
     lab.write_state(&service("10.0.0.3/32"));
     lab.until("the new ranges apply", Duration::from_secs(10), || {
@@ -1434,5 +1482,95 @@ fn the_health_check_node_port_answers_an_outside_load_balancer() {
         "200 once the local pod is back",
         Duration::from_secs(10),
         || ask(&lab) == ("200".to_string(), report(1)),
+    );
+}
+
+/// A cluster DNS Service as CoreDNS publishes itself, at `cluster_ip`: UDP 53 `dns` and
+/// TCP 53 `dns-tcp`, both to port 5353 of the first `pods` pods (their IPv6 addresses
+/// when `v6`).
+fn dns_service(name: &str, cluster_ip: &str, pods: usize, v6: bool) -> String {
+    let endpoints: Vec<Value> = (1..=pods)
+        .map(|i| {
+            let ip = if v6 { Lab::pod_v6(i).ip() } else { Lab::pod_v4(i).ip() };
+            serde_json::json!({
+                "addresses": [ip.to_string()],
+                "conditions": {"ready": true},
+                "targetRef": {"kind": "Pod", "name": format!("dns-{i}"), "namespace": "kube-system"},
+            })
+        })
+        .collect();
+    let service = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "kube-system"},
+        "spec": {"clusterIP": cluster_ip, "ports": [
+            {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"},
+            {"name": "dns-tcp", "port": 53, "targetPort": 5353, "protocol": "TCP"},
+        ]},
+    });
+    let slice = serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-1"), "namespace": "kube-system",
+                     "labels": {"kubernetes.io/service-name": name}},
+        "addressType": if v6 { "IPv6" } else { "IPv4" },
+        "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"},
+                  {"name": "dns-tcp", "port": 5353, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    });
+    format!("---\n{service}\n---\n{slice}\n")
+}
+
+#[test]
+fn udp_dns_reaches_every_pod_in_turn_from_clients_calico_pods_and_the_node() {
+    let names = ["dns-1", "dns-2", "dns-3", "dns-4"];
+    let mut lab = Lab::new(&names);
+    for i in 1..=4 {
+        lab.start_dns(i);
+    }
+    lab.add_calico_client("calico");
+    route_default(&lab);
+    let state = dns_service("dns4", "10.96.0.10", 4, false)
+        + &dns_service("dns6", "fd00:96::10", 4, true)
+        + &dns_service("empty", "10.96.0.11", 0, false);
+    lab.write_state(&state);
+    lab.start_carousel();
+    let each: Vec<(String, u64)> = (1..=4).map(|i| (format!("10.244.{i}.2"), 100)).collect();
+    for (role, host) in [
+        ("client", "10.96.0.10"),
+        ("client", "fd00:96::10"),
+        ("calico", "10.96.0.10"),
+        ("calico", "fd00:96::10"),
+        ("node", "10.96.0.10"),
+    ] {
+        let (seen, errors) = lab.dns_spread(role, host, 53, 400);
+        assert_eq!(
+            (&seen, errors),
+            (&each, 0),
+            "400 queries from {role} to {host}:\n{}",
+            lab.log()
+        );
+    }
+    // A real resolver, over UDP, and over TCP to port 53/TCP of the same Service.
+    for transport in ["+notcp", "+tcp"] {
+        let out = run(lab.in_ns("client", "dig").args([
+            "+short",
+            "+tries=1",
+            "+time=2",
+            transport,
+            "@10.96.0.10",
+            "who.test",
+        ]));
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(answer.starts_with("10.244."), "dig {transport}: {answer:?}");
+    }
+    // A UDP port without endpoints answers ICMP port unreachable, as kube-proxy's does.
+    let out = run(lab
+        .in_ns("client", "python3")
+        .env("AGENT_TIMEOUT", "2")
+        .args([AGENT, "dns", "10.96.0.11", "53", "1"]));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["errors"], 1, "{answer}");
+    assert!(
+        answer["last_error"].as_str().unwrap().contains("refused"),
+        "{answer}"
     );
 }

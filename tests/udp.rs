@@ -12,7 +12,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use carousel::proxy::udp::UdpConfig;
@@ -43,24 +43,7 @@ impl DnsPod {
     /// Starts dnsmasq on `ip`:5353 (UDP and TCP), answering `who.test` with `ip`, and
     /// waits until it answers.
     async fn start(name: &str, ip: IpAddr) -> DnsPod {
-        let child = Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--pid-file",
-                "--user=root",
-                "--cache-size=0",
-            ])
-            .arg(format!("--listen-address={ip}"))
-            .arg(format!("--port={POD_PORT}"))
-            .arg(format!("--address=/who.test/{ip}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq (Debian's dnsmasq-base) runs");
+        let child = dnsmasq(Command::new("dnsmasq"), &[ip], POD_PORT, ip);
         let pod = DnsPod {
             name: name.into(),
             ip,

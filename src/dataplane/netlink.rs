@@ -355,6 +355,7 @@ impl Socket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Protocol;
     use std::net::Ipv4Addr;
 
     fn change(op: Op, element: Element) -> Change {
@@ -362,7 +363,7 @@ mod tests {
     }
 
     fn v4(last: u8, port: u16) -> Element {
-        Element::V4(Ipv4Addr::new(10, 96, 0, last), port)
+        Element::V4(Ipv4Addr::new(10, 96, 0, last), Protocol::Tcp, port)
     }
 
     /// A netlink message header and nfnetlink header as the bytes `strace -x` shows.
@@ -389,28 +390,31 @@ mod tests {
         // (which names a set created in the same batch).
         let changes = [
             change(Op::Delete, v4(10, 80)),
-            change(Op::Add, Element::V6("fd00:10:96::b".parse().unwrap(), 443)),
-            change(Op::Add, Element::NodePort(30081)),
+            change(
+                Op::Add,
+                Element::V6("fd00:10:96::b".parse().unwrap(), Protocol::Udp, 53),
+            ),
+            change(Op::Add, Element::NodePort(Protocol::Tcp, 30081)),
         ];
         let batch = encode("carousel", &changes, 7);
         let table = b"\x0d\x00\x01\x00carousel\x00\x00\x00\x00";
         let mut want = header(20, 0x10, 0x1, 7, [0, 0, 0, 10]); // BATCH_BEGIN, nftables
-        want.extend(header(76, 0x0a0e, 0x5, 8, [1, 0, 0, 0])); // DELSETELEM, inet
+        want.extend(header(80, 0x0a0e, 0x5, 8, [1, 0, 0, 0])); // DELSETELEM, inet
         want.extend(table);
         want.extend(b"\x0e\x00\x02\x00services4\x00\x00\x00");
-        want.extend(b"\x18\x00\x03\x80\x14\x00\x01\x80\x10\x00\x01\x80\x0c\x00\x01\x00");
-        want.extend(b"\x0a\x60\x00\x0a\x00\x50\x00\x00");
-        want.extend(header(88, 0x0a0c, 0x405, 9, [1, 0, 0, 0])); // NEWSETELEM, CREATE
+        want.extend(b"\x1c\x00\x03\x80\x18\x00\x01\x80\x14\x00\x01\x80\x10\x00\x01\x00");
+        want.extend(b"\x0a\x60\x00\x0a\x06\x00\x00\x00\x00\x50\x00\x00");
+        want.extend(header(92, 0x0a0c, 0x405, 9, [1, 0, 0, 0])); // NEWSETELEM, CREATE
         want.extend(table);
         want.extend(b"\x0e\x00\x02\x00services6\x00\x00\x00");
-        want.extend(b"\x24\x00\x03\x80\x20\x00\x01\x80\x1c\x00\x01\x80\x18\x00\x01\x00");
+        want.extend(b"\x28\x00\x03\x80\x24\x00\x01\x80\x20\x00\x01\x80\x1c\x00\x01\x00");
         want.extend(b"\xfd\x00\x00\x10\x00\x96\x00\x00\x00\x00\x00\x00\x00\x00\x00\x0b");
-        want.extend(b"\x01\xbb\x00\x00");
-        want.extend(header(72, 0x0a0c, 0x405, 10, [1, 0, 0, 0]));
+        want.extend(b"\x11\x00\x00\x00\x00\x35\x00\x00");
+        want.extend(header(76, 0x0a0c, 0x405, 10, [1, 0, 0, 0]));
         want.extend(table);
         want.extend(b"\x0e\x00\x02\x00nodeports\x00\x00\x00");
-        want.extend(b"\x14\x00\x03\x80\x10\x00\x01\x80\x0c\x00\x01\x80\x06\x00\x01\x00");
-        want.extend(b"\x75\x81\x00\x00");
+        want.extend(b"\x18\x00\x03\x80\x14\x00\x01\x80\x10\x00\x01\x80\x0c\x00\x01\x00");
+        want.extend(b"\x06\x00\x00\x00\x75\x81\x00\x00");
         want.extend(header(20, 0x11, 0x1, 11, [0, 0, 0, 10])); // BATCH_END
         assert_eq!(batch.bytes, want);
         assert_eq!(batch.messages, [0..1, 1..2, 2..3]);
@@ -422,7 +426,7 @@ mod tests {
         let mut changes: Vec<Change> = (0..300u16)
             .map(|i| change(Op::Add, v4(1, 1000 + i)))
             .collect();
-        changes.push(change(Op::Add, Element::NodePort(30080)));
+        changes.push(change(Op::Add, Element::NodePort(Protocol::Tcp, 30080)));
         changes.insert(0, change(Op::Delete, v4(2, 80)));
         let batch = encode("carousel", &changes, u32::MAX - 1);
         assert_eq!(batch.messages, [0..1, 1..257, 257..301, 301..302]);
@@ -481,13 +485,14 @@ mod tests {
         };
         assert_eq!(
             refused(vec![v4(98, 80)]).to_string(),
-            "nf_tables refused to delete 10.96.0.98 . 80 in set services4: \
+            "nf_tables refused to delete 10.96.0.98 . tcp . 80 in set services4: \
              No such file or directory (os error 2)"
         );
         assert_eq!(
             refused((1..=5).map(|i| v4(i, 80)).collect()).to_string(),
-            "nf_tables refused to delete one of 5 elements (10.96.0.1 . 80, 10.96.0.2 . 80, \
-             10.96.0.3 . 80, ...) in set services4: No such file or directory (os error 2)"
+            "nf_tables refused to delete one of 5 elements (10.96.0.1 . tcp . 80, \
+             10.96.0.2 . tcp . 80, 10.96.0.3 . tcp . 80, ...) in set services4: \
+             No such file or directory (os error 2)"
         );
     }
 }

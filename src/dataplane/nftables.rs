@@ -33,7 +33,7 @@ use tokio::process::Command;
 use super::elements::{Change, Element, Op};
 use super::netlink::{self, NetlinkError};
 use super::policy_route::{self, Family, PolicyRouteError, INTERCEPT_MARK};
-use crate::addr::ServiceAddr;
+use crate::model::{Dialed, Protocol};
 
 /// The table carousel owns; it touches nothing else.
 pub const TABLE: &str = "carousel";
@@ -41,35 +41,35 @@ pub const TABLE: &str = "carousel";
 /// a pod whose address happens to equal a Service address is still reached, never looped.
 pub(crate) const MARK: u32 = 0x4341;
 
-/// Service addresses with their ports, by family, and node ports. Persistent sets: a
-/// copy is O(1), and `diff` of two versions skips what they share, so one changed
-/// Service among thousands costs its own elements.
+/// Service addresses with their protocols and ports, by family, and node ports with
+/// their protocols. Persistent sets: a copy is O(1), and `diff` of two versions skips
+/// what they share, so one changed Service among thousands costs its own elements.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Ports {
-    pub(crate) v4: OrdSet<(Ipv4Addr, u16)>,
-    pub(crate) v6: OrdSet<(Ipv6Addr, u16)>,
-    pub(crate) node_ports: OrdSet<u16>,
+    pub(crate) v4: OrdSet<(Ipv4Addr, Protocol, u16)>,
+    pub(crate) v6: OrdSet<(Ipv6Addr, Protocol, u16)>,
+    pub(crate) node_ports: OrdSet<(Protocol, u16)>,
 }
 
 impl Ports {
-    fn add(&mut self, addr: ServiceAddr) {
+    fn add(&mut self, (protocol, addr): Dialed) {
         match addr.ip() {
             IpAddr::V4(ip) => {
-                self.v4.insert((ip, addr.port()));
+                self.v4.insert((ip, protocol, addr.port()));
             }
             IpAddr::V6(ip) => {
-                self.v6.insert((ip, addr.port()));
+                self.v6.insert((ip, protocol, addr.port()));
             }
         }
     }
 
-    fn remove(&mut self, addr: ServiceAddr) {
+    fn remove(&mut self, (protocol, addr): Dialed) {
         match addr.ip() {
             IpAddr::V4(ip) => {
-                self.v4.remove(&(ip, addr.port()));
+                self.v4.remove(&(ip, protocol, addr.port()));
             }
             IpAddr::V6(ip) => {
-                self.v6.remove(&(ip, addr.port()));
+                self.v6.remove(&(ip, protocol, addr.port()));
             }
         }
     }
@@ -83,14 +83,14 @@ pub struct Redirects {
     pub(crate) intercept: Ports,
     pub(crate) refuse: Ports,
     /// Load-balancer addresses that only clients inside these ranges may reach.
-    pub(crate) source_ranges: OrdMap<ServiceAddr, Vec<IpNet>>,
+    pub(crate) source_ranges: OrdMap<Dialed, Vec<IpNet>>,
 }
 
 impl Redirects {
     /// Every address and node port intercepted; nothing refused or guarded.
     pub fn new(
-        service_addrs: impl IntoIterator<Item = ServiceAddr>,
-        node_ports: impl IntoIterator<Item = u16>,
+        service_addrs: impl IntoIterator<Item = Dialed>,
+        node_ports: impl IntoIterator<Item = (Protocol, u16)>,
     ) -> Self {
         let mut r = Redirects::default();
         service_addrs.into_iter().for_each(|a| r.intercept.add(a));
@@ -99,7 +99,7 @@ impl Redirects {
     }
 
     /// A Service address, intercepted when its Service port has endpoints, else refused.
-    pub(crate) fn service(&mut self, addr: ServiceAddr, has_endpoints: bool) {
+    pub(crate) fn service(&mut self, addr: Dialed, has_endpoints: bool) {
         match has_endpoints {
             true => self.intercept.add(addr),
             false => self.refuse.add(addr),
@@ -107,7 +107,7 @@ impl Redirects {
     }
 
     /// A node port, intercepted when its Service port has endpoints, else refused.
-    pub(crate) fn node_port(&mut self, port: u16, has_endpoints: bool) {
+    pub(crate) fn node_port(&mut self, port: (Protocol, u16), has_endpoints: bool) {
         match has_endpoints {
             true => self.intercept.node_ports.insert(port),
             false => self.refuse.node_ports.insert(port),
@@ -115,23 +115,23 @@ impl Redirects {
     }
 
     /// Takes `addr` out of every set, before it is put back as it is now.
-    pub(crate) fn forget(&mut self, addr: ServiceAddr) {
+    pub(crate) fn forget(&mut self, addr: Dialed) {
         self.intercept.remove(addr);
         self.refuse.remove(addr);
         self.source_ranges.remove(&addr);
     }
 
     /// Takes a node port out of every set, before it is put back as it is now.
-    pub(crate) fn forget_node_port(&mut self, port: u16) {
+    pub(crate) fn forget_node_port(&mut self, port: (Protocol, u16)) {
         self.intercept.node_ports.remove(&port);
         self.refuse.node_ports.remove(&port);
     }
 
     /// The source ranges of a load-balancer address; the ranges of its own family.
-    pub(crate) fn guard(&mut self, addr: ServiceAddr, ranges: &[IpNet]) {
+    pub(crate) fn guard(&mut self, addr: Dialed, ranges: &[IpNet]) {
         let ranges: Vec<IpNet> = ranges
             .iter()
-            .filter(|net| net.addr().is_ipv4() == addr.ip().is_ipv4())
+            .filter(|net| net.addr().is_ipv4() == addr.1.ip().is_ipv4())
             .copied()
             .collect();
         if !ranges.is_empty() {
@@ -154,62 +154,75 @@ pub fn render_full(redirects: &Redirects, listen_port: u16, nodeport_nets: &[IpN
     s
 }
 
-/// The table's sets, filled from `redirects`.
+/// The table's sets, filled from `redirects`. Each key holds the transport protocol
+/// (`meta l4proto`) beside the port: TCP 53 and UDP 53 are two Service ports.
 fn render_sets(s: &mut String, redirects: &Redirects) {
     let (intercept, refuse) = (&redirects.intercept, &redirects.refuse);
     for (name, ports) in [("services", intercept), ("refused", refuse)] {
         set(
             s,
             &format!("{name}4"),
-            "ipv4_addr . inet_service",
+            "ipv4_addr . inet_proto . inet_service",
             "",
-            ports.v4.iter().map(|(ip, p)| format!("{ip} . {p}")),
+            ports
+                .v4
+                .iter()
+                .map(|&(ip, protocol, port)| Element::V4(ip, protocol, port).to_string()),
         );
         set(
             s,
             &format!("{name}6"),
-            "ipv6_addr . inet_service",
+            "ipv6_addr . inet_proto . inet_service",
             "",
-            ports.v6.iter().map(|(ip, p)| format!("{ip} . {p}")),
+            ports
+                .v6
+                .iter()
+                .map(|&(ip, protocol, port)| Element::V6(ip, protocol, port).to_string()),
         );
     }
-    set(
-        s,
-        "nodeports",
-        "inet_service",
-        "",
-        intercept.node_ports.iter().map(u16::to_string),
-    );
-    set(
-        s,
-        "refused_nodeports",
-        "inet_service",
-        "",
-        refuse.node_ports.iter().map(u16::to_string),
-    );
+    for (name, ports) in [("nodeports", intercept), ("refused_nodeports", refuse)] {
+        set(
+            s,
+            name,
+            "inet_proto . inet_service",
+            "",
+            ports
+                .node_ports
+                .iter()
+                .map(|&(protocol, port)| Element::NodePort(protocol, port).to_string()),
+        );
+    }
     let guarded = |v4: bool| {
         redirects
             .source_ranges
             .iter()
-            .filter(move |(a, _)| a.ip().is_ipv4() == v4)
+            .filter(move |((_, a), _)| a.ip().is_ipv4() == v4)
     };
     for (family, v4) in [("4", true), ("6", false)] {
         let addr_type = if v4 { "ipv4_addr" } else { "ipv6_addr" };
+        let key = |(protocol, a): &Dialed| {
+            let protocol = if *protocol == Protocol::Udp {
+                "udp"
+            } else {
+                "tcp"
+            };
+            format!("{} . {protocol} . {}", a.ip(), a.port())
+        };
         set(
             s,
             &format!("guarded{family}"),
-            &format!("{addr_type} . inet_service"),
+            &format!("{addr_type} . inet_proto . inet_service"),
             "",
-            guarded(v4).map(|(a, _)| format!("{} . {}", a.ip(), a.port())),
+            guarded(v4).map(|(a, _)| key(a)),
         );
         set(
             s,
             &format!("allowed{family}"),
-            &format!("{addr_type} . inet_service . {addr_type}"),
+            &format!("{addr_type} . inet_proto . inet_service . {addr_type}"),
             "interval",
             guarded(v4).flat_map(|(a, nets)| {
-                nets.iter()
-                    .map(move |net| format!("{} . {} . {net}", a.ip(), a.port()))
+                let key = key(a);
+                nets.iter().map(move |net| format!("{key} . {net}"))
             }),
         );
     }
@@ -221,39 +234,55 @@ fn render_chains(s: &mut String, listen_port: u16, nodeport_nets: &[IpNet]) {
     let mark = format!("meta mark set {INTERCEPT_MARK:#010x}");
     // Only packets of a client's direction: a reply to one of carousel's own sockets
     // (whose port could equal a node port) is never taken over. Refusals and source
-    // ranges apply to new connections only: an open one is never cut by a change.
+    // ranges apply to new TCP connections only: an open one is never cut by a change.
+    // UDP has no connection: each of its datagrams is refused or dropped.
     writeln!(
         s,
         "  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n    ct direction reply accept"
     )
     .unwrap();
     let syn = "tcp flags & (fin | syn | rst | ack) == syn";
+    let udp = "meta l4proto udp";
+    let key = |family: &str| format!("{family} daddr . meta l4proto . th dport");
     for family in ["ip", "ip6"] {
         let n = if family == "ip" { "4" } else { "6" };
-        writeln!(s, "    {family} daddr . tcp dport @guarded{n} {syn} {family} daddr . tcp dport . {family} saddr != @allowed{n} drop").unwrap();
+        let (key, saddr) = (key(family), format!("{family} saddr"));
+        for new in [syn, udp] {
+            writeln!(
+                s,
+                "    {key} @guarded{n} {new} {key} . {saddr} != @allowed{n} drop"
+            )
+            .unwrap();
+        }
     }
     let mut refused = vec![
-        "ip daddr . tcp dport @refused4".to_string(),
-        "ip6 daddr . tcp dport @refused6".to_string(),
+        format!("{} @refused4", key("ip")),
+        format!("{} @refused6", key("ip6")),
     ];
     let mut intercepted = vec![
-        ("ip", "ip daddr . tcp dport @services4".to_string()),
-        ("ip6", "ip6 daddr . tcp dport @services6".to_string()),
+        ("ip", format!("{} @services4", key("ip"))),
+        ("ip6", format!("{} @services6", key("ip6"))),
     ];
     for family in ["ip", "ip6"] {
         if let Some(addresses) = nodeport_match(family, nodeport_nets) {
-            refused.push(format!("{addresses} tcp dport @refused_nodeports"));
-            intercepted.push((family, format!("{addresses} tcp dport @nodeports")));
+            refused.push(format!(
+                "{addresses} meta l4proto . th dport @refused_nodeports"
+            ));
+            intercepted.push((
+                family,
+                format!("{addresses} meta l4proto . th dport @nodeports"),
+            ));
         }
     }
     for matches in &refused {
         writeln!(s, "    {matches} {syn} reject with tcp reset").unwrap();
+        writeln!(s, "    {matches} {udp} reject with icmpx port-unreachable").unwrap();
     }
     writeln!(s, "    meta iifkind \"bridge\" return").unwrap();
     for (family, matches) in &intercepted {
         writeln!(
             s,
-            "    {matches} tproxy {family} to :{listen_port} {mark} accept"
+            "    {matches} meta l4proto {{ tcp, udp }} tproxy {family} to :{listen_port} {mark} accept"
         )
         .unwrap();
     }
@@ -266,16 +295,22 @@ fn render_chains(s: &mut String, listen_port: u16, nodeport_nets: &[IpNet]) {
     )
     .unwrap();
     for set in ["services", "refused"] {
-        writeln!(s, "    ip daddr . tcp dport @{set}4 {mark}").unwrap();
-        writeln!(s, "    ip6 daddr . tcp dport @{set}6 {mark}").unwrap();
+        writeln!(s, "    {} @{set}4 {mark}", key("ip")).unwrap();
+        writeln!(s, "    {} @{set}6 {mark}", key("ip6")).unwrap();
     }
+    // From a bridge, TCP only: a redirected datagram would reach carousel without its
+    // Service address (there is no SO_ORIGINAL_DST for UDP).
     writeln!(
         s,
         "  }}\n  chain bridged {{\n    type nat hook prerouting priority dstnat; policy accept;\n    meta iifkind != \"bridge\" return"
     )
     .unwrap();
     for (_, matches) in &intercepted {
-        writeln!(s, "    {matches} redirect to :{listen_port}").unwrap();
+        writeln!(
+            s,
+            "    {matches} meta l4proto tcp redirect to :{listen_port}"
+        )
+        .unwrap();
     }
     writeln!(s, "  }}").unwrap();
 }
@@ -341,9 +376,9 @@ pub(crate) fn diff(old: &Redirects, new: &Redirects) -> Option<Vec<Change>> {
     // Each kind of set, with the elements it holds.
     type Kind = (
         fn(&Redirects) -> &Ports,
-        fn(Ipv4Addr, u16) -> Element,
-        fn(Ipv6Addr, u16) -> Element,
-        fn(u16) -> Element,
+        fn(Ipv4Addr, Protocol, u16) -> Element,
+        fn(Ipv6Addr, Protocol, u16) -> Element,
+        fn(Protocol, u16) -> Element,
     );
     let kinds: [Kind; 2] = [
         (
@@ -362,12 +397,24 @@ pub(crate) fn diff(old: &Redirects, new: &Redirects) -> Option<Vec<Change>> {
     let (mut deletes, mut adds) = (Vec::new(), Vec::new());
     for (ports, v4, v6, node_port) in kinds {
         let (a, b) = (ports(old), ports(new));
-        split(&a.v4, &b.v4, |&(ip, p)| v4(ip, p), &mut deletes, &mut adds);
-        split(&a.v6, &b.v6, |&(ip, p)| v6(ip, p), &mut deletes, &mut adds);
+        split(
+            &a.v4,
+            &b.v4,
+            |&(ip, t, p)| v4(ip, t, p),
+            &mut deletes,
+            &mut adds,
+        );
+        split(
+            &a.v6,
+            &b.v6,
+            |&(ip, t, p)| v6(ip, t, p),
+            &mut deletes,
+            &mut adds,
+        );
         split(
             &a.node_ports,
             &b.node_ports,
-            |&p| node_port(p),
+            |&(t, p)| node_port(t, p),
             &mut deletes,
             &mut adds,
         );
@@ -551,11 +598,18 @@ impl Rules {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::addr::ServiceAddr;
     use std::net::SocketAddr;
 
-    fn sa(s: &str) -> ServiceAddr {
-        ServiceAddr(s.parse::<SocketAddr>().unwrap())
+    fn sa(s: &str) -> Dialed {
+        (Protocol::Tcp, ServiceAddr(s.parse::<SocketAddr>().unwrap()))
     }
+
+    fn udp(s: &str) -> Dialed {
+        (Protocol::Udp, ServiceAddr(s.parse::<SocketAddr>().unwrap()))
+    }
+
+    const TCP: Protocol = Protocol::Tcp;
 
     #[test]
     fn full_table_matches_the_golden_file() {
@@ -565,11 +619,12 @@ mod tests {
                 sa("10.96.0.11:443"),
                 sa("[fd00:10:96::a]:80"),
                 sa("203.0.113.7:443"),
+                udp("10.96.0.10:53"),
             ],
-            [30080],
+            [(TCP, 30080), (Protocol::Udp, 30053)],
         );
         r.service(sa("10.96.0.12:80"), false);
-        r.node_port(30081, false);
+        r.node_port((TCP, 30081), false);
         let nets = ["10.0.0.0/8", "192.168.1.5/32", "2001:db8::/32"].map(|n| n.parse().unwrap());
         r.guard(sa("203.0.113.7:443"), &nets);
         assert_eq!(r.source_ranges[&sa("203.0.113.7:443")], nets[..2]);
@@ -584,10 +639,19 @@ mod tests {
         let script = render_full(&Redirects::default(), 15001, &[]);
         assert!(!script.contains("elements"));
         assert_eq!(
+            script.matches("meta l4proto { tcp, udp } tproxy").count(),
+            4
+        );
+        assert_eq!(
             script.matches("to :15001 meta mark set 0x00004342").count(),
             4
         );
-        assert_eq!(script.matches("redirect to :15001").count(), 4);
+        assert_eq!(
+            script
+                .matches("meta l4proto tcp redirect to :15001")
+                .count(),
+            4
+        );
     }
 
     #[test]
@@ -615,23 +679,34 @@ mod tests {
 
     #[test]
     fn a_change_touches_only_the_elements_that_changed() {
-        let old = Redirects::new([sa("10.96.0.10:80"), sa("10.96.0.11:443")], [30080]);
+        let old = Redirects::new([sa("10.96.0.10:80"), sa("10.96.0.11:443")], [(TCP, 30080)]);
         let new = Redirects::new(
             [
                 sa("10.96.0.11:443"),
                 sa("10.96.0.12:80"),
+                udp("10.96.0.12:80"),
                 sa("[fd00:10:96::b]:443"),
             ],
-            [30080, 30081],
+            [(TCP, 30080), (TCP, 30081)],
         );
         let change = |op, element| Change { op, element };
         assert_eq!(
             diff(&old, &new).unwrap(),
             [
-                change(Op::Delete, Element::V4(Ipv4Addr::new(10, 96, 0, 10), 80)),
-                change(Op::Add, Element::V4(Ipv4Addr::new(10, 96, 0, 12), 80)),
-                change(Op::Add, Element::V6("fd00:10:96::b".parse().unwrap(), 443)),
-                change(Op::Add, Element::NodePort(30081)),
+                change(
+                    Op::Delete,
+                    Element::V4(Ipv4Addr::new(10, 96, 0, 10), TCP, 80)
+                ),
+                change(Op::Add, Element::V4(Ipv4Addr::new(10, 96, 0, 12), TCP, 80)),
+                change(
+                    Op::Add,
+                    Element::V4(Ipv4Addr::new(10, 96, 0, 12), Protocol::Udp, 80)
+                ),
+                change(
+                    Op::Add,
+                    Element::V6("fd00:10:96::b".parse().unwrap(), TCP, 443)
+                ),
+                change(Op::Add, Element::NodePort(TCP, 30081)),
             ]
         );
         assert_eq!(diff(&new, &new).unwrap(), []);
@@ -639,18 +714,18 @@ mod tests {
         // An address whose Service port got endpoints moves from refused to intercepted.
         let mut empty = Redirects::default();
         empty.service(sa("10.96.0.13:80"), false);
-        empty.node_port(30082, false);
+        empty.node_port((TCP, 30082), false);
         let mut served = Redirects::default();
         served.service(sa("10.96.0.13:80"), true);
-        served.node_port(30082, true);
+        served.node_port((TCP, 30082), true);
         let ip = Ipv4Addr::new(10, 96, 0, 13);
         assert_eq!(
             diff(&empty, &served).unwrap(),
             [
-                change(Op::Delete, Element::RefusedV4(ip, 80)),
-                change(Op::Delete, Element::RefusedNodePort(30082)),
-                change(Op::Add, Element::V4(ip, 80)),
-                change(Op::Add, Element::NodePort(30082)),
+                change(Op::Delete, Element::RefusedV4(ip, TCP, 80)),
+                change(Op::Delete, Element::RefusedNodePort(TCP, 30082)),
+                change(Op::Add, Element::V4(ip, TCP, 80)),
+                change(Op::Add, Element::NodePort(TCP, 30082)),
             ]
         );
         // New source ranges rewrite the table.
@@ -662,18 +737,19 @@ mod tests {
     #[test]
     fn elements_read_as_nft_writes_them_and_keys_are_laid_out_as_nf_tables_stores_them() {
         // As `nft --debug=netlink` shows the same elements: each field of a
-        // concatenation padded to 4 bytes, a lone port 2 bytes.
-        let v4 = Element::V4(Ipv4Addr::new(10, 96, 0, 10), 80);
-        assert_eq!(v4.to_string(), "10.96.0.10 . 80");
-        assert_eq!(v4.key(), [10, 96, 0, 10, 0, 80, 0, 0]);
-        let v6 = Element::V6("fd00:10:96::b".parse().unwrap(), 443);
-        assert_eq!(v6.to_string(), "fd00:10:96::b . 443");
+        // concatenation (address, protocol, port) padded to 4 bytes.
+        let v4 = Element::V4(Ipv4Addr::new(10, 96, 0, 10), TCP, 80);
+        assert_eq!(v4.to_string(), "10.96.0.10 . tcp . 80");
+        assert_eq!(v4.key(), [10, 96, 0, 10, 6, 0, 0, 0, 0, 80, 0, 0]);
+        let v6 = Element::V6("fd00:10:96::b".parse().unwrap(), Protocol::Udp, 53);
+        assert_eq!(v6.to_string(), "fd00:10:96::b . udp . 53");
         assert_eq!(
             v6.key(),
-            [0xfd, 0, 0, 0x10, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xb, 0x01, 0xbb, 0, 0]
+            [0xfd, 0, 0, 0x10, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xb, 17, 0, 0, 0, 0, 53, 0, 0]
         );
-        assert_eq!(Element::NodePort(30081).to_string(), "30081");
-        assert_eq!(Element::NodePort(30081).key(), [0x75, 0x81]);
+        let node_port = Element::NodePort(TCP, 30081);
+        assert_eq!(node_port.to_string(), "tcp . 30081");
+        assert_eq!(node_port.key(), [6, 0, 0, 0, 0x75, 0x81, 0, 0]);
     }
 
     #[test]

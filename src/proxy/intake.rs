@@ -8,6 +8,7 @@ use tokio::task::JoinHandle;
 
 use super::listener::{self, Accepting, Destination, Listeners};
 use super::redirects::Derived;
+use super::udp;
 use super::{ForwardConfig, Mode, ProxyError};
 use crate::dataplane::nftables::{self, NftError, Rules};
 use crate::telemetry::Telemetry;
@@ -103,11 +104,20 @@ impl Intake {
                 }
                 Err(source) => return Err(ProxyError::Redirect { addr, source }),
             };
+            let destination = Destination::Intercepted {
+                listen_port: *listen_port,
+            };
             accept.push(tokio::spawn(listener::accept_loop(
                 listener,
-                Destination::Intercepted {
-                    listen_port: *listen_port,
-                },
+                destination,
+                accepting.clone(),
+            )));
+            // UDP on the same port: TPROXY hands it the datagrams of UDP Service ports.
+            let socket = udp::bind_transparent(addr)
+                .map_err(|source| ProxyError::Redirect { addr, source })?;
+            accept.push(tokio::spawn(udp::serve(
+                socket,
+                destination,
                 accepting.clone(),
             )));
         }

@@ -5,7 +5,6 @@
 //! Service among thousands costs its own addresses.
 
 use crate::dataplane::nftables::Redirects;
-use crate::model::Protocol;
 use crate::proxy::routes::RouteTable;
 
 /// The sets for `table`, and the table they were derived for.
@@ -37,24 +36,17 @@ impl Derived {
     }
 }
 
-/// The sets for every route of `table`. Only TCP is intercepted so far: UDP Service
-/// ports are served in bind mode (issue 18).
+/// The sets for every route of `table`.
 pub(crate) fn whole(table: &RouteTable) -> Redirects {
     let mut redirects = Redirects::default();
-    for (&(protocol, addr), route) in table.service_addrs() {
-        if protocol == Protocol::Tcp {
-            redirects.service(addr, route.has_endpoints);
-        }
+    for (addr, route) in table.service_addrs() {
+        redirects.service(*addr, route.has_endpoints);
     }
-    for ((protocol, port), route) in table.node_ports() {
-        if protocol == Protocol::Tcp {
-            redirects.node_port(port, route.has_endpoints);
-        }
+    for (port, route) in table.node_ports() {
+        redirects.node_port(port, route.has_endpoints);
     }
-    for (&(protocol, addr), ranges) in table.source_ranges() {
-        if protocol == Protocol::Tcp {
-            redirects.guard(addr, ranges);
-        }
+    for (addr, ranges) in table.source_ranges() {
+        redirects.guard(*addr, ranges);
     }
     redirects
 }
@@ -64,20 +56,18 @@ pub(crate) fn whole(table: &RouteTable) -> Redirects {
 fn follow(last: &Redirects, table: &RouteTable) -> Redirects {
     let mut redirects = last.clone();
     let edits = table.edits();
-    for &dialed in edits.addrs.iter().filter(|(p, _)| *p == Protocol::Tcp) {
-        let addr = dialed.1;
+    for &addr in &edits.addrs {
         redirects.forget(addr);
-        if let Some(route) = table.service_addr(dialed) {
+        if let Some(route) = table.service_addr(addr) {
             redirects.service(addr, route.has_endpoints);
         }
-        if let Some(ranges) = table.source_range(dialed) {
+        if let Some(ranges) = table.source_range(addr) {
             redirects.guard(addr, ranges);
         }
     }
-    for &node_port in edits.node_ports.iter().filter(|(p, _)| *p == Protocol::Tcp) {
-        let port = node_port.1;
+    for &port in &edits.node_ports {
         redirects.forget_node_port(port);
-        if let Some(route) = table.node_port(node_port) {
+        if let Some(route) = table.node_port(port) {
             redirects.node_port(port, route.has_endpoints);
         }
     }

@@ -14,6 +14,7 @@ use metrics::Counter;
 use crate::addr::{ClientAddr, PodAddr, ServiceAddr};
 use crate::algorithm::Algorithm;
 use crate::balance::{self, AffinityStats, Backend, Backends, Balancer, BuildOptions, Picker};
+pub(crate) use crate::model::Dialed;
 use crate::model::{
     Endpoint, Locality, Protocol, Service, ServiceKey, ServicePort, ServiceTable, Traffic,
 };
@@ -126,10 +127,6 @@ pub(crate) enum Admission<'a> {
     /// The client is outside the Service's `loadBalancerSourceRanges`.
     OutOfRange,
 }
-
-/// A Service address with the transport it is dialed over: TCP and UDP 53 of one
-/// ClusterIP are two Service ports.
-pub(crate) type Dialed = (Protocol, ServiceAddr);
 
 /// The whole lookup table, swapped atomically on every change.
 #[derive(Debug, Default)]

@@ -518,3 +518,32 @@ impl ClusterCarousel {
             .1
     }
 }
+
+/// dnsmasq as a DNS pod: in the foreground, no configuration, resolver or cache,
+/// listening on `addresses` at `port` (UDP and TCP) and answering `who.test` with
+/// `answer`. `command` is how it starts (`dnsmasq`, or `ip netns exec NS dnsmasq`).
+pub fn dnsmasq(
+    mut command: std::process::Command,
+    addresses: &[IpAddr],
+    port: u16,
+    answer: IpAddr,
+) -> std::process::Child {
+    command
+        .args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--pid-file",
+            "--user=root",
+            "--cache-size=0",
+        ])
+        .arg(format!("--port={port}"))
+        .args(addresses.iter().map(|a| format!("--listen-address={a}")))
+        .arg(format!("--address=/who.test/{answer}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("dnsmasq (Debian's dnsmasq-base) runs")
+}

@@ -7,6 +7,10 @@
                                       addresses), print JSON {"seen": {source: {pod: n}},
                                       "errors": n, "kinds": {kind: n}}, kind one of refused,
                                       reset, timeout, other; $AGENT_TIMEOUT seconds each (5)
+  agent.py dns HOST PORT COUNT [SRC...]  COUNT DNS queries (type A, who.test) over UDP,
+                                      each from a port of its own (round-robin over the
+                                      source addresses); print JSON {"seen": {source:
+                                      {address answered: n}}, "errors": n}
   agent.py get URL                    print the HTTP status and body of one GET
   agent.py echo PORT                  echo every connection back until it half-closes
   agent.py churn HOST PORT SECONDS RATE  new connections at RATE a second for SECONDS,
@@ -91,6 +95,43 @@ def ask(host, port, count, sources):
             kind = error_kind(e)
             kinds[kind] = kinds.get(kind, 0) + 1
     print(json.dumps({"seen": seen, "errors": errors, "kinds": kinds, "last_error": last_error}))
+
+
+def dns_query(qid):
+    """A DNS query for who.test, type A, class IN, recursion desired."""
+    labels = b"".join(bytes([len(l)]) + l for l in (b"who", b"test"))
+    return qid.to_bytes(2, "big") + b"\x01\x00\x00\x01" + b"\x00" * 6 + labels + b"\x00\x00\x01\x00\x01"
+
+
+def dns(host, port, count, sources):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    timeout = float(os.environ.get("AGENT_TIMEOUT", "5"))
+    seen, errors, last_error = {}, 0, ""
+    # Every socket stays open until the end: no port is used twice.
+    sockets = []
+    for i in range(int(count)):
+        src = sources[i % len(sources)] if sources else None
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        sockets.append(s)
+        s.settimeout(timeout)
+        try:
+            if src:
+                s.bind((src, 0))
+            s.connect((host, int(port)))
+            qid = i % 65536
+            s.send(dns_query(qid))
+            answer = s.recv(512)
+            if answer[:2] != qid.to_bytes(2, "big") or int.from_bytes(answer[6:8], "big") != 1:
+                raise OSError("not one answer to this query")
+            addr = socket.inet_ntoa(answer[-4:])
+            by_addr = seen.setdefault(src or "-", {})
+            by_addr[addr] = by_addr.get(addr, 0) + 1
+        except OSError as e:
+            errors += 1
+            last_error = str(e)
+    for s in sockets:
+        s.close()
+    print(json.dumps({"seen": seen, "errors": errors, "last_error": last_error}))
 
 
 def error_kind(e):
@@ -206,6 +247,8 @@ if __name__ == "__main__":
         serve(*args)
     elif cmd == "ask":
         ask(args[0], args[1], args[2], args[3:])
+    elif cmd == "dns":
+        dns(args[0], args[1], args[2], args[3:])
     elif cmd == "get":
         get(args[0])
     elif cmd == "echo":

@@ -13,7 +13,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{FlowSlot, BATCH, BUFFER};
+use super::{FlowKey, FlowSlot, BATCH, BUFFER};
 use crate::addr::{ClientAddr, ServiceAddr};
 use crate::model::Protocol;
 use crate::proxy::clock::now_ms;
@@ -24,14 +24,14 @@ use crate::proxy::routes::{Admission, Route, RouteEndpoint, RouteTable};
 /// What a new flow is made of.
 pub(super) struct Opening {
     pub(super) id: u64,
-    pub(super) client: ClientAddr,
+    pub(super) key: FlowKey,
     pub(super) route: Arc<Route>,
     /// The table `route` was looked up in.
     pub(super) generation: u64,
     pub(super) endpoint: RouteEndpoint,
-    /// The front's socket, which replies leave from.
-    pub(super) front: Arc<UdpSocket>,
-    pub(super) ended: mpsc::UnboundedSender<(ClientAddr, u64)>,
+    /// Where replies leave from: a socket at the Service address.
+    pub(super) reply: Arc<UdpSocket>,
+    pub(super) ended: mpsc::UnboundedSender<(FlowKey, u64)>,
     pub(super) idle_timeout: Duration,
     /// The mark of carousel's own sockets, which the interception skips.
     pub(super) mark: Option<u32>,
@@ -63,11 +63,11 @@ impl Flow {
     pub(super) fn open(opening: Opening) -> io::Result<Flow> {
         let Opening {
             id,
-            client,
+            key,
             route,
             generation,
             endpoint,
-            front,
+            reply,
             ended,
             idle_timeout,
             mark,
@@ -84,9 +84,9 @@ impl Flow {
         tokio::spawn(
             Replies {
                 id,
-                client,
+                key,
                 upstream: upstream.clone(),
-                front,
+                reply,
                 endpoint: endpoint.clone(),
                 route: route.clone(),
                 last: last.clone(),
@@ -207,15 +207,15 @@ fn connect(addr: SocketAddr, mark: Option<u32>) -> io::Result<UdpSocket> {
 /// endpoint refuses, or the front drops the flow.
 struct Replies {
     id: u64,
-    client: ClientAddr,
+    key: FlowKey,
     upstream: Arc<UdpSocket>,
-    front: Arc<UdpSocket>,
+    reply: Arc<UdpSocket>,
     endpoint: RouteEndpoint,
     route: Arc<Route>,
     last: Arc<AtomicU64>,
     idle_timeout: Duration,
     end: CancellationToken,
-    ended: mpsc::UnboundedSender<(ClientAddr, u64)>,
+    ended: mpsc::UnboundedSender<(FlowKey, u64)>,
     _slot: FlowSlot,
 }
 
@@ -247,7 +247,7 @@ impl Replies {
         series.active.decrement(1.0);
         self.endpoint.active.fetch_sub(1, Ordering::Relaxed);
         if !self.end.is_cancelled() {
-            let _ = self.ended.send((self.client, self.id));
+            let _ = self.ended.send((self.key, self.id));
         }
     }
 
@@ -269,7 +269,8 @@ impl Replies {
                     }
                 };
                 self.last.store(now_ms(), Ordering::Relaxed);
-                match send(&self.front, &buffer[..len], Some(self.client.0)) {
+                let client = self.key.0;
+                match send(&self.reply, &buffer[..len], Some(client.0)) {
                     Ok(_) => {
                         let series = self.endpoint.udp_series();
                         series.datagrams_to_client.increment(1);
@@ -277,7 +278,7 @@ impl Replies {
                     }
                     Err(e) => {
                         if e.kind() != io::ErrorKind::WouldBlock {
-                            tracing::debug!(client = %self.client, error = %e, "UDP reply to the client failed");
+                            tracing::debug!(%client, error = %e, "UDP reply to the client failed");
                         }
                         self.route.metrics.udp_drop(UdpDrop::ClientBusy);
                     }

@@ -105,28 +105,76 @@ const BATCH: usize = 64;
 /// A UDP socket for a Service address, in one SO_REUSEPORT group with the next
 /// carousel's during a rollout, as the TCP listeners are.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    bound(addr, |_| Ok(()))
+}
+
+/// nftables mode: a transparent socket (IP_TRANSPARENT) on the redirect port of one
+/// family, to which TPROXY hands every intercepted datagram; each comes with the
+/// Service address it was sent to (IP_ORIGDSTADDR). Needs CAP_NET_ADMIN.
+pub(crate) fn bind_transparent(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    bound(addr, |socket| {
+        transparent(socket, addr)?;
+        match addr.is_ipv6() {
+            true => setsockopt(socket, sockopt::Ipv6OrigDstAddr, &true)?,
+            false => setsockopt(socket, sockopt::Ipv4OrigDstAddr, &true)?,
+        }
+        Ok(())
+    })
+}
+
+/// nftables mode: where replies to clients of `dialed` leave from, so that a client's
+/// connected socket takes them: a socket bound to that Service address, which is not
+/// the node's (IP_TRANSPARENT), shared with whatever else binds it (SO_REUSEADDR). It
+/// never reads: TPROXY hands datagrams to the redirect port's socket, not to it.
+fn bind_reply(dialed: ServiceAddr, mark: Option<u32>) -> io::Result<UdpSocket> {
+    bound(dialed.0, |socket| {
+        transparent(socket, dialed.0)?;
+        match mark {
+            Some(mark) => socket.set_mark(mark),
+            None => Ok(()),
+        }
+    })
+}
+
+/// A non-blocking UDP socket bound to `addr` with SO_REUSEADDR and SO_REUSEPORT
+/// (IPv6 only, for an IPv6 address), `options` set before the bind.
+fn bound(
+    addr: SocketAddr,
+    options: impl FnOnce(&Socket) -> io::Result<()>,
+) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
+    options(&socket)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
 }
 
-/// Serves one Service address (bind mode): reads its datagrams and keeps their flows,
-/// until the task is aborted, which ends them all.
+/// IP_TRANSPARENT (or its IPv6 twin) on a socket of `addr`'s family.
+fn transparent(socket: &Socket, addr: SocketAddr) -> io::Result<()> {
+    match addr.is_ipv6() {
+        true => socket.set_ip_transparent_v6(true),
+        false => socket.set_ip_transparent_v4(true),
+    }
+}
+
+/// Serves one UDP socket: a Service address's (bind mode) or the redirect port's
+/// (nftables mode). Reads its datagrams and keeps their flows, until the task is
+/// aborted, which ends them all.
 pub(crate) async fn serve(socket: UdpSocket, destination: Destination, intake: Accepting) {
-    let Destination::Listener(dialed) = destination else {
-        tracing::error!("UDP is served in bind mode only");
-        return;
-    };
     let (ended, mut ends) = mpsc::unbounded_channel();
+    let replies = match destination {
+        Destination::Listener(addr) => Replies::Own(addr),
+        Destination::Intercepted { .. } => Replies::Transparent(HashMap::new()),
+    };
     let mut front = Front {
         socket: Arc::new(socket),
-        dialed,
+        replies,
         flows: HashMap::new(),
         next_id: 0,
         ended,
@@ -136,38 +184,53 @@ pub(crate) async fn serve(socket: UdpSocket, destination: Destination, intake: A
         tokio::select! {
             ready = front.socket.readable() => {
                 if let Err(e) = ready {
-                    tracing::error!(addr = %dialed, error = %e, "UDP socket failed");
+                    tracing::error!(?destination, error = %e, "UDP socket failed");
                     return;
                 }
                 front.read();
             }
-            Some((client, id)) = ends.recv() => front.forget(client, id),
+            Some((key, id)) = ends.recv() => front.forget(key, id),
         }
     }
 }
 
-/// One Service address's socket and the flows of its clients.
+/// Where a front's replies leave from.
+enum Replies {
+    /// Bind mode: the front's own socket, bound to this Service address.
+    Own(ServiceAddr),
+    /// nftables mode: a socket per Service address, made at its first flow.
+    Transparent(HashMap<ServiceAddr, Arc<UdpSocket>>),
+}
+
+/// A flow's key: the client, and the Service address it sent to.
+type FlowKey = (ClientAddr, ServiceAddr);
+
+/// One socket's datagrams and the flows of its clients.
 struct Front {
     socket: Arc<UdpSocket>,
-    dialed: ServiceAddr,
-    /// Keyed by an address the client chose: SipHash, which no client can collide.
-    flows: HashMap<ClientAddr, Flow>,
+    replies: Replies,
+    /// Keyed by addresses clients chose: SipHash, which no client can collide.
+    flows: HashMap<FlowKey, Flow>,
     next_id: u64,
     /// Where a flow that ends by itself says so, with its id.
-    ended: mpsc::UnboundedSender<(ClientAddr, u64)>,
+    ended: mpsc::UnboundedSender<(FlowKey, u64)>,
     intake: Accepting,
 }
+
+/// A control message buffer for one original destination, aligned as `cmsghdr` wants.
+#[repr(C, align(8))]
+struct Cmsg([u8; 64]);
 
 impl Front {
     /// Handles the datagrams waiting, up to a batch.
     fn read(&mut self) {
         BUFFER.with_borrow_mut(|buffer| {
             for _ in 0..BATCH {
-                match self.socket.try_recv_from(buffer) {
-                    Ok((len, client)) => self.datagram(&buffer[..len], ClientAddr(client)),
+                match self.receive(buffer) {
+                    Ok((len, client, dialed)) => self.datagram(&buffer[..len], client, dialed),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                     Err(e) => {
-                        tracing::debug!(addr = %self.dialed, error = %e, "UDP receive failed");
+                        tracing::debug!(error = %e, "UDP receive failed");
                         return;
                     }
                 }
@@ -175,36 +238,66 @@ impl Front {
         });
     }
 
-    /// Forwards one datagram of `client`, on its flow or on a new one.
-    fn datagram(&mut self, data: &[u8], client: ClientAddr) {
+    /// One datagram: its length, its client and the Service address it was sent to.
+    fn receive(&self, buffer: &mut [u8]) -> io::Result<(usize, ClientAddr, ServiceAddr)> {
+        match self.replies {
+            Replies::Own(addr) => {
+                let (len, client) = self.socket.try_recv_from(buffer)?;
+                Ok((len, ClientAddr(client), addr))
+            }
+            Replies::Transparent(_) => self.socket.try_io(tokio::io::Interest::READABLE, || {
+                recv_intercepted(&self.socket, buffer)
+            }),
+        }
+    }
+
+    /// Forwards one datagram of `client` to `dialed`, on its flow or on a new one.
+    fn datagram(&mut self, data: &[u8], client: ClientAddr, dialed: ServiceAddr) {
         let table = self.intake.routes.load();
-        if let Some(flow) = self.flows.get_mut(&client) {
-            if flow.follows(&table, self.dialed, client, &self.intake) {
+        let key = (client, dialed);
+        if let Some(flow) = self.flows.get_mut(&key) {
+            if flow.follows(&table, dialed, client, &self.intake) {
                 match flow.send(data) {
                     Ok(()) => return,
                     // A pending ICMP port unreachable: the endpoint is not listening.
                     Err(flow::SendError::Refused) => {}
                 }
             }
-            self.flows.remove(&client);
+            self.flows.remove(&key);
         }
-        let route = match table.admit((Protocol::Udp, self.dialed), client, |ip| {
+        let route = match table.admit((Protocol::Udp, dialed), client, |ip| {
             self.intake.inside.load().contains(ip)
         }) {
             Admission::Route(route) => route.clone(),
             Admission::NoService | Admission::OutOfRange => return,
         };
-        let Some(flow) = self.open(&route, &table, client) else {
+        let Some(flow) = self.open(&route, &table, key) else {
             return;
         };
-        let flow = self.flows.entry(client).or_insert(flow);
+        let flow = self.flows.entry(key).or_insert(flow);
         // A refusal this early comes from an earlier flow's socket number, not this
         // one's: the datagram is lost, and the next one picks again.
         let _ = flow.send(data);
     }
 
-    /// Opens a flow for `client` over `route`, or counts why not.
-    fn open(&mut self, route: &Arc<Route>, table: &RouteTable, client: ClientAddr) -> Option<Flow> {
+    /// The socket replies to clients of `dialed` leave from.
+    fn reply_socket(&mut self, dialed: ServiceAddr) -> io::Result<Arc<UdpSocket>> {
+        match &mut self.replies {
+            Replies::Own(_) => Ok(self.socket.clone()),
+            Replies::Transparent(sockets) => {
+                if let Some(socket) = sockets.get(&dialed) {
+                    return Ok(socket.clone());
+                }
+                let socket = Arc::new(bind_reply(dialed, self.intake.forward.mark)?);
+                sockets.insert(dialed, socket.clone());
+                Ok(socket)
+            }
+        }
+    }
+
+    /// Opens a flow for `key` over `route`, or counts why not.
+    fn open(&mut self, route: &Arc<Route>, table: &RouteTable, key: FlowKey) -> Option<Flow> {
+        let (client, dialed) = key;
         let Some(slot) = self.intake.udp_flows.take(self.intake.udp.max_flows) else {
             route.metrics.udp_drop(UdpDrop::FlowLimit);
             return None;
@@ -222,14 +315,22 @@ impl Front {
             .map(|i| &route.endpoints[(first + i) % n])
             .find(|e| !e.ejection.is_ejected(now))
             .unwrap_or(&route.endpoints[first]);
+        let reply = match self.reply_socket(dialed) {
+            Ok(socket) => socket,
+            Err(e) => {
+                tracing::debug!(%dialed, error = %e, "cannot open a UDP socket at the Service address");
+                route.metrics.udp_drop(UdpDrop::SocketError);
+                return None;
+            }
+        };
         self.next_id += 1;
         let opened = Flow::open(flow::Opening {
             id: self.next_id,
-            client,
+            key,
             route: route.clone(),
             generation: table.generation(),
             endpoint: endpoint.clone(),
-            front: self.socket.clone(),
+            reply,
             ended: self.ended.clone(),
             idle_timeout: self.intake.udp.idle_timeout,
             mark: self.intake.forward.mark,
@@ -246,10 +347,57 @@ impl Front {
     }
 
     /// Takes out a flow that ended by itself, unless a newer flow of the client took
-    /// its place.
-    fn forget(&mut self, client: ClientAddr, id: u64) {
-        if self.flows.get(&client).is_some_and(|f| f.id() == id) {
-            self.flows.remove(&client);
+    /// its place; and the Service address's reply socket once no flow uses it.
+    fn forget(&mut self, key: FlowKey, id: u64) {
+        if self.flows.get(&key).is_some_and(|f| f.id() == id) {
+            self.flows.remove(&key);
+        }
+        if let Replies::Transparent(sockets) = &mut self.replies {
+            if sockets
+                .get(&key.1)
+                .is_some_and(|s| Arc::strong_count(s) == 1)
+            {
+                sockets.remove(&key.1);
+            }
         }
     }
+}
+
+/// One intercepted datagram, read with the Service address it was sent to.
+fn recv_intercepted(
+    socket: &UdpSocket,
+    buffer: &mut [u8],
+) -> io::Result<(usize, ClientAddr, ServiceAddr)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let mut cmsg = Cmsg([0; 64]);
+    let mut iov = [io::IoSliceMut::new(buffer)];
+    let msg = recvmsg::<SockaddrStorage>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg.0),
+        MsgFlags::MSG_DONTWAIT,
+    )?;
+    let client = msg
+        .address
+        .and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| SocketAddr::V4((*v4).into()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into())))
+        })
+        .ok_or_else(|| io::Error::other("a datagram without a source address"))?;
+    let dialed = msg.cmsgs()?.find_map(|c| match c {
+        ControlMessageOwned::Ipv4OrigDstAddr(sin) => Some(SocketAddr::from((
+            std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+            u16::from_be(sin.sin_port),
+        ))),
+        ControlMessageOwned::Ipv6OrigDstAddr(sin6) => Some(SocketAddr::from((
+            std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+            u16::from_be(sin6.sin6_port),
+        ))),
+        _ => None,
+    });
+    let dialed =
+        dialed.ok_or_else(|| io::Error::other("a datagram without its original destination"))?;
+    Ok((msg.bytes, ClientAddr(client), ServiceAddr(dialed)))
 }
