@@ -11,8 +11,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use carousel::proxy::udp::UdpConfig;
@@ -35,7 +37,9 @@ fn service(net: u8) -> SocketAddr {
 /// A dnsmasq pod, stopped on drop.
 struct DnsPod {
     name: String,
+    /// The address it answers `who.test` with: its own, for a pod of its own address.
     ip: IpAddr,
+    addr: SocketAddr,
     child: Child,
 }
 
@@ -43,22 +47,27 @@ impl DnsPod {
     /// Starts dnsmasq on `ip`:5353 (UDP and TCP), answering `who.test` with `ip`, and
     /// waits until it answers.
     async fn start(name: &str, ip: IpAddr) -> DnsPod {
-        let child = dnsmasq(Command::new("dnsmasq"), &[ip], POD_PORT, ip);
-        let pod = DnsPod {
-            name: name.into(),
-            ip,
-            child,
-        };
-        let addr = pod.addr();
-        eventually(&format!("dnsmasq answers on {addr}"), || async move {
-            query(IpAddr::V4(Ipv4Addr::LOCALHOST), addr).await.ok() == Some(ip)
-        })
-        .await;
-        pod
+        DnsPod::start_at(name, SocketAddr::new(ip, POD_PORT), ip).await
     }
 
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::new(self.ip, POD_PORT)
+    /// Starts dnsmasq on `addr`, answering `who.test` with `answer`, and waits until it
+    /// answers.
+    async fn start_at(name: &str, addr: SocketAddr, answer: IpAddr) -> DnsPod {
+        let child = dnsmasq(Command::new("dnsmasq"), &[addr.ip()], addr.port(), answer);
+        let from = match addr {
+            SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        eventually(&format!("dnsmasq answers on {addr}"), || async move {
+            query(from, addr).await.ok() == Some(answer)
+        })
+        .await;
+        DnsPod {
+            name: name.into(),
+            ip: answer,
+            addr,
+            child,
+        }
     }
 
     fn kill(&mut self) {
@@ -406,17 +415,6 @@ async fn flows_past_the_cap_are_dropped_counted_and_all_expire_on_time() {
             tokio::task::yield_now().await;
         }
     }
-    let total = |text: &str, name: &str, labels: &[(&str, &str)]| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(&format!("{name}{{")))
-            .filter(|l| {
-                labels
-                    .iter()
-                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
     eventually("the cap's worth of flows, and the rest dropped", || async {
         let metrics = carousel.metrics_text().await;
         let opened = total(&metrics, "carousel_udp_flows_total", &[]);
@@ -464,28 +462,34 @@ async fn echo_pod(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// The state file of Service `echo`, UDP port 7 at `ip(net, 1)`, to `pods` (port 7000),
+/// with `sessionAffinity`.
+fn echo_state(net: u8, pods: &[SocketAddr], affinity: &str) -> String {
+    let service = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "echo", "namespace": "test"},
+        "spec": {"clusterIP": ip(net, 1).to_string(), "sessionAffinity": affinity,
+                 "ports": [{"name": "echo", "port": 7, "targetPort": 7000, "protocol": "UDP"}]},
+    });
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "echo-1", "namespace": "test",
+                     "labels": {"kubernetes.io/service-name": "echo"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "echo", "port": 7000, "protocol": "UDP"}],
+        "endpoints": pods.iter().map(|p| json!({
+            "addresses": [p.ip().to_string()], "conditions": {"ready": true},
+        })).collect::<Vec<_>>(),
+    });
+    format!("---\n{service}\n---\n{slice}\n")
+}
+
 #[tokio::test]
 async fn empty_and_largest_datagrams_go_through_whole() {
     let net = 6;
     let pod = SocketAddr::new(ip(net, 10), 7000);
     let echo = echo_pod(pod).await;
-    let state = format!(
-        "---\n{}\n---\n{}\n",
-        json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "echo", "namespace": "test"},
-            "spec": {"clusterIP": ip(net, 1).to_string(),
-                     "ports": [{"name": "echo", "port": 7, "targetPort": 7000, "protocol": "UDP"}]},
-        }),
-        json!({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": "echo-1", "namespace": "test",
-                         "labels": {"kubernetes.io/service-name": "echo"}},
-            "addressType": "IPv4",
-            "ports": [{"name": "echo", "port": 7000, "protocol": "UDP"}],
-            "endpoints": [{"addresses": [pod.ip().to_string()], "conditions": {"ready": true}}],
-        }),
-    );
+    let state = echo_state(net, &[pod], "None");
     let carousel = start(&state, UdpConfig::default()).await;
     let socket = UdpSocket::bind((ip(net, 100), 0)).await.unwrap();
     socket.connect((ip(net, 1), 7)).await.unwrap();
@@ -503,4 +507,204 @@ async fn empty_and_largest_datagrams_go_through_whole() {
     }
     carousel.stop().await;
     echo.abort();
+}
+
+/// What makes a pod of `flooding_pod` flood.
+const FLOOD: &[u8] = b"flood";
+
+/// A UDP pod on `addr`, in a thread of its own so its flood does not wait on the test's
+/// runtime: it echoes every datagram, except `FLOOD`, which it answers with `replies`
+/// datagrams of 1 KiB as fast as its socket takes them. It stops once `stop` is set.
+fn flooding_pod(
+    addr: SocketAddr,
+    replies: usize,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let socket = std::net::UdpSocket::bind(addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 2048];
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((len, from)) = socket.recv_from(&mut buf) else {
+                continue;
+            };
+            if &buf[..len] == FLOOD {
+                let chunk = [0x5a; 1024];
+                for _ in 0..replies {
+                    let _ = socket.send_to(&chunk, from);
+                }
+            } else {
+                let _ = socket.send_to(&buf[..len], from);
+            }
+        }
+    })
+}
+
+/// This process's resident memory, in bytes.
+fn resident() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// Sums the samples of `name` whose labels include `labels`.
+fn total(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// One client floods a Service and never reads, and makes a pod flood it back: carousel
+/// queues nothing (its memory stays where it was), and other clients of the same
+/// Service, and of cluster DNS beside it, keep their answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_and_a_pod_that_floods_leave_other_flows_served() {
+    let (net, dns_net) = (7, 8);
+    let dns = DnsPod::start("dns-solo", ip(dns_net, 10)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let pods = [ip(net, 10), ip(net, 11)].map(|a| SocketAddr::new(a, 7000));
+    let threads = pods.map(|p| flooding_pod(p, 20_000, stop.clone()));
+    let dns_pods = std::slice::from_ref(&dns);
+    let state = echo_state(net, &pods, "ClientIP")
+        + &dns_state(dns_net, dns_pods, json!({}), json!({}), |_| json!({}));
+    let carousel = start(&state, UdpConfig::default()).await;
+    let (echo_service, dns_service) = (SocketAddr::new(ip(net, 1), 7), service(dns_net));
+    // Warm up: both Services answer, and carousel's memory is measured after.
+    query(ip(net, 100), dns_service).await.expect("DNS answers");
+    let before = resident();
+
+    // The flooder: one socket (one flow) that sends datagrams of 1 KiB until the other
+    // clients are done (30 s at most), asks its pod for a flood with every
+    // ten-thousandth, and never reads.
+    let done = Arc::new(AtomicBool::new(false));
+    let flooding = done.clone();
+    let flooder = std::thread::spawn(move || {
+        let socket = std::net::UdpSocket::bind((ip(net, 200), 0)).unwrap();
+        socket.connect(echo_service).unwrap();
+        let chunk = [0xa5; 1024];
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        for n in 0u64.. {
+            if flooding.load(Ordering::Relaxed) {
+                return true;
+            }
+            if n % 10_000 == 0 && std::time::Instant::now() > deadline {
+                return false;
+            }
+            let _ = socket.send(if n % 10_000 == 0 { FLOOD } else { &chunk });
+        }
+        unreachable!("the loop returns")
+    });
+    // Meanwhile, other clients: echoes on the same Service (ClientIP affinity keeps them
+    // on the pod the flooder's address did not get) and DNS queries beside it,
+    // each from a port of its own, each with a resolver's retries (three, 1 s apart).
+    let mut answered = 0;
+    for i in 0..50u16 {
+        let echo = client(ip(net, 101), echo_service).await.unwrap();
+        let resolver = client(ip(net, 102), dns_service).await.unwrap();
+        let mut buf = [0u8; 64];
+        let mut echoed = false;
+        for _ in 0..3 {
+            echo.send(&i.to_be_bytes()).await.unwrap();
+            let wait = Duration::from_secs(1);
+            if let Ok(Ok(len)) = tokio::time::timeout(wait, echo.recv(&mut buf)).await {
+                echoed = buf[..len] == i.to_be_bytes();
+                break;
+            }
+        }
+        assert!(echoed, "echo {i} during the flood");
+        let mut dns_answer = None;
+        for _ in 0..3 {
+            if let Ok(a) = ask_on(&resolver, Duration::from_secs(1)).await {
+                dns_answer = Some(a);
+                break;
+            }
+        }
+        assert_eq!(dns_answer, Some(dns.ip), "DNS query {i} during the flood");
+        answered += 1;
+    }
+    done.store(true, Ordering::Relaxed);
+    assert!(
+        flooder.join().unwrap(),
+        "the flood lasted as long as the other clients"
+    );
+    assert_eq!(answered, 50);
+
+    // The floods went through carousel, both ways (as much as the kernel's socket
+    // buffers let through; on a loaded machine that can be little), and it kept none.
+    let metrics = carousel.metrics_text().await;
+    let to_client = total(
+        &metrics,
+        "carousel_udp_datagrams_total",
+        &[("service", "echo"), ("direction", "to_client")],
+    );
+    let to_endpoint = total(
+        &metrics,
+        "carousel_udp_datagrams_total",
+        &[("service", "echo"), ("direction", "to_endpoint")],
+    );
+    assert!(
+        to_client > 1_000.0 && to_endpoint > 100.0,
+        "{to_client} to the client, {to_endpoint} to the pods"
+    );
+    let grown = resident().saturating_sub(before);
+    assert!(
+        grown < 32 << 20,
+        "resident memory grew {grown} bytes through the flood"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    carousel.stop().await;
+}
+
+/// IPv6 in bind mode: a Service on ::1 port 53 over UDP, four dnsmasq pods on ::1 at
+/// ports of their own (an EndpointSlice each, as during a targetPort change), each
+/// answering with an IPv4 address that names it: 400 queries, 100 each.
+#[tokio::test]
+async fn an_ipv6_service_spreads_four_hundred_queries_a_hundred_each() {
+    let local = IpAddr::V6(Ipv6Addr::LOCALHOST);
+    let mut pods = Vec::new();
+    for i in 0..4u8 {
+        let addr = SocketAddr::new(local, 5361 + u16::from(i));
+        pods.push(DnsPod::start_at(&format!("dns6-{i}"), addr, ip(9, 10 + i)).await);
+    }
+    let service = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "dns6", "namespace": "test"},
+        "spec": {"clusterIP": "::1", "ipFamilies": ["IPv6"],
+                 "ports": [{"name": "dns", "port": 53, "targetPort": "dns", "protocol": "UDP"}]},
+    });
+    let mut state = format!("---\n{service}\n");
+    for p in &pods {
+        let slice = json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": p.name, "namespace": "test",
+                         "labels": {"kubernetes.io/service-name": "dns6"}},
+            "addressType": "IPv6",
+            "ports": [{"name": "dns", "port": p.addr.port(), "protocol": "UDP"}],
+            "endpoints": [{"addresses": ["::1"], "conditions": {"ready": true},
+                           "targetRef": {"kind": "Pod", "name": p.name, "namespace": "test"}}],
+        });
+        state += &format!("---\n{slice}\n");
+    }
+    let carousel = start(&state, UdpConfig::default()).await;
+    let answers = queries(400, local, SocketAddr::new(local, 53)).await;
+    assert_eq!(
+        by_pod(&pods, &answers).into_values().collect::<Vec<_>>(),
+        [100; 4]
+    );
+    carousel.stop().await;
 }
