@@ -70,7 +70,10 @@ struct Netns(String);
 impl Netns {
     fn new() -> Self {
         let name = format!("carousel-scale-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
         run("ip", &["netns", "add", &name]);
         run("ip", &["-n", &name, "link", "set", "lo", "up"]);
         // Like a node, the namespace routes the Service range somewhere, so that its own
