@@ -1520,13 +1520,14 @@ fn dns_service(name: &str, cluster_ip: &str, pods: usize, v6: bool) -> String {
 }
 
 #[test]
-fn udp_dns_reaches_every_pod_in_turn_from_clients_calico_pods_and_the_node() {
+fn udp_dns_reaches_every_pod_in_turn_from_clients_calico_and_flannel_pods_and_the_node() {
     let names = ["dns-1", "dns-2", "dns-3", "dns-4"];
     let mut lab = Lab::new(&names);
     for i in 1..=4 {
         lab.start_dns(i);
     }
     lab.add_calico_client("calico");
+    lab.add_bridge_client("flannel");
     route_default(&lab);
     let state = dns_service("dns4", "10.96.0.10", 4, false)
         + &dns_service("dns6", "fd00:96::10", 4, true)
@@ -1539,6 +1540,7 @@ fn udp_dns_reaches_every_pod_in_turn_from_clients_calico_pods_and_the_node() {
         ("client", "fd00:96::10"),
         ("calico", "10.96.0.10"),
         ("calico", "fd00:96::10"),
+        ("flannel", "10.96.0.10"),
         ("node", "10.96.0.10"),
     ] {
         let (seen, errors) = lab.dns_spread(role, host, 53, 400);

@@ -2,6 +2,7 @@
 //! transparent listener (`--proxy-mode nftables`), the policy route that delivers it, and
 //! their removal.
 
+pub(crate) mod conntrack;
 pub(crate) mod elements;
 pub(crate) mod netlink;
 pub mod nftables;

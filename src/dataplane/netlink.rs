@@ -17,11 +17,11 @@ use std::ops::Range;
 use super::elements::{Change, Element, Op};
 
 // From <linux/netlink.h>, <linux/netfilter/nfnetlink.h> and <linux/netfilter/nf_tables.h>.
-const NLM_F_REQUEST: u16 = 0x1;
+pub(super) const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_ERROR: u16 = 0x2;
-const NLA_F_NESTED: u16 = 0x8000;
+pub(super) const NLMSG_ERROR: u16 = 0x2;
+pub(super) const NLA_F_NESTED: u16 = 0x8000;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -35,7 +35,7 @@ const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_DATA_VALUE: u16 = 1;
-const NLMSG_HDRLEN: usize = 16;
+pub(super) const NLMSG_HDRLEN: usize = 16;
 
 /// Elements per message at most. The list of elements is one attribute, whose length
 /// is 16 bits (at most 32 bytes an element: 8 KiB), and a refused message comes back
@@ -126,7 +126,7 @@ pub(crate) fn encode(table: &str, changes: &[Change], first_seq: u32) -> Batch {
 
 /// Appends a netlink message (header, then nfnetlink's family, version and resource
 /// id, then what `body` writes), with the length filled in. Fields in host byte order.
-fn message(
+pub(super) fn message(
     b: &mut Vec<u8>,
     kind: u16,
     flags: u16,
@@ -148,7 +148,7 @@ fn message(
 }
 
 /// Appends an attribute, padded to 4 bytes.
-fn attr(b: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+pub(super) fn attr(b: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     b.extend((4 + payload.len() as u16).to_ne_bytes());
     b.extend(kind.to_ne_bytes());
     b.extend(payload);
@@ -156,7 +156,7 @@ fn attr(b: &mut Vec<u8>, kind: u16, payload: &[u8]) {
 }
 
 /// Appends a nested attribute holding what `body` writes.
-fn nest(b: &mut Vec<u8>, kind: u16, body: impl FnOnce(&mut Vec<u8>)) {
+pub(super) fn nest(b: &mut Vec<u8>, kind: u16, body: impl FnOnce(&mut Vec<u8>)) {
     let start = b.len();
     b.extend([0, 0]); // the length, below
     b.extend((NLA_F_NESTED | kind).to_ne_bytes());
@@ -263,19 +263,7 @@ impl Socket {
     const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
     pub(crate) fn open() -> Result<Socket, NetlinkError> {
-        use rustix::net::{netlink, sockopt, AddressFamily, SocketFlags, SocketType};
-        let fd = rustix::net::socket_with(
-            AddressFamily::NETLINK,
-            SocketType::RAW,
-            SocketFlags::CLOEXEC,
-            Some(netlink::NETFILTER),
-        )
-        .map_err(|e| NetlinkError::Open(e.into()))?;
-        rustix::net::bind(&fd, &netlink::SocketAddrNetlink::new(0, 0))
-            .and_then(|()| {
-                sockopt::set_socket_timeout(&fd, sockopt::Timeout::Recv, Some(Self::ANSWER_TIMEOUT))
-            })
-            .map_err(|e| NetlinkError::Open(e.into()))?;
+        let fd = open_netfilter(Self::ANSWER_TIMEOUT).map_err(NetlinkError::Open)?;
         Ok(Socket { fd, next_seq: 1 })
     }
 
@@ -338,6 +326,22 @@ impl Socket {
         }
         refused.map_or(Ok(()), Err)
     }
+}
+
+/// A netlink socket to netfilter (nf_tables, conntrack), bound, whose reads give up
+/// after `timeout`.
+#[cfg(target_os = "linux")]
+pub(super) fn open_netfilter(timeout: std::time::Duration) -> io::Result<std::os::fd::OwnedFd> {
+    use rustix::net::{netlink, sockopt, AddressFamily, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::NETLINK,
+        SocketType::RAW,
+        SocketFlags::CLOEXEC,
+        Some(netlink::NETFILTER),
+    )?;
+    rustix::net::bind(&fd, &netlink::SocketAddrNetlink::new(0, 0))?;
+    sockopt::set_socket_timeout(&fd, sockopt::Timeout::Recv, Some(timeout))?;
+    Ok(fd)
 }
 
 /// Elsewhere than Linux there is no nf_tables.

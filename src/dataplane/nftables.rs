@@ -298,8 +298,8 @@ fn render_chains(s: &mut String, listen_port: u16, nodeport_nets: &[IpNet]) {
         writeln!(s, "    {} @{set}4 {mark}", key("ip")).unwrap();
         writeln!(s, "    {} @{set}6 {mark}", key("ip6")).unwrap();
     }
-    // From a bridge, TCP only: a redirected datagram would reach carousel without its
-    // Service address (there is no SO_ORIGINAL_DST for UDP).
+    // From a bridge: redirected, and carousel reads the Service address from conntrack
+    // (SO_ORIGINAL_DST for TCP, a ctnetlink lookup for UDP).
     writeln!(
         s,
         "  }}\n  chain bridged {{\n    type nat hook prerouting priority dstnat; policy accept;\n    meta iifkind != \"bridge\" return"
@@ -308,7 +308,7 @@ fn render_chains(s: &mut String, listen_port: u16, nodeport_nets: &[IpNet]) {
     for (_, matches) in &intercepted {
         writeln!(
             s,
-            "    {matches} meta l4proto tcp redirect to :{listen_port}"
+            "    {matches} meta l4proto {{ tcp, udp }} redirect to :{listen_port}"
         )
         .unwrap();
     }
@@ -648,7 +648,7 @@ mod tests {
         );
         assert_eq!(
             script
-                .matches("meta l4proto tcp redirect to :15001")
+                .matches("meta l4proto { tcp, udp } redirect to :15001")
                 .count(),
             4
         );

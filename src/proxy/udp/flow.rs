@@ -25,11 +25,15 @@ use crate::proxy::routes::{Admission, Route, RouteEndpoint, RouteTable};
 pub(super) struct Opening {
     pub(super) id: u64,
     pub(super) key: FlowKey,
+    /// The Service address the client sent to (for a redirected datagram, not where it
+    /// arrived).
+    pub(super) dialed: ServiceAddr,
     pub(super) route: Arc<Route>,
     /// The table `route` was looked up in.
     pub(super) generation: u64,
     pub(super) endpoint: RouteEndpoint,
-    /// Where replies leave from: a socket at the Service address.
+    /// Where replies leave from: a socket at the Service address, or (redirected) the
+    /// front's, whose replies conntrack gives the Service address.
     pub(super) reply: Arc<UdpSocket>,
     pub(super) ended: mpsc::UnboundedSender<(FlowKey, u64)>,
     pub(super) idle_timeout: Duration,
@@ -41,6 +45,7 @@ pub(super) struct Opening {
 /// The front's half of a flow. Dropping it ends the flow.
 pub(super) struct Flow {
     id: u64,
+    dialed: ServiceAddr,
     upstream: Arc<UdpSocket>,
     /// The route the endpoint was picked in, and the table it was last checked against.
     route: Arc<Route>,
@@ -64,6 +69,7 @@ impl Flow {
         let Opening {
             id,
             key,
+            dialed,
             route,
             generation,
             endpoint,
@@ -99,6 +105,7 @@ impl Flow {
         );
         Ok(Flow {
             id,
+            dialed,
             upstream,
             route,
             generation,
@@ -118,14 +125,13 @@ impl Flow {
     pub(super) fn follows(
         &mut self,
         table: &RouteTable,
-        dialed: ServiceAddr,
         client: ClientAddr,
         intake: &Accepting,
     ) -> bool {
         if table.generation() == self.generation {
             return true;
         }
-        let now = match table.admit((Protocol::Udp, dialed), client, |ip| {
+        let now = match table.admit((Protocol::Udp, self.dialed), client, |ip| {
             intake.inside.load().contains(ip)
         }) {
             Admission::Route(route) => route,

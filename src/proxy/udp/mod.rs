@@ -10,8 +10,12 @@
 //! next datagram, which picks again. Past `--max-udp-flows` open flows, the datagrams of
 //! new flows are dropped and counted.
 //!
-//! The front (one per Service address in bind mode) owns its flows in a map no one else
-//! touches; each flow's replies are read by a task of its own. Neither side takes a lock
+//! In nftables mode, TPROXY delivers datagrams to the redirect port's socket with the
+//! Service address they were sent to; those from pods behind a bridge are redirected
+//! instead, and conntrack says where they were going (`dataplane/conntrack.rs`).
+//!
+//! The front (one per Service address in bind mode, one per family on the redirect port
+//! in nftables mode) owns its flows in a map no one else touches; each flow's replies are read by a task of its own. Neither side takes a lock
 //! or allocates per datagram: datagrams are read into a per-thread buffer and sent on
 //! before the next await.
 
@@ -30,6 +34,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use crate::addr::{ClientAddr, ServiceAddr};
+use crate::dataplane::conntrack::Conntrack;
 use crate::model::Protocol;
 use crate::proxy::clock::ms_at;
 use crate::proxy::listener::{Accepting, Destination};
@@ -172,9 +177,15 @@ pub(crate) async fn serve(socket: UdpSocket, destination: Destination, intake: A
         Destination::Listener(addr) => Replies::Own(addr),
         Destination::Intercepted { .. } => Replies::Transparent(HashMap::new()),
     };
+    let redirect_port = match destination {
+        Destination::Listener(_) => None,
+        Destination::Intercepted { listen_port } => Some(listen_port),
+    };
     let mut front = Front {
         socket: Arc::new(socket),
         replies,
+        redirect_port,
+        conntrack: None,
         flows: HashMap::new(),
         next_id: 0,
         ended,
@@ -202,19 +213,35 @@ enum Replies {
     Transparent(HashMap<ServiceAddr, Arc<UdpSocket>>),
 }
 
-/// A flow's key: the client, and the Service address it sent to.
+/// A flow's key: the client, and where its datagrams arrive: the Service address it
+/// sent to, or for a redirected datagram the node address and redirect port.
 type FlowKey = (ClientAddr, ServiceAddr);
 
 /// One socket's datagrams and the flows of its clients.
 struct Front {
     socket: Arc<UdpSocket>,
     replies: Replies,
+    /// nftables mode: the redirect port, where redirected datagrams (from pods behind a
+    /// bridge) arrive, with conntrack to ask where they were going (opened at the first).
+    redirect_port: Option<u16>,
+    conntrack: Option<Result<Conntrack, ()>>,
     /// Keyed by addresses clients chose: SipHash, which no client can collide.
     flows: HashMap<FlowKey, Flow>,
     next_id: u64,
     /// Where a flow that ends by itself says so, with its id.
     ended: mpsc::UnboundedSender<(FlowKey, u64)>,
     intake: Accepting,
+}
+
+/// Where a flow's replies leave from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// The Service address: the front's socket in bind mode, a reply socket bound to it
+    /// in nftables mode.
+    ServiceAddress,
+    /// The front's socket, for a redirected datagram: conntrack turns the reply's source
+    /// back into the Service address.
+    Front,
 }
 
 /// A control message buffer for one original destination, aligned as `cmsghdr` wants.
@@ -251,12 +278,13 @@ impl Front {
         }
     }
 
-    /// Forwards one datagram of `client` to `dialed`, on its flow or on a new one.
-    fn datagram(&mut self, data: &[u8], client: ClientAddr, dialed: ServiceAddr) {
+    /// Forwards one datagram of `client`, which arrived at `arrived`, on its flow or on
+    /// a new one.
+    fn datagram(&mut self, data: &[u8], client: ClientAddr, arrived: ServiceAddr) {
         let table = self.intake.routes.load();
-        let key = (client, dialed);
+        let key = (client, arrived);
         if let Some(flow) = self.flows.get_mut(&key) {
-            if flow.follows(&table, dialed, client, &self.intake) {
+            if flow.follows(&table, client, &self.intake) {
                 match flow.send(data) {
                     Ok(()) => return,
                     // A pending ICMP port unreachable: the endpoint is not listening.
@@ -265,13 +293,20 @@ impl Front {
             }
             self.flows.remove(&key);
         }
+        let Some((dialed, redirected)) = self.dialed(client, arrived) else {
+            return;
+        };
         let route = match table.admit((Protocol::Udp, dialed), client, |ip| {
             self.intake.inside.load().contains(ip)
         }) {
             Admission::Route(route) => route.clone(),
             Admission::NoService | Admission::OutOfRange => return,
         };
-        let Some(flow) = self.open(&route, &table, key) else {
+        let via = match redirected {
+            true => Via::Front,
+            false => Via::ServiceAddress,
+        };
+        let Some(flow) = self.open(&route, &table, key, dialed, via) else {
             return;
         };
         let flow = self.flows.entry(key).or_insert(flow);
@@ -280,8 +315,36 @@ impl Front {
         let _ = flow.send(data);
     }
 
+    /// The Service address a datagram that arrived at `arrived` was sent to, and whether
+    /// nftables redirected it: a datagram at the redirect port may have come from a
+    /// bridge, and conntrack knows where it was going. `None`: it cannot be known (logged).
+    fn dialed(&mut self, client: ClientAddr, arrived: ServiceAddr) -> Option<(ServiceAddr, bool)> {
+        if self.redirect_port != Some(arrived.port()) {
+            return Some((arrived, false));
+        }
+        let conntrack = self.conntrack.get_or_insert_with(|| {
+            Conntrack::open().map_err(|e| {
+                tracing::warn!(error = %e, "UDP from pods behind a bridge cannot be proxied");
+            })
+        });
+        let Ok(conntrack) = conntrack else {
+            return None;
+        };
+        match conntrack.original_destination(arrived.0, client.0) {
+            Ok(original) if original == arrived.0 => Some((arrived, false)),
+            Ok(original) => Some((ServiceAddr(original), true)),
+            Err(e) => {
+                tracing::debug!(error = %e, "a redirected UDP datagram without its destination");
+                None
+            }
+        }
+    }
+
     /// The socket replies to clients of `dialed` leave from.
-    fn reply_socket(&mut self, dialed: ServiceAddr) -> io::Result<Arc<UdpSocket>> {
+    fn reply_socket(&mut self, dialed: ServiceAddr, via: Via) -> io::Result<Arc<UdpSocket>> {
+        if via == Via::Front {
+            return Ok(self.socket.clone());
+        }
         match &mut self.replies {
             Replies::Own(_) => Ok(self.socket.clone()),
             Replies::Transparent(sockets) => {
@@ -296,8 +359,15 @@ impl Front {
     }
 
     /// Opens a flow for `key` over `route`, or counts why not.
-    fn open(&mut self, route: &Arc<Route>, table: &RouteTable, key: FlowKey) -> Option<Flow> {
-        let (client, dialed) = key;
+    fn open(
+        &mut self,
+        route: &Arc<Route>,
+        table: &RouteTable,
+        key: FlowKey,
+        dialed: ServiceAddr,
+        via: Via,
+    ) -> Option<Flow> {
+        let client = key.0;
         let Some(slot) = self.intake.udp_flows.take(self.intake.udp.max_flows) else {
             route.metrics.udp_drop(UdpDrop::FlowLimit);
             return None;
@@ -315,7 +385,7 @@ impl Front {
             .map(|i| &route.endpoints[(first + i) % n])
             .find(|e| !e.ejection.is_ejected(now))
             .unwrap_or(&route.endpoints[first]);
-        let reply = match self.reply_socket(dialed) {
+        let reply = match self.reply_socket(dialed, via) {
             Ok(socket) => socket,
             Err(e) => {
                 tracing::debug!(%dialed, error = %e, "cannot open a UDP socket at the Service address");
@@ -327,6 +397,7 @@ impl Front {
         let opened = Flow::open(flow::Opening {
             id: self.next_id,
             key,
+            dialed,
             route: route.clone(),
             generation: table.generation(),
             endpoint: endpoint.clone(),
