@@ -221,6 +221,7 @@ pub(crate) const BENCH_SCENARIOS_HELP: &str = "Scenarios:
   slow-pod        one pod ten times slower: p99/p999 per algorithm
   canary          custom:original weights 3:1: observed against target share
   keepalive       six long-lived connections, many requests each: balancing is per connection
+  dns             UDP, a flow per client socket asking five queries: balancing is per flow
   sticky          many client addresses with ClientIP affinity off and on: stickiness, imbalance
   rolling-update  pods replaced one by one under load: failed connections, clients moved
   scale-up        two pods join mid-run: how fast each algorithm gives them their share";

@@ -82,6 +82,7 @@ async fn every_scenario_quick_gives_the_documented_json_and_html() {
             "latency_ms",
             "stickiness",
             "moved_fraction",
+            "protocol",
         ] {
             assert!(r.get(field).is_some(), "{field} missing in {r}");
         }
@@ -123,6 +124,30 @@ async fn every_scenario_quick_gives_the_documented_json_and_html() {
             );
         }
     }
+
+    // DNS over UDP: every flow got an answer to each query it asked (up to five; the
+    // run's end cuts the last ones short), and round robin gave each pod a quarter of
+    // the flows.
+    for r in report.results.iter().filter(|r| r.scenario == "dns") {
+        assert_eq!(r.protocol, "UDP");
+        assert_eq!(r.failed_connections, 0, "{} lost queries", r.algorithm);
+        assert!(
+            (r.connections..=5 * r.connections).contains(&r.requests),
+            "{}: {} queries over {} flows",
+            r.algorithm,
+            r.requests,
+            r.connections
+        );
+        if r.algorithm == "round-robin" {
+            let flows: Vec<u64> = r.pods.iter().map(|p| p.connections).collect();
+            let (min, max) = (flows.iter().min().unwrap(), flows.iter().max().unwrap());
+            assert!(max - min <= 1, "{flows:?}");
+        }
+    }
+    assert!(report
+        .results
+        .iter()
+        .all(|r| (r.protocol == "UDP") == (r.scenario == "dns")));
 
     // Stickiness where clients are many, moves where pods change.
     for r in &report.results {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use carousel::algorithm::Algorithm;
 use carousel::lab::bench::load::{BenchPod, Client, PodSpec};
+use carousel::model::Protocol;
 use carousel::status;
 use common::{eventually, metric, Carousel, Ep, Svc};
 
@@ -21,7 +22,7 @@ async fn shadow_algorithms_count_their_picks_per_pod() {
     for i in 0..4u8 {
         let spec = PodSpec::new(&format!("pod-{i}"), Duration::ZERO);
         let addr = SocketAddr::from(([127, 55, 190, 10 + i], 0));
-        pods.push(BenchPod::start(&spec, addr).await.unwrap());
+        pods.push(BenchPod::start(&spec, addr, Protocol::Tcp).await.unwrap());
     }
     let endpoints = pods.iter().map(|p| Ep::ready(p.addr, &p.name)).collect();
     let svc = Svc::new("web", "127.55.190.1", 8000, endpoints);
@@ -33,7 +34,9 @@ async fn shadow_algorithms_count_their_picks_per_pod() {
     for _ in 0..ROUNDS {
         for c in 1..=CLIENTS {
             let source = IpAddr::V4(Ipv4Addr::new(127, 55, 191, c));
-            let mut client = Client::connect(source, svc.addr()).await.unwrap();
+            let mut client = Client::connect(source, svc.addr(), Protocol::Tcp)
+                .await
+                .unwrap();
             client.request().await.unwrap();
         }
     }

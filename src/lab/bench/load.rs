@@ -1,6 +1,7 @@
 //! The load of the bench: pods that take a service time per request (optionally with
-//! limited concurrency) and answer their name, and clients that connect from a chosen
-//! 127.x source address and send requests over one connection.
+//! limited concurrency) and answer their name, over TCP or UDP, and clients that
+//! connect from a chosen 127.x source address and send requests over one connection
+//! (for UDP, one socket: one flow).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -9,9 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+
+use crate::model::Protocol;
 
 /// One request: a single byte, so that a request never straddles two reads.
 const REQUEST: u8 = b'?';
@@ -49,17 +52,28 @@ pub struct BenchPod {
 }
 
 impl BenchPod {
-    pub async fn start(spec: &PodSpec, addr: SocketAddr) -> io::Result<BenchPod> {
-        let listener = TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
+    pub async fn start(
+        spec: &PodSpec,
+        addr: SocketAddr,
+        protocol: Protocol,
+    ) -> io::Result<BenchPod> {
         let open = Arc::new(AtomicU64::new(0));
-        let pod = Served {
+        let pod = Arc::new(Served {
             reply: format!("{}\n", spec.name).into_bytes().into(),
             service_time: spec.service_time,
             limit: spec.concurrency.map(|n| Arc::new(Semaphore::new(n))),
             open: open.clone(),
+        });
+        let (addr, task) = match protocol {
+            Protocol::Tcp => {
+                let listener = TcpListener::bind(addr).await?;
+                (listener.local_addr()?, tokio::spawn(accept(listener, pod)))
+            }
+            Protocol::Udp => {
+                let socket = Arc::new(UdpSocket::bind(addr).await?);
+                (socket.local_addr()?, tokio::spawn(answer(socket, pod)))
+            }
         };
-        let task = tokio::spawn(accept(listener, Arc::new(pod)));
         Ok(BenchPod {
             name: spec.name.clone(),
             addr,
@@ -68,7 +82,7 @@ impl BenchPod {
         })
     }
 
-    /// Connections open to this pod right now.
+    /// Connections open to this pod right now (none for UDP, which has no connection).
     pub(crate) fn open(&self) -> u64 {
         self.open.load(Ordering::Relaxed)
     }
@@ -108,9 +122,34 @@ async fn serve(mut stream: TcpStream, pod: &Served) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let mut byte = [0u8; 1];
     while stream.read(&mut byte).await? == 1 {
-        // The permit is held for the service time only: a queued request waits here,
-        // which is what a busy single-threaded pod does to its callers.
-        let _permit = match &pod.limit {
+        pod.take_the_time().await;
+        stream.write_all(&pod.reply).await?;
+    }
+    Ok(())
+}
+
+/// A UDP pod: each request datagram is answered, after the service time, to whoever
+/// sent it (for a proxied one, the proxy's socket of that flow).
+async fn answer(socket: Arc<UdpSocket>, pod: Arc<Served>) {
+    let mut request = [0u8; 16];
+    loop {
+        let Ok((_, from)) = socket.recv_from(&mut request).await else {
+            continue; // an ICMP error from an earlier answer's flow
+        };
+        let (socket, pod) = (socket.clone(), pod.clone());
+        tokio::spawn(async move {
+            pod.take_the_time().await;
+            let _ = socket.send_to(&pod.reply, from).await;
+        });
+    }
+}
+
+impl Served {
+    /// One request's service time. The permit is held for the service time only: a
+    /// queued request waits here, which is what a busy single-threaded pod does to its
+    /// callers.
+    async fn take_the_time(&self) {
+        let _permit = match &self.limit {
             Some(limit) => Some(
                 limit
                     .acquire()
@@ -119,45 +158,73 @@ async fn serve(mut stream: TcpStream, pod: &Served) -> io::Result<()> {
             ),
             None => None,
         };
-        tokio::time::sleep(pod.service_time).await;
-        stream.write_all(&pod.reply).await?;
+        tokio::time::sleep(self.service_time).await;
     }
-    Ok(())
 }
 
-/// A client connection through the Service.
+/// A client connection through the Service; for UDP, a connected socket: one flow.
 #[derive(Debug)]
 pub struct Client {
-    stream: BufReader<TcpStream>,
+    transport: Transport,
     line: String,
+}
+
+#[derive(Debug)]
+enum Transport {
+    Tcp(BufReader<TcpStream>),
+    Udp(UdpSocket),
 }
 
 impl Client {
     /// Connects from `source` (any port) to `service`: binding first is what makes the
     /// proxy, its affinity and its hashing see `source` as the client.
-    pub async fn connect(source: IpAddr, service: SocketAddr) -> io::Result<Client> {
-        let socket = match service {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    pub async fn connect(
+        source: IpAddr,
+        service: SocketAddr,
+        protocol: Protocol,
+    ) -> io::Result<Client> {
+        let transport = match protocol {
+            Protocol::Tcp => {
+                let socket = match service {
+                    SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                    SocketAddr::V6(_) => TcpSocket::new_v6()?,
+                };
+                socket.bind(SocketAddr::new(source, 0))?;
+                let stream = socket.connect(service).await?;
+                stream.set_nodelay(true)?;
+                Transport::Tcp(BufReader::new(stream))
+            }
+            Protocol::Udp => {
+                let socket = UdpSocket::bind(SocketAddr::new(source, 0)).await?;
+                socket.connect(service).await?;
+                Transport::Udp(socket)
+            }
         };
-        socket.bind(SocketAddr::new(source, 0))?;
-        let stream = socket.connect(service).await?;
-        stream.set_nodelay(true)?;
         Ok(Client {
-            stream: BufReader::new(stream),
+            transport,
             line: String::new(),
         })
     }
 
     /// Sends one request and returns the name of the pod that answered it.
     pub async fn request(&mut self) -> io::Result<&str> {
-        self.stream.get_mut().write_all(&[REQUEST]).await?;
         self.line.clear();
-        if self.stream.read_line(&mut self.line).await? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the connection closed without an answer",
-            ));
+        match &mut self.transport {
+            Transport::Tcp(stream) => {
+                stream.get_mut().write_all(&[REQUEST]).await?;
+                if stream.read_line(&mut self.line).await? == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the connection closed without an answer",
+                    ));
+                }
+            }
+            Transport::Udp(socket) => {
+                socket.send(&[REQUEST]).await?;
+                let mut answer = [0u8; 256];
+                let len = socket.recv(&mut answer).await?;
+                self.line.push_str(&String::from_utf8_lossy(&answer[..len]));
+            }
         }
         Ok(self.line.trim_end())
     }
@@ -172,14 +239,33 @@ mod tests {
     async fn a_pod_answers_every_request_with_its_name() {
         let ip = IpAddr::V4(Ipv4Addr::new(127, 55, 199, 10));
         let spec = PodSpec::new("pod-a", Duration::from_millis(1));
-        let pod = BenchPod::start(&spec, SocketAddr::new(ip, 0))
+        let pod = BenchPod::start(&spec, SocketAddr::new(ip, 0), Protocol::Tcp)
             .await
             .unwrap();
         let source = IpAddr::V4(Ipv4Addr::new(127, 55, 199, 20));
-        let mut client = Client::connect(source, pod.addr).await.unwrap();
+        let mut client = Client::connect(source, pod.addr, Protocol::Tcp)
+            .await
+            .unwrap();
         for _ in 0..3 {
             assert_eq!(client.request().await.unwrap(), "pod-a");
         }
         assert_eq!(pod.open(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_udp_pod_answers_every_datagram_with_its_name() {
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 55, 199, 11));
+        let spec = PodSpec::new("pod-u", Duration::from_millis(1));
+        let pod = BenchPod::start(&spec, SocketAddr::new(ip, 0), Protocol::Udp)
+            .await
+            .unwrap();
+        let source = IpAddr::V4(Ipv4Addr::new(127, 55, 199, 21));
+        let mut client = Client::connect(source, pod.addr, Protocol::Udp)
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            assert_eq!(client.request().await.unwrap(), "pod-u");
+        }
+        assert_eq!(pod.open(), 0, "UDP has no connection");
     }
 }

@@ -97,6 +97,7 @@ pub(crate) fn measure(
         stickiness: many_clients.then(|| stickiness(&answered)),
         moved_fraction: (!changes.is_empty()).then(|| moved_fraction(&answered, &changes)),
         affinity,
+        protocol: crate::model::Protocol::Tcp.to_string(),
         requests: requests.iter().sum(),
         converged_ms: changes
             .first()

@@ -160,6 +160,7 @@ fn table(
     service: SocketAddr,
     algorithm: Algorithm,
     affinity: bool,
+    protocol: Protocol,
     members: &[Member],
     names: &[String],
 ) -> ServiceTable {
@@ -182,8 +183,8 @@ fn table(
         external_ips: Vec::new(),
         load_balancer_ips: Vec::new(),
         ports: vec![ServicePort {
-            protocol: Protocol::Tcp,
-            name: "tcp".into(),
+            protocol,
+            name: protocol.name().to_lowercase(),
             port: service.port(),
             node_port: None,
             endpoints,
@@ -230,6 +231,7 @@ pub async fn run_one(
         service: SocketAddr::new(v4(options.net, block, 1), PORT),
         algorithm,
         affinity: scenario.affinity,
+        protocol: scenario.protocol,
         names: specs.iter().map(|s| s.name.clone()).collect(),
         pods: (0..specs.len())
             .map(|i| SocketAddr::new(v4(options.net, block, 10 + i as u8), PORT))
@@ -238,7 +240,7 @@ pub async fn run_one(
         telemetry: Telemetry::new(),
         tables: watch::Sender::new(Arc::default()),
     };
-    let mut running = start_pods(&lab.specs, &lab.pods).await?;
+    let mut running = start_pods(&lab.specs, &lab.pods, lab.protocol).await?;
     let mut members: Vec<Member> = (0..scenario.pods.len()).map(|i| lab.member(i)).collect();
     lab.tables.send_replace(Arc::new(lab.table(&members)));
     let (proxy, stop) = lab.start_proxy(options.seed).await?;
@@ -246,6 +248,7 @@ pub async fn run_one(
     let begin = Instant::now();
     let load = Arc::new(Load {
         service: lab.service,
+        protocol: lab.protocol,
         clients: (0..scenario.clients)
             .map(|i| client_addr(options.net, i))
             .collect(),
@@ -273,7 +276,7 @@ pub async fn run_one(
     stop.cancel();
     proxy.await.expect("the proxy task does not panic")?;
     drop(running);
-    Ok(measure::measure(
+    let mut result = measure::measure(
         scenario.name,
         algorithm,
         scenario.affinity,
@@ -285,7 +288,9 @@ pub async fn run_one(
             phases,
             duration_ms,
         },
-    ))
+    );
+    result.protocol = scenario.protocol.to_string();
+    Ok(result)
 }
 
 /// Every pod the run will see, initial ones first: indices are stable for the report.
@@ -300,10 +305,11 @@ fn all_pods(scenario: &Scenario) -> Vec<PodSpec> {
 async fn start_pods(
     specs: &[PodSpec],
     addrs: &[SocketAddr],
+    protocol: Protocol,
 ) -> Result<Vec<Option<BenchPod>>, BenchError> {
     let mut running = Vec::with_capacity(specs.len());
     for (spec, &addr) in specs.iter().zip(addrs) {
-        let pod = BenchPod::start(spec, addr)
+        let pod = BenchPod::start(spec, addr, protocol)
             .await
             .map_err(|source| BenchError::Pod {
                 pod: spec.name.clone(),
@@ -320,6 +326,7 @@ struct Lab {
     service: SocketAddr,
     algorithm: Algorithm,
     affinity: bool,
+    protocol: Protocol,
     /// Every pod of the run, as `all_pods` orders them, with its name and address.
     specs: Vec<PodSpec>,
     names: Vec<String>,
@@ -387,6 +394,7 @@ impl Lab {
             self.service,
             self.algorithm,
             self.affinity,
+            self.protocol,
             members,
             &self.names,
         )
@@ -469,6 +477,7 @@ fn client_of(n: usize, seed: u64, clients: usize) -> usize {
 /// What the workers of one run share.
 struct Load {
     service: SocketAddr,
+    protocol: Protocol,
     clients: Arc<[IpAddr]>,
     /// Connections begun so far, by every worker.
     issued: AtomicUsize,
@@ -507,7 +516,7 @@ impl Load {
             requests: 0,
             failed: false,
         };
-        let connect = Client::connect(self.clients[client], self.service);
+        let connect = Client::connect(self.clients[client], self.service, self.protocol);
         let Ok(Ok(mut conn)) = tokio::time::timeout(STEP_TIMEOUT, connect).await else {
             record.failed = true;
             return record;

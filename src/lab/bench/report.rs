@@ -38,7 +38,10 @@ pub struct RunResult {
     // Added fields beyond the original set (docs/lab-json.md lists them all).
     /// ClientIP affinity on the Service.
     pub affinity: bool,
-    pub(crate) requests: u64,
+    /// The Service port's transport, "TCP" or "UDP" (where a connection is a flow).
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    pub requests: u64,
     /// The largest distance between a pod's request share and its target share.
     pub(crate) max_target_deviation: f64,
     /// After the first endpoint change, the time until every pod stays within 5 points
@@ -88,11 +91,23 @@ impl Report {
         names
     }
 
+    /// What a scenario over UDP says beside its name: its "connections" are flows.
+    fn transport_note(&self, scenario: &str) -> &'static str {
+        let udp = self
+            .results
+            .iter()
+            .any(|r| r.scenario == scenario && r.protocol == "UDP");
+        match udp {
+            true => " (UDP: a connection is a flow, one client socket)",
+            false => "",
+        }
+    }
+
     /// The table printed at the end of `carousel bench`.
     pub fn table(&self) -> String {
         let mut out = String::new();
         for scenario in self.scenarios() {
-            let _ = writeln!(out, "== {scenario}");
+            let _ = writeln!(out, "== {scenario}{}", self.transport_note(scenario));
             let _ = writeln!(
                 out,
                 "  {:<30} {:>6} {:>4} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>6}  shares (target)",
@@ -159,8 +174,9 @@ impl Report {
                 .collect();
             let _ = writeln!(
                 out,
-                "<section id=\"scenario-{0}\">\n<h2>{0}</h2>",
-                escape(scenario)
+                "<section id=\"scenario-{0}\">\n<h2>{0}{1}</h2>",
+                escape(scenario),
+                escape(self.transport_note(scenario))
             );
             out.push_str(&share_chart(scenario, &results));
             out.push_str(&latency_chart(&results));
@@ -181,6 +197,11 @@ const COLORS: &[&str] = &[
     "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
     "#9c755f", "#bab0ac",
 ];
+
+/// The transport of a result written before results had one.
+fn tcp() -> String {
+    crate::model::Protocol::Tcp.to_string()
+}
 
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")

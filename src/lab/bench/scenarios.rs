@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::lab::bench::load::PodSpec;
+use crate::model::Protocol;
 
 /// A change to the Service's pods during the load.
 #[derive(Clone, Debug)]
@@ -37,6 +38,9 @@ pub struct Scenario {
     pub duration: Duration,
     /// ClientIP session affinity on the Service.
     pub(crate) affinity: bool,
+    /// The Service port's transport; for UDP a "connection" is a flow: one client
+    /// socket and the requests it sends.
+    pub(crate) protocol: Protocol,
     pub(crate) events: Vec<Event>,
     /// Whether clients are many enough for stickiness to mean something.
     pub(crate) many_clients: bool,
@@ -59,6 +63,10 @@ pub(crate) const ABOUT: &[(&str, &str)] = &[
     (
         "keepalive",
         "six long-lived connections, many requests each: balancing is per connection",
+    ),
+    (
+        "dns",
+        "UDP, a flow per client socket asking five queries: balancing is per flow",
     ),
     (
         "sticky",
@@ -95,6 +103,7 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
         "slow-pod" => vec![slow_pod(base, size)],
         "canary" => vec![canary(base, size)],
         "keepalive" => vec![keepalive(base, size)],
+        "dns" => vec![dns(base, size)],
         "sticky" => [false, true]
             .into_iter()
             .map(|affinity| sticky(base.clone(), size, affinity))
@@ -143,6 +152,7 @@ fn uniform(size: Size) -> Scenario {
         connections: size.count(4000, 400),
         duration: size.time(800, 100),
         affinity: false,
+        protocol: Protocol::Tcp,
         events: Vec::new(),
         many_clients: true,
     }
@@ -191,6 +201,19 @@ fn keepalive(base: Scenario, size: Size) -> Scenario {
         requests_per_connection: if size.quick { 60 } else { 400 },
         connections: 6,
         duration: size.time(800, 100),
+        many_clients: false,
+        ..base
+    }
+}
+
+/// Cluster DNS as resolvers use it: each client socket is one flow, and every query on
+/// it goes to the pod its first one got, as the requests of a keep-alive connection do.
+fn dns(base: Scenario, size: Size) -> Scenario {
+    Scenario {
+        name: "dns",
+        protocol: Protocol::Udp,
+        requests_per_connection: 5,
+        connections: size.count(2000, 200),
         many_clients: false,
         ..base
     }
