@@ -1489,6 +1489,12 @@ fn the_health_check_node_port_answers_an_outside_load_balancer() {
 /// TCP 53 `dns-tcp`, both to port 5353 of the first `pods` pods (their IPv6 addresses
 /// when `v6`).
 fn dns_service(name: &str, cluster_ip: &str, pods: usize, v6: bool) -> String {
+    dns_service_with(name, cluster_ip, pods, v6, serde_json::json!({}))
+}
+
+/// `dns_service` with `extra` merged into the Service's spec, and node port 30053 on
+/// its UDP port when `extra` asks for `"nodePort": true`.
+fn dns_service_with(name: &str, cluster_ip: &str, pods: usize, v6: bool, extra: Value) -> String {
     let endpoints: Vec<Value> = (1..=pods)
         .map(|i| {
             let ip = if v6 { Lab::pod_v6(i).ip() } else { Lab::pod_v4(i).ip() };
@@ -1499,13 +1505,22 @@ fn dns_service(name: &str, cluster_ip: &str, pods: usize, v6: bool) -> String {
             })
         })
         .collect();
+    let mut spec = serde_json::json!({"clusterIP": cluster_ip, "ports": [
+        {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"},
+        {"name": "dns-tcp", "port": 53, "targetPort": 5353, "protocol": "TCP"},
+    ]});
+    let mut extra = extra;
+    if extra.as_object_mut().and_then(|e| e.remove("nodePort")) == Some(Value::Bool(true)) {
+        spec["type"] = "NodePort".into();
+        spec["ports"][0]["nodePort"] = 30053.into();
+    }
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
     let service = serde_json::json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": "kube-system"},
-        "spec": {"clusterIP": cluster_ip, "ports": [
-            {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"},
-            {"name": "dns-tcp", "port": 53, "targetPort": 5353, "protocol": "TCP"},
-        ]},
+        "spec": spec,
     });
     let slice = serde_json::json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -1519,8 +1534,11 @@ fn dns_service(name: &str, cluster_ip: &str, pods: usize, v6: bool) -> String {
     format!("---\n{service}\n---\n{slice}\n")
 }
 
+/// Cluster DNS over UDP in nftables mode: 400 queries from fresh ports reach four dnsmasq
+/// pods 100 each, at the ClusterIP (IPv4 and IPv6), a node port and an external IP, from
+/// outside the node, Calico and flannel pods and the node itself; dig over UDP and TCP.
 #[test]
-fn udp_dns_reaches_every_pod_in_turn_from_clients_calico_and_flannel_pods_and_the_node() {
+fn udp_dns_reaches_every_pod_in_turn_at_every_address_from_every_wiring() {
     let names = ["dns-1", "dns-2", "dns-3", "dns-4"];
     let mut lab = Lab::new(&names);
     for i in 1..=4 {
@@ -1529,25 +1547,28 @@ fn udp_dns_reaches_every_pod_in_turn_from_clients_calico_and_flannel_pods_and_th
     lab.add_calico_client("calico");
     lab.add_bridge_client("flannel");
     route_default(&lab);
-    let state = dns_service("dns4", "10.96.0.10", 4, false)
+    let outside = serde_json::json!({"nodePort": true, "externalIPs": ["10.97.0.53"]});
+    let state = dns_service_with("dns4", "10.96.0.10", 4, false, outside)
         + &dns_service("dns6", "fd00:96::10", 4, true)
         + &dns_service("empty", "10.96.0.11", 0, false);
     lab.write_state(&state);
     lab.start_carousel();
     let each: Vec<(String, u64)> = (1..=4).map(|i| (format!("10.244.{i}.2"), 100)).collect();
-    for (role, host) in [
-        ("client", "10.96.0.10"),
-        ("client", "fd00:96::10"),
-        ("calico", "10.96.0.10"),
-        ("calico", "fd00:96::10"),
-        ("flannel", "10.96.0.10"),
-        ("node", "10.96.0.10"),
+    for (role, host, port) in [
+        ("client", "10.96.0.10", 53),
+        ("client", "fd00:96::10", 53),
+        ("client", "10.0.0.1", 30053),
+        ("client", "10.97.0.53", 53),
+        ("calico", "10.96.0.10", 53),
+        ("calico", "fd00:96::10", 53),
+        ("flannel", "10.96.0.10", 53),
+        ("node", "10.96.0.10", 53),
     ] {
-        let (seen, errors) = lab.dns_spread(role, host, 53, 400);
+        let (seen, errors) = lab.dns_spread(role, host, port, 400);
         assert_eq!(
             (&seen, errors),
             (&each, 0),
-            "400 queries from {role} to {host}:\n{}",
+            "400 queries from {role} to {host}:{port}:\n{}",
             lab.log()
         );
     }
