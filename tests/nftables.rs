@@ -1217,6 +1217,16 @@ fn weights_and_client_ip_affinity_hold_in_nftables_mode() {
     let sources: Vec<String> = (0..CLIENTS).map(|i| format!("10.0.0.{}", i + 2)).collect();
     let sources: Vec<&str> = sources.iter().map(String::as_str).collect();
     let answer = lab.ask("client", "10.96.0.51", 80, 10 * CLIENTS, &sources);
+    assert_eq!(
+        each_client_on_one_pod(&answer),
+        2,
+        "new clients are still balanced: {answer}"
+    );
+}
+
+/// Checks that an agent's `seen` has every one of `CLIENTS` source addresses on one pod,
+/// with no error, and returns how many pods they used.
+fn each_client_on_one_pod(answer: &Value) -> usize {
     assert_eq!(answer["errors"], 0, "{answer}");
     let seen = answer["seen"].as_object().unwrap();
     assert_eq!(seen.len(), CLIENTS, "{answer}");
@@ -1231,7 +1241,7 @@ fn weights_and_client_ip_affinity_hold_in_nftables_mode() {
         .values()
         .flat_map(|p| p.as_object().unwrap().keys())
         .collect();
-    assert_eq!(used.len(), 2, "new clients are still balanced: {answer}");
+    used.len()
 }
 
 #[test]
@@ -1492,8 +1502,9 @@ fn dns_service(name: &str, cluster_ip: &str, pods: usize, v6: bool) -> String {
     dns_service_with(name, cluster_ip, pods, v6, serde_json::json!({}))
 }
 
-/// `dns_service` with `extra` merged into the Service's spec, and node port 30053 on
-/// its UDP port when `extra` asks for `"nodePort": true`.
+/// `dns_service` with `extra` merged into the Service's spec, but for `annotations`,
+/// which go to its metadata, and `"nodePort": true`, which puts node port 30053 on its
+/// UDP port.
 fn dns_service_with(name: &str, cluster_ip: &str, pods: usize, v6: bool, extra: Value) -> String {
     let endpoints: Vec<Value> = (1..=pods)
         .map(|i| {
@@ -1510,6 +1521,10 @@ fn dns_service_with(name: &str, cluster_ip: &str, pods: usize, v6: bool, extra: 
         {"name": "dns-tcp", "port": 53, "targetPort": 5353, "protocol": "TCP"},
     ]});
     let mut extra = extra;
+    let annotations = extra
+        .as_object_mut()
+        .and_then(|e| e.remove("annotations"))
+        .unwrap_or_else(|| serde_json::json!({}));
     if extra.as_object_mut().and_then(|e| e.remove("nodePort")) == Some(Value::Bool(true)) {
         spec["type"] = "NodePort".into();
         spec["ports"][0]["nodePort"] = 30053.into();
@@ -1519,7 +1534,7 @@ fn dns_service_with(name: &str, cluster_ip: &str, pods: usize, v6: bool, extra: 
     }
     let service = serde_json::json!({
         "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": "kube-system"},
+        "metadata": {"name": name, "namespace": "kube-system", "annotations": annotations},
         "spec": spec,
     });
     let slice = serde_json::json!({
@@ -1595,5 +1610,58 @@ fn udp_dns_reaches_every_pod_in_turn_at_every_address_from_every_wiring() {
     assert!(
         answer["last_error"].as_str().unwrap().contains("refused"),
         "{answer}"
+    );
+}
+
+/// UDP in nftables mode keeps the Service's balancing: weights 3:1 by pod label give the
+/// two custom pods 150 of 400 queries each, and ClientIP affinity keeps every client
+/// address on one pod across its flows while new clients are still spread.
+#[test]
+fn udp_weights_and_client_ip_affinity_hold_in_nftables_mode() {
+    let names = ["dns-1", "dns-2", "dns-3", "dns-4"];
+    let mut lab = Lab::new(&names);
+    for i in 1..=4 {
+        lab.start_dns(i);
+    }
+    let weighted = serde_json::json!({"annotations": {
+        "carousel.dev/load-balancer": "weighted-round-robin",
+        "carousel.dev/weights": "version=custom:3,version=original:1",
+    }});
+    let sticky = serde_json::json!({"sessionAffinity": "ClientIP"});
+    let mut state = dns_service_with("canary", "10.96.0.12", 4, false, weighted)
+        + &dns_service_with("sticky", "10.96.0.13", 4, false, sticky);
+    for i in 1..=4 {
+        let version = if i <= 2 { "custom" } else { "original" };
+        state += &format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: dns-{i}, namespace: kube-system, labels: {{version: {version}}}}}\n"
+        );
+    }
+    lab.write_state(&state);
+    lab.start_carousel();
+
+    let (seen, errors) = lab.dns_spread("client", "10.96.0.12", 53, 400);
+    let want: Vec<(String, u64)> = [150, 150, 50, 50]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (format!("10.244.{}.2", i + 1), *n))
+        .collect();
+    assert_eq!((seen, errors), (want, 0), "{}", lab.log());
+
+    let sources: Vec<String> = (0..CLIENTS).map(|i| format!("10.0.0.{}", i + 2)).collect();
+    let mut agent = lab.in_ns("client", "python3");
+    agent
+        .env("AGENT_TIMEOUT", "2")
+        .args([
+            AGENT,
+            "dns",
+            "10.96.0.13",
+            "53",
+            &(10 * CLIENTS).to_string(),
+        ])
+        .args(&sources);
+    let answer: Value = serde_json::from_slice(&run(&mut agent).stdout).unwrap();
+    assert!(
+        each_client_on_one_pod(&answer) > 1,
+        "new clients are still balanced: {answer}"
     );
 }
