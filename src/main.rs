@@ -25,7 +25,31 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match carousel().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("Error: {}", one_line(&error));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line, each said once: most messages already carry
+/// their cause's text, so a cause is added only when its text is not in the line yet.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+async fn carousel() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Demo(_) | Command::Bench(_) | Command::Status(_) => "warn",
@@ -38,9 +62,11 @@ async fn main() -> anyhow::Result<()> {
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("kube_client")) {
         filter = filter.add_directive("kube_client::client::builder=off".parse()?);
     }
+    // Colour only for a terminal: `kubectl logs` and files get plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Run(args) => run(*args).await,

@@ -96,6 +96,13 @@ async fn a_bad_first_state_file_is_refused_naming_document_and_field() {
         stderr.contains("document 1 (Service bad): spec.ports[0].port: 99999 is not a port"),
         "{stderr}"
     );
+    // Said once, on one line, and with no colour codes in a pipe (`kubectl logs`).
+    assert_eq!(stderr.matches("is not a port").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(" INFO carousel: serving telemetry"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
 }
 
 #[tokio::test]
