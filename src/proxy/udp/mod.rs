@@ -293,7 +293,7 @@ impl Front {
             }
             self.flows.remove(&key);
         }
-        let Some((dialed, redirected)) = self.dialed(client, arrived) else {
+        let Some((dialed, via)) = self.dialed(client, arrived) else {
             return;
         };
         let route = match table.admit((Protocol::Udp, dialed), client, |ip| {
@@ -301,10 +301,6 @@ impl Front {
         }) {
             Admission::Route(route) => route.clone(),
             Admission::NoService | Admission::OutOfRange => return,
-        };
-        let via = match redirected {
-            true => Via::Front,
-            false => Via::ServiceAddress,
         };
         let Some(flow) = self.open(&route, &table, key, dialed, via) else {
             return;
@@ -315,12 +311,12 @@ impl Front {
         let _ = flow.send(data);
     }
 
-    /// The Service address a datagram that arrived at `arrived` was sent to, and whether
-    /// nftables redirected it: a datagram at the redirect port may have come from a
+    /// The Service address a datagram that arrived at `arrived` was sent to, and where
+    /// its replies leave from: a datagram at the redirect port may have come from a
     /// bridge, and conntrack knows where it was going. `None`: it cannot be known (logged).
-    fn dialed(&mut self, client: ClientAddr, arrived: ServiceAddr) -> Option<(ServiceAddr, bool)> {
+    fn dialed(&mut self, client: ClientAddr, arrived: ServiceAddr) -> Option<(ServiceAddr, Via)> {
         if self.redirect_port != Some(arrived.port()) {
-            return Some((arrived, false));
+            return Some((arrived, Via::ServiceAddress));
         }
         let conntrack = self.conntrack.get_or_insert_with(|| {
             Conntrack::open().map_err(|e| {
@@ -331,8 +327,8 @@ impl Front {
             return None;
         };
         match conntrack.original_destination(arrived.0, client.0) {
-            Ok(original) if original == arrived.0 => Some((arrived, false)),
-            Ok(original) => Some((ServiceAddr(original), true)),
+            Ok(original) if original == arrived.0 => Some((arrived, Via::ServiceAddress)),
+            Ok(original) => Some((ServiceAddr(original), Via::Front)),
             Err(e) => {
                 tracing::debug!(error = %e, "a redirected UDP datagram without its destination");
                 None
