@@ -40,6 +40,10 @@ pub mod lab;
 #[cfg(feature = "node")]
 pub mod plan;
 #[cfg(feature = "node")]
+mod process_metrics;
+#[cfg(feature = "node")]
+pub mod programming;
+#[cfg(feature = "node")]
 pub mod proxy;
 #[cfg(feature = "node")]
 pub mod run;

@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http_body_util::Full;
@@ -16,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use metrics::{Counter, Gauge, Histogram, Label};
 use tokio::net::TcpListener;
 
+use crate::programming::Programming;
 use crate::series::Registry;
 
 /// Metric names: part of carousel's contract, never renamed.
@@ -29,6 +30,8 @@ pub mod names {
     pub const CONFIG_ERRORS_TOTAL: &str = "carousel_config_errors_total";
     pub const SYNC_DURATION: &str = "carousel_sync_duration_seconds";
     pub const SYNC_ERRORS_TOTAL: &str = "carousel_sync_errors_total";
+    pub const SYNC_LAST_TIMESTAMP: &str = "carousel_sync_last_timestamp_seconds";
+    pub const BUILD_INFO: &str = "carousel_build_info";
     /// From an EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time` to
     /// the publication of the first table holding the change (the Kubernetes SLI).
     pub const NETWORK_PROGRAMMING_DURATION: &str = "carousel_network_programming_duration_seconds";
@@ -47,6 +50,28 @@ pub mod names {
     pub const UDP_DATAGRAMS_TOTAL: &str = "carousel_udp_datagrams_total";
     pub const UDP_DROPPED_TOTAL: &str = "carousel_udp_dropped_total";
 
+    // kube-proxy's own names, buckets and meaning (its `pkg/proxy/metrics`), so that
+    // what watches kube-proxy watches carousel.
+    pub const KUBE_PROXY_SYNC_DURATION: &str = "kubeproxy_sync_proxy_rules_duration_seconds";
+    pub const KUBE_PROXY_SYNC_LAST_TIMESTAMP: &str =
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
+    pub const KUBE_PROXY_LAST_QUEUED_TIMESTAMP: &str =
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds";
+    pub const KUBE_PROXY_NETWORK_PROGRAMMING_DURATION: &str =
+        "kubeproxy_network_programming_duration_seconds";
+    pub const KUBE_PROXY_SERVICE_CHANGES_TOTAL: &str =
+        "kubeproxy_sync_proxy_rules_service_changes_total";
+    pub const KUBE_PROXY_SERVICE_CHANGES_PENDING: &str =
+        "kubeproxy_sync_proxy_rules_service_changes_pending";
+    pub const KUBE_PROXY_ENDPOINT_CHANGES_TOTAL: &str =
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total";
+    pub const KUBE_PROXY_ENDPOINT_CHANGES_PENDING: &str =
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending";
+    pub const KUBE_PROXY_NFTABLES_SYNC_FAILURES_TOTAL: &str =
+        "kubeproxy_sync_proxy_rules_nftables_sync_failures_total";
+    pub const KUBE_PROXY_HEALTHZ_TOTAL: &str = "kubeproxy_proxy_healthz_total";
+    pub const KUBE_PROXY_LIVEZ_TOTAL: &str = "kubeproxy_proxy_livez_total";
+
     /// The `# HELP` text of each family.
     pub(crate) fn help(name: &str) -> &'static str {
         match name {
@@ -59,7 +84,9 @@ pub mod names {
             CONFIG_ERRORS_TOTAL => "Objects or annotations refused as invalid (the last good state is kept).",
             SYNC_DURATION => "Time to apply a new table to routes and the data plane, in seconds.",
             SYNC_ERRORS_TOTAL => "Failed attempts to program the data plane.",
-            NETWORK_PROGRAMMING_DURATION => "From an EndpointSlice change (its trigger time) to the table that holds it, in seconds.",
+            SYNC_LAST_TIMESTAMP => "When the node was last programmed (a new table or a periodic check), in unix seconds.",
+            BUILD_INFO => "carousel's version and platform, as labels; always 1.",
+            NETWORK_PROGRAMMING_DURATION => "From an EndpointSlice change (its trigger time) until the node is programmed with it, in seconds.",
             EJECTIONS_TOTAL => "Times an endpoint was taken out of rotation after failed connects.",
             REJECTED_TOTAL => "Connections refused before forwarding, by reason.",
             ACCEPT_ERRORS_TOTAL => "Errors accepting connections (for example, out of file descriptors).",
@@ -74,6 +101,17 @@ pub mod names {
             UDP_FLOWS_ACTIVE => "UDP flows open to an endpoint now.",
             UDP_DATAGRAMS_TOTAL => "UDP datagrams forwarded, by direction (to_endpoint, to_client).",
             UDP_DROPPED_TOTAL => "UDP datagrams dropped, by reason (no_endpoint, flow_limit, endpoint_busy, client_busy, socket_error).",
+            KUBE_PROXY_SYNC_DURATION => "SyncProxyRules latency in seconds: each successful programming of the node, a new table's or a periodic check's.",
+            KUBE_PROXY_SYNC_LAST_TIMESTAMP => "The last time proxy rules were successfully synced.",
+            KUBE_PROXY_LAST_QUEUED_TIMESTAMP => "The last time a sync of proxy rules was queued (a change arrived).",
+            KUBE_PROXY_NETWORK_PROGRAMMING_DURATION => "In Cluster Network Programming Latency in seconds.",
+            KUBE_PROXY_SERVICE_CHANGES_TOTAL => "Cumulative proxy rules Service changes.",
+            KUBE_PROXY_SERVICE_CHANGES_PENDING => "Pending proxy rules Service changes.",
+            KUBE_PROXY_ENDPOINT_CHANGES_TOTAL => "Cumulative proxy rules Endpoint changes.",
+            KUBE_PROXY_ENDPOINT_CHANGES_PENDING => "Pending proxy rules Endpoint changes.",
+            KUBE_PROXY_NFTABLES_SYNC_FAILURES_TOTAL => "Cumulative proxy nftables sync failures.",
+            KUBE_PROXY_HEALTHZ_TOTAL => "Cumulative proxy healthz HTTP status.",
+            KUBE_PROXY_LIVEZ_TOTAL => "Cumulative proxy livez HTTP status.",
             _ => "A carousel metric.",
         }
     }
@@ -90,6 +128,12 @@ pub struct Telemetry {
     registry: Registry,
     health: Health,
     config_errors: Counter,
+    /// Held for the process' life, as `config_errors` is.
+    _build_info: Gauge,
+    /// `/healthz` and `/livez` answers by code: 200 and 503.
+    probes: [[Counter; 2]; 2],
+    /// Registered at first use, by the source or the proxy.
+    programming: OnceLock<Programming>,
     /// `--endpoint-histograms`: latency histograms per endpoint, not per Service port.
     endpoint_histograms: AtomicBool,
 }
@@ -105,10 +149,31 @@ impl Telemetry {
         let registry = Registry::default();
         // Held for the process' life: zero errors is news too.
         let config_errors = registry.counter(names::CONFIG_ERRORS_TOTAL, names::help, &[]);
+        let build_info = registry.gauge(
+            names::BUILD_INFO,
+            names::help,
+            &[
+                Label::new("version", env!("CARGO_PKG_VERSION")),
+                Label::new("arch", std::env::consts::ARCH),
+                Label::new("os", std::env::consts::OS),
+            ],
+        );
+        build_info.set(1.0);
+        let probe = |name, code: &'static str| {
+            registry.counter(name, names::help, &[Label::new("code", code)])
+        };
+        let probes = [
+            names::KUBE_PROXY_HEALTHZ_TOTAL,
+            names::KUBE_PROXY_LIVEZ_TOTAL,
+        ]
+        .map(|name| [probe(name, "200"), probe(name, "503")]);
         Arc::new(Self {
             registry,
             health: Health::default(),
             config_errors,
+            _build_info: build_info,
+            probes,
+            programming: OnceLock::new(),
             endpoint_histograms: AtomicBool::new(false),
         })
     }
@@ -125,8 +190,22 @@ impl Telemetry {
 
     /// A histogram in seconds, buckets from 100 µs to 5 min.
     pub(crate) fn histogram(&self, name: &'static str, labels: Vec<Label>) -> Histogram {
-        self.registry
-            .histogram(name, names::help, &labels, SECONDS_BUCKETS)
+        self.histogram_with(name, labels, SECONDS_BUCKETS)
+    }
+
+    /// A histogram with the given bucket bounds (kube-proxy's, for its families).
+    pub(crate) fn histogram_with(
+        &self,
+        name: &'static str,
+        labels: Vec<Label>,
+        bounds: &'static [f64],
+    ) -> Histogram {
+        self.registry.histogram(name, names::help, &labels, bounds)
+    }
+
+    /// The changes between the source and the node, and their metrics.
+    pub(crate) fn programming(&self) -> &Programming {
+        self.programming.get_or_init(|| Programming::new(self))
     }
 
     /// Latency histograms per endpoint from now on (`--endpoint-histograms`), rather
@@ -148,9 +227,17 @@ impl Telemetry {
         &self.health
     }
 
-    /// The Prometheus text exposition of every series.
+    /// The Prometheus text exposition of every series, and the process families.
     pub fn render(&self) -> String {
-        self.registry.render()
+        let mut text = self.registry.render();
+        crate::process_metrics::render(&mut text);
+        text
+    }
+
+    /// Counts a `/healthz` (or `/livez`) answer, as kube-proxy does.
+    fn probed(&self, livez: bool, status: StatusCode) {
+        let code = usize::from(status != StatusCode::OK);
+        self.probes[usize::from(livez)][code].increment(1);
     }
 
     /// Forgets the series nothing holds now and then, so that memory follows the
@@ -358,11 +445,15 @@ fn respond<B>(telemetry: &Telemetry, which: Endpoints, req: &Request<B>) -> Resp
         // a node that is not leaving.
         (Endpoints::Health, "/healthz") => {
             let report = telemetry.health.report(SystemTime::now());
-            json(ok_if(report.healthy && report.node_eligible), report.json())
+            let status = ok_if(report.healthy && report.node_eligible);
+            telemetry.probed(false, status);
+            json(status, report.json())
         }
         (Endpoints::Health, "/livez") => {
             let report = telemetry.health.report(SystemTime::now());
-            json(ok_if(report.healthy), report.json())
+            let status = ok_if(report.healthy);
+            telemetry.probed(true, status);
+            json(status, report.json())
         }
         (Endpoints::Health, "/readyz") if telemetry.health.is_draining() => reply(
             StatusCode::SERVICE_UNAVAILABLE,

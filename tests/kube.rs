@@ -408,16 +408,29 @@ async fn rolling_update_loses_no_connection_and_drains_terminating_pods() {
     assert!(ok > 0);
     settles_on(addr(2, 1), &["v2-a", "v2-b", "v2-c"]).await;
 
-    // Every slice change was measured from its trigger time.
+    // Every slice change was measured from its trigger time to its programming, under
+    // carousel's name and kube-proxy's, and counted as kube-proxy counts changes.
     let text = carousel.metrics_text().await;
-    let programmed = text
-        .lines()
-        .find(|l| l.starts_with("carousel_network_programming_duration_seconds_count"))
-        .and_then(|l| l.rsplit_once(' '))
-        .and_then(|(_, v)| v.parse::<f64>().ok());
-    assert!(
-        programmed.is_some_and(|n| n >= 3.0),
-        "network programming latency recorded:\n{text}"
+    let value = |name: &str| metric(&text, name, &[]);
+    for name in [
+        "carousel_network_programming_duration_seconds_count",
+        "kubeproxy_network_programming_duration_seconds_count",
+    ] {
+        assert!(
+            value(name).is_some_and(|n| n >= 3.0),
+            "{name} recorded:\n{text}"
+        );
+    }
+    assert_eq!(
+        value("carousel_network_programming_duration_seconds_count"),
+        value("kubeproxy_network_programming_duration_seconds_count"),
+    );
+    // Four slice changes per rolled pod, all programmed by now.
+    let changes = value("kubeproxy_sync_proxy_rules_endpoint_changes_total");
+    assert!(changes.is_some_and(|n| n >= 12.0), "{changes:?}");
+    assert_eq!(
+        value("kubeproxy_sync_proxy_rules_endpoint_changes_pending"),
+        Some(0.0)
     );
     carousel.stop().await;
 }

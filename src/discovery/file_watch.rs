@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::discovery::convert::{Scope, Warning};
 use crate::discovery::file::{digest, parse, read, utf8, Loaded, Stamp, StateFileError};
+use crate::discovery::table_changes::TableChanges;
 use crate::model::ServiceTable;
 use crate::telemetry::Telemetry;
 
@@ -86,14 +87,25 @@ pub(crate) async fn watch(
         match crate::heavy::run(|| parse(utf8(&path, &bytes)?, &scope)) {
             Ok(loaded) => {
                 reporter.report_loaded(&loaded, &telemetry);
-                tables.send_if_modified(|current| {
-                    let changed = **current != loaded.table;
-                    if changed {
-                        *current = Arc::new(loaded.table);
-                    }
-                    changed
+                let changes = TableChanges::between(&tables.borrow(), &loaded.table);
+                let programming = telemetry.programming();
+                programming.received(changes.services() as u64, 0);
+                let sent = programming.publish(Vec::new(), || {
+                    tables.send_if_modified(|current| {
+                        let changed = **current != loaded.table;
+                        if changed {
+                            *current = Arc::new(loaded.table);
+                        }
+                        changed
+                    })
                 });
-                tracing::info!(path = %path.display(), "state file reloaded");
+                // One line a reload, saying what it changed; a rewrite that changes
+                // nothing (or only the node's part) is not news.
+                if changes.is_empty() {
+                    tracing::debug!(path = %path.display(), changed_table = sent, "state file read again: no Service changed");
+                } else {
+                    tracing::info!(path = %path.display(), "state file reloaded: {changes}");
+                }
             }
             Err(error) => reporter.refused(&error.to_string(), &telemetry),
         }

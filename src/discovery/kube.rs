@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::stream::{self, BoxStream, SelectAll};
 use futures::StreamExt;
@@ -22,7 +22,8 @@ use crate::discovery::backoff::{self, Backoff, Outage};
 use crate::discovery::convert::{LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
 use crate::discovery::store::{PodWatch, Store};
 use crate::model::ServiceTable;
-use crate::telemetry::{names, Telemetry};
+use crate::programming::Programming;
+use crate::telemetry::Telemetry;
 
 /// The label kube-proxy leaves alone: headless Services get no proxying.
 pub(crate) const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
@@ -193,7 +194,6 @@ pub(crate) async fn run(
     let mut watches = cluster_watches(&client, &config, node, &outage);
     let mut pods: Option<Updates> = None;
     let mut pod_watch: Option<PodWatch> = None;
-    let programming = telemetry.histogram(names::NETWORK_PROGRAMMING_DURATION, Vec::new());
     let mut last_publish: Option<Instant> = None;
     let mut deadline: Option<Instant> = None;
     loop {
@@ -219,6 +219,10 @@ pub(crate) async fn run(
         if errors > 0 {
             telemetry.config_errors().increment(errors);
         }
+        let changes = store.take_changes();
+        telemetry
+            .programming()
+            .received(changes.services, changes.endpoints);
         if store.pod_watch() != pod_watch.as_ref() {
             pod_watch = store.pod_watch().cloned();
             pods = pod_watch
@@ -236,7 +240,7 @@ pub(crate) async fn run(
         match last_publish {
             Some(at) if now < at + COALESCE => deadline = Some(at + COALESCE),
             _ => {
-                if publish(&mut store, &tables, &programming) {
+                if publish(&mut store, &tables, telemetry.programming()) {
                     last_publish = Some(now);
                 }
             }
@@ -304,7 +308,7 @@ fn pod_updates(client: &Client, scope: &PodWatch, outage: &Arc<Outage>) -> Updat
 fn publish(
     store: &mut Store,
     tables: &watch::Sender<Arc<ServiceTable>>,
-    programming: &metrics::Histogram,
+    programming: &Programming,
 ) -> bool {
     // A relist rebuilds every Service: heavy at cluster scale.
     let flushed = crate::heavy::run(|| store.flush());
@@ -318,12 +322,8 @@ fn publish(
         pods = store.pod_count(),
         "publishing a table"
     );
-    tables.send_replace(Arc::new(table));
-    let now = SystemTime::now();
-    for at in flushed.triggers {
-        // A trigger time ahead of this clock (skew) counts as instant, not negative.
-        programming.record(now.duration_since(at).unwrap_or_default().as_secs_f64());
-    }
+    // The changes count as programmed once the proxy has this table in force.
+    programming.publish(flushed.triggers, || tables.send_replace(Arc::new(table)));
     true
 }
 

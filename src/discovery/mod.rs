@@ -2,12 +2,13 @@
 //! Kubernetes API. Both convert objects with the same pure functions in `convert` and
 //! publish whole `ServiceTable` snapshots on a watch channel.
 //!
-//! `convert`, `file`, `names` and `yaml_budget` are the pure part, built with or without
+//! `convert`, `file`, `names`, `table_changes` and `yaml_budget` are the pure part, built with or without
 //! the `node` feature; the rest watches (the file, the API) and needs the runtime.
 
 pub mod convert;
 pub mod file;
 pub mod names;
+pub mod table_changes;
 pub(crate) mod yaml_budget;
 
 #[cfg(feature = "node")]

@@ -167,6 +167,13 @@ pub struct Flushed {
     pub(crate) triggers: Vec<SystemTime>,
 }
 
+/// Services and EndpointSlices that changed (kube-proxy's change counts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub services: u64,
+    pub endpoints: u64,
+}
+
 /// The converted cluster state and the table built from it.
 #[derive(Debug)]
 pub struct Store {
@@ -196,6 +203,7 @@ pub struct Store {
     published: bool,
     triggers: Vec<SystemTime>,
     config_errors: u64,
+    changes: Changes,
 }
 
 impl Store {
@@ -219,6 +227,7 @@ impl Store {
             published: false,
             triggers: Vec::new(),
             config_errors: 0,
+            changes: Changes::default(),
         }
     }
 
@@ -280,6 +289,11 @@ impl Store {
         std::mem::take(&mut self.config_errors)
     }
 
+    /// Services and slices changed since the last call.
+    pub(crate) fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
     pub(crate) fn slice_count(&self) -> usize {
         self.slices.live.len()
     }
@@ -293,6 +307,7 @@ impl Store {
     pub fn apply_service(&mut self, event: Event<core::Service>) {
         let step = Step::of(event, |svc| self.convert_service(svc), service_key);
         for (key, _) in self.services.apply(step) {
+            self.changes.services += 1;
             self.service_changed(&key);
         }
         if std::mem::take(&mut self.pod_watch_stale) {
@@ -357,6 +372,7 @@ impl Store {
             |slice| convert::object_key(&slice.metadata).ok(),
         );
         let changes = self.slices.apply(step);
+        self.changes.endpoints += changes.len() as u64;
         if let Some(at) = trigger.filter(|_| !changes.is_empty()) {
             if self.triggers.len() >= MAX_PENDING_TRIGGERS {
                 self.triggers.remove(0);

@@ -17,6 +17,7 @@ pub(crate) mod original_dst;
 pub(crate) mod port_metrics;
 pub(crate) mod redirects;
 pub mod routes;
+mod sync_metrics;
 pub mod udp;
 
 use std::future::Future;
@@ -35,8 +36,9 @@ use crate::backoff::Backoff;
 use crate::balance::BuildOptions;
 use crate::dataplane::nftables::NftError;
 use crate::model::{Locality, ServiceTable};
+use crate::programming::Generation;
 use crate::shutdown::Shutdown;
-use crate::telemetry::{names, Telemetry};
+use crate::telemetry::Telemetry;
 
 pub use forward::ForwardConfig;
 use handover::Presence;
@@ -45,6 +47,7 @@ use inside::Inside;
 use intake::{Intake, SyncError};
 use listener::{Accepting, Limit};
 use routes::{RouteBuilder, RouteTable};
+use sync_metrics::SyncMetrics;
 
 /// How Service traffic reaches carousel.
 #[derive(Clone, Debug)]
@@ -204,7 +207,11 @@ pub async fn run(
     loop {
         // A repair leaves a newer table, if one came meanwhile, for its own turn.
         let table = if new_table {
-            tables.borrow_and_update().clone()
+            let (table, generation) = telemetry
+                .programming()
+                .read(|| tables.borrow_and_update().clone());
+            node.generation = generation;
+            table
         } else {
             tables.borrow().clone()
         };
@@ -239,8 +246,9 @@ struct NodeSync {
     builder: RouteBuilder,
     health_checks: HealthChecks,
     failures: Failures,
-    sync_duration: metrics::Histogram,
-    sync_errors: metrics::Counter,
+    metrics: SyncMetrics,
+    /// The generation of the newest table read (`Programming`).
+    generation: Generation,
     /// Until the next repair: the period, or the backoff after a failure.
     pause: Duration,
 }
@@ -259,8 +267,8 @@ impl NodeSync {
                 Mode::Nftables { .. } => None,
             }),
             failures: Failures::default(),
-            sync_duration: telemetry.histogram(names::SYNC_DURATION, Vec::new()),
-            sync_errors: telemetry.counter(names::SYNC_ERRORS_TOTAL, Vec::new()),
+            metrics: SyncMetrics::new(telemetry, matches!(config.mode, Mode::Nftables { .. })),
+            generation: Generation::default(),
             pause: config.sync_period,
             config,
         }
@@ -321,10 +329,11 @@ impl NodeSync {
         };
         let in_force = result.as_ref().map_or_else(SyncError::partial, |()| true);
         if in_force {
+            self.metrics.succeeded(started.elapsed(), new_table);
             if new_table {
-                self.sync_duration.record(started.elapsed().as_secs_f64());
                 tracing::info!(services = table.len(), "table applied");
             }
+            self.telemetry.programming().programmed(self.generation);
             self.telemetry.health().synced();
         }
         self.pause = match result {
@@ -334,7 +343,7 @@ impl NodeSync {
             }
             // The routes are in place; the node is tried again after a pause.
             Err(e) => {
-                self.sync_errors.increment(1);
+                self.metrics.failed();
                 self.failures.failed(&e).min(self.config.sync_period)
             }
         };
