@@ -741,10 +741,27 @@ fn daemonset_args_are_accepted_in(overlay: Overlay) {
         run.from_file.is_none(),
         "a DaemonSet reads the cluster, not a file"
     );
+    // Scrapable out of the box: on the node's addresses, at the port the pod's scrape
+    // annotations name (deploy/monitoring/'s PodMonitor reads the same annotation).
     let metrics = run.metrics_bind_address;
     assert!(
-        metrics.ip().is_loopback(),
-        "--metrics-bind-address {metrics}"
+        metrics.ip().is_unspecified(),
+        "--metrics-bind-address {metrics}: Prometheus cannot reach a loopback address"
+    );
+    let annotations = at(
+        &ds.doc.value,
+        &["spec", "template", "metadata", "annotations"],
+    )
+    .expect("pod annotations");
+    assert_eq!(str_at(annotations, &["prometheus.io/scrape"]), Some("true"));
+    assert_eq!(
+        str_at(annotations, &["prometheus.io/path"]),
+        Some("/metrics")
+    );
+    assert_eq!(
+        str_at(annotations, &["prometheus.io/port"]),
+        Some(metrics.port().to_string().as_str()),
+        "{overlay:?}: the scrape annotation and --metrics-bind-address disagree"
     );
     let health = run.healthz_bind_address;
     let ports = [metrics.port(), health.port()];
@@ -1273,7 +1290,13 @@ fn kustomizations_list_every_manifest_of_their_directory() {
         .iter()
         .map(|k| k.parent().unwrap().to_path_buf())
         .collect();
-    for dir in ["", "base", "replace-kube-proxy", "examples/kubechaos"] {
+    for dir in [
+        "",
+        "base",
+        "replace-kube-proxy",
+        "examples/kubechaos",
+        "monitoring",
+    ] {
         assert!(
             dirs.contains(&deploy_dir().join(dir)),
             "deploy/{dir}: no kustomization.yaml"
@@ -1357,6 +1380,8 @@ fn kustomizations_list_every_manifest_of_their_directory() {
 // The Grafana dashboard
 // ---------------------------------------------------------------------------------------
 
+/// The names the dashboard may read; tests/metrics.rs checks each expression against a
+/// running carousel's /metrics and has promtool parse it.
 fn carousel_metric_names() -> BTreeSet<&'static str> {
     use carousel::telemetry::names::*;
     BTreeSet::from([
@@ -1368,14 +1393,34 @@ fn carousel_metric_names() -> BTreeSet<&'static str> {
         ENDPOINTS,
         CONFIG_ERRORS_TOTAL,
         SYNC_DURATION,
+        SYNC_ERRORS_TOTAL,
+        SYNC_LAST_TIMESTAMP,
+        NETWORK_PROGRAMMING_DURATION,
+        FAIRNESS_JAIN,
+        ENDPOINT_WEIGHT,
+        EJECTIONS_TOTAL,
+        REJECTED_TOTAL,
+        ACCEPT_ERRORS_TOTAL,
+        UDP_FLOWS_TOTAL,
+        UDP_DROPPED_TOTAL,
+        BUILD_INFO,
+        KUBE_PROXY_SERVICE_CHANGES_PENDING,
+        KUBE_PROXY_ENDPOINT_CHANGES_PENDING,
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
     ])
 }
 
-/// The `carousel_*` metric names a PromQL expression reads, histogram suffixes removed.
+/// The metric names (carousel's, kube-proxy's, the process') a PromQL expression reads,
+/// histogram suffixes removed.
 fn metrics_in(expr: &str) -> Vec<String> {
     let mut found = Vec::new();
     let mut rest = expr;
-    while let Some(i) = rest.find("carousel_") {
+    while let Some(i) = ["carousel_", "kubeproxy_", "process_"]
+        .iter()
+        .filter_map(|prefix| rest.find(prefix))
+        .min()
+    {
         let tail = &rest[i..];
         let end = tail
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -1416,7 +1461,19 @@ fn grafana_dashboard_reads_carousels_metrics() {
         .as_str()
         .or_else(|| service["query"]["query"].as_str())
         .unwrap_or_default();
-    assert_eq!(query, "label_values(carousel_connections_total, service)");
+    assert_eq!(
+        query, "label_values(carousel_endpoints{namespace=~\"$namespace\"}, service)",
+        "Services of the namespaces chosen"
+    );
+    // Same-named Services of two namespaces stay apart.
+    let namespace = vars
+        .iter()
+        .find(|v| v["name"] == "namespace")
+        .expect("a $namespace variable");
+    assert_eq!(
+        namespace["query"]["query"],
+        "label_values(carousel_endpoints, namespace)"
+    );
 
     let known = carousel_metric_names();
     let mut exprs = Vec::new();
@@ -1467,7 +1524,13 @@ fn grafana_dashboard_reads_carousels_metrics() {
         "carousel_endpoints",
         "state",
         "carousel_config_errors_total",
+        "carousel_fairness_jain",
+        "carousel_endpoint_weight",
+        "carousel_endpoint_ejections_total",
+        "carousel_connections_rejected_total",
+        "carousel_sync_errors_total",
         "service=~\"$service\"",
+        "namespace=~\"$namespace\"",
     ] {
         assert!(all.contains(needle), "no panel uses {needle}");
     }
@@ -1554,7 +1617,12 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
         files.push(out);
     }
     for path in files_under(&deploy_dir(), &["yaml", "yml"]) {
-        if is_kustomization(&path) || path.parent() == Some(&Overlay::ReplaceKubeProxy.dir()) {
+        // deploy/monitoring/ is the Prometheus operator's kind, which the Kubernetes
+        // schemas do not hold: `the_podmonitor_scrapes_every_carousel` checks it.
+        if is_kustomization(&path)
+            || path.parent() == Some(&Overlay::ReplaceKubeProxy.dir())
+            || path.parent() == Some(&deploy_dir().join("monitoring"))
+        {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap();
@@ -1587,4 +1655,61 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
             "{shown} was not validated:\n{out}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Scraping: deploy/monitoring/
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn the_podmonitor_scrapes_every_carousel() {
+    let dir = deploy_dir().join("monitoring");
+    let rendered = Process::new("kubectl")
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .expect("kubectl");
+    assert!(rendered.status.success(), "{rendered:?}");
+    let docs = parse_docs(
+        "kubectl kustomize deploy/monitoring",
+        &String::from_utf8(rendered.stdout).unwrap(),
+    );
+    let monitor = only(&docs, "PodMonitor", "carousel");
+    assert_eq!(
+        str_at(&monitor.value, &["apiVersion"]),
+        Some("monitoring.coreos.com/v1")
+    );
+    let spec = &monitor.value["spec"];
+    for overlay in OVERLAYS {
+        let ds = DaemonSet::load(overlay);
+        assert_eq!(monitor.namespace(), ds.doc.namespace());
+        let pod_labels = labels(&ds.doc.value, &["spec", "template", "metadata", "labels"]);
+        let selector = labels(spec, &["selector", "matchLabels"]);
+        assert!(
+            !selector.is_empty() && selects(&selector, &pod_labels),
+            "{overlay:?}: the PodMonitor selects {selector:?}, the pods are {pod_labels:?}"
+        );
+    }
+    let endpoints = seq_at(spec, &["podMetricsEndpoints"]);
+    assert_eq!(endpoints.len(), 1);
+    let endpoint = &endpoints[0];
+    assert_eq!(str_at(endpoint, &["path"]), Some("/metrics"));
+    assert_eq!(
+        at(endpoint, &["honorLabels"]).and_then(Value::as_bool),
+        Some(true),
+        "carousel's namespace, service and pod labels must win over the target's"
+    );
+    // The address comes from the pod IP and the annotation each overlay sets.
+    let address = seq_at(endpoint, &["relabelings"])
+        .iter()
+        .find(|r| str_at(r, &["targetLabel"]) == Some("__address__"))
+        .expect("a relabeling that sets the address");
+    assert_eq!(
+        strings_at(address, &["sourceLabels"]),
+        [
+            "__meta_kubernetes_pod_ip",
+            "__meta_kubernetes_pod_annotation_prometheus_io_port"
+        ]
+    );
+    assert_eq!(str_at(address, &["replacement"]), Some("$1:$2"));
 }

@@ -7,6 +7,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Stdio;
 
 use common::*;
@@ -60,7 +61,8 @@ async fn a_busy_carousels_metrics_pass_promtool_and_carry_kube_proxys_families()
     let mut flaky = Svc::new("flaky", "127.61.0.3", 80, vec![Ep::ready(refusing, "dead")]);
     flaky.endpoints.push(Ep::ready(a, "alive"));
     let state = state_yaml(&[web.clone(), flaky.clone()]) + &udp_service(udp_pod);
-    let carousel = Carousel::start(&state).await;
+    // Five UDP flows at most: a sixth client's datagram is dropped, and counted.
+    let carousel = Carousel::start_configured(&state, |c| c.udp.max_flows = 5).await;
 
     // TCP through both Services (the refusing pod is ejected), UDP flows, probes.
     for i in 0..20u8 {
@@ -84,6 +86,20 @@ async fn a_busy_carousels_metrics_pass_promtool_and_carry_kube_proxys_families()
             .unwrap();
         assert_eq!(&buf[..len], &[i]);
     }
+    let sixth = UdpSocket::bind("127.61.2.1:0").await.unwrap();
+    sixth.send_to(b"lost", "127.61.0.2:7").await.unwrap();
+    eventually(
+        "the sixth flow's datagram is dropped and counted",
+        || async {
+            let text = carousel.metrics_text().await;
+            metric(
+                &text,
+                "carousel_udp_dropped_total",
+                &[("reason", "flow_limit")],
+            ) == Some(1.0)
+        },
+    )
+    .await;
     for path in ["/healthz", "/livez", "/readyz"] {
         assert_eq!(
             http_get(carousel.health, path).await.unwrap().0,
@@ -196,8 +212,119 @@ async fn a_busy_carousels_metrics_pass_promtool_and_carry_kube_proxys_families()
         "one sync, two names"
     );
     assert!(value(&text, "process_resident_memory_bytes") > 1e6);
+
+    // The fairness gauge is read every 2 s; then the dashboard has all it reads.
+    eventually("the fairness gauge is out", || async {
+        metric(
+            &carousel.metrics_text().await,
+            "carousel_fairness_jain",
+            &[],
+        )
+        .is_some()
+    })
+    .await;
+    dashboard_reads_what_carousel_exports(&carousel.metrics_text().await).await;
     carousel.stop().await;
     for task in [a_task, b_task, c_task, udp_task] {
         task.abort();
     }
+}
+
+/// The names of the metric families a PromQL expression reads (histogram suffixes
+/// removed).
+fn families_in(expr: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = ["carousel_", "kubeproxy_", "process_"]
+        .iter()
+        .filter_map(|prefix| rest.find(prefix))
+        .min()
+    {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|b| b.ends_with("_seconds")))
+            .unwrap_or(name);
+        found.push(base.to_string());
+        rest = &tail[end..];
+    }
+    found
+}
+
+/// Every expression of deploy/grafana's dashboard reads only families `text` (a
+/// running carousel's /metrics) has, and is PromQL that Prometheus parses: promtool
+/// checks them as recording rules, Grafana's variables given values.
+async fn dashboard_reads_what_carousel_exports(text: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/carousel-dashboard.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let exported: BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .collect();
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    let mut read = BTreeSet::new();
+    for (i, panel) in dash["panels"].as_array().unwrap().iter().enumerate() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            let title = panel["title"].as_str().unwrap();
+            let families = families_in(expr);
+            assert!(!families.is_empty(), "{title}: {expr} reads no metric");
+            for family in families {
+                assert!(
+                    exported.contains(family.as_str()),
+                    "{title}: {family} is not in a running carousel's /metrics"
+                );
+                read.insert(family);
+            }
+            let concrete = expr
+                .replace("$__rate_interval", "1m")
+                .replace("$namespace", ".*")
+                .replace("$service", ".*");
+            rules += &format!(
+                "      - record: dashboard:panel{i}:{}\n        expr: {}\n",
+                target["refId"].as_str().unwrap(),
+                serde_json::to_string(&concrete).unwrap()
+            );
+        }
+    }
+    // The panels the issue asked for are there.
+    for family in [
+        "carousel_fairness_jain",
+        "carousel_endpoint_weight",
+        "carousel_endpoint_ejections_total",
+        "carousel_connections_rejected_total",
+        "carousel_sync_errors_total",
+        "carousel_network_programming_duration_seconds",
+    ] {
+        assert!(read.contains(family), "no panel reads {family}");
+    }
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &rules).unwrap();
+    let out = tokio::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(file.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check rules:\n{}{}\n{rules}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_family_reader_finds_every_family_an_expression_names() {
+    assert_eq!(
+        families_in(
+            "rate(carousel_connect_duration_seconds_bucket[1m]) / process_threads + kubeproxy_x_total"
+        ),
+        ["carousel_connect_duration_seconds", "process_threads", "kubeproxy_x_total"]
+    );
 }
