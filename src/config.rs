@@ -18,6 +18,18 @@ use crate::algorithm::Algorithm;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// How log lines are written to stderr: text, or one JSON object a line (for log
+    /// collectors)
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// `TIME LEVEL target: message key=value ...`, coloured only on a terminal.
+    Text,
+    /// One JSON object a line: timestamp, level, target, fields (message among them).
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,11 +4,12 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context;
-use carousel::config::{BenchArgs, Cli, Command, RunArgs, StatusArgs};
+use carousel::config::{BenchArgs, Cli, Command, LogFormat, RunArgs, StatusArgs};
 use carousel::dataplane::nftables;
 use carousel::lab;
 use carousel::plan::{self, Plan};
-use carousel::run;
+use carousel::proxy::Mode;
+use carousel::run::{self, Source};
 use carousel::shutdown::Shutdown;
 use carousel::telemetry::Telemetry;
 use clap::Parser;
@@ -62,12 +63,16 @@ async fn carousel() -> anyhow::Result<()> {
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("kube_client")) {
         filter = filter.add_directive("kube_client::client::builder=off".parse()?);
     }
-    // Colour only for a terminal: `kubectl logs` and files get plain text.
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        // Colour only for a terminal: `kubectl logs` and files get plain text.
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().init(),
+    }
     match cli.command {
         Command::Run(args) => run(*args).await,
         Command::Demo(args) => {
@@ -159,7 +164,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot serve metrics on {metrics}"))?;
     let health_listener = carousel::proxy::listener::bind(health, None)
         .with_context(|| format!("cannot serve health on {health}"))?;
-    tracing::info!(%metrics, %health, "serving telemetry");
+    let (mode, listener) = match &source.proxy_mut().mode {
+        Mode::Bind { .. } => ("bind", "a listener per Service address".to_string()),
+        Mode::Nftables { redirect_port, .. } => {
+            ("nftables", format!("redirected to port {redirect_port}"))
+        }
+    };
+    let from = match &source {
+        Source::File(run) => format!("state file {}", run.path.display()),
+        Source::Cluster(_) => "the Kubernetes API".to_string(),
+    };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        mode,
+        listener,
+        source = from,
+        %metrics,
+        %health,
+        "carousel starting"
+    );
     // Per health address, as bound: carousels that share it are one node's proxy.
     source.proxy_mut().handover = Some(format!("carousel/{}", health_listener.local_addr()?));
     let shutdown = signals(drain_timeout);

@@ -99,7 +99,7 @@ async fn a_bad_first_state_file_is_refused_naming_document_and_field() {
     // Said once, on one line, and with no colour codes in a pipe (`kubectl logs`).
     assert_eq!(stderr.matches("is not a port").count(), 1, "{stderr}");
     assert!(
-        stderr.contains(" INFO carousel: serving telemetry"),
+        stderr.contains(" INFO carousel: carousel starting version="),
         "{stderr}"
     );
     assert!(!stderr.contains('\x1b'), "{stderr:?}");
@@ -695,4 +695,115 @@ async fn sigterm_and_expect_a_clean_exit(child: &mut tokio::process::Child) {
         .expect("exits after SIGTERM")
         .unwrap();
     assert!(status.success(), "exit status {status}");
+}
+
+/// `--log-format json`, as a log collector reads it: every line one JSON object; the
+/// start-up line says version, mode and listeners; a reload says what it changed; a
+/// pod that refuses every connection is logged at most once a second however many
+/// connections it refuses.
+#[tokio::test]
+async fn json_logs_say_what_starts_what_reloads_and_bound_what_fails() {
+    let refusing = refusing_addr("127.99.25.10").await;
+    let dead = Svc::new(
+        "dead",
+        "127.99.25.1",
+        8080,
+        vec![Ep::ready(refusing, "dead-a")],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.yaml");
+    std::fs::write(&state, dead.state()).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "run", "--from-file"])
+        .arg(&state)
+        .args([
+            "--metrics-bind-address",
+            "127.99.25.2:10249",
+            "--healthz-bind-address",
+            "127.99.25.2:10256",
+            "--connect-timeout",
+            "500ms",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let health = "127.99.25.2:10256".parse().unwrap();
+    eventually("carousel reports healthy", || async {
+        matches!(http_get(health, "/healthz").await, Ok((200, _)))
+    })
+    .await;
+    // 200 connections to a pod that refuses them all, as fast as they fail.
+    let mut connected = 0;
+    for _ in 0..200 {
+        // Each is accepted, then reset once every pod has refused it.
+        let Ok(mut s) = tokio::net::TcpStream::connect(dead.addr()).await else {
+            continue;
+        };
+        connected += 1;
+        let mut buf = [0u8; 1];
+        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+    }
+    assert!(connected >= 100, "{connected} of 200 connections accepted");
+    // A reload that adds a Service.
+    let extra = Svc::new("extra", "127.99.25.3", 8080, vec![Ep::ready(refusing, "x")]);
+    let next = dir.path().join("next.yaml");
+    std::fs::write(&next, state_yaml(&[dead, extra])).unwrap();
+    std::fs::rename(&next, &state).unwrap();
+    eventually("the reload is applied", || async {
+        tokio::net::TcpStream::connect("127.99.25.3:8080")
+            .await
+            .is_ok()
+    })
+    .await;
+    sigterm_and_expect_a_clean_exit(&mut child).await;
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let with = |message: &str| -> Vec<&serde_json::Value> {
+        lines
+            .iter()
+            .filter(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(message))
+            })
+            .collect()
+    };
+    let start = with("carousel starting");
+    assert_eq!(start.len(), 1, "{stderr}");
+    let fields = &start[0]["fields"];
+    assert_eq!(fields["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(fields["mode"], "bind");
+    assert_eq!(fields["metrics"], "127.99.25.2:10249");
+    assert!(start[0]["level"] == "INFO" && start[0]["timestamp"].is_string());
+
+    let reloads = with("state file reloaded");
+    assert_eq!(reloads.len(), 1, "one reload, one line:\n{stderr}");
+    assert_eq!(
+        reloads[0]["fields"]["message"],
+        "state file reloaded: 1 Service added (test/extra), 0 changed, 0 removed; endpoints 1 -> 2"
+    );
+
+    // Bounded: a line a second per Service port at most (refusals and ejections share
+    // it), each saying how many it held back.
+    let refused = with("no endpoint accepted the connection");
+    let ejected = with("endpoint out of rotation");
+    assert!(!(refused.is_empty() && ejected.is_empty()), "{stderr}");
+    assert!(
+        refused.len() + ejected.len() <= 20,
+        "{} lines for 200 refusals:\n{stderr}",
+        refused.len() + ejected.len()
+    );
+    assert!(refused
+        .iter()
+        .chain(&ejected)
+        .all(|l| l["fields"]["held_back"].is_u64()));
 }

@@ -110,12 +110,33 @@ pub(crate) async fn forward(
                 io.kind(),
                 io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
             ) {
-                endpoint.ejection.failed(now_ms());
+                let period = endpoint.ejection.failed(now_ms());
                 stats.ejections.increment(1);
+                ejected(route, endpoint, period, &e);
             }
         }
     }
     Ok(())
+}
+
+/// Logs an ejection, at most one line a second for the Service port.
+fn ejected(
+    route: &Route,
+    endpoint: &RouteEndpoint,
+    period: Duration,
+    error: &dyn std::fmt::Display,
+) {
+    if let Some(held_back) = route.metrics.log_limit.allow(now_ms()) {
+        tracing::info!(
+            service = %route.service,
+            endpoint = %endpoint.addr,
+            pod = %endpoint.pod,
+            %error,
+            ejected_for = ?period,
+            held_back,
+            "endpoint out of rotation"
+        );
+    }
 }
 
 /// Makes the coming close a reset: the peer must not mistake it for a complete answer.
@@ -179,6 +200,7 @@ async fn connect(
         };
         let period = endpoint.ejection.failed(now_ms());
         tracing::debug!(%peer, endpoint = %endpoint.addr, error = %error, ejected_for = ?period, "connect failed");
+        ejected(route, endpoint, period, &error);
         let series = endpoint.series();
         series.connect_errors.increment(1);
         series.ejections.increment(1);

@@ -524,8 +524,11 @@ async fn serve(
         Err(ForwardError::NoEndpoint) => {
             tracing::debug!(%peer, service = %route.service, "no endpoint; connection refused")
         }
+        // Every pod down under load would be a line per connection: one a second.
         Err(e) => {
-            tracing::warn!(%peer, service = %route.service, error = %e, "no endpoint accepted the connection")
+            if let Some(held_back) = route.metrics.log_limit.allow(crate::proxy::clock::now_ms()) {
+                tracing::warn!(%peer, service = %route.service, error = %e, held_back, "no endpoint accepted the connection");
+            }
         }
     }
 }

@@ -13,6 +13,7 @@ pub(crate) mod health_check;
 pub(crate) mod inside;
 mod intake;
 pub mod listener;
+pub(crate) mod log_limit;
 pub(crate) mod original_dst;
 pub(crate) mod port_metrics;
 pub(crate) mod redirects;

@@ -11,6 +11,7 @@ use crate::addr::PodAddr;
 use crate::algorithm::Algorithm;
 use crate::balance::AffinityStats;
 use crate::model::{Protocol, ServiceKey, ServicePort};
+use crate::proxy::log_limit::LogLimit;
 use crate::telemetry::{names, Telemetry};
 
 /// One Service port's series, shared by its routes and carried across tables.
@@ -31,6 +32,8 @@ pub(crate) struct PortMetrics {
     histograms: OnceLock<(Histogram, Histogram)>,
     /// `carousel_udp_dropped_total` by reason, registered at the first drop.
     udp_drops: OnceLock<Box<[Counter; UDP_DROP_REASONS.len()]>>,
+    /// The port's warnings (refused connections, ejections): one a second at most.
+    pub(crate) log_limit: LogLimit,
 }
 
 /// Why a UDP datagram was dropped: the `reason` label of `carousel_udp_dropped_total`.
@@ -130,6 +133,7 @@ impl PortMetrics {
             labels,
             histograms: OnceLock::new(),
             udp_drops: OnceLock::new(),
+            log_limit: LogLimit::default(),
         }
     }
 
