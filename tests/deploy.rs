@@ -1411,31 +1411,6 @@ fn carousel_metric_names() -> BTreeSet<&'static str> {
     ])
 }
 
-/// The metric names (carousel's, kube-proxy's, the process') a PromQL expression reads,
-/// histogram suffixes removed.
-fn metrics_in(expr: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut rest = expr;
-    while let Some(i) = ["carousel_", "kubeproxy_", "process_"]
-        .iter()
-        .filter_map(|prefix| rest.find(prefix))
-        .min()
-    {
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        let name = &tail[..end];
-        let base = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s).filter(|b| b.ends_with("_seconds")))
-            .unwrap_or(name);
-        found.push(base.to_string());
-        rest = &tail[end..];
-    }
-    found
-}
-
 #[test]
 fn grafana_dashboard_reads_carousels_metrics() {
     let path = deploy_dir().join("grafana/carousel-dashboard.json");
@@ -1493,7 +1468,7 @@ fn grafana_dashboard_reads_carousels_metrics() {
         assert!(!targets.is_empty(), "{title}: no query");
         for target in targets {
             let expr = target["expr"].as_str().expect("expr");
-            let metrics = metrics_in(expr);
+            let metrics = common::metric_families_in(expr);
             assert!(
                 !metrics.is_empty(),
                 "{title}: {expr} reads no carousel metric"
@@ -1539,7 +1514,9 @@ fn grafana_dashboard_reads_carousels_metrics() {
 #[test]
 fn dashboard_metric_check_catches_unknown_names() {
     assert_eq!(
-        metrics_in("rate(carousel_connect_duration_seconds_bucket[1m]) + carousel_bogus_total"),
+        common::metric_families_in(
+            "rate(carousel_connect_duration_seconds_bucket[1m]) + carousel_bogus_total"
+        ),
         ["carousel_connect_duration_seconds", "carousel_bogus_total"]
     );
     assert!(!carousel_metric_names().contains("carousel_bogus_total"));

@@ -230,31 +230,6 @@ async fn a_busy_carousels_metrics_pass_promtool_and_carry_kube_proxys_families()
     }
 }
 
-/// The names of the metric families a PromQL expression reads (histogram suffixes
-/// removed).
-fn families_in(expr: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut rest = expr;
-    while let Some(i) = ["carousel_", "kubeproxy_", "process_"]
-        .iter()
-        .filter_map(|prefix| rest.find(prefix))
-        .min()
-    {
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        let name = &tail[..end];
-        let base = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s).filter(|b| b.ends_with("_seconds")))
-            .unwrap_or(name);
-        found.push(base.to_string());
-        rest = &tail[end..];
-    }
-    found
-}
-
 /// Every expression of deploy/grafana's dashboard reads only families `text` (a
 /// running carousel's /metrics) has, and is PromQL that Prometheus parses: promtool
 /// checks them as recording rules, Grafana's variables given values.
@@ -272,7 +247,7 @@ async fn dashboard_reads_what_carousel_exports(text: &str) {
         for target in panel["targets"].as_array().into_iter().flatten() {
             let expr = target["expr"].as_str().unwrap();
             let title = panel["title"].as_str().unwrap();
-            let families = families_in(expr);
+            let families = metric_families_in(expr);
             assert!(!families.is_empty(), "{title}: {expr} reads no metric");
             for family in families {
                 assert!(
@@ -322,7 +297,7 @@ async fn dashboard_reads_what_carousel_exports(text: &str) {
 #[test]
 fn the_family_reader_finds_every_family_an_expression_names() {
     assert_eq!(
-        families_in(
+        metric_families_in(
             "rate(carousel_connect_duration_seconds_bucket[1m]) / process_threads + kubeproxy_x_total"
         ),
         ["carousel_connect_duration_seconds", "process_threads", "kubeproxy_x_total"]

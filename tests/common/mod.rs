@@ -547,3 +547,28 @@ pub fn dnsmasq(
         .spawn()
         .expect("dnsmasq (Debian's dnsmasq-base) runs")
 }
+
+/// The metric families (carousel's, kube-proxy's, the process') a PromQL expression
+/// reads, histogram suffixes removed: what the dashboard's expressions are checked by.
+pub fn metric_families_in(expr: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = ["carousel_", "kubeproxy_", "process_"]
+        .iter()
+        .filter_map(|prefix| rest.find(prefix))
+        .min()
+    {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|b| b.ends_with("_seconds")))
+            .unwrap_or(name);
+        found.push(base.to_string());
+        rest = &tail[end..];
+    }
+    found
+}
