@@ -36,6 +36,9 @@ pub mod names {
     /// the publication of the first table holding the change (the Kubernetes SLI).
     pub const NETWORK_PROGRAMMING_DURATION: &str = "carousel_network_programming_duration_seconds";
     pub const EJECTIONS_TOTAL: &str = "carousel_endpoint_ejections_total";
+    /// Unix time an endpoint's ejection ends: a time, not a flag, because an ejection
+    /// ends by itself and nothing would clear a flag then.
+    pub const EJECTED_UNTIL: &str = "carousel_endpoint_ejected_until_seconds";
     pub const REJECTED_TOTAL: &str = "carousel_connections_rejected_total";
     pub const ACCEPT_ERRORS_TOTAL: &str = "carousel_accept_errors_total";
     pub const AFFINITY_LOOKUPS_TOTAL: &str = "carousel_affinity_lookups_total";
@@ -44,6 +47,7 @@ pub mod names {
     pub const LISTENERS_REFUSED: &str = "carousel_listeners_refused";
     pub const ENDPOINT_WEIGHT: &str = "carousel_endpoint_weight";
     pub const FAIRNESS_JAIN: &str = "carousel_fairness_jain";
+    pub const FAIRNESS_WINDOW_PICKS: &str = "carousel_fairness_window_picks";
     pub const SHADOW_PICKS_TOTAL: &str = "carousel_shadow_picks_total";
     pub const UDP_FLOWS_TOTAL: &str = "carousel_udp_flows_total";
     pub const UDP_FLOWS_ACTIVE: &str = "carousel_udp_flows_active";
@@ -88,6 +92,7 @@ pub mod names {
             BUILD_INFO => "carousel's version and platform, as labels; always 1.",
             NETWORK_PROGRAMMING_DURATION => "From an EndpointSlice change (its trigger time) until the node is programmed with it, in seconds.",
             EJECTIONS_TOTAL => "Times an endpoint was taken out of rotation after failed connects.",
+            EJECTED_UNTIL => "Unix time the endpoint's current ejection ends (0: not ejected since its last success; a past time: the ejection is over).",
             REJECTED_TOTAL => "Connections refused before forwarding, by reason.",
             ACCEPT_ERRORS_TOTAL => "Errors accepting connections (for example, out of file descriptors).",
             AFFINITY_LOOKUPS_TOTAL => "ClientIP session affinity lookups, by result (hit, miss, expired).",
@@ -96,6 +101,7 @@ pub mod names {
             AFFINITY_ENTRIES => "Clients remembered for ClientIP session affinity.",
             ENDPOINT_WEIGHT => "The share of new connections an endpoint is weighted for (0: drained).",
             FAIRNESS_JAIN => "Jain's index of the last few seconds of picks over weights (1: every endpoint got its share).",
+            FAIRNESS_WINDOW_PICKS => "Picks in the window carousel_fairness_jain was last computed over.",
             SHADOW_PICKS_TOTAL => "Picks a shadow balancer would have made, per endpoint.",
             UDP_FLOWS_TOTAL => "UDP flows (a client address and port to a Service port) opened to an endpoint.",
             UDP_FLOWS_ACTIVE => "UDP flows open to an endpoint now.",

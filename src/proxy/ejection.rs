@@ -34,12 +34,16 @@ impl Ejection {
         period
     }
 
-    /// Records an accepted connection: the endpoint is healthy again.
-    pub(crate) fn succeeded(&self) {
-        if self.failures.load(Ordering::Relaxed) != 0 {
-            self.failures.store(0, Ordering::Relaxed);
-            self.until_ms.store(0, Ordering::Relaxed);
+    /// Records an accepted connection: the endpoint is healthy again. True when that
+    /// cleared a record of failures, false (one load, nothing written) when there was
+    /// none.
+    pub(crate) fn succeeded(&self) -> bool {
+        if self.failures.load(Ordering::Relaxed) == 0 {
+            return false;
         }
+        self.failures.store(0, Ordering::Relaxed);
+        self.until_ms.store(0, Ordering::Relaxed);
+        true
     }
 }
 
@@ -68,9 +72,11 @@ mod tests {
     #[test]
     fn a_success_clears_the_record() {
         let e = Ejection::default();
+        assert!(!e.succeeded(), "no record to clear");
         e.failed(0);
         e.failed(0);
-        e.succeeded();
+        assert!(e.succeeded());
+        assert!(!e.succeeded(), "cleared once");
         assert!(!e.is_ejected(1));
         assert_eq!(
             e.failed(10),

@@ -5,8 +5,10 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::addr::PodAddr;
+use crate::proxy::clock::now_ms;
 use crate::proxy::ejection::Ejection;
 use crate::proxy::port_metrics::{EndpointSeries, PortMetrics, Series, UdpEndpointSeries};
 
@@ -70,6 +72,30 @@ impl EndpointState {
         }
     }
 
+    /// Takes the endpoint out of rotation after a failure (a refused or reset
+    /// connection, an ICMP port unreachable): counted, and when it ends shown in unix
+    /// time, which the gauge keeps once the ejection is over by itself. Returns how
+    /// long it lasts.
+    pub(crate) fn eject(&self) -> Duration {
+        let period = self.ejection.failed(now_ms());
+        let (count, until) = self.registered().ejection();
+        count.increment(1);
+        let ends = SystemTime::now() + period;
+        until.set(
+            ends.duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+        period
+    }
+
+    /// A connection (a flow) the endpoint took: healthy again. The gauge is written
+    /// only when a record was cleared, so the usual case stays one relaxed load.
+    pub(crate) fn succeeded(&self) {
+        if self.ejection.succeeded() {
+            self.registered().ejection().1.set(0.0);
+        }
+    }
+
     /// Sets the weight, and the gauge when the series exist.
     pub(crate) fn set_weight(&self, weight: u32) {
         self.weight.store(weight, Ordering::Relaxed);
@@ -78,5 +104,46 @@ impl EndpointState {
             Some(Series::Udp(series)) => series.weight.set(f64::from(weight)),
             None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::algorithm::Algorithm;
+    use crate::model::Locality;
+    use crate::proxy::routes::tests::{endpoint, table};
+    use crate::proxy::routes::{RouteBuilder, RouteTable};
+    use crate::telemetry::{names, Telemetry};
+
+    #[test]
+    fn an_ejection_shows_when_it_ends_until_a_success_clears_it() {
+        let table = table(Algorithm::RoundRobin, None, vec![endpoint(1, true, 1)]);
+        let telemetry = Telemetry::new();
+        let routes = RouteBuilder::new(&telemetry, Default::default()).build(
+            &table,
+            &RouteTable::default(),
+            &Locality::default(),
+        );
+        let e = &routes.internal_routes().next().unwrap().endpoints[0];
+        let until = || {
+            crate::status::samples(&telemetry.render())
+                .into_iter()
+                .find(|s| s.name == names::EJECTED_UNTIL)
+                .map(|s| s.value)
+        };
+        e.succeeded();
+        assert_eq!(until(), None, "a success alone registers nothing");
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let period = e.eject();
+        let ends = until().unwrap();
+        assert!(
+            ends >= before + period.as_secs_f64() && ends < before + period.as_secs_f64() + 60.0,
+            "{ends} against {before} + {period:?}"
+        );
+        e.succeeded();
+        assert_eq!(until(), Some(0.0));
     }
 }

@@ -52,7 +52,8 @@ struct RouteHistory {
     /// the endpoints, so idle Services cost one counter read per tick.
     quiet: usize,
     endpoints: HashMap<PodAddr, History>,
-    gauge: Option<Gauge>,
+    /// `carousel_fairness_jain` and `carousel_fairness_window_picks`.
+    gauges: Option<(Gauge, Gauge)>,
     /// The port's series, whose address keys this history: held, never read, as a
     /// `Weak` keeps that address from being reused by another port while it lives.
     _port: Weak<PortMetrics>,
@@ -135,9 +136,12 @@ fn update(h: &mut RouteHistory, route: &Arc<Route>, window: usize) {
     }
     h.endpoints = endpoints;
     if let Some(jain) = window_fairness(&counts) {
-        h.gauge
-            .get_or_insert_with(|| route.metrics.fairness())
-            .set(jain);
+        // The picks behind the index, so that a reader can tell one pick (an index of
+        // 1/n) from a measure.
+        let picks: u64 = counts.iter().map(|(picks, _)| picks).sum();
+        let (index, window) = h.gauges.get_or_insert_with(|| route.metrics.fairness());
+        index.set(jain);
+        window.set(picks as f64);
     }
 }
 
@@ -172,8 +176,12 @@ mod tests {
         }
         update(&mut h, route, 3);
         assert_eq!(h.endpoints.len(), 2);
-        assert!(telemetry.render().contains(
+        let text = telemetry.render();
+        assert!(text.contains(
             "carousel_fairness_jain{namespace=\"default\",service=\"web\",port=\"http\"} 1"
+        ));
+        assert!(text.contains(
+            "carousel_fairness_window_picks{namespace=\"default\",service=\"web\",port=\"http\"} 4"
         ));
         for _ in 0..3 {
             update(&mut h, route, 3);

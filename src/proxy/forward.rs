@@ -12,7 +12,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::addr::{ClientAddr, PodAddr};
-use crate::proxy::clock::{ms_at, now_ms};
+use crate::proxy::clock::ms_at;
 use crate::proxy::copy::{copy_both_ways, CopyError};
 use crate::proxy::port_metrics::EndpointSeries;
 use crate::proxy::routes::{Route, RouteEndpoint};
@@ -110,8 +110,7 @@ pub(crate) async fn forward(
                 io.kind(),
                 io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
             ) {
-                let period = endpoint.ejection.failed(now_ms());
-                stats.ejections.increment(1);
+                let period = endpoint.eject();
                 ejected(route, endpoint, period, &e);
             }
         }
@@ -192,18 +191,16 @@ async fn connect(
                     .connect_duration
                     .record(started.elapsed().as_secs_f64());
                 series.ok.increment(1);
-                endpoint.ejection.succeeded();
+                endpoint.succeeded();
                 return Ok((stream, endpoint, series));
             }
             Ok(Err(e)) => e,
             Err(_) => io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
         };
-        let period = endpoint.ejection.failed(now_ms());
+        let period = endpoint.eject();
         tracing::debug!(%peer, endpoint = %endpoint.addr, error = %error, ejected_for = ?period, "connect failed");
         ejected(route, endpoint, period, &error);
-        let series = endpoint.series();
-        series.connect_errors.increment(1);
-        series.ejections.increment(1);
+        endpoint.series().connect_errors.increment(1);
         last = Some(error);
     }
     Err(ForwardError::ConnectFailed {

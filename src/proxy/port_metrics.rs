@@ -72,6 +72,8 @@ pub(crate) struct UdpEndpointSeries {
     pub(crate) bytes_to_client: Counter,
     /// `carousel_endpoint_ejections_total`: ICMP port unreachable from the endpoint.
     pub(crate) ejections: Counter,
+    /// `carousel_endpoint_ejected_until_seconds`.
+    pub(crate) ejected_until: Gauge,
     pub(crate) weight: Gauge,
 }
 
@@ -80,6 +82,17 @@ pub(crate) struct UdpEndpointSeries {
 pub(crate) enum Series {
     Tcp(EndpointSeries),
     Udp(UdpEndpointSeries),
+}
+
+impl Series {
+    /// The ejection counter and the gauge of when the ejection ends, which both
+    /// protocols have.
+    pub(crate) fn ejection(&self) -> (&Counter, &Gauge) {
+        match self {
+            Series::Tcp(s) => (&s.ejections, &s.ejected_until),
+            Series::Udp(s) => (&s.ejections, &s.ejected_until),
+        }
+    }
 }
 
 /// The series of one endpoint, resolved once: a connection only increments them.
@@ -95,6 +108,8 @@ pub(crate) struct EndpointSeries {
     pub(crate) connection_duration: Histogram,
     /// `carousel_endpoint_ejections_total`: failed connects that took the endpoint out.
     pub(crate) ejections: Counter,
+    /// `carousel_endpoint_ejected_until_seconds`: when the current ejection ends.
+    pub(crate) ejected_until: Gauge,
     /// `carousel_endpoint_weight`.
     pub(crate) weight: Gauge,
 }
@@ -215,6 +230,7 @@ impl PortMetrics {
             connect_duration,
             connection_duration,
             ejections: telemetry.counter(names::EJECTIONS_TOTAL, labels(&[])),
+            ejected_until: telemetry.gauge(names::EJECTED_UNTIL, labels(&[])),
             weight: telemetry.gauge(names::ENDPOINT_WEIGHT, labels(&[])),
         };
         series.weight.set(f64::from(weight));
@@ -247,6 +263,7 @@ impl PortMetrics {
             bytes_to_client: telemetry
                 .counter(names::BYTES_TOTAL, labels(&[("direction", "to_client")])),
             ejections: telemetry.counter(names::EJECTIONS_TOTAL, labels(&[])),
+            ejected_until: telemetry.gauge(names::EJECTED_UNTIL, labels(&[])),
             weight: telemetry.gauge(names::ENDPOINT_WEIGHT, labels(&[])),
         };
         series.weight.set(f64::from(weight));
@@ -285,9 +302,14 @@ impl PortMetrics {
         }
     }
 
-    /// `carousel_fairness_jain` of the port.
-    pub(crate) fn fairness(&self) -> Gauge {
-        self.telemetry
-            .gauge(names::FAIRNESS_JAIN, self.labels.to_vec())
+    /// `carousel_fairness_jain` of the port, and `carousel_fairness_window_picks`, the
+    /// picks it was computed over (so that a reader can tell a measure from noise).
+    pub(crate) fn fairness(&self) -> (Gauge, Gauge) {
+        (
+            self.telemetry
+                .gauge(names::FAIRNESS_JAIN, self.labels.to_vec()),
+            self.telemetry
+                .gauge(names::FAIRNESS_WINDOW_PICKS, self.labels.to_vec()),
+        )
     }
 }

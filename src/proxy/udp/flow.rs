@@ -86,7 +86,7 @@ impl Flow {
         series.flows.increment(1);
         series.active.increment(1.0);
         endpoint.active.fetch_add(1, Ordering::Relaxed);
-        endpoint.ejection.succeeded();
+        endpoint.succeeded();
         tokio::spawn(
             Replies {
                 id,
@@ -176,8 +176,7 @@ impl Flow {
 
 /// An ICMP port unreachable from the endpoint: new flows avoid it for a while.
 fn refused(endpoint: &RouteEndpoint) {
-    endpoint.ejection.failed(now_ms());
-    endpoint.udp_series().ejections.increment(1);
+    endpoint.eject();
 }
 
 /// Sends on `socket` at once, without waiting: a full socket buffer drops the datagram.
