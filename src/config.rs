@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::algorithm::Algorithm;
+use crate::status::{MetricsUrl, Output, StatusError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -182,25 +183,27 @@ impl RunArgs {
     }
 }
 
-/// A duration of at least 100 ms: a shorter period would rewrite the rules in a loop.
-fn parse_sync_period(value: &str) -> Result<Duration, String> {
-    let period = humantime::parse_duration(value).map_err(|e| e.to_string())?;
-    if period < Duration::from_millis(100) {
+/// A duration of at least 100 ms and, with `max`, at most its duration (named as its
+/// text says).
+fn duration_from_100ms(value: &str, max: Option<(Duration, &str)>) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if duration < Duration::from_millis(100) {
         return Err(format!("{value} is shorter than 100ms"));
     }
-    Ok(period)
+    match max {
+        Some((max, said)) if duration > max => Err(format!("{value} is longer than {said}")),
+        _ => Ok(duration),
+    }
+}
+
+/// A duration of at least 100 ms: a shorter period would rewrite the rules in a loop.
+fn parse_sync_period(value: &str) -> Result<Duration, String> {
+    duration_from_100ms(value, None)
 }
 
 /// A UDP idle timeout: at least 100ms (a flow must outlive one round trip), at most a day.
 fn parse_udp_idle_timeout(value: &str) -> Result<Duration, String> {
-    let timeout = humantime::parse_duration(value).map_err(|e| e.to_string())?;
-    if timeout < Duration::from_millis(100) {
-        return Err(format!("{value} is shorter than 100ms"));
-    }
-    if timeout > Duration::from_secs(86_400) {
-        return Err(format!("{value} is longer than a day"));
-    }
-    Ok(timeout)
+    duration_from_100ms(value, Some((Duration::from_secs(86_400), "a day")))
 }
 
 /// An http(s) URL with a host, or empty (a ConfigMap value that leaves it unset).
@@ -268,11 +271,37 @@ pub struct BenchArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The /metrics of the carousel to ask.
+    /// The /metrics of the carousel to ask: http://HOST:PORT/PATH, or HOST:PORT for
+    /// http://HOST:PORT/metrics; an IPv6 address in brackets, as [::1]:10249.
     #[arg(
         long,
         default_value = "http://127.0.0.1:10249/metrics",
-        value_name = "URL"
+        value_name = "URL",
+        value_parser = parse_metrics_url
     )]
-    pub metrics_url: String,
+    pub metrics_url: MetricsUrl,
+
+    /// Tables, or one JSON document per snapshot (its shape: docs/cli.md).
+    #[arg(short, long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+
+    /// Read and print again every INTERVAL (--watch alone: 2s) until Ctrl-C; a failed
+    /// read is said on standard error and tried again at the next one.
+    #[arg(
+        long,
+        value_name = "INTERVAL",
+        num_args = 0..=1,
+        default_missing_value = "2s",
+        value_parser = parse_watch_interval
+    )]
+    pub watch: Option<Duration>,
+}
+
+fn parse_metrics_url(value: &str) -> Result<MetricsUrl, String> {
+    value.parse().map_err(|e: StatusError| e.to_string())
+}
+
+/// A `--watch` interval: 100ms (each read costs the carousel a /metrics render) to 1h.
+fn parse_watch_interval(value: &str) -> Result<Duration, String> {
+    duration_from_100ms(value, Some((Duration::from_secs(3600), "1h")))
 }

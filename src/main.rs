@@ -140,11 +140,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let text = carousel::status::fetch(&args.metrics_url).await?;
-    print!(
-        "{}",
-        carousel::status::render(&carousel::status::parse(&text))
-    );
+    carousel::status::show(&args.metrics_url, args.output, args.watch).await?;
     Ok(())
 }
 

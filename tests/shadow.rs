@@ -71,23 +71,29 @@ async fn shadow_algorithms_count_their_picks_per_pod() {
     }
 
     // `carousel status` reads the same carousel.
-    let url = format!("http://{}/metrics", carousel.metrics);
+    let url: status::MetricsUrl = format!("http://{}/metrics", carousel.metrics)
+        .parse()
+        .unwrap();
     // Round-robin over four pods: once the fairness task has seen the picks, it is 1.
     eventually("the fairness gauge reads 1", || async {
-        let text = status::fetch(&url).await.unwrap();
-        status::parse(&text)
+        let snapshot = status::snapshot(&url).await.unwrap();
+        snapshot
+            .services
             .iter()
-            .any(|s| s.fairness.is_some_and(|f| (f - 1.0).abs() < 1e-9))
+            .any(|s| s.shown_fairness().is_some_and(|f| (f - 1.0).abs() < 1e-9))
     })
     .await;
-    let services = status::parse(&status::fetch(&url).await.unwrap());
+    let services = status::snapshot(&url).await.unwrap().services;
     let web = services.iter().find(|s| s.service == "web").unwrap();
     assert_eq!(web.pods.len(), 4);
     assert!(web
         .pods
         .iter()
-        .all(|p| p.state == "active" && p.weight == Some(1.0)));
+        .all(|p| p.state == status::State::Active && p.weight == Some(1)));
     assert!((web.pods.iter().map(|p| p.share).sum::<f64>() - 1.0).abs() < 1e-9);
-    assert!((web.fairness.unwrap() - 1.0).abs() < 1e-9, "{web:?}");
+    assert!(
+        (web.shown_fairness().unwrap() - 1.0).abs() < 1e-9,
+        "{web:?}"
+    );
     carousel.stop().await;
 }

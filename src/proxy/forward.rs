@@ -12,7 +12,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::addr::{ClientAddr, PodAddr};
-use crate::proxy::clock::ms_at;
+use crate::proxy::clock::{ms_at, now_ms};
 use crate::proxy::copy::{copy_both_ways, CopyError};
 use crate::proxy::port_metrics::EndpointSeries;
 use crate::proxy::routes::{Route, RouteEndpoint};
