@@ -508,6 +508,117 @@ async fn a_weights_annotation_of_ten_thousand_bad_entries_costs_one_bounded_log_
 }
 
 #[tokio::test]
+async fn an_unknown_field_warns_and_a_bad_enum_in_a_later_version_is_refused_keeping_the_old_state()
+{
+    let (echo, _task) = echo_server("127.0.0.1").await;
+    let mut svc = Svc::new("typo", "127.97.12.1", 8080, vec![Ep::ready(echo, "echo")]);
+    svc.spec.push("sesionAffinity: ClientIP".into());
+    let endpoints =
+        "---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: typo, namespace: test}\n";
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("carousel.log");
+    let wrap = format!(r#"exec "$0" "$@" 2>{}"#, log.display());
+    let c = start_serving(12, std::slice::from_ref(&svc), &[], Some(&wrap)).await;
+    // A second good version adds a v1 Endpoints object: that is logged, and the unknown
+    // field, which is not new, is not logged again.
+    let good = format!("{}{endpoints}", svc.state());
+    replace_file(&c.state, &good);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("the v1 Endpoints object is reported", || async {
+        log_text().contains("objects of kind v1 Endpoints are ignored")
+    })
+    .await;
+    let text = log_text();
+    let warning = "document 1 (Service test/typo): unknown field spec.sesionAffinity, ignored";
+    assert!(
+        text.lines()
+            .any(|l| l.contains(" WARN ") && l.contains(warning)),
+        "{text}"
+    );
+    // Logged once, not again for the second version that has it too.
+    assert_eq!(text.matches(warning).count(), 1, "{text}");
+    assert!(
+        text.contains("write them as discovery.k8s.io/v1 EndpointSlice objects instead (see docs/state-file.md)"),
+        "{text}"
+    );
+    let mut s = tokio::net::TcpStream::connect(c.service).await.unwrap();
+    tokio::time::timeout(PATIENCE, echo_once(&mut s, b"served despite the typo"))
+        .await
+        .expect("served");
+    // The unknown field counts as a configuration error.
+    let errors = || async { metric(&c.metrics_text().await, "carousel_config_errors_total", &[]) };
+    assert_eq!(errors().await, Some(1.0));
+
+    let bad = good.replace("sesionAffinity: ClientIP", "sessionAffinity: ClientIp");
+    replace_file(&c.state, &bad);
+    eventually("the bad version is refused and counted", || async {
+        errors().await == Some(2.0)
+    })
+    .await;
+    let text = log_text();
+    let refusal = text
+        .lines()
+        .find(|l| l.contains("state file refused"))
+        .unwrap_or_else(|| panic!("no refusal in {text}"));
+    assert!(
+        refusal.contains(
+            r#"state file refused, keeping the last good state: document 1 (Service typo): spec.sessionAffinity: Unsupported value: "ClientIp": supported values: "ClientIP", "None""#
+        ),
+        "{refusal}"
+    );
+    // The old Service still forwards, on the open connection and on a new one.
+    echo_once(&mut s, b"still served").await;
+    let mut again = tokio::net::TcpStream::connect(c.service).await.unwrap();
+    tokio::time::timeout(PATIENCE, echo_once(&mut again, b"and to a new connection"))
+        .await
+        .expect("served after the refusal");
+}
+
+/// Replaces the file whole, by a rename, as an editor or `kubectl get > tmp; mv` does.
+fn replace_file(path: &std::path::Path, text: &str) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
+#[tokio::test]
+async fn a_first_state_file_with_a_bad_enum_value_exits_1_naming_the_field_on_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.yaml");
+    let mut svc = Svc::new("sticky", "127.99.22.1", 8080, Vec::new());
+    svc.spec.push("sessionAffinity: ClientIp".into());
+    std::fs::write(&state, svc.state()).unwrap();
+
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--metrics-bind-address",
+            "127.99.22.2:10249",
+            "--healthz-bind-address",
+            "127.99.22.2:10256",
+            "--from-file",
+        ])
+        .arg(&state)
+        .output()
+        .await
+        .unwrap();
+
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("sessionAffinity"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains(
+            r#"document 1 (Service sticky): spec.sessionAffinity: Unsupported value: "ClientIp": supported values: "ClientIP", "None""#
+        ),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
 async fn past_half_the_descriptor_limit_bind_mode_refuses_listeners_by_count_and_keeps_serving() {
     let (echo, _task) = echo_server("127.0.0.1").await;
     // 2 000 Service addresses under a limit of 1 024 descriptors: once, every descriptor

@@ -6,7 +6,8 @@
 //! object, its kind, its name and the field at fault, on one line; an accepted file gives
 //! a consistent table (ports are ports; endpoints sorted, each address once); a valid
 //! file is accepted and joined by kube-proxy's rules; a bad annotation warns and never
-//! refuses its Service.
+//! refuses its Service; a field no Kubernetes type has warns, naming its path, and
+//! changes nothing else.
 //!
 //! 256 cases a property by default (a few seconds in a debug build); more by hand with
 //! `PROPTEST_CASES=20000 cargo test --release --test fuzz_state` (nextest would stop a
@@ -846,6 +847,15 @@ proptest! {
     }
 
     #[test]
+    fn an_unknown_field_warns_naming_it_and_changes_nothing(
+        docs in tidy_file(),
+        pick in any::<prop::sample::Index>(),
+        in_metadata in any::<bool>(),
+    ) {
+        unknown_field_in(&docs, pick.index(docs.len()), in_metadata);
+    }
+
+    #[test]
     fn converters_never_panic_and_name_a_field(doc in prop_oneof![service(), endpoint_slice()]) {
         converters_on(doc);
     }
@@ -882,6 +892,40 @@ fn tidy_file_is_accepted(docs: &[Value]) {
     let services = docs.iter().filter(|d| d["kind"] == "Service").count();
     assert_eq!(loaded.table.len(), services);
     check_join(docs, &loaded.table);
+}
+
+/// A field no Kubernetes type has, added to one document of a valid file: the file is
+/// still accepted with the same table, and one warning names the document and the path.
+fn unknown_field_in(docs: &[Value], at: usize, in_metadata: bool) {
+    let clean = parse_checked(&render(docs)).unwrap_or_else(|e| panic!("refused: {e}"));
+    let mut typo = docs.to_vec();
+    let (place, field) = match in_metadata {
+        true => (&mut typo[at]["metadata"], "metadata.nmae"),
+        false => (&mut typo[at], "nmae"),
+    };
+    place["nmae"] = json!("x");
+    let loaded = parse_checked(&render(&typo)).unwrap_or_else(|e| panic!("refused: {e}"));
+    assert_eq!(loaded.table, clean.table);
+    let unknown: Vec<String> = loaded
+        .warnings
+        .iter()
+        .filter(|w| matches!(w, Warning::UnknownField { .. }))
+        .map(ToString::to_string)
+        .collect();
+    let doc = &docs[at];
+    let object = format!(
+        "{} {}/{}",
+        doc["kind"].as_str().unwrap(),
+        doc["metadata"]["namespace"].as_str().unwrap(),
+        doc["metadata"]["name"].as_str().unwrap()
+    );
+    assert_eq!(
+        unknown,
+        [format!(
+            "document {} ({object}): unknown field {field}, ignored",
+            at + 1
+        )]
+    );
 }
 
 /// The object converters on their own, fed whatever deserializes into the typed objects.

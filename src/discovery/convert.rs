@@ -5,6 +5,11 @@
 //! Conversion runs in two steps: each object on its own (`service`, `slice`), which is
 //! where a malformed object is refused with the field at fault, then `join`, which
 //! matches slices to Service ports and applies kube-proxy's endpoint rules.
+//!
+//! An enum field with a value carousel does not know (a `sessionAffinity` other than
+//! `ClientIP`, a `trafficDistribution` a later Kubernetes adds) is read as its default,
+//! as the API server only hands out values it checked; the state file is checked first,
+//! in `validate`, so that a typo there is refused rather than read as the default.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -19,7 +24,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::addr::PodAddr;
+use crate::discovery::file::Location;
 use crate::discovery::names::Names;
+use crate::discovery::validate;
 use crate::model::{
     Algorithm, Balancing, Endpoint, Placement, Protocol, Service, ServiceKey, ServicePort,
     ServiceTable, DEFAULT_AFFINITY_TIMEOUT,
@@ -61,7 +68,7 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             field: field.into(),
             message: message.into(),
@@ -87,12 +94,25 @@ pub enum Warning {
         value: String,
         reason: String,
     },
+    /// A field of the state file that the object's Kubernetes type does not have, such
+    /// as a misspelt `prots:`. kubectl would refuse the object; carousel reads it
+    /// without the field.
+    UnknownField {
+        at: Location,
+        /// The kind, namespace and name, as far as the object has them: `Service shop/web`.
+        object: String,
+        /// Where in the object: `spec.ports[0].nmae`.
+        field: String,
+    },
 }
 
 impl Warning {
     /// Whether this warning counts in `carousel_config_errors_total`.
     pub fn is_config_error(&self) -> bool {
-        matches!(self, Warning::BadAnnotation { .. })
+        matches!(
+            self,
+            Warning::BadAnnotation { .. } | Warning::UnknownField { .. }
+        )
     }
 }
 
@@ -116,6 +136,9 @@ impl fmt::Display for Warning {
                 f,
                 "service {service}: annotation {annotation}={value}: {reason}"
             ),
+            Warning::UnknownField { at, object, field } => {
+                write!(f, "{at} ({object}): unknown field {field}, ignored")
+            }
         }
     }
 }
@@ -606,17 +629,12 @@ pub fn slice(
     let Some(service) = meta.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
         return Ok(None);
     };
-    let ipv6 = match slice.address_type.as_str() {
-        "IPv4" => false,
-        "IPv6" => true,
-        "FQDN" => return Ok(None),
-        other => {
-            return Err(FieldError::new(
-                "addressType",
-                format!("{other:?} is not IPv4, IPv6 or FQDN"),
-            ))
-        }
-    };
+    // IPv4, IPv6 or FQDN; refused otherwise, in the API server's words.
+    validate::address_type(&slice.address_type)?;
+    if slice.address_type == "FQDN" {
+        return Ok(None);
+    }
+    let ipv6 = slice.address_type == "IPv6";
     let ports = slice_ports(slice)?;
     let endpoints = slice.endpoints.iter().flatten().enumerate();
     let endpoints = endpoints
@@ -649,9 +667,10 @@ fn slice_ports(slice: &discovery::EndpointSlice) -> Result<Vec<SlicePort>, Field
     Ok(ports)
 }
 
-/// The protocols carousel proxies, from a port's `protocol` (TCP when absent).
+/// The protocols carousel proxies, from a port's `protocol` (TCP when absent or empty,
+/// as the API server defaults it).
 fn protocol(protocol: Option<&str>) -> Option<Protocol> {
-    match protocol.unwrap_or("TCP") {
+    match protocol.filter(|p| !p.is_empty()).unwrap_or("TCP") {
         "TCP" => Some(Protocol::Tcp),
         "UDP" => Some(Protocol::Udp),
         _ => None,

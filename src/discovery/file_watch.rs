@@ -11,7 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 use crate::discovery::convert::{Scope, Warning};
-use crate::discovery::file::{digest, parse, read, utf8, Loaded, Stamp, StateFileError};
+use crate::discovery::file::{
+    digest, ignored_kind_note, parse, read, utf8, Loaded, Stamp, StateFileError, MAX_UNKNOWN_FIELDS,
+};
 use crate::discovery::table_changes::TableChanges;
 use crate::model::ServiceTable;
 use crate::telemetry::Telemetry;
@@ -193,10 +195,15 @@ impl Versions {
 /// counted in one line. Each is counted in `carousel_config_errors_total` either way.
 const MAX_WARNINGS_LOGGED: usize = 20;
 
+/// The most ignored kinds one version of the file logs line by line.
+const MAX_KINDS_LOGGED: usize = 20;
+
 /// Logs and counts each distinct problem once, not on every look at the file.
 #[derive(Default)]
 struct Reporter {
     warnings: BTreeSet<Warning>,
+    /// The unknown fields of the last version past those kept as warnings.
+    more_unknown_fields: usize,
     refusal: Option<String>,
 }
 
@@ -218,11 +225,29 @@ impl Reporter {
                 "more new warnings in this version of the state file, not logged one by one"
             );
         }
+        // Only the unknown fields kept as warnings count in the metric: the rest are not
+        // known one by one, and one is enough to alert on.
         let errors = new.iter().filter(|w| w.is_config_error()).count();
         telemetry.config_errors().increment(errors as u64);
         self.warnings = current;
-        for kind in &loaded.ignored_kinds {
-            tracing::warn!(kind, "objects of this kind are ignored");
+        let more = loaded.more_unknown_fields;
+        if more > 0 && more != self.more_unknown_fields {
+            tracing::warn!(
+                "{more} more unknown fields in this version of the state file, past the \
+                 first {MAX_UNKNOWN_FIELDS}, not logged one by one"
+            );
+        }
+        self.more_unknown_fields = more;
+        for kind in loaded.ignored_kinds.iter().take(MAX_KINDS_LOGGED) {
+            tracing::warn!("{}", ignored_kind_note(kind));
+        }
+        if let Some(more) = loaded
+            .ignored_kinds
+            .len()
+            .checked_sub(MAX_KINDS_LOGGED)
+            .filter(|n| *n > 0)
+        {
+            tracing::warn!(more, "more kinds of objects ignored, not logged one by one");
         }
     }
 

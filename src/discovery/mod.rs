@@ -2,13 +2,15 @@
 //! Kubernetes API. Both convert objects with the same pure functions in `convert` and
 //! publish whole `ServiceTable` snapshots on a watch channel.
 //!
-//! `convert`, `file`, `names`, `table_changes` and `yaml_budget` are the pure part, built with or without
-//! the `node` feature; the rest watches (the file, the API) and needs the runtime.
+//! `convert`, `file`, `names`, `table_changes`, `validate` and `yaml_budget` are the pure
+//! part, built with or without the `node` feature; the rest watches (the file, the API)
+//! and needs the runtime.
 
 pub mod convert;
 pub mod file;
 pub mod names;
 pub mod table_changes;
+pub(crate) mod validate;
 pub(crate) mod yaml_budget;
 
 #[cfg(feature = "node")]
