@@ -207,6 +207,18 @@ fn parse_udp_idle_timeout(value: &str) -> Result<Duration, String> {
 }
 
 /// An http(s) URL with a host, or empty (a ConfigMap value that leaves it unset).
+/// A scenario's name or `all`: a usage error (exit 2) otherwise, listing the names.
+fn parse_scenario(value: &str) -> Result<String, String> {
+    if value == "all" || crate::lab::bench::scenarios::names().any(|n| n == value) {
+        return Ok(value.to_string());
+    }
+    let known: Vec<&str> = crate::lab::bench::scenarios::names().collect();
+    Err(format!(
+        "unknown scenario (known: {}, or all)",
+        known.join(", ")
+    ))
+}
+
 fn parse_master(value: &str) -> Result<String, String> {
     if value.is_empty() {
         return Ok(String::new());
@@ -245,7 +257,7 @@ pub(crate) const BENCH_SCENARIOS_HELP: &str = "Scenarios:
 #[command(after_help = BENCH_SCENARIOS_HELP)]
 pub struct BenchArgs {
     /// The scenario to run, or all.
-    #[arg(long, default_value = "all", value_name = "NAME|all")]
+    #[arg(long, default_value = "all", value_name = "NAME|all", value_parser = parse_scenario)]
     pub scenario: String,
 
     /// The algorithms to compare (default: every one).

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use carousel::config::{BenchArgs, Cli, Command, LogFormat, RunArgs, StatusArgs};
-use carousel::dataplane::nftables;
+use carousel::dataplane::{nftables, preflight};
 use carousel::lab;
 use carousel::plan::{self, Plan};
 use carousel::proxy::Mode;
@@ -84,6 +84,7 @@ async fn carousel() -> anyhow::Result<()> {
         Command::Bench(args) => bench(args).await,
         Command::Status(args) => status(args).await,
         Command::Cleanup => {
+            preflight::nftables_mode()?;
             nftables::cleanup()
                 .await
                 .context("cannot remove carousel's rules")?;
@@ -155,11 +156,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         drain_timeout,
         endpoint_histograms,
     } = Plan::new(args, &host);
+    if matches!(source.proxy_mut().mode, Mode::Nftables { .. }) {
+        preflight::nftables_mode()?;
+    }
     // Shared with a second carousel of the node (SO_REUSEPORT), as the data path is.
-    let metrics_listener = carousel::proxy::listener::bind(metrics, None)
-        .with_context(|| format!("cannot serve metrics on {metrics}"))?;
-    let health_listener = carousel::proxy::listener::bind(health, None)
-        .with_context(|| format!("cannot serve health on {health}"))?;
+    let metrics_listener = carousel::proxy::listener::bind(metrics, None).map_err(|e| {
+        let hint = plan::bind_hint("--metrics-bind-address", metrics, &e);
+        anyhow::anyhow!("cannot serve metrics on {metrics}: {e}: {hint}")
+    })?;
+    let health_listener = carousel::proxy::listener::bind(health, None).map_err(|e| {
+        let hint = plan::bind_hint("--healthz-bind-address", health, &e);
+        anyhow::anyhow!("cannot serve health on {health}: {e}: {hint}")
+    })?;
     let (mode, listener) = match &source.proxy_mut().mode {
         Mode::Bind { .. } => ("bind", "a listener per Service address".to_string()),
         Mode::Nftables { redirect_port, .. } => {

@@ -323,3 +323,75 @@ mod tests {
         assert!(plan.endpoint_histograms);
     }
 }
+
+/// The ports kube-proxy listens on, by default, with the flag that moves carousel's.
+const KUBE_PROXY_PORTS: [(u16, &str); 2] = [(10249, "metrics"), (10256, "health check")];
+
+/// What to do about a telemetry address that cannot be bound: `flag` is the one that
+/// moves it. A port in use is most often kube-proxy's, still running on the node.
+pub fn bind_hint(flag: &str, addr: SocketAddr, error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            match KUBE_PROXY_PORTS.iter().find(|(port, _)| *port == addr.port()) {
+                Some((port, what)) => format!(
+                    "port {port} is kube-proxy's {what} port: stop kube-proxy on this node \
+                     (deploy/replace takes its place), or move carousel's with {flag}"
+                ),
+                None => format!("another process listens there: choose another address with {flag}"),
+            }
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            format!("{} is not an address of this host: choose another with {flag}", addr.ip())
+        }
+        std::io::ErrorKind::PermissionDenied => format!(
+            "a port below 1024 needs CAP_NET_BIND_SERVICE: grant it, or choose another port with {flag}"
+        ),
+        _ => format!("choose another address with {flag}"),
+    }
+}
+
+#[cfg(test)]
+mod bind_hint_tests {
+    use super::bind_hint;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn a_port_in_use_names_kube_proxy_when_it_is_kube_proxys_and_always_the_flag() {
+        let in_use = Error::from(ErrorKind::AddrInUse);
+        let hint = bind_hint(
+            "--metrics-bind-address",
+            "0.0.0.0:10249".parse().unwrap(),
+            &in_use,
+        );
+        assert_eq!(
+            hint,
+            "port 10249 is kube-proxy's metrics port: stop kube-proxy on this node \
+             (deploy/replace takes its place), or move carousel's with --metrics-bind-address"
+        );
+        let hint = bind_hint(
+            "--healthz-bind-address",
+            "[::]:10256".parse().unwrap(),
+            &in_use,
+        );
+        assert!(
+            hint.starts_with("port 10256 is kube-proxy's health check port"),
+            "{hint}"
+        );
+        let hint = bind_hint(
+            "--metrics-bind-address",
+            "127.0.0.1:9000".parse().unwrap(),
+            &in_use,
+        );
+        assert_eq!(
+            hint,
+            "another process listens there: choose another address with --metrics-bind-address"
+        );
+        let denied = Error::from(ErrorKind::PermissionDenied);
+        let hint = bind_hint(
+            "--metrics-bind-address",
+            "0.0.0.0:80".parse().unwrap(),
+            &denied,
+        );
+        assert!(hint.contains("CAP_NET_BIND_SERVICE"), "{hint}");
+    }
+}

@@ -1676,17 +1676,39 @@ fn the_podmonitor_scrapes_every_carousel() {
         Some(true),
         "carousel's namespace, service and pod labels must win over the target's"
     );
-    // The address comes from the pod IP and the annotation each overlay sets.
-    let address = seq_at(endpoint, &["relabelings"])
+    // The address comes from the pod IP and the annotation each overlay sets: the
+    // relabelings applied as Prometheus applies them (in order, each regex anchored, a
+    // rule that does not match leaves the label alone) to an IPv4 and an IPv6 pod.
+    let rules: Vec<&Value> = seq_at(endpoint, &["relabelings"])
         .iter()
-        .find(|r| str_at(r, &["targetLabel"]) == Some("__address__"))
-        .expect("a relabeling that sets the address");
-    assert_eq!(
-        strings_at(address, &["sourceLabels"]),
-        [
-            "__meta_kubernetes_pod_ip",
-            "__meta_kubernetes_pod_annotation_prometheus_io_port"
-        ]
-    );
-    assert_eq!(str_at(address, &["replacement"]), Some("$1:$2"));
+        .filter(|r| str_at(r, &["targetLabel"]) == Some("__address__"))
+        .collect();
+    assert!(!rules.is_empty(), "a relabeling that sets the address");
+    for (pod_ip, want) in [
+        ("10.0.0.5", "10.0.0.5:10263"),
+        ("fd00::5", "[fd00::5]:10263"),
+    ] {
+        let mut address = format!("{pod_ip}:80");
+        for rule in &rules {
+            assert_eq!(
+                strings_at(rule, &["sourceLabels"]),
+                [
+                    "__meta_kubernetes_pod_ip",
+                    "__meta_kubernetes_pod_annotation_prometheus_io_port"
+                ]
+            );
+            let joined = [pod_ip, "10263"].join(str_at(rule, &["separator"]).unwrap_or(";"));
+            let regex = regex::Regex::new(&format!("^(?:{})$", str_at(rule, &["regex"]).unwrap()))
+                .expect("a valid regex");
+            if let Some(caps) = regex.captures(&joined) {
+                let mut out = String::new();
+                caps.expand(str_at(rule, &["replacement"]).unwrap(), &mut out);
+                address = out;
+            }
+        }
+        assert_eq!(address, want);
+        address
+            .parse::<std::net::SocketAddr>()
+            .expect("a socket address");
+    }
 }

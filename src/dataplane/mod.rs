@@ -7,3 +7,4 @@ pub(crate) mod elements;
 pub(crate) mod netlink;
 pub mod nftables;
 pub mod policy_route;
+pub mod preflight;

@@ -456,6 +456,8 @@ pub(crate) fn render_cleanup() -> String {
 pub enum NftError {
     #[error("cannot run nft (is nftables installed?): {0}")]
     Spawn(#[source] std::io::Error),
+    #[error("cannot write the script to nft: {0}")]
+    Write(#[source] std::io::Error),
     #[error("nft refused the transaction: {stderr}")]
     Refused { stderr: String },
     #[error("cannot set the policy route of intercepted traffic: {0}")]
@@ -499,16 +501,17 @@ pub(crate) async fn apply(script: &str) -> Result<(), NftError> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(NftError::Spawn)?;
-    child
+    // A write that fails means nft exited before reading the script (it could not open
+    // its netlink socket, say): what it said on stderr is the error, not the broken pipe.
+    let written = child
         .stdin
         .take()
         .expect("stdin is piped")
         .write_all(script.as_bytes())
-        .await
-        .map_err(NftError::Spawn)?;
+        .await;
     let out = child.wait_with_output().await.map_err(NftError::Spawn)?;
     if out.status.success() {
-        Ok(())
+        written.map_err(NftError::Write)
     } else {
         Err(NftError::Refused {
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),

@@ -129,6 +129,10 @@ pub enum ProxyError {
     },
     #[error(transparent)]
     Rules(#[from] NftError),
+    /// nftables mode could not program the node's first rules: nothing would reach the
+    /// listener, so carousel stops with the reason rather than running unready.
+    #[error("cannot program this node's first nftables rules: {0}")]
+    FirstRules(#[source] NftError),
     /// The drain ran out (`--drain-timeout`, or a second signal) with connections open:
     /// each was reset on both sides.
     #[error("the drain was cut short: {open} open connection(s) reset")]
@@ -252,6 +256,9 @@ struct NodeSync {
     generation: Generation,
     /// Until the next repair: the period, or the backoff after a failure.
     pause: Duration,
+    /// Whether a table was ever in force: before, a failure to program the rules ends
+    /// the proxy; after, it is retried.
+    programmed: bool,
 }
 
 impl NodeSync {
@@ -271,6 +278,7 @@ impl NodeSync {
             metrics: SyncMetrics::new(telemetry, matches!(config.mode, Mode::Nftables { .. })),
             generation: Generation::default(),
             pause: config.sync_period,
+            programmed: false,
             config,
         }
     }
@@ -328,7 +336,12 @@ impl NodeSync {
             Ok(()) if unserved_checks > 0 => Err(SyncError::Listeners(unserved_checks)),
             result => result,
         };
+        let result = match result {
+            Err(SyncError::Rules(e)) if !self.programmed => return Err(ProxyError::FirstRules(e)),
+            result => result,
+        };
         let in_force = result.as_ref().map_or_else(SyncError::partial, |()| true);
+        self.programmed |= in_force;
         if in_force {
             self.metrics.succeeded(started.elapsed(), new_table);
             if new_table {
