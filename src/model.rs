@@ -60,6 +60,37 @@ pub struct Service {
     /// `spec.loadBalancerSourceRanges`: when any is of an address's family, only clients
     /// inside one reach the Service at its load-balancer IPs of that family.
     pub(crate) load_balancer_source_ranges: Vec<IpNet>,
+    /// How the pods learn the client's address.
+    pub(crate) source: ClientSource,
+}
+
+/// How a Service's pods learn the client's address, beyond the connection's own source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientSource {
+    /// `carousel.dev/proxy-protocol`: a PROXY protocol header before the client's bytes.
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// `carousel.dev/source: transparent`: connections to this node's endpoints leave
+    /// from the client's own address.
+    pub transparent: bool,
+}
+
+/// The version of the PROXY protocol header sent to a Service's pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProxyProtocol {
+    /// The text header (`PROXY TCP4 ...`); TCP only.
+    V1,
+    /// The binary header; TCP, and UDP before each datagram.
+    V2,
+}
+
+impl ProxyProtocol {
+    /// As the annotation and the `version` label spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProxyProtocol::V1 => "v1",
+            ProxyProtocol::V2 => "v2",
+        }
+    }
 }
 
 /// Where this carousel runs, for node-local and zone-aware endpoint selection.
@@ -67,6 +98,13 @@ pub struct Service {
 pub struct Locality {
     pub node: Option<Arc<str>>,
     pub zone: Option<Arc<str>>,
+}
+
+impl Locality {
+    /// Whether `endpoint` is on this node: both names known, and the same.
+    pub(crate) fn holds(&self, endpoint: &Endpoint) -> bool {
+        endpoint.placement.node.is_some() && endpoint.placement.node == self.node
+    }
 }
 
 /// Which way a connection reached the Service: the two may see different endpoints.
@@ -183,8 +221,7 @@ impl ServicePort {
             Traffic::Inside => false,
         };
         if local_only {
-            return self
-                .eligible_where(|e| e.placement.node.is_some() && e.placement.node == here.node);
+            return self.eligible_where(|e| here.holds(e));
         }
         let all = self.eligible();
         if traffic != Traffic::External && service.prefer_close {
@@ -300,6 +337,7 @@ mod tests {
             external_traffic_local: false,
             health_check_node_port: None,
             load_balancer_source_ranges: Vec::new(),
+            source: ClientSource::default(),
             internal_traffic_local: false,
             prefer_close: false,
         };

@@ -83,6 +83,7 @@ fn proxy_config(args: &RunArgs, in_cluster: bool, host_addresses: &[IpAddr]) -> 
             connect_timeout: args.connect_timeout,
             connect_attempts: args.connect_attempts.into(),
             mark: None,
+            transparent_mark: None,
             idle_timeout: args.tcp_idle_timeout,
             keepalive: (!args.tcp_keepalive.is_zero()).then_some(args.tcp_keepalive),
         },

@@ -53,6 +53,8 @@ pub mod names {
     pub const UDP_FLOWS_ACTIVE: &str = "carousel_udp_flows_active";
     pub const UDP_DATAGRAMS_TOTAL: &str = "carousel_udp_datagrams_total";
     pub const UDP_DROPPED_TOTAL: &str = "carousel_udp_dropped_total";
+    pub const PROXY_HEADERS_TOTAL: &str = "carousel_proxy_headers_total";
+    pub const SOURCE_CONNECTIONS_TOTAL: &str = "carousel_source_connections_total";
 
     // kube-proxy's own names, buckets and meaning (its `pkg/proxy/metrics`), so that
     // what watches kube-proxy watches carousel.
@@ -107,6 +109,8 @@ pub mod names {
             UDP_FLOWS_ACTIVE => "UDP flows open to an endpoint now.",
             UDP_DATAGRAMS_TOTAL => "UDP datagrams forwarded, by direction (to_endpoint, to_client).",
             UDP_DROPPED_TOTAL => "UDP datagrams dropped, by reason (no_endpoint, flow_limit, endpoint_busy, client_busy, socket_error).",
+            PROXY_HEADERS_TOTAL => "PROXY protocol headers sent to endpoints, by version (v1, v2): counted per TCP connection and per UDP flow (whose every datagram carries one).",
+            SOURCE_CONNECTIONS_TOTAL => "Connections of Services with carousel.dev/source: transparent, by the source the pod saw (client; node: the endpoint is on another node or the mode cannot).",
             KUBE_PROXY_SYNC_DURATION => "SyncProxyRules latency in seconds: each successful programming of the node, a new table's or a periodic check's.",
             KUBE_PROXY_SYNC_LAST_TIMESTAMP => "The last time proxy rules were successfully synced.",
             KUBE_PROXY_LAST_QUEUED_TIMESTAMP => "The last time a sync of proxy rules was queued (a change arrived).",

@@ -15,6 +15,12 @@
 //! and the IP layer drops the socket TPROXY assigned there. Such bridges carry the pods'
 //! gateway address, which is all REDIRECT needs.
 //!
+//! A Service with `carousel.dev/source: transparent` has carousel connect to this node's
+//! pods from the client's own address. The pod's replies go to that address, so the
+//! output hook marks such a connection's conntrack entry (`TRANSPARENT_MARK`, the
+//! socket's mark), and prerouting gives the replies of marked entries `INTERCEPT_MARK`:
+//! the same policy route delivers them to carousel's socket instead of the client.
+//!
 //! The rules never change after start-up; what changes is the content of three sets
 //! (IPv4 and IPv6 Service addresses with their ports, and node ports), so a table change
 //! is a transaction of element additions and removals, never a rewrite of the world.
@@ -40,6 +46,11 @@ pub const TABLE: &str = "carousel";
 /// The socket mark of carousel's own connections to pods: they skip the interception, so
 /// a pod whose address happens to equal a Service address is still reached, never looped.
 pub(crate) const MARK: u32 = 0x4341;
+/// The socket mark of carousel's connections that leave from their client's address
+/// (`carousel.dev/source: transparent`): their conntrack entries are marked with it in
+/// output, and the pod's replies, which go to the client's address, are marked for the
+/// policy route in prerouting, so that they come back to carousel's socket.
+pub(crate) const TRANSPARENT_MARK: u32 = 0x4343;
 
 /// Service addresses with their protocols and ports, by family, and node ports with
 /// their protocols. Persistent sets: a copy is O(1), and `diff` of two versions skips
@@ -235,10 +246,11 @@ fn render_chains(s: &mut String, listen_port: u16, nodeport_nets: &[IpNet]) {
     // Only packets of a client's direction: a reply to one of carousel's own sockets
     // (whose port could equal a node port) is never taken over. Refusals and source
     // ranges apply to new TCP connections only: an open one is never cut by a change.
-    // UDP has no connection: each of its datagrams is refused or dropped.
+    // UDP has no connection: each of its datagrams is refused or dropped. The replies
+    // to carousel's transparent-source connections are the exception: delivered here.
     writeln!(
         s,
-        "  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n    ct direction reply accept"
+        "  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n    ct direction reply ct mark {TRANSPARENT_MARK:#010x} {mark} accept\n    ct direction reply accept"
     )
     .unwrap();
     let syn = "tcp flags & (fin | syn | rst | ack) == syn";
@@ -289,9 +301,10 @@ fn render_chains(s: &mut String, listen_port: u16, nodeport_nets: &[IpNet]) {
     // The node's own connections to a Service: marked, the policy route sends them
     // through lo, and prerouting takes them over (or refuses them). A local
     // destination (a node port on one of the node's addresses) goes through lo anyway.
+    // carousel's own connections pass; the transparent ones mark their conntrack entry.
     writeln!(
         s,
-        "  }}\n  chain output {{\n    type route hook output priority mangle; policy accept;\n    meta mark {MARK:#010x} return"
+        "  }}\n  chain output {{\n    type route hook output priority mangle; policy accept;\n    meta mark {MARK:#010x} return\n    meta mark {TRANSPARENT_MARK:#010x} ct mark set {TRANSPARENT_MARK:#010x} return"
     )
     .unwrap();
     for set in ["services", "refused"] {

@@ -28,12 +28,14 @@ use crate::discovery::file::Location;
 use crate::discovery::names::Names;
 use crate::discovery::validate;
 use crate::model::{
-    Algorithm, Balancing, Endpoint, Placement, Protocol, Service, ServiceKey, ServicePort,
-    ServiceTable, DEFAULT_AFFINITY_TIMEOUT,
+    Algorithm, Balancing, ClientSource, Endpoint, Placement, Protocol, ProxyProtocol, Service,
+    ServiceKey, ServicePort, ServiceTable, DEFAULT_AFFINITY_TIMEOUT,
 };
 
 pub const ANNOTATION_LOAD_BALANCER: &str = "carousel.dev/load-balancer";
 pub const ANNOTATION_WEIGHTS: &str = "carousel.dev/weights";
+pub const ANNOTATION_PROXY_PROTOCOL: &str = "carousel.dev/proxy-protocol";
+pub const ANNOTATION_SOURCE: &str = "carousel.dev/source";
 pub(crate) const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 /// The source ranges of a LoadBalancer Service before `spec.loadBalancerSourceRanges`
 /// existed, comma-separated; read when the field is empty, as kube-proxy does.
@@ -168,6 +170,7 @@ pub struct ServiceFront {
     pub(crate) prefer_close: bool,
     pub(crate) health_check_node_port: Option<u16>,
     pub(crate) load_balancer_source_ranges: Vec<IpNet>,
+    pub(crate) source: ClientSource,
     pub(crate) warnings: Vec<Warning>,
 }
 
@@ -316,6 +319,15 @@ pub fn service(svc: &core::Service) -> Result<Option<ServiceFront>, FieldError> 
         affinity: affinity(spec)?,
     };
     let weights = weights(&key, annotation(ANNOTATION_WEIGHTS), &mut warnings);
+    let source = ClientSource {
+        proxy_protocol: proxy_protocol(
+            &key,
+            annotation(ANNOTATION_PROXY_PROTOCOL),
+            &ports,
+            &mut warnings,
+        ),
+        transparent: transparent(&key, annotation(ANNOTATION_SOURCE), &mut warnings),
+    };
     let local = |policy: &Option<String>| policy.as_deref() == Some("Local");
     Ok(Some(ServiceFront {
         proxy_name: meta
@@ -334,6 +346,7 @@ pub fn service(svc: &core::Service) -> Result<Option<ServiceFront>, FieldError> 
         health_check_node_port: health_check_node_port(spec),
         internal_traffic_local: local(&spec.internal_traffic_policy),
         prefer_close: prefer_close(spec, annotation(ANNOTATION_TOPOLOGY_MODE)),
+        source,
         key,
         warnings,
     }))
@@ -467,6 +480,55 @@ fn algorithm(key: &ServiceKey, annotation: Option<&str>, warnings: &mut Vec<Warn
         });
         Algorithm::default()
     })
+}
+
+/// `carousel.dev/proxy-protocol`: `v1` or `v2`. Anything else warns, and the Service
+/// forwards without a header; so do UDP ports under `v1`, which has no UDP form.
+fn proxy_protocol(
+    key: &ServiceKey,
+    annotation: Option<&str>,
+    ports: &[PortFront],
+    warnings: &mut Vec<Warning>,
+) -> Option<ProxyProtocol> {
+    let text = annotation?.trim();
+    let mut warn = |reason: &str| {
+        warnings.push(Warning::BadAnnotation {
+            service: key.clone(),
+            annotation: ANNOTATION_PROXY_PROTOCOL,
+            value: excerpt(text),
+            reason: reason.into(),
+        })
+    };
+    let version = match text {
+        "v1" => ProxyProtocol::V1,
+        "v2" => ProxyProtocol::V2,
+        _ => {
+            warn("unknown version (known: v1, v2); forwarding without a PROXY header");
+            return None;
+        }
+    };
+    if version == ProxyProtocol::V1 && ports.iter().any(|p| p.protocol == Protocol::Udp) {
+        warn("v1 has no UDP form: the UDP ports forward without a header (v2 has one)");
+    }
+    Some(version)
+}
+
+/// `carousel.dev/source`: `transparent`, or `node` (the default). Anything else warns,
+/// and connections leave from the node's address.
+fn transparent(key: &ServiceKey, annotation: Option<&str>, warnings: &mut Vec<Warning>) -> bool {
+    match annotation.map(str::trim) {
+        None | Some("node") => false,
+        Some("transparent") => true,
+        Some(text) => {
+            warnings.push(Warning::BadAnnotation {
+                service: key.clone(),
+                annotation: ANNOTATION_SOURCE,
+                value: excerpt(text),
+                reason: "unknown source (known: node, transparent); using node".into(),
+            });
+            false
+        }
+    }
 }
 
 /// `sessionAffinity: ClientIP` and its timeout (1-86400 s, 10 800 s when not given).
@@ -816,6 +878,7 @@ pub(crate) fn join_service(
         prefer_close: front.prefer_close,
         health_check_node_port: front.health_check_node_port,
         load_balancer_source_ranges: front.load_balancer_source_ranges.clone(),
+        source: front.source,
     })
 }
 
@@ -1481,6 +1544,79 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn proxy_protocol_and_source_annotations() {
+        let annotated = |annotations: &str, ports: &str| {
+            front_with(
+                &format!(", annotations: {{{annotations}}}"),
+                &format!("clusterIP: 10.96.0.10, ports: [{ports}]"),
+            )
+        };
+        let f = annotated(
+            "carousel.dev/proxy-protocol: v2, carousel.dev/source: transparent",
+            "{port: 53, protocol: UDP}",
+        );
+        assert_eq!(
+            f.source,
+            ClientSource {
+                proxy_protocol: Some(ProxyProtocol::V2),
+                transparent: true
+            }
+        );
+        assert!(f.warnings.is_empty(), "{:?}", f.warnings);
+
+        let f = annotated(
+            "carousel.dev/proxy-protocol: ' v1 ', carousel.dev/source: node",
+            "{port: 80}",
+        );
+        assert_eq!(f.source.proxy_protocol, Some(ProxyProtocol::V1));
+        assert!(!f.source.transparent);
+        assert!(f.warnings.is_empty(), "{:?}", f.warnings);
+
+        // No annotation: no header, the node's address.
+        let f = annotated("other: x", "{port: 80}");
+        assert_eq!(f.source, ClientSource::default());
+        assert!(f.warnings.is_empty(), "{:?}", f.warnings);
+
+        // Bad values warn, naming the annotation and the value, and change nothing.
+        let f = annotated(
+            "carousel.dev/proxy-protocol: V3, carousel.dev/source: client",
+            "{port: 80}",
+        );
+        assert_eq!(f.source, ClientSource::default());
+        let named: Vec<(&str, &str)> = f
+            .warnings
+            .iter()
+            .map(|w| match w {
+                Warning::BadAnnotation {
+                    annotation, value, ..
+                } => (*annotation, value.as_str()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            named,
+            [
+                (ANNOTATION_PROXY_PROTOCOL, "\"V3\""),
+                (ANNOTATION_SOURCE, "\"client\"")
+            ]
+        );
+        assert!(f.warnings.iter().all(Warning::is_config_error));
+
+        // v1 has no UDP form: it stays for the TCP ports, and says so.
+        let f = annotated(
+            "carousel.dev/proxy-protocol: v1",
+            "{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53}",
+        );
+        assert_eq!(f.source.proxy_protocol, Some(ProxyProtocol::V1));
+        assert_eq!(f.warnings.len(), 1, "{:?}", f.warnings);
+        assert!(
+            f.warnings[0].to_string().contains("no UDP form"),
+            "{}",
+            f.warnings[0]
+        );
+    }
+
     fn pod_labels(pods: &[(&str, &str, &str)]) -> PodLabels {
         let mut labels = PodLabels::new();
         for (namespace, name, pod_labels) in pods {
@@ -1979,6 +2115,7 @@ mod tests {
                 prefer_close: false,
                 health_check_node_port: None,
                 load_balancer_source_ranges: Vec::new(),
+                source: ClientSource::default(),
             }
         );
     }

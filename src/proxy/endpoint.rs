@@ -3,7 +3,7 @@
 //! count and metric series. One allocation per endpoint, carried from each route table
 //! to the next; its series are registered at its first connection and leave with it.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,6 +11,7 @@ use crate::addr::PodAddr;
 use crate::proxy::clock::now_ms;
 use crate::proxy::ejection::Ejection;
 use crate::proxy::port_metrics::{EndpointSeries, PortMetrics, Series, UdpEndpointSeries};
+use crate::proxy::source::Fallback;
 
 #[derive(Debug)]
 pub(crate) struct EndpointState {
@@ -30,6 +31,9 @@ pub(crate) struct EndpointState {
     /// Boxed: most endpoints never get a connection through this node, and an empty
     /// slot costs a pointer.
     series: OnceLock<Box<Series>>,
+    /// Whether it said why its connections leave from the node's address although the
+    /// Service asks for a transparent source: once in its life, not per connection.
+    said_fallback: AtomicBool,
 }
 
 impl EndpointState {
@@ -43,6 +47,22 @@ impl EndpointState {
             weight: AtomicU32::new(0),
             port: port.clone(),
             series: OnceLock::new(),
+            said_fallback: AtomicBool::new(false),
+        }
+    }
+
+    /// Says, the first time only, that a transparent Service's connections to this
+    /// endpoint leave from the node's address, and why.
+    pub(crate) fn say_fallback(&self, why: Fallback) {
+        if !self.said_fallback.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                service = %self.port.service,
+                port = %self.port.port,
+                endpoint = %self.addr,
+                pod = %self.pod,
+                "carousel.dev/source: transparent: this endpoint is reached from the node's address: {}",
+                why.reason()
+            );
         }
     }
 

@@ -11,11 +11,23 @@ use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::addr::{ClientAddr, PodAddr};
+use crate::addr::{ClientAddr, PodAddr, ServiceAddr};
+use crate::model::ProxyProtocol;
 use crate::proxy::clock::{ms_at, now_ms};
 use crate::proxy::copy::{copy_both_ways, CopyError};
 use crate::proxy::port_metrics::EndpointSeries;
+use crate::proxy::proxy_header::{self, Transport};
 use crate::proxy::routes::{Route, RouteEndpoint};
+use crate::proxy::source::{self, Source};
+
+/// An accepted connection's client, the Service address it dialed, and whether a bridge
+/// handed it over (redirected rather than intercepted).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Accepted {
+    pub(crate) peer: ClientAddr,
+    pub(crate) dialed: ServiceAddr,
+    pub(crate) bridged: bool,
+}
 
 /// How connections are forwarded.
 #[derive(Clone, Copy, Debug)]
@@ -25,6 +37,10 @@ pub struct ForwardConfig {
     pub connect_attempts: usize,
     /// Socket mark of connections to pods, so that the redirect rules skip them.
     pub mark: Option<u32>,
+    /// nftables mode: the socket mark of connections that leave from the client's
+    /// address (`carousel.dev/source: transparent`), whose replies the rules bring
+    /// back. `None`: this mode cannot.
+    pub transparent_mark: Option<u32>,
     /// Close a connection that carried no byte either way for this long (off: as kube-proxy).
     pub idle_timeout: Option<Duration>,
     /// TCP keepalive on both sides: idle time before the first probe.
@@ -37,6 +53,7 @@ impl Default for ForwardConfig {
             connect_timeout: Duration::from_secs(2),
             connect_attempts: 3,
             mark: None,
+            transparent_mark: None,
             idle_timeout: None,
             keepalive: Some(Duration::from_secs(60)),
         }
@@ -51,6 +68,8 @@ pub(crate) enum ForwardError {
     /// This host is out of something (descriptors, say): no endpoint is to blame.
     #[error("cannot open a socket to an endpoint: {0}")]
     Local(#[source] io::Error),
+    #[error("cannot send the PROXY protocol header to {endpoint}: {error}")]
+    Header { endpoint: PodAddr, error: io::Error },
     #[error("{attempts} endpoint(s) failed; last: {last}")]
     ConnectFailed {
         attempts: usize,
@@ -59,17 +78,18 @@ pub(crate) enum ForwardError {
     },
 }
 
-/// Forwards `client` to an endpoint of `route` and copies until both sides are done, or
-/// until `cut`: then both sides are reset, so that neither takes the cut transfer for a
-/// complete one.
+/// Forwards `client` to an endpoint of `route` (first the PROXY protocol header, when
+/// the Service asks for one) and copies until both sides are done, or until `cut`: then
+/// both sides are reset, so that neither takes the cut transfer for a complete one.
 pub(crate) async fn forward(
     client: TcpStream,
-    peer: ClientAddr,
+    accepted: Accepted,
     route: &Route,
     config: ForwardConfig,
     cut: &CancellationToken,
 ) -> Result<(), ForwardError> {
-    let (upstream, endpoint, stats) = match connect(peer, route, config).await {
+    let Accepted { peer, dialed, .. } = accepted;
+    let (upstream, endpoint, stats) = match connect(accepted, route, config).await {
         Ok(connected) => connected,
         Err(e) => {
             if matches!(e, ForwardError::NoEndpoint) {
@@ -79,6 +99,17 @@ pub(crate) async fn forward(
             return Err(e);
         }
     };
+    if let Some(version) = route.proxy_protocol {
+        if let Err(error) = send_header(&upstream, version, peer, dialed).await {
+            reset(&client);
+            reset(&upstream);
+            return Err(ForwardError::Header {
+                endpoint: endpoint.addr,
+                error,
+            });
+        }
+        route.metrics.proxy_header(version);
+    }
     // TCP_NODELAY and keepalive came with the listening socket.
     let started = Instant::now();
     endpoint.active.fetch_add(1, Ordering::Relaxed);
@@ -113,6 +144,28 @@ pub(crate) async fn forward(
                 let period = endpoint.eject();
                 ejected(route, endpoint, period, &e);
             }
+        }
+    }
+    Ok(())
+}
+
+/// Sends the PROXY protocol header on a connection just made: one write, which the empty
+/// send buffer of a new connection takes whole (the loop is for the exception).
+async fn send_header(
+    upstream: &TcpStream,
+    version: ProxyProtocol,
+    client: ClientAddr,
+    dialed: ServiceAddr,
+) -> io::Result<()> {
+    let header = proxy_header::header(version, Transport::Stream, client, dialed)
+        .expect("every version has a stream form");
+    let mut sent = 0;
+    while sent < header.len() {
+        upstream.writable().await?;
+        match upstream.try_write(&header[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
     Ok(())
@@ -159,10 +212,11 @@ fn set_keepalive(stream: &TcpStream, idle: Option<Duration>) {
 /// up to `connect_attempts` endpoints in all. Ejected endpoints are passed over while
 /// any other is left.
 async fn connect(
-    peer: ClientAddr,
+    accepted: Accepted,
     route: &Route,
     config: ForwardConfig,
 ) -> Result<(TcpStream, &RouteEndpoint, &EndpointSeries), ForwardError> {
+    let peer = accepted.peer;
     let n = route.endpoints.len();
     // One clock reading serves the affinity lookup and the ejection checks.
     let clock = tokio::time::Instant::now();
@@ -180,7 +234,14 @@ async fn connect(
     for endpoint in candidates {
         attempts += 1;
         let started = Instant::now();
-        let socket = socket_for(endpoint.addr, config).map_err(ForwardError::Local)?;
+        let source = source::upstream(
+            route,
+            endpoint,
+            accepted.peer,
+            accepted.bridged,
+            config.transparent_mark,
+        );
+        let socket = socket_for(endpoint.addr, source, config).map_err(ForwardError::Local)?;
         let result =
             tokio::time::timeout(config.connect_timeout, socket.connect(endpoint.addr.0)).await;
         let error = match result {
@@ -191,6 +252,9 @@ async fn connect(
                     .connect_duration
                     .record(started.elapsed().as_secs_f64());
                 series.ok.increment(1);
+                if route.transparent {
+                    route.metrics.source_connection(source);
+                }
                 endpoint.succeeded();
                 return Ok((stream, endpoint, series));
             }
@@ -209,14 +273,20 @@ async fn connect(
     })
 }
 
-/// A socket for a connection to `addr`, marked so that the redirect rules skip it.
-fn socket_for(addr: PodAddr, config: ForwardConfig) -> io::Result<TcpSocket> {
+/// A socket for a connection to `addr` from `source`, marked so that the redirect rules
+/// skip it.
+fn socket_for(addr: PodAddr, source: Source, config: ForwardConfig) -> io::Result<TcpSocket> {
     let socket = match addr.0 {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    if let Some(mark) = config.mark {
-        SockRef::from(&socket).set_mark(mark)?;
+    match source {
+        Source::Node => {
+            if let Some(mark) = config.mark {
+                SockRef::from(&socket).set_mark(mark)?;
+            }
+        }
+        Source::Client { .. } => source::prepare(&socket, source, true)?,
     }
     socket.set_nodelay(true)?;
     Ok(socket)

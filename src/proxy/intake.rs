@@ -86,6 +86,7 @@ impl Intake {
         let accepting = Accepting {
             forward: ForwardConfig {
                 mark: Some(nftables::MARK),
+                transparent_mark: Some(nftables::TRANSPARENT_MARK),
                 ..accepting.forward
             },
             ..accepting.clone()

@@ -444,13 +444,15 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The Service address of an intercepted connection: its local address, unless that is
 /// the listener's own port, where conntrack's original destination says (a redirected
-/// connection, or a Service whose port is the listener's: for it both agree).
-fn intercepted(stream: &TcpStream, listen_port: u16) -> io::Result<ServiceAddr> {
+/// connection, or a Service whose port is the listener's: for it both agree). And
+/// whether it was redirected: a bridge handed it over.
+fn intercepted(stream: &TcpStream, listen_port: u16) -> io::Result<(ServiceAddr, bool)> {
     let local = stream.local_addr()?;
     if local.port() != listen_port {
-        return Ok(ServiceAddr(local));
+        return Ok((ServiceAddr(local), false));
     }
-    original_dst(stream)
+    let dialed = original_dst(stream)?;
+    Ok((dialed, dialed.0 != local))
 }
 
 /// Accepts connections and hands each to its own task.
@@ -472,10 +474,10 @@ pub(crate) async fn accept_loop(listener: TcpListener, dialed: Destination, inta
             tracing::debug!(%peer, "connection limit reached; connection refused");
             continue;
         };
-        let target = match dialed {
-            Destination::Listener(addr) => addr,
+        let (target, bridged) = match dialed {
+            Destination::Listener(addr) => (addr, false),
             Destination::Intercepted { listen_port } => match intercepted(&stream, listen_port) {
-                Ok(addr) => addr,
+                Ok(found) => found,
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "no Service address; not an intercepted connection");
                     continue;
@@ -503,7 +505,14 @@ pub(crate) async fn accept_loop(listener: TcpListener, dialed: Destination, inta
         intake.connections.spawn(async move {
             let _slot = slot;
             match route {
-                Some(route) => serve(stream, peer, &route, config, &cut).await,
+                Some(route) => {
+                    let accepted = forward::Accepted {
+                        peer,
+                        dialed: target,
+                        bridged,
+                    };
+                    serve(stream, accepted, &route, config, &cut).await
+                }
                 None => tracing::debug!(%peer, %target, "no service at this address"),
             }
         });
@@ -514,12 +523,13 @@ pub(crate) async fn accept_loop(listener: TcpListener, dialed: Destination, inta
 /// the client was refused by the Service having no endpoint.
 async fn serve(
     stream: TcpStream,
-    peer: ClientAddr,
+    accepted: forward::Accepted,
     route: &Route,
     config: ForwardConfig,
     cut: &CancellationToken,
 ) {
-    match forward::forward(stream, peer, route, config, cut).await {
+    let peer = accepted.peer;
+    match forward::forward(stream, accepted, route, config, cut).await {
         Ok(()) => {}
         Err(ForwardError::NoEndpoint) => {
             tracing::debug!(%peer, service = %route.service, "no endpoint; connection refused")

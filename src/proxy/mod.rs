@@ -16,8 +16,10 @@ pub mod listener;
 pub(crate) mod log_limit;
 pub(crate) mod original_dst;
 pub(crate) mod port_metrics;
+pub(crate) mod proxy_header;
 pub(crate) mod redirects;
 pub mod routes;
+pub(crate) mod source;
 mod sync_metrics;
 pub mod udp;
 

@@ -10,17 +10,18 @@ use metrics::{Counter, Gauge, Histogram, Label};
 use crate::addr::PodAddr;
 use crate::algorithm::Algorithm;
 use crate::balance::AffinityStats;
-use crate::model::{Protocol, ServiceKey, ServicePort};
+use crate::model::{Protocol, ProxyProtocol, ServiceKey, ServicePort};
 use crate::proxy::log_limit::LogLimit;
+use crate::proxy::source::Source;
 use crate::telemetry::{names, Telemetry};
 
 /// One Service port's series, shared by its routes and carried across tables.
 #[derive(Debug)]
 pub(crate) struct PortMetrics {
     telemetry: Arc<Telemetry>,
-    service: ServiceKey,
+    pub(crate) service: ServiceKey,
     /// The port's label: its name, or its number when unnamed.
-    port: String,
+    pub(crate) port: String,
     protocol: Protocol,
     /// `namespace`, `service`, `port`: the labels of every series of the port.
     labels: Arc<[Label]>,
@@ -32,6 +33,11 @@ pub(crate) struct PortMetrics {
     histograms: OnceLock<(Histogram, Histogram)>,
     /// `carousel_udp_dropped_total` by reason, registered at the first drop.
     udp_drops: OnceLock<Box<[Counter; UDP_DROP_REASONS.len()]>>,
+    /// `carousel_proxy_headers_total{version}`, v1 and v2, each at its first header.
+    proxy_headers: [OnceLock<Counter>; 2],
+    /// `carousel_source_connections_total{source}`, client and node, each at its first
+    /// connection; only for Services with `carousel.dev/source: transparent`.
+    sources: [OnceLock<Counter>; 2],
     /// The port's warnings (refused connections, ejections): one a second at most.
     pub(crate) log_limit: LogLimit,
 }
@@ -148,6 +154,8 @@ impl PortMetrics {
             labels,
             histograms: OnceLock::new(),
             udp_drops: OnceLock::new(),
+            proxy_headers: Default::default(),
+            sources: Default::default(),
             log_limit: LogLimit::default(),
         }
     }
@@ -162,6 +170,31 @@ impl PortMetrics {
             }))
         });
         counters[why as usize].increment(1);
+    }
+
+    /// Counts a connection or flow whose pod is sent a PROXY protocol `version` header.
+    pub(crate) fn proxy_header(&self, version: ProxyProtocol) {
+        let counter = self.proxy_headers[version as usize].get_or_init(|| {
+            let mut labels = self.labels.to_vec();
+            labels.push(Label::new("version", version.name()));
+            self.telemetry.counter(names::PROXY_HEADERS_TOTAL, labels)
+        });
+        counter.increment(1);
+    }
+
+    /// Counts a connection or flow of a transparent Service by the source its pod saw.
+    pub(crate) fn source_connection(&self, source: Source) {
+        let (i, name) = match source {
+            Source::Client { .. } => (0, "client"),
+            Source::Node => (1, "node"),
+        };
+        let counter = self.sources[i].get_or_init(|| {
+            let mut labels = self.labels.to_vec();
+            labels.push(Label::new("source", name));
+            self.telemetry
+                .counter(names::SOURCE_CONNECTIONS_TOTAL, labels)
+        });
+        counter.increment(1);
     }
 
     /// Whether these are the series of `port` of `service`.

@@ -16,7 +16,8 @@ use crate::algorithm::Algorithm;
 use crate::balance::{self, AffinityStats, Backend, Backends, Balancer, BuildOptions, Picker};
 pub(crate) use crate::model::Dialed;
 use crate::model::{
-    Endpoint, Locality, Protocol, Service, ServiceKey, ServicePort, ServiceTable, Traffic,
+    Endpoint, Locality, Protocol, ProxyProtocol, Service, ServiceKey, ServicePort, ServiceTable,
+    Traffic,
 };
 use crate::proxy::endpoint::EndpointState;
 use crate::proxy::port_metrics::PortMetrics;
@@ -28,6 +29,10 @@ use crate::telemetry::Telemetry;
 pub(crate) struct RouteEndpoint {
     pub(crate) state: Arc<EndpointState>,
     pub(crate) weight: u32,
+    /// On this node (its EndpointSlice says so, and this node's name is known): what a
+    /// transparent source needs, since only this node's pods send their replies back
+    /// through it.
+    pub(crate) local: bool,
 }
 
 impl std::ops::Deref for RouteEndpoint {
@@ -61,6 +66,12 @@ pub(crate) struct Route {
     pub(crate) inside: Option<Arc<Route>>,
     /// Picks made by this route, so that the fairness task skips idle ones at a glance.
     picks: AtomicU64,
+    /// The PROXY protocol header its pods are sent (`carousel.dev/proxy-protocol`);
+    /// `None` also for UDP under v1, which has no UDP form.
+    pub(crate) proxy_protocol: Option<ProxyProtocol>,
+    /// `carousel.dev/source: transparent`: connections to this node's endpoints leave
+    /// from the client's address.
+    pub(crate) transparent: bool,
 }
 
 /// An algorithm that picks beside the real one without deciding anything: each pick
@@ -508,6 +519,7 @@ impl RouteBuilder {
             has_endpoints,
             options: &self.options,
             shadow: &self.shadow,
+            here,
         };
         let internal_endpoints = port.select(service, Traffic::Internal, here);
         let external_endpoints = port.select(service, Traffic::External, here);
@@ -564,6 +576,7 @@ struct Build<'a> {
     has_endpoints: bool,
     options: &'a BuildOptions,
     shadow: &'a [Algorithm],
+    here: &'a Locality,
 }
 
 impl Build<'_> {
@@ -586,6 +599,7 @@ impl Build<'_> {
                     _ => Arc::new(EndpointState::new(e.addr, e.pod.clone(), &self.metrics)),
                 },
                 weight: e.weight,
+                local: self.here.holds(e),
             })
             .collect();
         set_weights(previous, &endpoints);
@@ -619,6 +633,10 @@ impl Build<'_> {
             has_endpoints: self.has_endpoints,
             inside: None,
             picks: AtomicU64::new(0),
+            proxy_protocol: self.service.source.proxy_protocol.filter(|version| {
+                self.port.protocol == Protocol::Tcp || *version == ProxyProtocol::V2
+            }),
+            transparent: self.service.source.transparent,
         }
     }
 
@@ -670,7 +688,7 @@ fn set_weights(previous: Option<&Route>, endpoints: &[RouteEndpoint]) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::model::{Balancing, Endpoint, Placement, Protocol, Service};
+    use crate::model::{Balancing, ClientSource, Endpoint, Placement, Protocol, Service};
     use crate::proxy::listener;
     use crate::proxy::redirects::{self, Derived};
     use std::collections::BTreeMap;
@@ -720,6 +738,7 @@ pub(crate) mod tests {
             prefer_close: false,
             health_check_node_port: None,
             load_balancer_source_ranges: Vec::new(),
+            source: ClientSource::default(),
         };
         Arc::new(ServiceTable {
             services: imbl::OrdMap::unit(key, Arc::new(service)),
@@ -1047,6 +1066,7 @@ pub(crate) mod tests {
                 true => vec!["10.0.0.0/8".parse().unwrap()],
                 false => Vec::new(),
             },
+            source: ClientSource::default(),
         })
     }
 

@@ -3,6 +3,8 @@
 `ip netns exec`. Standard library only.
 
   agent.py serve NAME PORT            answer every connection with NAME, forever
+  agent.py peer NAME PORT             answer every connection with NAME and the address
+                                      it came from, forever
   agent.py ask HOST PORT COUNT [SRC...]  COUNT connections (round-robin over the source
                                       addresses), print JSON {"seen": {source: {pod: n}},
                                       "errors": n, "kinds": {kind: n}}, kind one of refused,
@@ -10,7 +12,10 @@
   agent.py dns HOST PORT COUNT [SRC...]  COUNT DNS queries (type A, who.test) over UDP,
                                       each from a port of its own (round-robin over the
                                       source addresses); print JSON {"seen": {source:
-                                      {address answered: n}}, "errors": n}
+                                      {address answered: n}}, "errors": n}; type AAAA
+                                      with AGENT_QTYPE=AAAA
+  agent.py http HOST PORT COUNT [SRC...]  as ask, each connection an HTTP/1.0 GET /; the
+                                      body of a 200 answer counts as the pod's name
   agent.py get URL                    print the HTTP status and body of one GET
   agent.py echo PORT                  echo every connection back until it half-closes
   agent.py churn HOST PORT SECONDS RATE  new connections at RATE a second for SECONDS,
@@ -57,27 +62,51 @@ def serve(name, port):
     listen_forever(port, handle)
 
 
-def exchange(family, host, port, src=None):
-    """One connection: send a line, read the answer to its end; the answer, stripped."""
+def peer(name, port):
+    def handle(conn):
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.recv(4096)
+                addr = conn.getpeername()[0].removeprefix("::ffff:")
+                conn.sendall(f"{name} {addr}\n".encode())
+            except OSError:
+                pass
+
+    listen_forever(port, handle)
+
+
+HELLO = b"hello\n"
+HTTP_GET = b"GET / HTTP/1.0\r\nHost: carousel.test\r\n\r\n"
+
+
+def exchange(family, host, port, src=None, request=HELLO):
+    """One connection: send REQUEST, read the answer to its end; the answer, stripped
+    (of an HTTP request: the body of a 200 answer)."""
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(float(os.environ.get("AGENT_TIMEOUT", "5")))
         if src:
             s.bind((src, 0))
         s.connect((host, int(port)))
-        s.sendall(b"hello\n")
+        s.sendall(request)
         data = b""
         while True:
             chunk = s.recv(4096)
             if not chunk:
                 break
             data += chunk
-    answer = data.decode().strip()
+    answer = data.decode()
+    if request == HTTP_GET:
+        head, _, answer = answer.partition("\r\n\r\n")
+        if not head.startswith("HTTP/1.1 200"):
+            raise OSError(f"HTTP answer {head.splitlines()[:1]}")
+    answer = answer.strip()
     if not answer:
         raise OSError("empty answer")
     return answer
 
 
-def ask(host, port, count, sources):
+def ask(host, port, count, sources, request=HELLO):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     seen = {}
     errors = 0
@@ -86,7 +115,7 @@ def ask(host, port, count, sources):
     for i in range(int(count)):
         src = sources[i % len(sources)] if sources else None
         try:
-            pod = exchange(family, host, port, src)
+            pod = exchange(family, host, port, src, request)
             by_pod = seen.setdefault(src or "-", {})
             by_pod[pod] = by_pod.get(pod, 0) + 1
         except OSError as e:
@@ -97,10 +126,15 @@ def ask(host, port, count, sources):
     print(json.dumps({"seen": seen, "errors": errors, "kinds": kinds, "last_error": last_error}))
 
 
+# The query type of `dns`: A, or AAAA with AGENT_QTYPE=AAAA.
+QTYPE = os.environ.get("AGENT_QTYPE", "A")
+
+
 def dns_query(qid):
-    """A DNS query for who.test, type A, class IN, recursion desired."""
+    """A DNS query for who.test, of type QTYPE, class IN, recursion desired."""
     labels = b"".join(bytes([len(l)]) + l for l in (b"who", b"test"))
-    return qid.to_bytes(2, "big") + b"\x01\x00\x00\x01" + b"\x00" * 6 + labels + b"\x00\x00\x01\x00\x01"
+    qtype = b"\x00\x1c" if QTYPE == "AAAA" else b"\x00\x01"
+    return qid.to_bytes(2, "big") + b"\x01\x00\x00\x01" + b"\x00" * 6 + labels + b"\x00" + qtype + b"\x00\x01"
 
 
 def dns(host, port, count, sources):
@@ -123,7 +157,10 @@ def dns(host, port, count, sources):
             answer = s.recv(512)
             if answer[:2] != qid.to_bytes(2, "big") or int.from_bytes(answer[6:8], "big") != 1:
                 raise OSError("not one answer to this query")
-            addr = socket.inet_ntoa(answer[-4:])
+            if QTYPE == "AAAA":
+                addr = socket.inet_ntop(socket.AF_INET6, answer[-16:])
+            else:
+                addr = socket.inet_ntoa(answer[-4:])
             by_addr = seen.setdefault(src or "-", {})
             by_addr[addr] = by_addr.get(addr, 0) + 1
         except OSError as e:
@@ -248,8 +285,12 @@ if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "serve":
         serve(*args)
+    elif cmd == "peer":
+        peer(*args)
     elif cmd == "ask":
         ask(args[0], args[1], args[2], args[3:])
+    elif cmd == "http":
+        ask(args[0], args[1], args[2], args[3:], HTTP_GET)
     elif cmd == "dns":
         dns(args[0], args[1], args[2], args[3:])
     elif cmd == "get":

@@ -198,6 +198,7 @@ fn table(
         prefer_close: false,
         health_check_node_port: None,
         load_balancer_source_ranges: Vec::new(),
+        source: crate::model::ClientSource::default(),
     };
     ServiceTable {
         services: imbl::OrdMap::unit(key, Arc::new(svc)),

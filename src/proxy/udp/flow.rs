@@ -19,7 +19,9 @@ use crate::model::Protocol;
 use crate::proxy::clock::now_ms;
 use crate::proxy::listener::Accepting;
 use crate::proxy::port_metrics::UdpDrop;
+use crate::proxy::proxy_header::{self, Transport};
 use crate::proxy::routes::{Admission, Route, RouteEndpoint, RouteTable};
+use crate::proxy::source::{self, Source};
 
 /// What a new flow is made of.
 pub(super) struct Opening {
@@ -39,6 +41,8 @@ pub(super) struct Opening {
     pub(super) idle_timeout: Duration,
     /// The mark of carousel's own sockets, which the interception skips.
     pub(super) mark: Option<u32>,
+    /// Where the flow's socket leaves from.
+    pub(super) source: Source,
     pub(super) slot: FlowSlot,
 }
 
@@ -51,6 +55,9 @@ pub(super) struct Flow {
     route: Arc<Route>,
     generation: u64,
     endpoint: RouteEndpoint,
+    /// The PROXY protocol header sent before each datagram, when the Service asks for
+    /// one: built once, at the flow's first datagram.
+    header: Option<Box<[u8]>>,
     /// The last datagram either way, on the proxy's millisecond clock.
     last: Arc<AtomicU64>,
     _end: DropGuard,
@@ -77,9 +84,18 @@ impl Flow {
             ended,
             idle_timeout,
             mark,
+            source,
             slot,
         } = opening;
-        let upstream = Arc::new(connect(endpoint.addr.0, mark)?);
+        let upstream = Arc::new(connect(endpoint.addr.0, mark, source)?);
+        if route.transparent {
+            route.metrics.source_connection(source);
+        }
+        let (client, _) = key;
+        let header = route.proxy_protocol.and_then(|version| {
+            route.metrics.proxy_header(version);
+            proxy_header::header(version, Transport::Datagram, client, dialed)
+        });
         let last = Arc::new(AtomicU64::new(now_ms()));
         let end = CancellationToken::new();
         let series = endpoint.udp_series();
@@ -110,6 +126,7 @@ impl Flow {
             route,
             generation,
             endpoint,
+            header: header.map(Vec::into_boxed_slice),
             last,
             _end: end.drop_guard(),
         })
@@ -149,9 +166,15 @@ impl Flow {
         kept
     }
 
-    /// Sends one datagram of the client to the endpoint; a full socket drops it.
+    /// Sends one datagram of the client to the endpoint, after the flow's PROXY header
+    /// if it has one (in the same datagram); a full socket drops it.
     pub(super) fn send(&self, data: &[u8]) -> Result<(), SendError> {
-        match send(&self.upstream, data, None) {
+        let sent = match &self.header {
+            None => send(&self.upstream, data, None),
+            Some(header) => socket2::SockRef::from(&*self.upstream)
+                .send_vectored(&[io::IoSlice::new(header), io::IoSlice::new(data)]),
+        };
+        match sent {
             Ok(_) => {
                 self.last.store(now_ms(), Ordering::Relaxed);
                 let series = self.endpoint.udp_series();
@@ -191,19 +214,24 @@ fn send(socket: &UdpSocket, data: &[u8], to: Option<SocketAddr>) -> io::Result<u
     }
 }
 
-/// A socket connected to `addr`, so that only its datagrams are read on it and an ICMP
-/// error from it is reported.
-fn connect(addr: SocketAddr, mark: Option<u32>) -> io::Result<UdpSocket> {
+/// A socket from `source` connected to `addr`, so that only its datagrams are read on it
+/// and an ICMP error from it is reported.
+fn connect(addr: SocketAddr, mark: Option<u32>, source: Source) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
-    if let Some(mark) = mark {
-        socket.set_mark(mark)?;
-    }
     socket.set_nonblocking(true)?;
-    let any: SocketAddr = match addr {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    socket.bind(&any.into())?;
+    match source {
+        Source::Node => {
+            if let Some(mark) = mark {
+                socket.set_mark(mark)?;
+            }
+            let any: SocketAddr = match addr {
+                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+                SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            socket.bind(&any.into())?;
+        }
+        Source::Client { .. } => source::prepare(&socket, source, false)?,
+    }
     socket.connect(&addr.into())?;
     UdpSocket::from_std(socket.into())
 }

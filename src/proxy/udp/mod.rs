@@ -40,6 +40,7 @@ use crate::proxy::clock::ms_at;
 use crate::proxy::listener::{Accepting, Destination};
 use crate::proxy::port_metrics::UdpDrop;
 use crate::proxy::routes::{Admission, Route, RouteTable};
+use crate::proxy::source;
 use flow::Flow;
 
 /// How UDP flows are kept.
@@ -401,6 +402,13 @@ impl Front {
             ended: self.ended.clone(),
             idle_timeout: self.intake.udp.idle_timeout,
             mark: self.intake.forward.mark,
+            source: source::upstream(
+                route,
+                endpoint,
+                client,
+                via == Via::Front,
+                self.intake.forward.transparent_mark,
+            ),
             slot,
         });
         match opened {
