@@ -629,3 +629,81 @@ async fn the_health_check_node_port_reports_this_nodes_endpoints() {
     .await;
     carousel.stop().await;
 }
+
+/// With `carousel.dev/proxy-protocol`, the pod reads the header first and once, then
+/// every byte of the client's in order: from a client that sends 64 KiB at once (more
+/// than leaves with the header) and half-closes, and with a pod that speaks first, which
+/// gets the header alone before the client has sent anything. Header bytes are not
+/// counted as the client's.
+#[tokio::test]
+async fn the_proxy_header_comes_first_then_every_byte() {
+    const LEN: usize = 64 * 1024;
+    let pod = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut svc = Svc::new(
+        "pp",
+        "127.99.7.2",
+        8080,
+        vec![Ep::ready(pod.local_addr().unwrap(), "pod")],
+    );
+    svc.annotations
+        .push(("carousel.dev/proxy-protocol".into(), "v1".into()));
+    let carousel = Carousel::start(&svc.state()).await;
+    let header = |client: &TcpStream| {
+        let port = client.local_addr().unwrap().port();
+        format!("PROXY TCP4 127.0.0.1 127.99.7.2 {port} 8080\r\n")
+    };
+
+    // The client first, in bulk.
+    let mut client = TcpStream::connect(svc.addr()).await.unwrap();
+    let sent: Vec<u8> = (0..LEN as u64).map(|i| pattern(3, i)).collect();
+    client.write_all(&sent).await.unwrap();
+    client.shutdown().await.unwrap();
+    let (mut upstream, _) = pod.accept().await.unwrap();
+    let mut received = Vec::new();
+    upstream.read_to_end(&mut received).await.unwrap();
+    let expected = header(&client);
+    assert_eq!(
+        String::from_utf8_lossy(&received[..expected.len().min(received.len())]),
+        expected
+    );
+    assert!(
+        received[expected.len()..] == sent[..],
+        "the client's bytes, in order"
+    );
+    upstream.write_all(b"ok\n").await.unwrap();
+    drop(upstream);
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, "ok\n");
+
+    // The pod first: the header arrives alone, and the exchange goes on.
+    let mut client = TcpStream::connect(svc.addr()).await.unwrap();
+    let (mut upstream, _) = pod.accept().await.unwrap();
+    let expected = header(&client);
+    let mut got = vec![0u8; expected.len()];
+    upstream.read_exact(&mut got).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), expected);
+    upstream.write_all(b"hello\n").await.unwrap();
+    let mut hello = [0u8; 6];
+    client.read_exact(&mut hello).await.unwrap();
+    assert_eq!(&hello, b"hello\n");
+    client.write_all(b"bye\n").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    upstream.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, b"bye\n");
+
+    let text = carousel.metrics_text().await;
+    let labels = [("service", "pp"), ("direction", "to_endpoint")];
+    assert_eq!(
+        metric(&text, "carousel_bytes_total", &labels),
+        Some((LEN + 4) as f64),
+        "{text}"
+    );
+    let labels = [("service", "pp"), ("version", "v1")];
+    assert_eq!(
+        metric(&text, "carousel_proxy_headers_total", &labels),
+        Some(2.0)
+    );
+    carousel.stop().await;
+}

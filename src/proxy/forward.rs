@@ -12,7 +12,6 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::addr::{ClientAddr, PodAddr, ServiceAddr};
-use crate::model::ProxyProtocol;
 use crate::proxy::clock::{ms_at, now_ms};
 use crate::proxy::copy::{copy_both_ways, CopyError};
 use crate::proxy::port_metrics::EndpointSeries;
@@ -100,7 +99,10 @@ pub(crate) async fn forward(
         }
     };
     if let Some(version) = route.proxy_protocol {
-        if let Err(error) = send_header(&upstream, version, peer, dialed).await {
+        let header = proxy_header::header(version, Transport::Stream, peer, dialed)
+            .expect("every version has a stream form");
+        if let Err(error) = send_header(&client, &upstream, &header, &stats.bytes_to_endpoint).await
+        {
             reset(&client);
             reset(&upstream);
             return Err(ForwardError::Header {
@@ -149,26 +151,53 @@ pub(crate) async fn forward(
     Ok(())
 }
 
-/// Sends the PROXY protocol header on a connection just made: one write, which the empty
-/// send buffer of a new connection takes whole (the loop is for the exception).
+/// How much of what the client already sent goes out with the PROXY header.
+const WITH_HEADER: usize = 4096;
+
+/// Sends the PROXY protocol header on a connection just made, together with what the
+/// client has sent so far (up to 4 KiB, counted in `to_endpoint`): usually the client's
+/// request is waiting by the time the pod's connection is up, and header and request
+/// leave in one write and one segment. A pod that speaks first gets the header alone.
 async fn send_header(
+    client: &TcpStream,
     upstream: &TcpStream,
-    version: ProxyProtocol,
-    client: ClientAddr,
-    dialed: ServiceAddr,
+    header: &[u8],
+    to_endpoint: &metrics::Counter,
 ) -> io::Result<()> {
-    let header = proxy_header::header(version, Transport::Stream, client, dialed)
-        .expect("every version has a stream form");
+    let rest = first_write(client, upstream, header, to_endpoint)?;
     let mut sent = 0;
-    while sent < header.len() {
+    while sent < rest.len() {
         upstream.writable().await?;
-        match upstream.try_write(&header[sent..]) {
+        match upstream.try_write(&rest[sent..]) {
             Ok(n) => sent += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// The write of [`send_header`], without waiting: the empty send buffer of a new
+/// connection takes it whole. What it did not take is returned, owned, so that the
+/// 4 KiB buffer never lives across a wait (it would be in every connection's task).
+fn first_write(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    header: &[u8],
+    to_endpoint: &metrics::Counter,
+) -> io::Result<Vec<u8>> {
+    let mut early = [0u8; WITH_HEADER];
+    // Nothing waiting, the client's side closed (Ok(0)) or failed: the copy sees it next.
+    let waiting = client.try_read(&mut early).unwrap_or(0);
+    to_endpoint.increment(waiting as u64);
+    let data = &early[..waiting];
+    let sent =
+        match upstream.try_write_vectored(&[io::IoSlice::new(header), io::IoSlice::new(data)]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+    Ok(header.iter().chain(data).skip(sent).copied().collect())
 }
 
 /// Logs an ejection, at most one line a second for the Service port.
