@@ -136,6 +136,33 @@ async fn demo_runs_by_itself_and_shows_the_round_robin_split() {
         let line = round_robin.lines().find(|l| l.contains(pod)).expect(pod);
         assert!(line.contains(" 100 ") && line.contains("25.0%"), "{line}");
     }
+    // One kept connection reaches one pod with all 400 requests; 400 connections of one
+    // request each rotate over the four; and the demo says why.
+    let keepalive = stdout
+        .split("== ")
+        .find(|s| s.starts_with("keep-alive"))
+        .expect("a keep-alive phase");
+    let (kept, rotating) = keepalive
+        .split_once("400 connections, one request each")
+        .expect("both halves of the keep-alive phase");
+    let shares: Vec<&str> = kept
+        .lines()
+        .filter(|l| l.contains("kubechaos-"))
+        .map(|l| l.split_whitespace().nth(2).unwrap())
+        .collect();
+    let mut sorted = shares.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["0.0%", "0.0%", "0.0%", "100.0%"], "{kept}");
+    let rotated = rotating
+        .lines()
+        .filter(|l| l.contains("kubechaos-") && l.contains(" 100 ") && l.contains("25.0%"))
+        .count();
+    assert_eq!(rotated, 4, "{rotating}");
+    assert!(
+        rotating.contains("balances connections, not requests")
+            && rotating.contains("Connection: close"),
+        "{rotating}"
+    );
     let canary = stdout
         .split("== ")
         .find(|s| s.starts_with("canary 3:1"))

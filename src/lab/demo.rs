@@ -1,6 +1,7 @@
 //! `carousel demo`: the kubechaos example on one machine. Four in-process pods, the
 //! real proxy in bind mode on 127.77.0.1:3000, and traffic through it, phase by phase:
-//! round-robin, the 3:1 canary, and ClientIP affinity.
+//! round-robin, one kept-alive connection (why a browser keeps reaching one pod), the
+//! 3:1 canary, and ClientIP affinity.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -60,6 +61,8 @@ struct Phase {
     clients: u8,
     /// The balancer this phase needs, when it is not always there.
     needs: Option<&'static str>,
+    /// Every request on one kept connection, beside one connection per request.
+    keepalive: bool,
 }
 
 const PHASES: &[Phase] = &[
@@ -70,6 +73,16 @@ const PHASES: &[Phase] = &[
         affinity: false,
         clients: 1,
         needs: None,
+        keepalive: false,
+    },
+    Phase {
+        name: "keep-alive",
+        explain: "why refreshing a browser keeps reaching the same pod",
+        annotations: &[],
+        affinity: false,
+        clients: 1,
+        needs: None,
+        keepalive: true,
     },
     Phase {
         name: "canary 3:1",
@@ -81,6 +94,7 @@ const PHASES: &[Phase] = &[
         affinity: false,
         clients: 1,
         needs: Some("weighted-round-robin"),
+        keepalive: false,
     },
     Phase {
         name: "ClientIP affinity",
@@ -89,6 +103,7 @@ const PHASES: &[Phase] = &[
         affinity: true,
         clients: 8,
         needs: Some("session-affinity"),
+        keepalive: false,
     },
 ];
 
@@ -139,7 +154,12 @@ pub async fn run(connections: u32) -> Result<(), DemoError> {
         // Let the proxy apply the table before the first connection of the phase.
         tokio::time::sleep(Duration::from_millis(100)).await;
         println!("== {}: {}", phase.name, phase.explain);
-        if let Err(e) = run_phase(phase, connections as usize, &pods).await {
+        let ran = if phase.keepalive {
+            run_keepalive(phase, connections as usize, &pods).await
+        } else {
+            run_phase(phase, connections as usize, &pods).await
+        };
+        if let Err(e) = ran {
             result = Err(e);
             break;
         }
@@ -258,7 +278,7 @@ async fn run_phase(phase: &Phase, total: usize, pods: &[Pod]) -> Result<(), Demo
     for bar in per_pod.values() {
         bar.finish_and_clear();
     }
-    print_shares(&by_client, pods, total);
+    print_shares(&by_client, pods, total, "connections");
     if phase.clients > 1 {
         print_clients(&by_client);
     }
@@ -270,6 +290,36 @@ async fn run_phase(phase: &Phase, total: usize, pods: &[Pod]) -> Result<(), Demo
             last: last_error,
         });
     }
+    Ok(())
+}
+
+/// `total` requests on one kept connection, as a browser sends them, beside `total`
+/// connections of one request each: the first all reach one pod, the others rotate.
+async fn run_keepalive(phase: &Phase, total: usize, pods: &[Pod]) -> Result<(), DemoError> {
+    let client = IpAddr::V4(Ipv4Addr::new(127, 77, 2, 1));
+    let kept = backend::ask_keepalive(client, SERVICE, total, ASK_TIMEOUT)
+        .await
+        .map_err(|e| DemoError::Failed {
+            phase: phase.name,
+            failed: total,
+            total,
+            last: e.to_string(),
+        })?;
+    let mut by_pod: BTreeMap<String, usize> = BTreeMap::new();
+    for pod in kept {
+        *by_pod.entry(pod).or_default() += 1;
+    }
+    println!("  one connection, kept alive, {total} requests:");
+    print_shares(&BTreeMap::from([(client, by_pod)]), pods, total, "requests");
+    println!("  {total} connections, one request each:");
+    run_phase(phase, total, pods).await?;
+    println!(
+        "  Why: carousel, like kube-proxy, balances connections, not requests. A browser keeps\n  \
+         one connection open and sends every refresh over it, so the pod picked for that\n  \
+         connection answers them all. To spread requests: new connections (`Connection: close`,\n  \
+         or a client that reconnects), or a per-request (layer 7) balancer in front, such as an\n  \
+         ingress or a service mesh.\n"
+    );
     Ok(())
 }
 
@@ -296,8 +346,13 @@ fn ask_all(clients: &[IpAddr], total: usize) -> Vec<JoinHandle<Vec<Answer>>> {
         .collect()
 }
 
-fn print_shares(by_client: &BTreeMap<IpAddr, BTreeMap<String, usize>>, pods: &[Pod], total: usize) {
-    println!("  {:<30} {:>11} {:>7}", "pod", "connections", "share");
+fn print_shares(
+    by_client: &BTreeMap<IpAddr, BTreeMap<String, usize>>,
+    pods: &[Pod],
+    total: usize,
+    counted: &str,
+) {
+    println!("  {:<30} {:>11} {:>7}", "pod", counted, "share");
     for pod in pods {
         let n: usize = by_client.values().filter_map(|m| m.get(&pod.name)).sum();
         let share = 100.0 * n as f64 / total as f64;
