@@ -103,39 +103,39 @@ impl Report {
         }
     }
 
-    /// The table printed at the end of `carousel bench`.
+    /// The tables printed at the end of `carousel bench`, no line wider than 120
+    /// columns: per scenario, one of the numbers, then one of each pod's share and
+    /// target, the pods as columns, in as many blocks as the width needs.
     pub fn table(&self) -> String {
         let mut out = String::new();
         for scenario in self.scenarios() {
+            let results: Vec<&RunResult> = self
+                .results
+                .iter()
+                .filter(|r| r.scenario == scenario)
+                .collect();
             let _ = writeln!(out, "== {scenario}{}", self.transport_note(scenario));
             let _ = writeln!(
                 out,
-                "  {:<30} {:>6} {:>4} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>6}  shares (target)",
-                "algorithm", "conns", "fail", "jain", "max/mn", "dev", "p50ms", "p99ms", "p999ms", "sticky", "moved"
+                "  {:<NAME$} {:>6} {:>4} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>6}",
+                "algorithm",
+                "conns",
+                "fail",
+                "jain",
+                "max/mn",
+                "dev",
+                "p50ms",
+                "p99ms",
+                "p999ms",
+                "sticky",
+                "moved"
             );
-            for r in self.results.iter().filter(|r| r.scenario == scenario) {
+            for r in &results {
                 let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
-                let name = if r.affinity {
-                    format!("{}+affinity", r.algorithm)
-                } else {
-                    r.algorithm.clone()
-                };
-                let shares: Vec<String> = r
-                    .pods
-                    .iter()
-                    .map(|p| {
-                        format!(
-                            "{} {:.0}% ({:.0}%)",
-                            p.pod,
-                            100.0 * p.request_share,
-                            100.0 * p.target_share
-                        )
-                    })
-                    .collect();
                 let _ = writeln!(
                     out,
-                    "  {:<30} {:>6} {:>4} {:>6.3} {:>6.2} {:>6.3} {:>7.2} {:>7.2} {:>7.2} {:>6} {:>6}  {}",
-                    name,
+                    "  {:<NAME$} {:>6} {:>4} {:>6.3} {:>6.2} {:>6.3} {:>7.2} {:>7.2} {:>7.2} {:>6} {:>6}",
+                    label(r),
                     r.connections,
                     r.failed_connections,
                     r.jain_fairness,
@@ -146,9 +146,9 @@ impl Report {
                     r.latency_ms.p999,
                     opt(r.stickiness),
                     opt(r.moved_fraction),
-                    shares.join(", ")
                 );
             }
+            shares_table(&mut out, &results);
             let _ = writeln!(out);
         }
         out
@@ -199,6 +199,69 @@ const COLORS: &[&str] = &[
 ];
 
 /// The transport of a result written before results had one.
+/// The width of the terminal tables, and of their first column.
+const WIDTH: usize = 120;
+const NAME: usize = 30;
+
+/// Each pod's share of requests and its target share (`25% (25%)`), a column a pod,
+/// split into blocks of as many pods as fit in `WIDTH`.
+fn shares_table(out: &mut String, results: &[&RunResult]) {
+    let mut pods: Vec<&str> = Vec::new();
+    for p in results.iter().flat_map(|r| &r.pods) {
+        if !pods.contains(&p.pod.as_str()) {
+            pods.push(&p.pod);
+        }
+    }
+    // A pod name longer than a column is cut, with an ellipsis.
+    let column = pods
+        .iter()
+        .map(|p| p.chars().count())
+        .max()
+        .unwrap_or(0)
+        .clamp(9, 24);
+    let per_block = ((WIDTH - 2 - NAME) / (column + 1)).max(1);
+    for block in pods.chunks(per_block) {
+        let mut head = format!("  {:<NAME$}", "share (target)");
+        for pod in block {
+            let _ = write!(head, " {:>column$}", cut(pod, column));
+        }
+        let _ = writeln!(out, "{head}");
+        for r in results {
+            let mut line = format!("  {:<NAME$}", label(r));
+            for pod in block {
+                let cell = r
+                    .pods
+                    .iter()
+                    .find(|p| p.pod == *pod)
+                    .map_or("-".into(), |p| {
+                        format!(
+                            "{:.0}% ({:.0}%)",
+                            100.0 * p.request_share,
+                            100.0 * p.target_share
+                        )
+                    });
+                let _ = write!(line, " {cell:>column$}");
+            }
+            let _ = writeln!(out, "{line}");
+        }
+    }
+}
+
+/// `text` in at most `width` characters: its middle cut out for an ellipsis when longer,
+/// since pod names differ at their ends (`web-7d4b9-a1`, `web-7d4b9-b2`).
+fn cut(text: &str, width: usize) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() <= width {
+        return text.to_string();
+    }
+    let head = (width - 1) / 2;
+    let tail = width - 1 - head;
+    let mut kept: String = chars[..head].iter().collect();
+    kept.push('…');
+    kept.extend(&chars[chars.len() - tail..]);
+    kept
+}
+
 fn tcp() -> String {
     crate::model::Protocol::Tcp.to_string()
 }
@@ -378,4 +441,84 @@ fn html_table(results: &[&RunResult]) -> String {
     }
     t.push_str("</table>\n");
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(algorithm: &str, affinity: bool, pods: &[&str]) -> RunResult {
+        let n = pods.len() as f64;
+        RunResult {
+            scenario: "rolling-update".into(),
+            algorithm: algorithm.into(),
+            connections: 1000,
+            failed_connections: 0,
+            pods: pods
+                .iter()
+                .map(|p| PodResult {
+                    pod: p.to_string(),
+                    target_share: 1.0 / n,
+                    connection_share: 1.0 / n,
+                    request_share: 1.0 / n,
+                    connections: 1000 / pods.len() as u64,
+                    requests: 1000 / pods.len() as u64,
+                })
+                .collect(),
+            jain_fairness: 1.0,
+            max_mean_ratio: 1.0,
+            latency_ms: Latency {
+                p50: 1234.5,
+                p99: 12345.6,
+                p999: 123456.7,
+            },
+            stickiness: Some(0.5),
+            moved_fraction: Some(0.25),
+            affinity,
+            protocol: "TCP".into(),
+            requests: 1000,
+            max_target_deviation: 0.0,
+            converged_ms: None,
+            windows: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_terminal_table_fits_120_columns_whatever_the_pods() {
+        let many: Vec<String> = (0..10)
+            .map(|i| format!("kubechaos-custom-5f6c8d9-{i:02}"))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let report = Report {
+            version: VERSION,
+            seed: 1,
+            quick: true,
+            results: vec![
+                result("weighted-round-robin", true, &many),
+                result("round-robin", false, &many[..9]),
+            ],
+        };
+        let table = report.table();
+        for line in table.lines() {
+            assert!(
+                line.chars().count() <= WIDTH,
+                "{} wide: {line}",
+                line.chars().count()
+            );
+        }
+        // Every pod has its column, its name cut in the middle to fit; the pod a result
+        // lacks shows "-".
+        for i in 0..10 {
+            let name = format!("kubechaos-c…m-5f6c8d9-{i:02}");
+            assert_eq!(table.matches(&name).count(), 1, "{name}:\n{table}");
+        }
+        assert_eq!(table.matches("10% (10%)").count(), 10, "{table}");
+        assert_eq!(table.matches("11% (11%)").count(), 9, "{table}");
+        let row = table
+            .lines()
+            .rfind(|l| l.trim_start().starts_with("round-robin "))
+            .unwrap();
+        assert!(row.trim_end().ends_with(" -"), "{row}");
+        assert!(table.contains("weighted-round-robin +affinity"), "{table}");
+    }
 }
