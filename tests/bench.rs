@@ -57,6 +57,106 @@ fn check_balanced(html: &str) -> Result<(), String> {
     }
 }
 
+/// Every finding's quotes: each number shown in the text, read back from the result it
+/// names (found in the JSON independently of the code that wrote the finding), and
+/// shown as that number rounds. Scenarios whose numbers support a finding have one.
+fn check_findings(json: &serde_json::Value) {
+    let findings = json["findings"].as_array().expect("findings");
+    let results = json["results"].as_array().unwrap();
+    for scenario in [
+        "uniform",
+        "slow-pod",
+        "canary",
+        "keepalive",
+        "dns",
+        "sticky",
+        "rolling-update",
+        "scale-up",
+    ] {
+        assert!(
+            findings.iter().any(|f| f["scenario"] == scenario),
+            "no finding for {scenario}: {findings:?}"
+        );
+    }
+    for f in findings {
+        let text = f["text"].as_str().unwrap();
+        let quotes = f["quotes"].as_array().unwrap();
+        for q in quotes {
+            let result = results
+                .iter()
+                .find(|r| {
+                    r["scenario"] == f["scenario"]
+                        && r["algorithm"] == q["algorithm"]
+                        && r["affinity"] == q["affinity"]
+                })
+                .unwrap_or_else(|| panic!("{q} names no result"));
+            let field = q["field"].as_str().unwrap();
+            let measured = match field.split('.').collect::<Vec<_>>()[..] {
+                ["pods", pod, name] => result["pods"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|p| p["pod"] == pod)
+                    .map(|p| p[name].as_f64().unwrap()),
+                [a, b] => result[a][b].as_f64(),
+                [a] => result[a].as_f64(),
+                _ => None,
+            }
+            .unwrap_or_else(|| panic!("{field} is not a number of {result}"));
+            let value = q["value"].as_f64().unwrap();
+            assert!(
+                close(value, measured, 1e-9),
+                "{text}: {q} against {measured}"
+            );
+            let shown = q["shown"].as_str().unwrap();
+            assert!(text.contains(shown), "{text:?} does not show {shown:?}");
+            let number: f64 = shown.split(' ').next().unwrap().parse().unwrap();
+            let decimals = shown
+                .split(' ')
+                .next()
+                .unwrap()
+                .split('.')
+                .nth(1)
+                .map_or(0, str::len);
+            let scale = match q["unit"].as_str().unwrap() {
+                "%" | "points" => 100.0,
+                _ => 1.0,
+            };
+            assert!(
+                close(
+                    number,
+                    measured * scale,
+                    0.5 * 10f64.powi(-(decimals as i32)) + 1e-9
+                ),
+                "{text}: {shown} for {measured}"
+            );
+        }
+    }
+    // The slow-pod finding names the algorithm with the lowest p99.
+    let slow: Vec<&serde_json::Value> = results
+        .iter()
+        .filter(|r| r["scenario"] == "slow-pod")
+        .collect();
+    let best = slow
+        .iter()
+        .min_by(|a, b| {
+            a["latency_ms"]["p99"]
+                .as_f64()
+                .partial_cmp(&b["latency_ms"]["p99"].as_f64())
+                .unwrap()
+        })
+        .unwrap();
+    let finding = findings
+        .iter()
+        .find(|f| f["scenario"] == "slow-pod")
+        .unwrap();
+    let text = finding["text"].as_str().unwrap();
+    assert!(
+        text.starts_with(best["algorithm"].as_str().unwrap()) || text.starts_with("No algorithm"),
+        "{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_quick_gives_the_documented_json_and_html() {
     let report = quick(&["all"], &[], 0, 42).await;
@@ -166,6 +266,24 @@ async fn every_scenario_quick_gives_the_documented_json_and_html() {
         }
     }
 
+    // The run's own record, and findings that agree with the numbers they quote.
+    assert_eq!(json["carousel_version"], env!("CARGO_PKG_VERSION"));
+    assert!(json["cpus"].as_u64().unwrap() >= 1);
+    check_findings(&json);
+    let table = report.table();
+    for finding in &report.findings {
+        let first_words: String = finding
+            .text
+            .split_whitespace()
+            .take(4)
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            table.contains(&first_words),
+            "{first_words:?} in the table:\n{table}"
+        );
+    }
+
     // One self-contained page, one chart per scenario.
     let html = report.html();
     check_balanced(&html).unwrap();
@@ -175,6 +293,15 @@ async fn every_scenario_quick_gives_the_documented_json_and_html() {
     );
     for scenario in &scenarios {
         assert!(html.contains(&format!("data-scenario=\"{scenario}\"")));
+    }
+    assert!(html.contains("<summary>Glossary</summary>"));
+    for finding in &report.findings {
+        let escaped = finding
+            .text
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;");
+        assert!(html.contains(&format!("<li>{escaped}</li>")), "{escaped}");
     }
     assert!(!html.contains("<script"));
     assert!(!html.contains("http://") || !html.contains("src=\"http"));

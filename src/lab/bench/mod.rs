@@ -5,6 +5,7 @@
 //! 127.N.(B+r).1 and its pods at 127.N.(B+r).10.., and clients connect from
 //! 127.N.200-255.x, so that runs never meet each other's lingering sockets.
 
+pub mod findings;
 pub mod load;
 pub(crate) mod measure;
 pub mod report;
@@ -133,6 +134,9 @@ pub async fn run(options: &BenchOptions, progress: &ProgressBar) -> Result<Repor
         version: report::VERSION,
         seed: options.seed,
         quick: options.quick,
+        carousel_version: env!("CARGO_PKG_VERSION").to_string(),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        findings: findings::all(&results),
         results,
     })
 }

@@ -5,6 +5,9 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::lab::bench::findings::Finding;
+use crate::lab::bench::scenarios;
+
 /// The version of the JSON format; fields may be added, none renamed.
 pub(crate) const VERSION: u32 = 1;
 
@@ -15,6 +18,16 @@ pub struct Report {
     pub seed: u64,
     pub(crate) quick: bool,
     pub results: Vec<RunResult>,
+    // Added fields (docs/lab-json.md lists them all).
+    /// The carousel that ran the bench.
+    #[serde(default)]
+    pub carousel_version: String,
+    /// CPUs this host gave the run.
+    #[serde(default)]
+    pub cpus: usize,
+    /// What each scenario found, in words from the numbers above, each number quoted.
+    #[serde(default)]
+    pub findings: Vec<Finding>,
 }
 
 /// One scenario under one algorithm.
@@ -115,6 +128,9 @@ impl Report {
                 .filter(|r| r.scenario == scenario)
                 .collect();
             let _ = writeln!(out, "== {scenario}{}", self.transport_note(scenario));
+            if let Some(about) = scenarios::about(scenario) {
+                wrap(&mut out, "  shows: ", about);
+            }
             let _ = writeln!(
                 out,
                 "  {:<NAME$} {:>6} {:>4} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>6}",
@@ -149,6 +165,9 @@ impl Report {
                 );
             }
             shares_table(&mut out, &results);
+            for finding in self.findings.iter().filter(|f| f.scenario == scenario) {
+                wrap(&mut out, "  found: ", &finding.text);
+            }
             let _ = writeln!(out);
         }
         out
@@ -162,10 +181,13 @@ impl Report {
         out.push_str("<!DOCTYPE html>\n<html xmlns=\"http://www.w3.org/1999/xhtml\" lang=\"en\">\n<head>\n<meta charset=\"utf-8\"/>\n<title>carousel bench</title>\n<style>\nbody{font-family:sans-serif;margin:2em;color:#222}\nsvg{display:block;margin:0.5em 0 1.5em 0}\ntable{border-collapse:collapse;font-size:0.85em}\ntd,th{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd}\n</style>\n</head>\n<body>\n");
         let _ = writeln!(
             out,
-            "<h1>carousel bench</h1>\n<p>seed {}{}; every number measured through carousel's data path.</p>",
+            "<h1>carousel bench</h1>\n<p>carousel {}, {} CPUs, seed {}{}; every number measured through carousel's data path.</p>",
+            escape(&self.carousel_version),
+            self.cpus,
             self.seed,
             if self.quick { ", quick run" } else { "" }
         );
+        out.push_str(GLOSSARY);
         for scenario in self.scenarios() {
             let results: Vec<&RunResult> = self
                 .results
@@ -178,6 +200,21 @@ impl Report {
                 escape(scenario),
                 escape(self.transport_note(scenario))
             );
+            if let Some(about) = scenarios::about(scenario) {
+                let _ = writeln!(out, "<p class=\"shows\">Shows: {}.</p>", escape(about));
+            }
+            let found: Vec<&Finding> = self
+                .findings
+                .iter()
+                .filter(|f| f.scenario == scenario)
+                .collect();
+            if !found.is_empty() {
+                out.push_str("<ul class=\"findings\">\n");
+                for f in found {
+                    let _ = writeln!(out, "<li>{}</li>", escape(&f.text));
+                }
+                out.push_str("</ul>\n");
+            }
             out.push_str(&share_chart(scenario, &results));
             out.push_str(&latency_chart(&results));
             if results.iter().any(|r| r.moved_fraction.is_some()) {
@@ -247,6 +284,27 @@ fn shares_table(out: &mut String, results: &[&RunResult]) {
     }
 }
 
+/// `text` after `lead`, wrapped at word boundaries to `WIDTH` columns, the lines after
+/// the first indented as far as the lead.
+fn wrap(out: &mut String, lead: &str, text: &str) {
+    let indent = " ".repeat(lead.chars().count());
+    let mut line = lead.to_string();
+    let mut empty = true;
+    for word in text.split_whitespace() {
+        if !empty && line.chars().count() + 1 + word.chars().count() > WIDTH {
+            let _ = writeln!(out, "{line}");
+            line = indent.clone();
+            empty = true;
+        }
+        if !empty {
+            line.push(' ');
+        }
+        line.push_str(word);
+        empty = false;
+    }
+    let _ = writeln!(out, "{line}");
+}
+
 /// `text` in at most `width` characters: its middle cut out for an ellipsis when longer,
 /// since pod names differ at their ends (`web-7d4b9-a1`, `web-7d4b9-b2`).
 fn cut(text: &str, width: usize) -> String {
@@ -261,6 +319,18 @@ fn cut(text: &str, width: usize) -> String {
     kept.extend(&chars[chars.len() - tail..]);
     kept
 }
+
+/// What the page's columns and words mean.
+const GLOSSARY: &str = "<details class=\"glossary\">\n<summary>Glossary</summary>\n<dl>\n\
+<dt>share, target</dt><dd>A pod's part of the answered requests, and the part its weights ask for (the weights of the table each connection met, averaged over the run).</dd>\n\
+<dt>Jain</dt><dd>Jain's fairness index of each pod's share over its target: 1 when every pod gets exactly its target, 1/n when one of n pods gets everything.</dd>\n\
+<dt>max/mean</dt><dd>The busiest pod's share over target against the mean of the same: 1 when balanced, 2 when one pod carries twice its part.</dd>\n\
+<dt>dev</dt><dd>The largest distance between a pod's share and its target, in points of share (0.05: five percentage points).</dd>\n\
+<dt>p50, p99, p999</dt><dd>Request latency as the client saw it, in milliseconds: half, 99 %, 99.9 % of requests took no longer.</dd>\n\
+<dt>stickiness</dt><dd>For clients with more than one connection, the part of a client's connections that reached its most frequent pod: 1 when every client stays on one pod.</dd>\n\
+<dt>moved</dt><dd>At each change of the pods, the part of the clients seen before and after whose pod changed.</dd>\n\
+<dt>converged</dt><dd>After the first change of the pods, the time until every pod stays within 5 points of its target share.</dd>\n\
+</dl>\n</details>\n";
 
 fn tcp() -> String {
     crate::model::Protocol::Tcp.to_string()
@@ -497,6 +567,9 @@ mod tests {
                 result("weighted-round-robin", true, &many),
                 result("round-robin", false, &many[..9]),
             ],
+            carousel_version: "0".into(),
+            cpus: 2,
+            findings: Vec::new(),
         };
         let table = report.table();
         for line in table.lines() {

@@ -82,6 +82,14 @@ pub(crate) const ABOUT: &[(&str, &str)] = &[
     ),
 ];
 
+/// What scenario `name` shows, as `--help` says it.
+pub(crate) fn about(name: &str) -> Option<&'static str> {
+    ABOUT
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, about)| *about)
+}
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
