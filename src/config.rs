@@ -244,14 +244,17 @@ pub struct DemoArgs {
 /// `carousel bench --help` lists the scenarios, one line each (kept in step with
 /// `lab::bench::scenarios::ABOUT` by a test).
 pub(crate) const BENCH_SCENARIOS_HELP: &str = "Scenarios:
-  uniform         four equal pods, many clients: the baseline spread
-  slow-pod        one pod ten times slower: p99/p999 per algorithm
-  canary          custom:original weights 3:1: observed against target share
-  keepalive       six long-lived connections, many requests each: balancing is per connection
-  dns             UDP, a flow per client socket asking five queries: balancing is per flow
-  sticky          many client addresses with ClientIP affinity off and on: stickiness, imbalance
-  rolling-update  pods replaced one by one under load: failed connections, clients moved
-  scale-up        two pods join mid-run: how fast each algorithm gives them their share";
+  uniform           four equal pods, many clients: the baseline spread
+  slow-pod          one pod ten times slower: p99/p999 per algorithm
+  canary            custom:original weights 3:1: observed against target share
+  keepalive         six long-lived connections, many requests each: balancing is per connection
+  dns               UDP, a flow per client socket asking five queries: balancing is per flow
+  sticky            many client addresses with ClientIP affinity off and on: stickiness, imbalance
+  rolling-update    pods replaced one by one under load: failed connections, clients moved
+  scale-up          two pods join mid-run: how fast each algorithm gives them their share
+  frontends         kubernetes#5292: 5 frontends keep one connection each to 50 pods: pods used
+  frontend-pools    the 5 frontends keep 10 connections each: which algorithms reach all 50 pods
+  affinity-rollout  kubernetes#55603: ClientIP affinity through a rolling update piles clients on the first new pods";
 
 #[derive(Debug, Args)]
 #[command(after_help = BENCH_SCENARIOS_HELP)]

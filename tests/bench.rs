@@ -7,6 +7,16 @@ use indicatif::ProgressBar;
 const NET: u8 = 55;
 
 async fn quick(scenarios: &[&str], algorithms: &[&str], first_block: u8, seed: u64) -> Report {
+    sized(true, scenarios, algorithms, first_block, seed).await
+}
+
+async fn sized(
+    quick: bool,
+    scenarios: &[&str],
+    algorithms: &[&str],
+    first_block: u8,
+    seed: u64,
+) -> Report {
     let options = BenchOptions {
         scenarios: scenarios.iter().map(|s| s.to_string()).collect(),
         algorithms: algorithms
@@ -14,7 +24,7 @@ async fn quick(scenarios: &[&str], algorithms: &[&str], first_block: u8, seed: u
             .map(|s| s.parse().expect("an algorithm"))
             .collect(),
         seed,
-        quick: true,
+        quick,
         net: NET,
         first_block,
     };
@@ -72,6 +82,9 @@ fn check_findings(json: &serde_json::Value) {
         "sticky",
         "rolling-update",
         "scale-up",
+        "frontends",
+        "frontend-pools",
+        "affinity-rollout",
     ] {
         assert!(
             findings.iter().any(|f| f["scenario"] == scenario),
@@ -168,8 +181,9 @@ async fn every_scenario_quick_gives_the_documented_json_and_html() {
     assert_eq!(json["version"], 1);
     assert_eq!(json["seed"], 42);
     let results = json["results"].as_array().unwrap();
-    // Sticky runs with affinity off and on.
-    assert_eq!(results.len(), (scenarios.len() + 1) * 6);
+    // Sticky runs with affinity off and on; affinity-rollout with it under every
+    // algorithm, and without it under maglev alone.
+    assert_eq!(results.len(), (scenarios.len() + 1) * 6 + 1);
     for r in results {
         for field in [
             "scenario",
@@ -253,7 +267,10 @@ async fn every_scenario_quick_gives_the_documented_json_and_html() {
     for r in &report.results {
         assert_eq!(
             r.moved_fraction.is_some(),
-            matches!(r.scenario.as_str(), "rolling-update" | "scale-up"),
+            matches!(
+                r.scenario.as_str(),
+                "rolling-update" | "scale-up" | "affinity-rollout"
+            ),
             "{} {}",
             r.scenario,
             r.algorithm
@@ -261,9 +278,17 @@ async fn every_scenario_quick_gives_the_documented_json_and_html() {
         if r.scenario == "sticky" && r.affinity {
             assert!(r.stickiness.unwrap() > 0.99, "{r:?}");
         }
-        if r.scenario == "rolling-update" {
+        if matches!(r.scenario.as_str(), "rolling-update" | "affinity-rollout") {
             assert_eq!(r.failed_connections, 0, "{} lost connections", r.algorithm);
         }
+        // Pods used and where the clients ended: the measures of the pathologies.
+        let answered = r.pods.iter().filter(|p| p.connections > 0).count() as u64;
+        assert_eq!(r.pods_used, answered, "{r:?}");
+        assert_eq!(
+            r.final_max_mean_ratio.is_some(),
+            r.pods.iter().any(|p| p.final_share.is_some()),
+            "{r:?}"
+        );
     }
 
     // The run's own record, and findings that agree with the numbers they quote.
@@ -312,7 +337,7 @@ async fn a_slow_pod_hurts_round_robin_more_than_load_aware_balancers() {
     let report = quick(
         &["slow-pod"],
         &["round-robin", "least-connections", "power-of-two-choices"],
-        60,
+        100,
         7,
     )
     .await;
@@ -331,7 +356,7 @@ async fn a_slow_pod_hurts_round_robin_more_than_load_aware_balancers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_update_loses_no_connection() {
-    let report = quick(&["rolling-update"], &["round-robin", "maglev"], 70, 42).await;
+    let report = quick(&["rolling-update"], &["round-robin", "maglev"], 110, 42).await;
     for r in &report.results {
         assert_eq!(r.failed_connections, 0, "{}", report.table());
         assert!(r.moved_fraction.is_some());
@@ -354,7 +379,7 @@ async fn the_same_seed_gives_the_same_picks() {
         ..Default::default()
     };
     let mut picks = Vec::new();
-    for (block, seed) in [(80, 5), (81, 5), (82, 6)] {
+    for (block, seed) in [(120, 5), (121, 5), (122, 6)] {
         let result = bench::run_one(
             &scenario,
             carousel::algorithm::Algorithm::Random,
@@ -374,4 +399,58 @@ async fn the_same_seed_gives_the_same_picks() {
     }
     assert_eq!(picks[0], picks[1]);
     assert_ne!(picks[0], picks[2]);
+}
+
+/// kubernetes#5292: kept connections bound the pods used, whatever the balancer; with as
+/// many kept connections as pods, rotating and counting balancers reach every pod and
+/// hashing on the client address still reaches one pod per frontend at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn few_kept_connections_use_few_pods_and_pools_reach_all_under_round_robin() {
+    let algorithms = ["round-robin", "least-connections", "maglev", "random"];
+    let one = quick(&["frontends"], &algorithms, 130, 42).await;
+    for r in &one.results {
+        assert_eq!(r.pods.len(), 50);
+        assert_eq!(r.connections, 5, "{}", one.table());
+        assert!(r.pods_used <= 5, "{}", one.table());
+    }
+    let pools = quick(&["frontend-pools"], &algorithms, 135, 42).await;
+    let used = |algorithm: &str| {
+        pools
+            .results
+            .iter()
+            .find(|r| r.algorithm == algorithm)
+            .unwrap()
+            .pods_used
+    };
+    assert_eq!(used("round-robin"), 50, "{}", pools.table());
+    assert_eq!(used("least-connections"), 50, "{}", pools.table());
+    assert!(used("maglev") <= 5, "{}", pools.table());
+    assert!(used("random") < 50, "{}", pools.table());
+}
+
+/// kubernetes#55603: under ClientIP affinity, round-robin ends a rolling update with the
+/// first new pod holding far more of the clients than the last. Full size: the quick
+/// run's 100 clients are too few to show it every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn affinity_through_a_rolling_update_piles_clients_on_the_first_new_pod() {
+    let report = sized(false, &["affinity-rollout"], &["round-robin"], 140, 42).await;
+    let r = report
+        .results
+        .iter()
+        .find(|r| r.affinity)
+        .expect("the run with affinity");
+    let last = |pod: &str| {
+        r.pods
+            .iter()
+            .find(|p| p.pod == pod)
+            .and_then(|p| p.final_share)
+            .unwrap()
+    };
+    assert!(
+        last("pod-a-v2") > 1.5 * last("pod-d-v2"),
+        "{}",
+        report.table()
+    );
+    assert!(r.final_max_mean_ratio.unwrap() > 1.2, "{}", report.table());
+    assert_eq!(r.failed_connections, 0);
 }

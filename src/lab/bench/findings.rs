@@ -132,6 +132,9 @@ fn of_scenario(scenario: &str, results: &[&RunResult]) -> Vec<Finding> {
         "sticky" => sticky(results),
         "rolling-update" => rolling_update(results),
         "scale-up" => scale_up(results),
+        "frontends" => frontends(results),
+        "frontend-pools" => frontend_pools(results),
+        "affinity-rollout" => affinity_rollout(results),
         _ => Vec::new(),
     };
     found.into_iter().map(|mut s| s.done(scenario)).collect()
@@ -402,6 +405,158 @@ fn scale_up(results: &[&RunResult]) -> Vec<Sentence> {
             "Within the run, {} never held every pod within 5 points of its share.",
             never.join(", ")
         ));
+        found.push(s);
+    }
+    found
+}
+
+/// kubernetes#5292: kept connections bound the pods that work, whatever the balancer.
+fn frontends(results: &[&RunResult]) -> Vec<Sentence> {
+    let Some((_, most)) = extremes(results, |r| Some(r.pods_used as f64)) else {
+        return Vec::new();
+    };
+    let mut s = Sentence::new();
+    s.quote(most, "connections", most.connections as f64, "", 0)
+        .say(" kept connections reached at most ")
+        .quote(most, "pods_used", most.pods_used as f64, "", 0)
+        .say(&format!(
+            " of the {} pods, under any algorithm ({} the most): a connection stays on the pod it was given, so only as many pods work as there are kept connections. See frontend-pools for the way out.",
+            most.pods.len(),
+            most.algorithm
+        ));
+    vec![s]
+}
+
+/// The way out of kubernetes#5292: as many kept connections as pods, and an algorithm
+/// that reaches every pod with them.
+fn frontend_pools(results: &[&RunResult]) -> Vec<Sentence> {
+    let Some((_, most)) = extremes(results, |r| Some(r.pods_used as f64)) else {
+        return Vec::new();
+    };
+    let full: Vec<&str> = results
+        .iter()
+        .filter(|r| r.pods_used == most.pods_used)
+        .map(|r| r.algorithm.as_str())
+        .collect();
+    let mut s = Sentence::new();
+    s.say("With ")
+        .quote(most, "connections", most.connections as f64, "", 0)
+        .say(&format!(" kept connections, {} used ", full.join(", ")))
+        .quote(most, "pods_used", most.pods_used as f64, "", 0)
+        .say(&format!(" of the {} pods", most.pods.len()));
+    let mut others: Vec<&RunResult> = results
+        .iter()
+        .filter(|r| r.pods_used < most.pods_used)
+        .copied()
+        .collect();
+    others.sort_by_key(|r| std::cmp::Reverse(r.pods_used));
+    for (i, r) in others.iter().enumerate() {
+        s.say(if i == 0 { "; " } else { ", " })
+            .say(&format!("{} ", r.algorithm))
+            .quote(r, "pods_used", r.pods_used as f64, "", 0);
+    }
+    s.say(".");
+    let mut found = vec![s];
+    let why = |algorithm: &str| others.iter().any(|r| r.algorithm == algorithm);
+    let mut reasons = Vec::new();
+    if why("random") || why("power-of-two-choices") {
+        reasons.push("random draws repeat pods and miss others");
+    }
+    if why("maglev") {
+        reasons.push(
+            "maglev hashes the client address, so every connection of a frontend goes to one pod",
+        );
+    }
+    if !reasons.is_empty() {
+        let mut s = Sentence::new();
+        s.say(&format!(
+            "The others fall short because {}.",
+            reasons.join("; ")
+        ));
+        found.push(s);
+    }
+    found
+}
+
+/// kubernetes#55603: under ClientIP affinity each replaced pod's clients are balanced
+/// over the pods serving then, and stay.
+fn affinity_rollout(results: &[&RunResult]) -> Vec<Sentence> {
+    let on: Vec<&RunResult> = results.iter().filter(|r| r.affinity).copied().collect();
+    let off: Vec<&RunResult> = results.iter().filter(|r| !r.affinity).copied().collect();
+    let mut found = Vec::new();
+    if let Some((least, most)) = extremes(&on, |r| r.final_max_mean_ratio) {
+        let busiest = most
+            .pods
+            .iter()
+            .filter_map(|p| p.final_share.map(|share| (p, share)))
+            .reduce(|a, b| if b.1 > a.1 { b } else { a });
+        let mut s = Sentence::new();
+        s.say(&format!(
+            "With ClientIP affinity, {} ended the update",
+            most.algorithm
+        ));
+        if let Some((pod, share)) = busiest {
+            s.say(&format!(" with {} taking ", pod.pod)).quote(
+                most,
+                &format!("pods.{}.final_share", pod.pod),
+                share,
+                "%",
+                0,
+            );
+            s.say(" of the connections,");
+        }
+        s.say(" max/mean ")
+            .quote(
+                most,
+                "final_max_mean_ratio",
+                most.final_max_mean_ratio.unwrap_or(1.0),
+                "",
+                2,
+            )
+            .say(" (1 is even): each replaced pod's clients were balanced over the pods serving at that moment and then stayed, so the first new pods collected clients at every step");
+        if least.algorithm != most.algorithm {
+            s.say(&format!("; the least piled was {} (", least.algorithm))
+                .quote(
+                    least,
+                    "final_max_mean_ratio",
+                    least.final_max_mean_ratio.unwrap_or(1.0),
+                    "",
+                    2,
+                )
+                .say(")");
+            if least.algorithm == "maglev" {
+                s.say(", as the pod that replaces another takes over most of its hash slots, so its clients move to it together");
+            }
+        }
+        s.say(".");
+        found.push(s);
+    }
+    let best_on = on
+        .iter()
+        .filter_map(|r| r.final_max_mean_ratio)
+        .reduce(f64::min);
+    for r in off {
+        let (Some(ratio), Some(stickiness)) = (r.final_max_mean_ratio, r.stickiness) else {
+            continue;
+        };
+        let mut s = Sentence::new();
+        s.say(&format!(
+            "{} without affinity kept each client on one pod for ",
+            r.algorithm
+        ))
+        .quote(r, "stickiness", stickiness, "%", 0)
+        .say(" of its connections and ended ");
+        let evener = best_on.is_some_and(|best| ratio < best);
+        s.say(match evener {
+            true => "more even than any algorithm with affinity (max/mean ",
+            false => "at max/mean ",
+        })
+        .quote(r, "final_max_mean_ratio", ratio, "", 2)
+        .say(if evener { ")" } else { "" });
+        if r.algorithm == "maglev" && evener {
+            s.say(": the client's address picks the pod from the pods serving now, with no memory of the old ones");
+        }
+        s.say(".");
         found.push(s);
     }
     found

@@ -72,6 +72,8 @@ pub(crate) fn measure(
     let [p50, p99, p999] = stats::latency_percentiles(&mut observed.latencies_ms);
     let changes = changes(&observed.phases);
     let windows = windows(&answered, n, observed.duration_ms);
+    let last = (observed.phases.len() > 1).then(|| observed.phases.last().expect("more than one"));
+    let final_shares = last.and_then(|phase| final_shares(&answered, phase, n));
     RunResult {
         scenario: scenario.to_string(),
         algorithm: algorithm.to_string(),
@@ -88,6 +90,7 @@ pub(crate) fn measure(
                 request_share: request_share[i],
                 connections: connections[i],
                 requests: requests[i],
+                final_share: final_shares.as_ref().map(|f| f[i]),
             })
             .collect(),
         jain_fairness: stats::jain(&relative),
@@ -103,6 +106,16 @@ pub(crate) fn measure(
             .first()
             .and_then(|at| converged_after(&windows, &observed.phases, *at)),
         windows,
+        pods_used: connections.iter().filter(|c| **c > 0).count() as u64,
+        final_max_mean_ratio: last.zip(final_shares.as_ref()).map(|(phase, shares)| {
+            let relative: Vec<f64> = shares
+                .iter()
+                .zip(&phase.targets)
+                .filter(|(_, t)| **t > 0.0)
+                .map(|(s, t)| s / t)
+                .collect();
+            stats::max_mean_ratio(&relative)
+        }),
     }
 }
 
@@ -138,6 +151,20 @@ fn tally(answered: &[&Record], phases: &[Phase], pods: usize) -> Tally {
         requests,
         targets,
     }
+}
+
+/// Each pod's share of the connections begun from the last change of the table on:
+/// where the clients ended up.
+/// None when no connection began after it.
+fn final_shares(answered: &[&Record], last: &Phase, pods: usize) -> Option<Vec<f64>> {
+    let mut counts = vec![0u64; pods];
+    for r in answered.iter().filter(|r| r.start_ms >= last.at_ms) {
+        counts[r.pod.expect("answered")] += 1;
+    }
+    counts
+        .iter()
+        .any(|c| *c > 0)
+        .then(|| stats::shares(&counts))
 }
 
 /// When the table changed; changes pushed together (two pods added at once) count as

@@ -8,6 +8,7 @@
 pub mod findings;
 pub mod load;
 pub(crate) mod measure;
+pub mod page;
 pub mod report;
 pub mod scenarios;
 
@@ -106,7 +107,9 @@ pub(crate) fn plan(options: &BenchOptions) -> Result<Vec<(Scenario, Algorithm)>,
         }
         for scenario in built {
             for algorithm in algorithms {
-                runs.push((scenario.clone(), *algorithm));
+                if scenario.only.is_none_or(|only| only.contains(algorithm)) {
+                    runs.push((scenario.clone(), *algorithm));
+                }
             }
         }
     }
@@ -264,6 +267,7 @@ pub async fn run_one(
         deadline: begin + scenario.duration,
         names: lab.names.clone(),
         seed: options.seed,
+        clients_in_turn: scenario.clients_in_turn,
     });
     let workers: Vec<_> = (0..scenario.concurrency)
         .map(|_| tokio::spawn(worker(load.clone())))
@@ -380,13 +384,15 @@ impl Lab {
                 }
                 Change::Add(_) => None,
             };
+            // Taken before the push: a proxy that applies it at once must not look late.
+            let pushed = std::time::SystemTime::now();
             self.tables.send_replace(Arc::new(self.table(members)));
             phases.push(Phase {
                 at_ms: begin.elapsed().as_secs_f64() * 1000.0,
                 targets: targets(members, pods),
             });
             if let Some(old) = old {
-                self.retire(&mut running[old]).await;
+                self.retire(&mut running[old], pushed).await;
                 members.retain(|m| m.index != old);
                 self.tables.send_replace(Arc::new(self.table(members)));
             }
@@ -447,8 +453,7 @@ impl Lab {
     /// connections are done; the caller then takes it out of the slice. A pod stopped
     /// before the proxy's table changed would reset what sits in its accept queue: a
     /// failure of the lab, not of the balancer.
-    async fn retire(&self, pod: &mut Option<BenchPod>) {
-        let pushed = std::time::SystemTime::now();
+    async fn retire(&self, pod: &mut Option<BenchPod>, pushed: std::time::SystemTime) {
         for _ in 0..200 {
             let synced = self.telemetry.health().last_sync();
             if synced.is_some_and(|at| at >= pushed) {
@@ -492,6 +497,7 @@ struct Load {
     deadline: Instant,
     names: Vec<String>,
     seed: u64,
+    clients_in_turn: bool,
 }
 
 /// One client worker: connection after connection until the budget or the deadline;
@@ -512,7 +518,10 @@ async fn worker(load: Arc<Load>) -> (Vec<Record>, Vec<f64>) {
 impl Load {
     /// Connection `n`, from its client, with its requests.
     async fn connection(&self, n: usize, latencies: &mut Vec<f64>) -> Record {
-        let client = client_of(n, self.seed, self.clients.len());
+        let client = match self.clients_in_turn {
+            true => n % self.clients.len().max(1),
+            false => client_of(n, self.seed, self.clients.len()),
+        };
         let started = Instant::now();
         let mut record = Record {
             client: client as u32,

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::algorithm::Algorithm;
 use crate::lab::bench::load::PodSpec;
 use crate::model::Protocol;
 
@@ -44,6 +45,11 @@ pub struct Scenario {
     pub(crate) events: Vec<Event>,
     /// Whether clients are many enough for stickiness to mean something.
     pub(crate) many_clients: bool,
+    /// Connection `n` comes from client `n % clients` (each frontend opens its share of
+    /// the connections), instead of from a client drawn by the seed.
+    pub(crate) clients_in_turn: bool,
+    /// The algorithms this scenario runs under, of those chosen (None: all of them).
+    pub(crate) only: Option<&'static [Algorithm]>,
 }
 
 /// Every scenario name with its one-line description, for `--help` and `--scenario`.
@@ -79,6 +85,18 @@ pub(crate) const ABOUT: &[(&str, &str)] = &[
     (
         "scale-up",
         "two pods join mid-run: how fast each algorithm gives them their share",
+    ),
+    (
+        "frontends",
+        "kubernetes#5292: 5 frontends keep one connection each to 50 pods: pods used",
+    ),
+    (
+        "frontend-pools",
+        "the 5 frontends keep 10 connections each: which algorithms reach all 50 pods",
+    ),
+    (
+        "affinity-rollout",
+        "kubernetes#55603: ClientIP affinity through a rolling update piles clients on the first new pods",
     ),
 ];
 
@@ -118,6 +136,16 @@ pub fn build(name: &str, quick: bool) -> Vec<Scenario> {
             .collect(),
         "rolling-update" => vec![rolling_update(base, size)],
         "scale-up" => vec![scale_up(base, size)],
+        "frontends" => vec![frontends(base, size, 1)],
+        "frontend-pools" => vec![frontends(base, size, 10)],
+        "affinity-rollout" => vec![
+            affinity_rollout(base.clone(), size, true),
+            // The way out: stickiness from hashing the address, with no table to remember.
+            Scenario {
+                only: Some(&[Algorithm::Maglev]),
+                ..affinity_rollout(base, size, false)
+            },
+        ],
         _ => Vec::new(),
     }
 }
@@ -158,11 +186,13 @@ fn uniform(size: Size) -> Scenario {
         concurrency: 8,
         requests_per_connection: 1,
         connections: size.count(4000, 400),
-        duration: size.time(800, 100),
+        duration: size.time(800, 80),
         affinity: false,
         protocol: Protocol::Tcp,
         events: Vec::new(),
         many_clients: true,
+        clients_in_turn: false,
+        only: None,
     }
 }
 
@@ -180,7 +210,7 @@ fn slow_pod(base: Scenario, size: Size) -> Scenario {
         pods,
         concurrency: 16,
         connections: size.count(6000, 1200),
-        duration: size.time(1000, 220),
+        duration: size.time(1000, 180),
         many_clients: false,
         ..base
     }
@@ -195,7 +225,7 @@ fn canary(base: Scenario, size: Size) -> Scenario {
         pods,
         // A multiple of the weights' sum, so that a perfect split is possible.
         connections: size.count(3200, 320),
-        duration: size.time(1500, 400),
+        duration: size.time(1000, 400),
         many_clients: false,
         ..base
     }
@@ -208,7 +238,7 @@ fn keepalive(base: Scenario, size: Size) -> Scenario {
         concurrency: 6,
         requests_per_connection: if size.quick { 60 } else { 400 },
         connections: 6,
-        duration: size.time(800, 100),
+        duration: size.time(800, 80),
         many_clients: false,
         ..base
     }
@@ -245,7 +275,7 @@ fn rolling_update(base: Scenario, size: Size) -> Scenario {
         name: "rolling-update",
         clients: 100,
         connections: 100_000,
-        duration: size.time(1000, 200),
+        duration: size.time(1000, 160),
         events: (0..4)
             .map(|i| Event {
                 at: 0.2 + 0.15 * i as f64,
@@ -267,8 +297,54 @@ fn scale_up(base: Scenario, size: Size) -> Scenario {
         pods: four[..2].to_vec(),
         clients: 100,
         connections: 100_000,
-        duration: size.time(1000, 160),
+        duration: size.time(1000, 120),
         events: four[2..].iter().map(joins).collect(),
+        ..base
+    }
+}
+
+/// kubernetes#5292: a few frontends forward heavy traffic to many backends over kept
+/// connections, `pool` each; the connections last the whole run.
+fn frontends(base: Scenario, size: Size, pool: usize) -> Scenario {
+    let names: Vec<String> = (1..=50).map(|i| format!("pod-{i:02}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    Scenario {
+        name: if pool == 1 {
+            "frontends"
+        } else {
+            "frontend-pools"
+        },
+        pods: pods(&names, ms(1)),
+        clients: 5,
+        concurrency: 5 * pool,
+        connections: 5 * pool,
+        // Until the deadline ends them: the frontends never reconnect.
+        requests_per_connection: u32::MAX,
+        duration: size.time(200, 40),
+        many_clients: false,
+        clients_in_turn: true,
+        ..base
+    }
+}
+
+/// kubernetes#55603: a rolling update under ClientIP affinity. Each replaced pod's
+/// clients are balanced over the pods serving at that moment and then stay, so the
+/// first new pods collect clients at every step.
+fn affinity_rollout(base: Scenario, size: Size, affinity: bool) -> Scenario {
+    let four = four_pods();
+    Scenario {
+        name: "affinity-rollout",
+        // Few enough that each client returns many times after the last step.
+        clients: if size.quick { 100 } else { 250 },
+        affinity,
+        connections: 100_000,
+        duration: size.time(600, 120),
+        events: (0..4)
+            .map(|i| Event {
+                at: 0.15 + 0.12 * i as f64,
+                change: Change::Replace(i, PodSpec::new(&format!("{}-v2", four[i].name), ms(1))),
+            })
+            .collect(),
         ..base
     }
 }
