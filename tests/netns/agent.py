@@ -154,7 +154,13 @@ def dns(host, port, count, sources):
             s.connect((host, int(port)))
             qid = i % 65536
             s.send(dns_query(qid))
-            answer = s.recv(512)
+            try:
+                answer = s.recv(512)
+            except TimeoutError:
+                # One resend on the same socket (the same flow), as resolvers do: a
+                # first datagram can be lost while a fresh namespace resolves neighbours.
+                s.send(dns_query(qid))
+                answer = s.recv(512)
             if answer[:2] != qid.to_bytes(2, "big") or int.from_bytes(answer[6:8], "big") != 1:
                 raise OSError("not one answer to this query")
             if QTYPE == "AAAA":
