@@ -282,6 +282,19 @@ pub struct BenchArgs {
     /// Shorter runs (under 10 s in all), for a first look and for tests.
     #[arg(long)]
     pub quick: bool,
+
+    /// Run on real pods instead of the lab's: the ready endpoints of one Service port in
+    /// this state file, asked HTTP/1.1 GET / (uniform, canary, keepalive, sticky only).
+    #[arg(long, value_name = "STATE.yaml")]
+    pub pods: Option<PathBuf>,
+
+    /// With --pods: the Service, when the file has several.
+    #[arg(long, value_name = "NAMESPACE/NAME", requires = "pods")]
+    pub service: Option<String>,
+
+    /// With --pods: the Service's port, by name or number, when it has several TCP ports.
+    #[arg(long, value_name = "NAME|NUMBER", requires = "pods")]
+    pub port: Option<String>,
 }
 
 #[derive(Debug, Args)]

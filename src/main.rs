@@ -99,7 +99,15 @@ async fn carousel() -> anyhow::Result<()> {
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let own = match &args.pods {
+        Some(path) => Some(
+            lab::bench::own::OwnPods::load(path, args.service.as_deref(), args.port.as_deref())
+                .context("--pods")?,
+        ),
+        None => None,
+    };
     let options = lab::bench::BenchOptions {
+        own,
         scenarios: vec![args.scenario.clone()],
         algorithms: args.algorithms.clone(),
         seed: args.seed,

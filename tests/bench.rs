@@ -27,6 +27,7 @@ async fn sized(
         quick,
         net: NET,
         first_block,
+        own: None,
     };
     bench::run(&options, &ProgressBar::hidden()).await.unwrap()
 }

@@ -220,6 +220,7 @@ async fn every_chart_of_a_quick_run_draws_inside_its_svg_in_chromium() {
         quick: true,
         net: NET,
         first_block: 0,
+        own: None,
     };
     let report = bench::run(&options, &ProgressBar::hidden())
         .await

@@ -27,34 +27,20 @@ const NGINX_PORT: u16 = 8081;
 fn start_nginx(lab: &mut Lab, i: usize, name: &str) -> PathBuf {
     let dir = lab.dir.path().join(format!("nginx{i}"));
     std::fs::create_dir_all(&dir).unwrap();
-    let d = dir.display();
     let v4 = Lab::pod_v4(i).ip();
     let v6 = Lab::pod_v6(i).ip();
-    let conf = format!(
-        r#"daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 256; }}
-http {{
-    log_format pp '$proxy_protocol_addr $proxy_protocol_port $proxy_protocol_server_addr $proxy_protocol_server_port $remote_addr';
-    access_log {d}/access.log pp;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    default_type text/plain;
-    server {{
+    let conf = common::nginx_conf(
+        &dir,
+        "$proxy_protocol_addr $proxy_protocol_port $proxy_protocol_server_addr $proxy_protocol_server_port $remote_addr",
+        &format!(
+            r#"    server {{
         listen {v4}:{NGINX_PORT} proxy_protocol;
         listen [{v6}]:{NGINX_PORT} proxy_protocol;
         location / {{
             return 200 "{name} $proxy_protocol_addr $proxy_protocol_server_addr $proxy_protocol_server_port\n";
         }}
-    }}
-}}
-"#
+    }}"#
+        ),
     );
     let conf_path = dir.join("nginx.conf");
     std::fs::write(&conf_path, conf).unwrap();

@@ -395,6 +395,34 @@ pub fn pattern(seed: u64, i: u64) -> u8 {
     (x >> 56) as u8
 }
 
+/// A Debian nginx configuration that keeps everything under `dir` and runs as one
+/// foreground process (a test's child): `log_format` names the access log's line,
+/// `server` is the `server { ... }` block.
+pub fn nginx_conf(dir: &std::path::Path, log_format: &str, server: &str) -> String {
+    let d = dir.display();
+    format!(
+        r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    log_format line '{log_format}';
+    access_log {d}/access.log line;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    default_type text/plain;
+    keepalive_requests 100000;
+{server}
+}}
+"#
+    )
+}
+
 pub mod fake_apiserver;
 
 /// Runs `f` on a thread that entered the network namespace `netns` (`ip netns add`):

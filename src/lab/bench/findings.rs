@@ -243,7 +243,7 @@ fn canary(results: &[&RunResult]) -> Vec<Sentence> {
     };
     let mut s = Sentence::new();
     s.say(&format!(
-        "{} came closest to the 3:1 weights (no pod more than ",
+        "{} came closest to the weights (no pod more than ",
         best.algorithm
     ))
     .deviation(best)

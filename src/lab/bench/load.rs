@@ -9,11 +9,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::HeaderValue;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use crate::lab::bench::relay::{self, Relay, Seen};
 use crate::model::Protocol;
 
 /// One request: a single byte, so that a request never straddles two reads.
@@ -29,6 +35,9 @@ pub struct PodSpec {
     pub(crate) service_time: Duration,
     /// Requests served at once; the others wait their turn (None: no limit).
     pub(crate) concurrency: Option<usize>,
+    /// A real pod (`--pods`): the bench relays to it instead of serving itself, and the
+    /// clients speak HTTP.
+    pub(crate) upstream: Option<SocketAddr>,
 }
 
 impl PodSpec {
@@ -38,6 +47,7 @@ impl PodSpec {
             weight: 1,
             service_time,
             concurrency: None,
+            upstream: None,
         }
     }
 }
@@ -79,6 +89,30 @@ impl BenchPod {
             addr,
             open,
             task,
+        })
+    }
+
+    /// The relay in front of the real pod `spec.upstream` (TCP only), noting in `seen`
+    /// which client's connection reached it.
+    pub(crate) async fn relay(
+        spec: &PodSpec,
+        upstream: SocketAddr,
+        addr: SocketAddr,
+        seen: Arc<Seen>,
+    ) -> io::Result<BenchPod> {
+        let open = Arc::new(AtomicU64::new(0));
+        let listener = TcpListener::bind(addr).await?;
+        let relay = Arc::new(Relay {
+            pod: spec.name.as_str().into(),
+            upstream,
+            seen,
+            open: open.clone(),
+        });
+        Ok(BenchPod {
+            name: spec.name.clone(),
+            addr: listener.local_addr()?,
+            open,
+            task: tokio::spawn(relay::accept(listener, relay)),
         })
     }
 
@@ -173,7 +207,23 @@ pub struct Client {
 enum Transport {
     Tcp(BufReader<TcpStream>),
     Udp(UdpSocket),
+    /// HTTP/1.1 requests kept alive on one connection, to a real pod behind a relay.
+    Http(Http),
 }
+
+#[derive(Debug)]
+struct Http {
+    sender: SendRequest<Empty<Bytes>>,
+    host: HeaderValue,
+    /// This end of the connection: what the PROXY header tells the relay.
+    local: SocketAddr,
+    seen: Arc<Seen>,
+    /// The pod, once the relay has said which.
+    pod: Option<Arc<str>>,
+}
+
+/// A real pod's answer is read to its end but kept no longer than this.
+const MAX_BODY: usize = 1 << 20;
 
 impl Client {
     /// Connects from `source` (any port) to `service`: binding first is what makes the
@@ -184,16 +234,7 @@ impl Client {
         protocol: Protocol,
     ) -> io::Result<Client> {
         let transport = match protocol {
-            Protocol::Tcp => {
-                let socket = match service {
-                    SocketAddr::V4(_) => TcpSocket::new_v4()?,
-                    SocketAddr::V6(_) => TcpSocket::new_v6()?,
-                };
-                socket.bind(SocketAddr::new(source, 0))?;
-                let stream = socket.connect(service).await?;
-                stream.set_nodelay(true)?;
-                Transport::Tcp(BufReader::new(stream))
-            }
+            Protocol::Tcp => Transport::Tcp(BufReader::new(tcp(source, service).await?)),
             Protocol::Udp => {
                 let socket = UdpSocket::bind(SocketAddr::new(source, 0)).await?;
                 socket.connect(service).await?;
@@ -202,6 +243,33 @@ impl Client {
         };
         Ok(Client {
             transport,
+            line: String::new(),
+        })
+    }
+
+    /// An HTTP/1.1 connection from `source` to `service`, asking for `host`'s `/`,
+    /// whose pod the relays note in `seen`.
+    pub(crate) async fn connect_http(
+        source: IpAddr,
+        service: SocketAddr,
+        host: HeaderValue,
+        seen: Arc<Seen>,
+    ) -> io::Result<Client> {
+        let stream = tcp(source, service).await?;
+        let local = stream.local_addr()?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        // Ends when `sender` is dropped, with the client.
+        tokio::spawn(connection);
+        Ok(Client {
+            transport: Transport::Http(Http {
+                sender,
+                host,
+                local,
+                seen,
+                pod: None,
+            }),
             line: String::new(),
         })
     }
@@ -225,8 +293,53 @@ impl Client {
                 let len = socket.recv(&mut answer).await?;
                 self.line.push_str(&String::from_utf8_lossy(&answer[..len]));
             }
+            Transport::Http(http) => {
+                let pod = http.request().await?;
+                self.line.push_str(&pod);
+            }
         }
         Ok(self.line.trim_end())
+    }
+}
+
+/// A TCP connection from `source` (any port) to `service`.
+async fn tcp(source: IpAddr, service: SocketAddr) -> io::Result<TcpStream> {
+    let socket = match service {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    let stream = socket.connect(service).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+impl Http {
+    /// `GET /`, its answer read whatever its status (any answer is the pod's), and the
+    /// pod that gave it.
+    async fn request(&mut self) -> io::Result<Arc<str>> {
+        let request = hyper::Request::get("/")
+            .header(hyper::header::HOST, self.host.clone())
+            .body(Empty::new())
+            .map_err(io::Error::other)?;
+        std::future::poll_fn(|cx| self.sender.poll_ready(cx))
+            .await
+            .map_err(io::Error::other)?;
+        let answer = self
+            .sender
+            .send_request(request)
+            .await
+            .map_err(io::Error::other)?;
+        Limited::new(answer.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(io::Error::other)?;
+        if self.pod.is_none() {
+            self.pod = self.seen.take(self.local);
+        }
+        self.pod.clone().ok_or_else(|| {
+            io::Error::other(format!("no relay saw the connection from {}", self.local))
+        })
     }
 }
 

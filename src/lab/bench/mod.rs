@@ -8,7 +8,9 @@
 pub mod findings;
 pub mod load;
 pub(crate) mod measure;
+pub mod own;
 pub mod page;
+pub(crate) mod relay;
 pub mod report;
 pub mod scenarios;
 
@@ -25,12 +27,17 @@ use tokio_util::sync::CancellationToken;
 use crate::addr::PodAddr;
 use crate::algorithm::Algorithm;
 use crate::balance::BuildOptions;
-use crate::model::{Balancing, Endpoint, Protocol, Service, ServiceKey, ServicePort, ServiceTable};
+use crate::model::{
+    Balancing, Endpoint, Protocol, ProxyProtocol, Service, ServiceKey, ServicePort, ServiceTable,
+};
 use crate::proxy::{self, ProxyConfig};
 use crate::shutdown::Shutdown;
 use crate::telemetry::Telemetry;
+use hyper::header::HeaderValue;
 use load::{BenchPod, Client, PodSpec};
 use measure::{Observed, Phase, Record};
+use own::OwnPods;
+use relay::Seen;
 use report::{Report, RunResult};
 use scenarios::{Change, Scenario};
 
@@ -44,6 +51,12 @@ const CLIENT_BLOCK: u8 = 200;
 pub enum BenchError {
     #[error("unknown scenario {0:?} (known: {known})", known = scenarios::names().collect::<Vec<_>>().join(", "))]
     UnknownScenario(String),
+    #[error(
+        "scenario {0:?} needs the lab's own pods (it slows, replaces or adds them); \
+         with --pods: {known}",
+        known = own::SCENARIOS.join(", ")
+    )]
+    NeedsLabPods(String),
     #[error("{runs} runs do not fit in the address blocks from {first} to {CLIENT_BLOCK}")]
     TooManyRuns { runs: usize, first: u8 },
     #[error("cannot start pod {pod} on {addr}: {source}")]
@@ -72,6 +85,8 @@ pub struct BenchOptions {
     pub net: u8,
     /// The third octet of the first run's block.
     pub first_block: u8,
+    /// Real pods to run against instead of the lab's (`--pods`).
+    pub own: Option<OwnPods>,
 }
 
 impl Default for BenchOptions {
@@ -83,6 +98,7 @@ impl Default for BenchOptions {
             quick: false,
             net: 56,
             first_block: 0,
+            own: None,
         }
     }
 }
@@ -90,7 +106,10 @@ impl Default for BenchOptions {
 /// The scenarios to run, checked against the registry.
 pub(crate) fn plan(options: &BenchOptions) -> Result<Vec<(Scenario, Algorithm)>, BenchError> {
     let names: Vec<String> = if options.scenarios.is_empty() || options.scenarios == ["all"] {
-        scenarios::names().map(String::from).collect()
+        match options.own {
+            Some(_) => own::SCENARIOS.map(String::from).to_vec(),
+            None => scenarios::names().map(String::from).collect(),
+        }
     } else {
         options.scenarios.clone()
     };
@@ -101,9 +120,15 @@ pub(crate) fn plan(options: &BenchOptions) -> Result<Vec<(Scenario, Algorithm)>,
     };
     let mut runs = Vec::new();
     for name in names {
-        let built = scenarios::build(&name, options.quick);
+        let built = match &options.own {
+            Some(own) => own.scenarios(&name, options.quick),
+            None => scenarios::build(&name, options.quick),
+        };
         if built.is_empty() {
-            return Err(BenchError::UnknownScenario(name));
+            return Err(match scenarios::about(&name) {
+                Some(_) => BenchError::NeedsLabPods(name),
+                None => BenchError::UnknownScenario(name),
+            });
         }
         for scenario in built {
             for algorithm in algorithms {
@@ -141,6 +166,7 @@ pub async fn run(options: &BenchOptions, progress: &ProgressBar) -> Result<Repor
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         findings: findings::all(&results),
         results,
+        own_pods: options.own.clone(),
     })
 }
 
@@ -165,11 +191,11 @@ struct Member {
 /// The Service as the proxy sees it: one port, the members as endpoints.
 fn table(
     service: SocketAddr,
-    algorithm: Algorithm,
-    affinity: bool,
+    balancing: Balancing,
     protocol: Protocol,
     members: &[Member],
     names: &[String],
+    source: crate::model::ClientSource,
 ) -> ServiceTable {
     let key = ServiceKey::new("bench", "svc");
     let endpoints = members
@@ -196,16 +222,13 @@ fn table(
             node_port: None,
             endpoints,
         }],
-        balancing: Balancing {
-            algorithm,
-            affinity: affinity.then_some(crate::model::DEFAULT_AFFINITY_TIMEOUT),
-        },
+        balancing,
         external_traffic_local: false,
         internal_traffic_local: false,
         prefer_close: false,
         health_check_node_port: None,
         load_balancer_source_ranges: Vec::new(),
-        source: crate::model::ClientSource::default(),
+        source,
     };
     ServiceTable {
         services: imbl::OrdMap::unit(key, Arc::new(svc)),
@@ -235,6 +258,7 @@ pub async fn run_one(
     block: u8,
 ) -> Result<RunResult, BenchError> {
     let specs = all_pods(scenario);
+    let real = specs.iter().any(|s| s.upstream.is_some());
     let lab = Lab {
         service: SocketAddr::new(v4(options.net, block, 1), PORT),
         algorithm,
@@ -247,8 +271,9 @@ pub async fn run_one(
         specs,
         telemetry: Telemetry::new(),
         tables: watch::Sender::new(Arc::default()),
+        seen: real.then(Arc::default),
     };
-    let mut running = start_pods(&lab.specs, &lab.pods, lab.protocol).await?;
+    let mut running = lab.start_pods().await?;
     let mut members: Vec<Member> = (0..scenario.pods.len()).map(|i| lab.member(i)).collect();
     lab.tables.send_replace(Arc::new(lab.table(&members)));
     let (proxy, stop) = lab.start_proxy(options.seed).await?;
@@ -268,6 +293,14 @@ pub async fn run_one(
         names: lab.names.clone(),
         seed: options.seed,
         clients_in_turn: scenario.clients_in_turn,
+        http: lab.seen.clone().map(|seen| {
+            let host = options
+                .own
+                .as_ref()
+                .map_or("bench.svc", |o| o.host.as_str());
+            let host = HeaderValue::from_str(host).unwrap_or(HeaderValue::from_static("bench.svc"));
+            (host, seen)
+        }),
     });
     let workers: Vec<_> = (0..scenario.concurrency)
         .map(|_| tokio::spawn(worker(load.clone())))
@@ -310,26 +343,6 @@ fn all_pods(scenario: &Scenario) -> Vec<PodSpec> {
     scenario.pods.iter().cloned().chain(joining).collect()
 }
 
-/// Starts every pod, those that join later too: the proxy does not know them yet.
-async fn start_pods(
-    specs: &[PodSpec],
-    addrs: &[SocketAddr],
-    protocol: Protocol,
-) -> Result<Vec<Option<BenchPod>>, BenchError> {
-    let mut running = Vec::with_capacity(specs.len());
-    for (spec, &addr) in specs.iter().zip(addrs) {
-        let pod = BenchPod::start(spec, addr, protocol)
-            .await
-            .map_err(|source| BenchError::Pod {
-                pod: spec.name.clone(),
-                addr,
-                source,
-            })?;
-        running.push(Some(pod));
-    }
-    Ok(running)
-}
-
 /// One run's Service, its pods and the proxy in front of them.
 struct Lab {
     service: SocketAddr,
@@ -343,9 +356,32 @@ struct Lab {
     telemetry: Arc<Telemetry>,
     /// What the proxy is told.
     tables: watch::Sender<Arc<ServiceTable>>,
+    /// With real pods: which pod each client connection reached, as the relays saw it.
+    seen: Option<Arc<Seen>>,
 }
 
 impl Lab {
+    /// Starts every pod, those that join later too: the proxy does not know them yet.
+    /// A real pod is started as the relay in front of it.
+    async fn start_pods(&self) -> Result<Vec<Option<BenchPod>>, BenchError> {
+        let mut running = Vec::with_capacity(self.specs.len());
+        for (spec, &addr) in self.specs.iter().zip(&self.pods) {
+            let started = match (spec.upstream, &self.seen) {
+                (Some(upstream), Some(seen)) => {
+                    BenchPod::relay(spec, upstream, addr, seen.clone()).await
+                }
+                _ => BenchPod::start(spec, addr, self.protocol).await,
+            };
+            let pod = started.map_err(|source| BenchError::Pod {
+                pod: spec.name.clone(),
+                addr,
+                source,
+            })?;
+            running.push(Some(pod));
+        }
+        Ok(running)
+    }
+
     /// Pod `index`, serving.
     fn member(&self, index: usize) -> Member {
         Member {
@@ -401,13 +437,23 @@ impl Lab {
     }
 
     fn table(&self, members: &[Member]) -> ServiceTable {
+        let source = crate::model::ClientSource {
+            // Real pods: the relays learn from it which client each connection is.
+            proxy_protocol: self.seen.as_ref().map(|_| ProxyProtocol::V2),
+            transparent: false,
+        };
         table(
             self.service,
-            self.algorithm,
-            self.affinity,
+            Balancing {
+                algorithm: self.algorithm,
+                affinity: self
+                    .affinity
+                    .then_some(crate::model::DEFAULT_AFFINITY_TIMEOUT),
+            },
             self.protocol,
             members,
             &self.names,
+            source,
         )
     }
 
@@ -498,6 +544,8 @@ struct Load {
     names: Vec<String>,
     seed: u64,
     clients_in_turn: bool,
+    /// Real pods: HTTP requests for this `Host`, their pods as the relays saw them.
+    http: Option<(HeaderValue, Arc<Seen>)>,
 }
 
 /// One client worker: connection after connection until the budget or the deadline;
@@ -530,7 +578,15 @@ impl Load {
             requests: 0,
             failed: false,
         };
-        let connect = Client::connect(self.clients[client], self.service, self.protocol);
+        let source = self.clients[client];
+        let connect = async {
+            match &self.http {
+                Some((host, seen)) => {
+                    Client::connect_http(source, self.service, host.clone(), seen.clone()).await
+                }
+                None => Client::connect(source, self.service, self.protocol).await,
+            }
+        };
         let Ok(Ok(mut conn)) = tokio::time::timeout(STEP_TIMEOUT, connect).await else {
             record.failed = true;
             return record;

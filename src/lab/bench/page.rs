@@ -58,6 +58,9 @@ impl Report {
             self.seed,
             if self.quick { ", quick run" } else { "" }
         );
+        if let Some(note) = self.pods_note() {
+            let _ = writeln!(out, "<p class=\"pods\">{}</p>", escape(&note));
+        }
         out.push_str(GLOSSARY);
         for scenario in self.scenarios() {
             let results = self.results_of(scenario);
@@ -959,6 +962,7 @@ mod tests {
             carousel_version: "0".into(),
             cpus: 2,
             findings: Vec::new(),
+            own_pods: None,
         };
         let page = report.html();
         let svgs = drawn(&page);

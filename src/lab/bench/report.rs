@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::lab::bench::findings::Finding;
+use crate::lab::bench::own::OwnPods;
 use crate::lab::bench::scenarios;
 
 /// The version of the JSON format; fields may be added, none renamed.
@@ -28,6 +29,9 @@ pub struct Report {
     /// What each scenario found, in words from the numbers above, each number quoted.
     #[serde(default)]
     pub findings: Vec<Finding>,
+    /// With `--pods`: the real pods the runs went to, and what their latencies are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_pods: Option<OwnPods>,
 }
 
 /// One scenario under one algorithm.
@@ -78,7 +82,7 @@ pub struct PodResult {
     pub connection_share: f64,
     pub(crate) request_share: f64,
     pub connections: u64,
-    pub(crate) requests: u64,
+    pub requests: u64,
     /// Its share of the connections begun after the last endpoint change; None when
     /// nothing changed.
     #[serde(default)]
@@ -127,6 +131,24 @@ impl Report {
         }
     }
 
+    /// With `--pods`, which real pods the runs went to and what the latencies are.
+    pub(crate) fn pods_note(&self) -> Option<String> {
+        let own = self.own_pods.as_ref()?;
+        let pods: Vec<String> = own
+            .pods
+            .iter()
+            .map(|p| format!("{} at {} (weight {})", p.pod, p.address, p.weight))
+            .collect();
+        Some(format!(
+            "Your pods: {} port {} from {}: {}. Latencies are {}.",
+            own.service,
+            own.port,
+            own.state_file.display(),
+            pods.join(", "),
+            own.latency
+        ))
+    }
+
     /// The results of one scenario, in the order they ran.
     pub(crate) fn results_of(&self, scenario: &str) -> Vec<&RunResult> {
         self.results
@@ -140,6 +162,9 @@ impl Report {
     /// target, the pods as columns, in as many blocks as the width needs.
     pub fn table(&self) -> String {
         let mut out = String::new();
+        if let Some(note) = self.pods_note() {
+            wrap(&mut out, "", &note);
+        }
         for scenario in self.scenarios() {
             let results = self.results_of(scenario);
             let _ = writeln!(out, "== {scenario}{}", self.transport_note(scenario));
@@ -347,6 +372,7 @@ mod tests {
             carousel_version: "0".into(),
             cpus: 2,
             findings: Vec::new(),
+            own_pods: None,
         };
         let table = report.table();
         for line in table.lines() {

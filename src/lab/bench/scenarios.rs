@@ -200,10 +200,8 @@ fn slow_pod(base: Scenario, size: Size) -> Scenario {
     let mut pods = pods(&FOUR, ms(2));
     // Ten times slower and able to serve only two at once: it queues.
     pods[3] = PodSpec {
-        name: "pod-slow".into(),
-        service_time: ms(20),
         concurrency: Some(2),
-        weight: 1,
+        ..PodSpec::new("pod-slow", ms(20))
     };
     Scenario {
         name: "slow-pod",
