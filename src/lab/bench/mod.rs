@@ -293,13 +293,11 @@ pub async fn run_one(
         names: lab.names.clone(),
         seed: options.seed,
         clients_in_turn: scenario.clients_in_turn,
-        http: lab.seen.clone().map(|seen| {
-            let host = options
-                .own
-                .as_ref()
-                .map_or("bench.svc", |o| o.host.as_str());
-            let host = HeaderValue::from_str(host).unwrap_or(HeaderValue::from_static("bench.svc"));
-            (host, seen)
+        // The state file admits only DNS-label names, so the Host is always a valid value.
+        http: (options.own.as_ref().zip(lab.seen.clone())).and_then(|(own, seen)| {
+            HeaderValue::from_str(&own.host)
+                .ok()
+                .map(|host| (host, seen))
         }),
     });
     let workers: Vec<_> = (0..scenario.concurrency)
